@@ -94,7 +94,10 @@ def embedded_text_domain(name: str) -> list[str]:
 
 
 def split_documents(docs: list[str], eval_frac: float = 0.3, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Disjoint (collect, evaluate) parts, split by document with a seeded shuffle."""
+    """Disjoint (collect, evaluate) parts, split by document with a seeded shuffle.
+
+    Exact duplicate documents are kept once (first occurrence), so no text can land in both parts."""
+    docs = list(dict.fromkeys(docs))
     if not docs:
         raise ValueError("cannot split an empty domain: it has no documents")
     if not 0.0 < eval_frac < 1.0:

@@ -139,38 +139,43 @@ def task_scores(stats: dict, *, importance="abs", eps=1e-3, retain="rest", gener
     return scores
 
 
-def cross_task_matrix(handle, scores: dict, evaluators: dict, *, frac: float | None = None,
+def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = None,
                       target: float | None = None, mode="global", ablation="zero", means=None,
                       max_frac: float = 0.2, tol: float = 0.02, max_steps: int = 12,
                       base: dict | None = None, progress=True) -> CrossTaskResult:
     """Prune each task A's top neurons and measure every task B (SPEC §4).
 
-    scores: task -> [L, d_mlp] scores (see task_scores). evaluators: task -> callable() -> accuracy of the
-    model as it currently is (called inside the ablation). Give either `frac` (fixed) or `target`
-    (bisection per A on frac in (0, max_frac] until acc_A is within `tol` of target × unpruned).
+    scores: task -> [L, d_mlp] scores (see task_scores). evaluators: task -> callable() giving that task's
+    accuracy of the model as it currently is (inside the ablation), or one callable() -> {task: accuracy}
+    when all tasks come out of one pass (images). Give either `frac` (fixed) or `target` (bisection per A
+    on frac in (0, max_frac] until acc_A is within `tol` × unpruned of target × unpruned).
     """
     if (frac is None) == (target is None):
         raise ValueError("give exactly one of frac (a fixed fraction) or target (e.g. 0.8 of unpruned accuracy)")
     if target is not None and not 0.0 < target < 1.0:
         raise ValueError(f"target must be strictly between 0 and 1, got {target}")
-    missing = sorted(set(scores) - set(evaluators))
-    if missing:
-        raise ValueError(f"no evaluator for tasks {missing}")
     tasks = list(scores)
+    if callable(evaluators):
+        evaluate_all, evaluate_one = evaluators, (lambda t: evaluators()[t])
+    else:
+        missing = sorted(set(tasks) - set(evaluators))
+        if missing:
+            raise ValueError(f"no evaluator for tasks {missing}")
+        evaluate_all = lambda: {t: evaluators[t]() for t in tasks}  # noqa: E731
+        evaluate_one = lambda t: evaluators[t]()  # noqa: E731
     base = dict(base) if base else {}
-    for t in tasks:
-        if t not in base:
-            base[t] = evaluators[t]()
+    if any(t not in base for t in tasks):
+        base.update({t: v for t, v in evaluate_all().items() if t not in base})
     pruned = np.zeros((len(tasks), len(tasks)))
     fracs = {}
     for i, a in enumerate(tqdm(tasks, desc="cross-task", disable=not progress, leave=False)):
-        f = frac if frac is not None else _bisect_frac(handle, scores[a], evaluators[a], base[a], target,
+        f = frac if frac is not None else _bisect_frac(handle, scores[a], lambda: evaluate_one(a), base[a], target,
                                                         mode=mode, ablation=ablation, means=means,
                                                         max_frac=max_frac, tol=tol, max_steps=max_steps)
         fracs[a] = f
         with ablate(handle, select_neurons(scores[a], f, mode), ablation, means):
-            for j, b in enumerate(tasks):
-                pruned[i, j] = evaluators[b]()
+            accs = evaluate_all()
+        pruned[i] = [accs[b] for b in tasks]
     base_row = np.array([base[t] for t in tasks])
     with np.errstate(divide="ignore", invalid="ignore"):
         matrix = pruned / base_row[None, :]
@@ -179,6 +184,7 @@ def cross_task_matrix(handle, scores: dict, evaluators: dict, *, frac: float | N
 
 
 def _bisect_frac(handle, scores, evaluate_a, base_a, target, *, mode, ablation, means, max_frac, tol, max_steps):
+    """Bisection on frac: accuracy falls (roughly monotonically) as more of A's neurons are pruned."""
     goal = target * base_a
     lo, hi = 0.0, max_frac
 

@@ -45,8 +45,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "RobertaForMaskedLM": Architecture("lm", "roberta.encoder.layer", "output.dense", "intermediate.dense",
                                        family="roberta"),
     "RobertaModel": Architecture("lm", "encoder.layer", "output.dense", "intermediate.dense", family="roberta"),
-    "ViTForImageClassification": Architecture("image", "vit.encoder.layer", "output.dense", "intermediate.dense",
-                                               family="vit"),
+    # transformers < 5: vit.encoder.layer[i].output.dense; transformers >= 5: vit.layers[i].mlp.fc2
+    "ViTForImageClassification": Architecture("image", "vit.encoder.layer|vit.layers", "output.dense|mlp.fc2",
+                                               "intermediate.dense|mlp.fc1", family="vit"),
     # timm ViT / DeiT
     "VisionTransformer": Architecture("image", "blocks", "mlp.fc2", "mlp.fc1", family="timm-vit"),
     "VisionTransformerDistilled": Architecture("image", "blocks", "mlp.fc2", "mlp.fc1", family="timm-vit"),
@@ -73,9 +74,17 @@ def cache_dir() -> Path:
 
 
 def _get(obj, dotted: str):
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
+    """Follow a dotted path; "a.b|c.d" lists alternatives (module names differ across library versions)."""
+    paths = dotted.split("|")
+    for i, path in enumerate(paths):
+        try:
+            target = obj
+            for part in path.split("."):
+                target = getattr(target, part)
+            return target
+        except AttributeError:
+            if i == len(paths) - 1:
+                raise
 
 
 def architecture_of(model: nn.Module) -> Architecture:
@@ -299,17 +308,21 @@ def _load_timm(spec: str, *, dtype=None) -> ModelHandle:
             model = timm.create_model(arch_name, pretrained=True)
         except Exception as err:  # timm raises several kinds when the hub is unreachable
             raise _offline_error(arch_name, err) from err
+        timm_args = {"architecture": arch_name, "num_classes": model.num_classes, "model_args": {}}
     else:
         cfg = json.loads((Path(spec) / "config.json").read_text())
-        model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=cfg.get("num_classes", 1000),
-                                  **cfg.get("model_args", {}))
+        timm_args = {"architecture": cfg["architecture"], "num_classes": cfg.get("num_classes", 1000),
+                     "model_args": cfg.get("model_args", {})}
+        model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=timm_args["num_classes"],
+                                  **timm_args["model_args"])
         weights = Path(spec) / "model.safetensors"
         if weights.is_file():
             from safetensors.torch import load_file
             model.load_state_dict(load_file(str(weights)))
     if dtype is not None:
         model.to(_dtype(dtype))
-    return ModelHandle(model, architecture_of(model), spec)
+    # randomize() rebuilds the same architecture from these (model_args: depth, embed_dim, ...)
+    return ModelHandle(model, architecture_of(model), spec, info={"timm": timm_args})
 
 
 def randomize(handle: ModelHandle, seed: int) -> ModelHandle:
@@ -325,8 +338,10 @@ def randomize(handle: ModelHandle, seed: int) -> ModelHandle:
             fresh = type(model)._from_config(model.config)
         elif hasattr(model, "pretrained_cfg"):  # timm
             import timm
-            fresh = timm.create_model(model.pretrained_cfg.get("architecture", type(model).__name__),
-                                      pretrained=False, num_classes=model.num_classes)
+            timm_args = handle.info.get("timm") or {}
+            fresh = timm.create_model(
+                timm_args.get("architecture") or model.pretrained_cfg.get("architecture", type(model).__name__),
+                pretrained=False, num_classes=model.num_classes, **timm_args.get("model_args", {}))
         else:
             import copy
             fresh = copy.deepcopy(model)

@@ -11,14 +11,16 @@ top-k experts by the sum of |activation| of their neurons, zero the rest.
 
 Balanced k-means, how it works. Lloyd iterations alternate (a) an assignment of points to clusters
 with every cluster holding exactly n/k points and (b) a centroid update. The assignment (a) is a
-transportation problem. The reference (`k-means-constrained`) solves it exactly with min-cost flow on
-CPU, which takes hours per layer at Mistral scale. We solve it with a vectorised Jacobi auction
-(Bertsekas): clusters carry prices, every unassigned point bids for its best cluster, each cluster
-keeps its n/k highest bids. With bid increment eps the result is within about n*eps of the optimal
-assignment; eps-scaling keeps the number of rounds small and prices are warm-started between Lloyd
-iterations. After Lloyd converges, pairwise swaps between clusters that lower the inertia *including
-the centroid movement* (a Hartigan-style step, which exact-assignment Lloyd cannot make) are applied
-until none is left. Everything is torch on the input's device, memory O(n*k + k*m*d).
+transportation problem. The reference (`k-means-constrained`) solves it exactly with min-cost flow over
+all n x k point-cluster edges on CPU, which takes hours per layer at Mistral scale. We solve it exactly
+with a primal-dual method that works on the k cluster nodes only: clusters carry prices, every point
+sits in its cheapest cluster (cost + price), and shortest paths between clusters (Bellman-Ford on a
+dense k x k matrix) tell which prices to change and which points to move, until the sizes are right.
+Prices are warm-started between Lloyd iterations, so later assignments take a few steps. After the
+best restart converges, pairwise swaps that lower the inertia *counting the centroid movement* (a
+Hartigan-style step, which Lloyd with exact assignments cannot make) are applied until none is left;
+this typically ends 1-2% below k-means-constrained. Everything is torch on the input's device, memory
+O(n*k).
 """
 from __future__ import annotations
 
@@ -60,8 +62,10 @@ def _check_labels(labels: torch.Tensor, n_experts: int | None = None) -> int:
     e = int(labels.max()) + 1 if n_experts is None else n_experts
     if int(labels.min()) < 0 or int(labels.max()) >= e:
         raise ValueError(f"labels must lie in [0, {e}), got range [{int(labels.min())}, {int(labels.max())}]")
-    counts = torch.nn.functional.one_hot(labels.long().reshape(-1, labels.shape[-1]), e).sum(-2)
-    if not bool((counts == labels.shape[-1] // e).all()) or labels.shape[-1] % e:
+    flat = labels.long().reshape(-1, labels.shape[-1])
+    counts = torch.zeros(flat.shape[0], e, dtype=torch.long, device=flat.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat))
+    if labels.shape[-1] % e or not bool((counts == labels.shape[-1] // e).all()):
         raise ValueError(f"labels must split {labels.shape[-1]} neurons into {e} experts of exactly "
                          f"{labels.shape[-1] / e:g} each; got sizes from {int(counts.min())} to {int(counts.max())}. "
                          "Use balanced_kmeans, coactivation_split or random_balanced_split to make one")
@@ -72,9 +76,9 @@ def _check_labels(labels: torch.Tensor, n_experts: int | None = None) -> int:
 
 def normalize_rows(w: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm (zero rows stay zero); the parameter split clusters directions."""
-    if w.dim() != 2:
-        raise ValueError(f"expected a matrix [n_rows, dim], got shape {tuple(w.shape)}")
-    return w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny if w.is_floating_point() else 1e-30)
+    if w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(f"expected a float matrix [n_rows, dim], got {w.dtype} of shape {tuple(w.shape)}")
+    return w / w.norm(dim=1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
 
 
 def random_balanced_split(d_mlp: int, n_experts: int, *, seed: int = 0) -> torch.Tensor:
@@ -111,7 +115,7 @@ def _balanced_means(x: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tens
     return x[order].view(k, x.shape[0] // k, x.shape[1]).mean(1)
 
 
-# ----------------------------------------------------------------------------- balanced assignment (auction)
+# ----------------------------------------------------------------------------- balanced assignment
 
 def balanced_assignment(cost: torch.Tensor, size: int, *, prices: torch.Tensor | None = None,
                         max_iter: int = 100_000) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +226,8 @@ def balanced_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int = 0, device=N
     if isinstance(n_clusters, bool) or not isinstance(n_clusters, int) or n_clusters < 1:
         raise ValueError(f"n_clusters must be a positive int, got {n_clusters!r}")
     if n % n_clusters:
-        check_n_experts(n, n_clusters)                 # raises with the list of valid counts
+        raise ValueError(f"n_clusters={n_clusters} does not divide the {n} rows, so clusters cannot have "
+                         f"equal sizes; valid: {', '.join(map(str, valid_expert_counts(n)))}")
     if n_init < 1 or max_iter < 1:
         raise ValueError(f"n_init and max_iter must be >= 1, got {n_init} and {max_iter}")
     dev = torch.device(device) if device is not None else x.device
@@ -237,13 +242,13 @@ def balanced_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int = 0, device=N
     g = torch.Generator().manual_seed(seed)
     best_labels, best_inertia = None, float("inf")
     for _ in range(n_init):
-        centres = _kmeans_pp(x, k, g)
-        labels = _lloyd(x, centres, max_iter, tol_abs)
-        if refine:
-            labels = _refine(x, labels, k, max_iter, tol_abs)
-        value = inertia(x, labels)
+        labels = _lloyd(x, _kmeans_pp(x, k, g), max_iter, tol_abs)
+        value = _inertia_balanced(x, labels, k)
         if value < best_inertia:
             best_labels, best_inertia = labels, value
+    if refine:      # only the best restart: refining every one costs n_init times more for ~0.05%
+        best_labels = _refine(x, best_labels, k, max_iter, tol_abs)
+        best_inertia = _inertia_balanced(x, best_labels, k)
     return (best_labels, best_inertia) if return_inertia else best_labels
 
 
@@ -297,7 +302,7 @@ def _refine(x: torch.Tensor, labels: torch.Tensor, k: int, max_iter: int, tol_ab
 
 
 def _swap_pass(x: torch.Tensor, labels: torch.Tensor, k: int, n_cand: int = 4,
-               chunk: int = 1024) -> tuple[torch.Tensor, int]:
+               chunk: int = 1024, multi_ok: bool = True) -> tuple[torch.Tensor, int]:
     """Apply the best improving swap for as many disjoint cluster pairs as possible.
 
     Swapping i (in a) and j (in b) between clusters of m points changes the inertia by
@@ -336,16 +341,248 @@ def _swap_pass(x: torch.Tensor, labels: torch.Tensor, k: int, n_cand: int = 4,
     # ignore float noise: an improvement must beat 1e-12 of the typical squared distance
     good = gain < -1e-12 * max(float(x_sq.mean()), 1e-300)
     order = torch.argsort(gain[good], stable=True)
-    pairs = torch.stack([a_idx[good][order], b_idx[good][order], bi[good][order], bj[good][order]], 1).tolist()
-    busy, swaps = set(), []
-    for a, b, i, j in pairs:             # greedy: best gains first, each cluster in one swap per pass
+    rows = torch.stack([a_idx[good][order], b_idx[good][order], bi[good][order], bj[good][order]], 1).tolist()
+    gains = gain[good][order].tolist()
+    # Two greedy selections, best gains first. `single`: each cluster in at most one swap, so the
+    # gains add up exactly. `multi`: each point at most once; swaps sharing a cluster interact
+    # through its centroid, so its inertia is measured and it is kept only if it beats `single`.
+    busy, moved, single, multi, single_gain = set(), set(), [], [], 0.0
+    for (a, b, i, j), gn in zip(rows, gains):
         if a not in busy and b not in busy:
             busy.update((a, b))
-            swaps.append((i, j, a, b))
-    if not swaps:
+            single.append((i, j, a, b))
+            single_gain += gn
+        if i not in moved and j not in moved:
+            moved.update((i, j))
+            multi.append((i, j, a, b))
+    if not single:
         return labels, 0
+    current = _inertia_balanced(x, labels, k) if multi_ok else 0.0
+    best = _apply_swaps(labels, single, dev)
+    if multi_ok and len(multi) > len(single):
+        candidate = _apply_swaps(labels, multi, dev)
+        if _inertia_balanced(x, candidate, k) < current + single_gain:
+            return candidate, len(multi)
+    return best, len(single)
+
+
+def _apply_swaps(labels, swaps, dev):
     sw = torch.tensor(swaps, device=dev)
     labels = labels.clone()
     labels[sw[:, 0]] = sw[:, 3]
     labels[sw[:, 1]] = sw[:, 2]
-    return labels, len(swaps)
+    return labels
+
+
+def _inertia_balanced(x, labels, k):
+    """Inertia of a balanced labelling, on x's device (float64)."""
+    return float(((x - _balanced_means(x, labels, k)[labels]) ** 2).sum())
+
+
+# ----------------------------------------------------------------------------- co-activation split
+
+def active_matrix(acts: torch.Tensor, *, threshold: float | None = None, top_k: int | None = None) -> torch.Tensor:
+    """Bool [n_tokens, d_mlp]: which neurons count as active on each token.
+
+    threshold given: |x| > threshold. Otherwise the top_k neurons by |x| on each token
+    (default top_k = d_mlp // 10), so every token contributes the same number of co-activations."""
+    if acts.dim() != 2:
+        raise ValueError(f"acts must be [n_tokens, d_mlp] for one layer, got shape {tuple(acts.shape)}")
+    a = acts.detach().abs()
+    if threshold is not None:
+        if top_k is not None:
+            raise ValueError("give either threshold or top_k, not both")
+        return a > threshold
+    d = a.shape[1]
+    k = max(1, d // 10) if top_k is None else top_k
+    if not 1 <= k <= d:
+        raise ValueError(f"top_k must be between 1 and d_mlp={d}, got {k}")
+    active = torch.zeros_like(a, dtype=torch.bool)
+    return active.scatter_(1, a.float().topk(k, dim=1).indices, True)
+
+
+def coactivation_graph(acts: torch.Tensor, *, threshold: float | None = None,
+                       top_k: int | None = None) -> torch.Tensor:
+    """Co-activation counts [d_mlp, d_mlp] (int64): entry (i, j) = number of tokens on which neurons
+    i and j are both active (see `active_matrix`); zero diagonal. Pass a bounded sample of tokens."""
+    a = active_matrix(acts, threshold=threshold, top_k=top_k)
+    # float32 sums of 0/1 products are exact below 2^24 tokens; beyond that use float64
+    dtype = torch.float32 if a.shape[0] < 2 ** 24 else torch.float64
+    af = a.to(dtype)
+    graph = (af.T @ af).round().long()
+    graph.fill_diagonal_(0)
+    return graph
+
+
+def coactivation_split(acts: torch.Tensor, n_experts: int, *, seed: int = 0, threshold: float | None = None,
+                       top_k: int | None = None, max_degree: int | None = None) -> torch.Tensor:
+    """Co-activation split of one layer: labels [d_mlp] (CPU LongTensor), exactly d_mlp/n_experts each.
+
+    METIS (pymetis) partitions the co-activation graph (edge weight = tokens on which both neurons are
+    active) into n_experts parts, seeded; `rebalance_partition` then moves neurons deterministically
+    until every part has exactly d_mlp/n_experts neurons (METIS allows a few % imbalance and can
+    leave parts empty).
+    max_degree: keep only each neuron's max_degree heaviest edges (an edge stays if either end keeps
+    it) before METIS; needed at Mistral scale, where the full graph has ~10^8 edges. The rebalance
+    always uses the full graph."""
+    import pymetis
+
+    graph = coactivation_graph(acts, threshold=threshold, top_k=top_k).cpu()
+    d = graph.shape[0]
+    check_n_experts(d, n_experts)
+    if n_experts == 1:
+        return torch.zeros(d, dtype=torch.long)
+    sparse = graph if max_degree is None else _keep_heaviest(graph, max_degree)
+    rows, cols = torch.nonzero(sparse, as_tuple=True)        # row-major: CSR order
+    if rows.numel() > _MAX_METIS_EDGES:
+        raise ValueError(f"the co-activation graph has {rows.numel():,} directed edges, too many for METIS "
+                         f"via Python; pass max_degree (e.g. 128) to keep each neuron's heaviest edges")
+    if rows.numel() == 0:                                      # no co-activation at all: nothing to cut
+        parts = torch.zeros(d, dtype=torch.long)
+    else:
+        weights = sparse[rows, cols]
+        # METIS sums weights in 32-bit integers: scale big counts down, keeping every edge >= 1
+        total = int(weights.sum())
+        if total > 2 ** 28:
+            weights = (weights.double() * (2 ** 28 / total)).round().clamp_min(1).long()
+        xadj = torch.zeros(d + 1, dtype=torch.long)
+        xadj[1:] = torch.cumsum(torch.bincount(rows, minlength=d), 0)
+        opts = pymetis.Options()
+        opts.seed = int(seed) % (2 ** 31)
+        starts, adjacent = xadj.int().numpy(), cols.int().numpy()
+        if hasattr(pymetis, "CSRAdjacency"):          # pymetis >= 2025.2; xadj/adjncy is deprecated
+            graph_arg = dict(adjacency=pymetis.CSRAdjacency(starts, adjacent))
+        else:
+            graph_arg = dict(xadj=starts, adjncy=adjacent)
+        _, membership = pymetis.part_graph(n_experts, **graph_arg, eweights=weights.int().numpy(), options=opts)
+        parts = torch.tensor(membership, dtype=torch.long)
+    return rebalance_partition(graph, parts, n_experts)
+
+
+_MAX_METIS_EDGES = 50_000_000
+
+
+def _keep_heaviest(graph: torch.Tensor, max_degree: int) -> torch.Tensor:
+    """Zero all edges except each node's max_degree heaviest (ties: lower index), kept symmetric."""
+    if max_degree < 1:
+        raise ValueError(f"max_degree must be >= 1, got {max_degree}")
+    order = torch.sort(graph, dim=1, descending=True, stable=True).indices[:, :max_degree]
+    keep = torch.zeros_like(graph, dtype=torch.bool).scatter_(1, order, True)
+    keep |= keep.T.clone()
+    return torch.where(keep, graph, torch.zeros_like(graph))
+
+
+def rebalance_partition(graph: torch.Tensor, parts: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Move neurons from over-full to under-full parts until each has exactly d/n_experts.
+
+    One neuron per step: among neurons of over-full parts and all under-full parts (empty ones
+    included), the move with the largest (weight to the receiving part) - (weight to its own part),
+    i.e. the neuron most weakly tied to where it is and most strongly to where it goes; ties go to
+    the lowest neuron index, then the lowest part. Deterministic."""
+    d = graph.shape[0]
+    check_n_experts(d, n_experts)
+    if graph.shape != (d, d):
+        raise ValueError(f"graph must be square [d_mlp, d_mlp], got {tuple(graph.shape)}")
+    if parts.shape != (d,) or int(parts.min()) < 0 or int(parts.max()) >= n_experts:
+        raise ValueError(f"parts must be [d_mlp={d}] with ids in [0, {n_experts}), got shape "
+                         f"{tuple(parts.shape)} and range [{int(parts.min())}, {int(parts.max())}]")
+    m = d // n_experts
+    g = graph.to(torch.float64)
+    parts = parts.long().clone().to(g.device)
+    conn = g @ torch.nn.functional.one_hot(parts, n_experts).to(torch.float64)      # [d, E] tie strength
+    size = torch.bincount(parts, minlength=n_experts)
+    rows = torch.arange(d, device=g.device)
+    while bool((size > m).any()):
+        gain = conn - conn[rows, parts][:, None]
+        ok = (size[parts] > m)[:, None] & (size < m)[None, :]
+        gain = torch.where(ok, gain, torch.full_like(gain, -float("inf")))
+        flat = int(torch.argmax(gain.flatten()))       # argmax returns the first maximum: lowest index
+        i, dst = divmod(flat, n_experts)
+        src = int(parts[i])
+        conn[:, src] -= g[:, i]
+        conn[:, dst] += g[:, i]
+        size[src] -= 1
+        size[dst] += 1
+        parts[i] = dst
+    return parts.cpu()
+
+
+# ----------------------------------------------------------------------------- routing quality
+
+@contextlib.contextmanager
+def expert_routing(handle, labels_per_layer: torch.Tensor, k: int) -> Iterator[None]:
+    """Inside the context, every layer keeps only its top-k experts per token (MoEfication's
+    ground-truth routing): an expert's score is the sum of |activation| over its neurons; the
+    neurons of the other experts are zeroed. labels_per_layer: [n_layers, d_mlp] expert ids, equal
+    sizes. Forward-pre-hooks on each layer's neuron module, removed on exit."""
+    expected = (handle.n_layers, handle.d_mlp)
+    if tuple(labels_per_layer.shape) != expected:
+        raise ValueError(f"labels_per_layer has shape {tuple(labels_per_layer.shape)} but the model has "
+                         f"[n_layers, d_mlp] = {list(expected)}; make it with split_layers(handle, ...)")
+    n_experts = _check_labels(labels_per_layer)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_experts:
+        raise ValueError(f"k must be an int number of experts to keep, between 1 and {n_experts}; got {k!r}")
+    hooks = []
+    try:
+        for layer in range(handle.n_layers):
+            hook = _routing_hook(labels_per_layer[layer].long(), n_experts, k)
+            hooks.append(handle.neuron_module(layer).register_forward_pre_hook(hook))
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def _routing_hook(labels: torch.Tensor, n_experts: int, k: int):
+    group = torch.sort(labels, stable=True).indices      # neuron order that groups each expert
+    cache: dict = {}
+
+    def hook(module, args):
+        x = args[0]
+        if x.device not in cache:
+            cache[x.device] = (group.to(x.device), labels.to(x.device))
+        grp, lab = cache[x.device]
+        scores = x.index_select(-1, grp).abs().unflatten(-1, (n_experts, -1)).float().sum(-1)   # [..., E]
+        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
+        return (x * keep.index_select(-1, lab).to(x.dtype),) + tuple(args[1:])
+
+    return hook
+
+
+# ----------------------------------------------------------------------------- whole model
+
+def layer_seeds(seed: int, n_layers: int) -> list[int]:
+    """Independent per-layer seeds derived from one seed (layers must not share a random stream)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2 ** 31 - 1, (n_layers,), generator=g).tolist()
+
+
+def split_layers(handle, method: str, n_experts: int, *, seed: int = 0, acts: Sequence[torch.Tensor] | None = None,
+                 device=None, progress: bool = True, **kwargs) -> torch.Tensor:
+    """Expert labels [n_layers, d_mlp] (CPU LongTensor) for every layer of a model.
+
+    method: "param" (balanced_kmeans on normalize_rows(handle.w_in(layer)); kwargs go to
+    balanced_kmeans, device defaults to the weights' device), "coactivation" (needs `acts`, one
+    [n_tokens, d_mlp] sample per layer; kwargs threshold / top_k) or "random"."""
+    if method not in SPLIT_METHODS:
+        raise ValueError(f"unknown split method {method!r}: choose one of {', '.join(SPLIT_METHODS)}")
+    d, n_layers = handle.d_mlp, handle.n_layers
+    check_n_experts(d, n_experts)
+    if method == "coactivation":
+        if acts is None or len(acts) != n_layers:
+            raise ValueError(f"method='coactivation' needs acts: a list of {n_layers} tensors [n_tokens, {d}], "
+                             "one activation sample per layer")
+    from tqdm.auto import tqdm
+
+    seeds = layer_seeds(seed, n_layers)
+    out = torch.empty(n_layers, d, dtype=torch.long)
+    for layer in tqdm(range(n_layers), desc=f"{method} split", disable=not progress):
+        if method == "param":
+            w = handle.w_in(layer)
+            out[layer] = balanced_kmeans(normalize_rows(w.detach().to(torch.float64)), n_experts,
+                                         seed=seeds[layer], device=device or w.device, **kwargs).cpu()
+        elif method == "coactivation":
+            out[layer] = coactivation_split(acts[layer], n_experts, seed=seeds[layer], **kwargs)
+        else:
+            out[layer] = random_balanced_split(d, n_experts, seed=seeds[layer])
+    return out

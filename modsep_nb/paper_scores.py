@@ -298,3 +298,32 @@ def tie_report(scores: Mapping[str, torch.Tensor], frac: float, mode: str = "glo
         else:
             report[task] = sum(ties_at_threshold(s[l], mask[l]) for l in range(s.shape[0]))
     return report
+
+
+# ----------------------------------------------------------------------------------------------
+# replays used by the notebooks (02: the overlap study; 04: trained vs random init)
+
+def replay_overlap(name: str, *, frac: float = 0.01, sweep=(0.005, 0.01, 0.02, 0.05, 0.1, 0.2), root=None,
+                   tasks: Sequence[str] | None = None) -> dict:
+    """The paper's overlap study on a released score set: the task × task overlap coefficient at `frac`
+    (global top-k, tasks ordered by family), the frac sweep, layer distributions of global and
+    per-layer selection, related vs unrelated pairs, and the ties at each threshold."""
+    from . import overlap as ov
+    scores = load_paper_scores(name, root=root, tasks=tasks)
+    order = ordered_tasks(scores)
+    scores = {t: scores[t] for t in order}
+    masks = {t: select_neurons(s, frac, "global") for t, s in scores.items()}
+    names, matrix = ov.overlap_matrix(masks, metric="overlap")
+    families = {f: [t for t in ts if t in scores] for f, ts in task_families().items()}
+    n_layers, d_mlp = next(iter(scores.values())).shape
+    return {
+        "name": name, "model": PAPER_SCORE_SETS[name].model, "frac": frac, "tasks": names, "matrix": matrix,
+        "chance": float(ov.chance_overlap(int(masks[names[0]].sum()), int(masks[names[0]].sum()),
+                                          n_layers * d_mlp)),
+        "sweep": ov.overlap_sweep(scores, list(sweep), mode="global", metric="overlap"),
+        "layers_global": {t: ov.layer_distribution(m) for t, m in masks.items()},
+        "related": ov.related_vs_unrelated(matrix, names, {f: ts for f, ts in families.items() if ts}),
+        "ties_global": tie_report(scores, frac, "global"),
+        "ties_per_layer": tie_report(scores, frac, "per_layer"),
+        "families": families,
+    }

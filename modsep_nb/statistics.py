@@ -233,6 +233,8 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
 
 def _n_image_tokens(handle) -> int:
     c, h, w = handle.image_shape
+    if not hasattr(handle.model, "config"):   # timm: patches plus its class (and distillation) tokens
+        return handle.model.patch_embed.num_patches + getattr(handle.model, "num_prefix_tokens", 1)
     cfg = handle.model.config
     return (h // cfg.patch_size) * (w // cfg.patch_size) + 1
 

@@ -1,0 +1,34 @@
+"""Command line: python -m modsep_nb run PARAMS.yaml [--only 01,02] [--out DIR] [--overwrite]."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m modsep_nb", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="execute the notebooks with papermill into outputs/<run>/")
+    run.add_argument("params", help="a parameter set, e.g. params/default.yaml")
+    run.add_argument("--only", help="comma-separated notebook numbers, e.g. 01,02")
+    run.add_argument("--out", help="run folder (default outputs/<run_name>, or the next free -N)")
+    run.add_argument("--overwrite", action="store_true", help="reuse the run folder even if it has results")
+    check = sub.add_parser("check", help="validate a parameter set and exit")
+    check.add_argument("params")
+    args = parser.parse_args(argv)
+    from .params import ParamsError, load_params
+    try:
+        if args.command == "check":
+            load_params(args.params)
+            print(f"{args.params}: ok")
+            return 0
+        from .runner import run as run_notebooks
+        run_notebooks(args.params, only=args.only, out=args.out, overwrite=args.overwrite)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

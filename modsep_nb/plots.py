@@ -1,0 +1,123 @@
+"""Figures for people: labelled axes, titles, readable task names, colour scales anchored at 0.
+
+Every function returns a matplotlib Figure; `save` writes it as PNG (atomically) into a run's figures/.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib.pyplot as plt  # headless, matplotlib falls back to Agg by itself
+import numpy as np
+
+
+def save(fig, out_dir, name: str) -> Path:
+    """Write `fig` to out_dir/figures/name.png (temp file, then rename) and return the path."""
+    folder = Path(out_dir) / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.png"
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".png", dir=folder)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def heatmap(matrix, rows, cols=None, *, title: str, cbar_label: str, vmin: float = 0.0, vmax=None,
+            cmap: str = "viridis", annotate: bool | None = None, fmt: str = ".2f", xlabel="", ylabel=""):
+    """A task × task matrix; the colour scale starts at 0 unless told otherwise."""
+    matrix = np.asarray(matrix, dtype=float)
+    cols = rows if cols is None else cols
+    size = max(4.0, 0.45 * len(cols) + 2.5)
+    fig, ax = plt.subplots(figsize=(size + 1, max(3.5, 0.45 * len(rows) + 2)))
+    finite = matrix[np.isfinite(matrix)]
+    vmax = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
+    im = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=max(vmax, vmin + 1e-9), aspect="auto")
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    fig.colorbar(im, ax=ax, label=cbar_label)
+    if annotate if annotate is not None else len(rows) * len(cols) <= 150:
+        mid = (vmin + vmax) / 2
+        for i in range(matrix.shape[0]):
+            for j in range(matrix.shape[1]):
+                if np.isfinite(matrix[i, j]):
+                    ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=7,
+                            color="white" if matrix[i, j] < mid else "black")
+    fig.tight_layout()
+    return fig
+
+
+def sweep(fracs, curves: dict, *, title: str, ylabel: str, chance=None, xlabel="fraction of neurons selected"):
+    """Lines against frac (log x); `curves` name -> values or name -> (low, mid, high) for a band."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in curves.items():
+        if isinstance(values, tuple) and len(values) == 3:
+            low, mid, high = (np.asarray(v, dtype=float) for v in values)
+            line, = ax.plot(fracs, mid, marker="o", label=f"{name} (median)")
+            ax.fill_between(fracs, low, high, alpha=0.2, color=line.get_color(), label=f"{name} (min–max)")
+        else:
+            ax.plot(fracs, values, marker="o", label=name)
+    if chance is not None:
+        ax.plot(fracs, chance, "k--", label="chance")
+    ax.set_xscale("log")
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def layer_lines(curves: dict, *, title: str, ylabel: str, xlabel: str = "layer", bands: dict | None = None,
+                ylim=None):
+    """One line per name over layers; optional (low, high) bands, e.g. a null model's range."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in curves.items():
+        values = np.asarray(values, dtype=float)
+        line, = ax.plot(range(len(values)), values, marker=".", label=name)
+        if bands and name in bands:
+            low, high = bands[name]
+            ax.fill_between(range(len(values)), low, high, color=line.get_color(), alpha=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    else:
+        ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def cdfs(samples: dict, *, title: str, xlabel: str):
+    """Empirical CDFs, one per name (e.g. pairwise overlaps of the trained vs random models)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in samples.items():
+        values = np.sort(np.asarray(values, dtype=float))
+        ax.step(values, np.arange(1, len(values) + 1) / len(values), where="post", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("fraction of task pairs")
+    ax.set_xlim(left=0)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def interactive() -> bool:
+    """True in JupyterLab; False in headless runs (the runner sets MODSEP_HEADLESS)."""
+    return not os.environ.get("MODSEP_HEADLESS")

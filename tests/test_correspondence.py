@@ -1,0 +1,199 @@
+"""Layerwise correspondence (SPEC §8): concentration curve and AUC, hypergeometric enrichment with
+Benjamini-Hochberg, random-split nulls. Checked against hand computations, scipy and plain loops."""
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from modsep_nb.correspondence import (against_null, benjamini_hochberg, concentration_auc, concentration_curve,
+                                      enrichment, expert_counts, layer_correspondence, null_distribution,
+                                      packed_auc, random_balanced_splits)
+from modsep_nb.moefication import random_balanced_split
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Many tiny tensor ops: one torch thread avoids waiting on a busy second core. Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def blocks(d, n_experts):
+    """Expert e = neurons [e*m, (e+1)*m)."""
+    return torch.arange(d) // (d // n_experts)
+
+
+def mask(d, idx):
+    out = torch.zeros(d, dtype=torch.bool)
+    out[list(idx)] = True
+    return out
+
+
+# ----------------------------------------------------------------------------- concentration
+
+def test_concentration_curve_by_hand():
+    labels = blocks(12, 4)                        # experts {0,1,2} {3,4,5} {6,7,8} {9,10,11}
+    selected = mask(12, [0, 1, 2, 3, 9])          # counts 3, 1, 0, 1 -> sorted 3, 1, 1, 0
+    curve = concentration_curve(selected, labels)
+    assert curve.tolist() == pytest.approx([0, 3 / 5, 4 / 5, 1, 1])
+    # trapezoid at x = 0, 1/4, ..., 1: (0+.6 + .6+.8 + .8+1 + 1+1)/8 = 0.725; packed: 3, 2 -> .6, 1, 1, 1
+    packed = (0 + .6 + .6 + 1 + 1 + 1 + 1 + 1) / 8
+    assert packed_auc(5, 12, 4) == pytest.approx(packed)
+    assert concentration_auc(selected, labels) == pytest.approx((0.725 - 0.5) / (packed - 0.5))
+
+
+def test_auc_is_one_when_packed_and_zero_when_uniform():
+    labels = random_balanced_split(96, 8, seed=0)          # experts of 12
+    two_experts = (labels == 3) | (labels == 5)
+    assert concentration_auc(two_experts, labels) == pytest.approx(1.0)
+    part = torch.cat([torch.nonzero(labels == 3).squeeze(1), torch.nonzero(labels == 5).squeeze(1)[:5]])
+    assert concentration_auc(mask(96, part.tolist()), labels) == pytest.approx(1.0)   # one full + 5
+    split_evenly = torch.cat([torch.nonzero(labels == e).squeeze(1)[:6] for e in (3, 5)])
+    assert concentration_auc(mask(96, split_evenly.tolist()), labels) < 1.0        # 6 + 6, not 12
+    one_each = torch.stack([torch.nonzero(labels == e).squeeze(1)[:2] for e in range(8)]).flatten()
+    assert concentration_auc(mask(96, one_each.tolist()), labels) == pytest.approx(0.0, abs=1e-12)
+    assert math.isnan(concentration_auc(torch.ones(96, dtype=torch.bool), labels))   # nothing to pack
+
+
+def test_auc_vectorised_over_partitions_equals_the_loop():
+    g = torch.Generator().manual_seed(0)
+    selected = torch.rand(120, generator=g) < 0.1
+    many = random_balanced_splits(120, 10, 7, seed=1)
+    assert many.shape == (7, 120)
+    assert all(torch.bincount(row).tolist() == [12] * 10 for row in many)
+    together = concentration_auc(selected, many)
+    assert together.shape == (7,)
+    assert together.tolist() == pytest.approx([concentration_auc(selected, row) for row in many])
+    assert concentration_curve(selected, many)[2].tolist() == pytest.approx(concentration_curve(selected, many[2]).tolist())
+
+
+def test_inputs_are_validated():
+    labels = blocks(12, 4)
+    with pytest.raises(ValueError, match="no neuron is selected"):
+        concentration_auc(torch.zeros(12, dtype=torch.bool), labels)
+    with pytest.raises(ValueError, match="bool mask"):
+        concentration_auc(torch.ones(12), labels)
+    with pytest.raises(ValueError, match="exactly"):
+        concentration_auc(mask(12, [1]), torch.tensor([0] * 7 + [1] * 5))
+
+
+# ----------------------------------------------------------------------------- enrichment
+
+def test_hypergeometric_p_values_equal_scipy():
+    g = torch.Generator().manual_seed(2)
+    labels = random_balanced_split(192, 12, seed=4)
+    selected = torch.rand(192, generator=g) < 0.15
+    selected[labels == 7] = True                      # one strongly enriched expert
+    out = enrichment(selected, labels)
+    n_sel, counts = int(selected.sum()), out["counts"].tolist()
+    for e in range(12):
+        c = int(selected[labels == e].sum())
+        assert counts[e] == c
+        assert out["p"][e].item() == pytest.approx(stats.hypergeom.sf(c - 1, 192, n_sel, 16), rel=1e-12)
+    assert out["q"].tolist() == pytest.approx(stats.false_discovery_control(out["p"].numpy()).tolist())
+    assert out["significant"][7] and out["share_significant"] >= 1 / 12
+    expected = 16 * n_sel / 192
+    assert out["obs_over_exp"].tolist() == pytest.approx([c / expected for c in counts])
+    assert out["mean_obs_over_exp"] == pytest.approx(sum(c / n_sel * c / expected for c in counts))
+
+
+def test_benjamini_hochberg_by_hand():
+    p = [0.01, 0.04, 0.03, 0.005, 0.5]
+    # ascending 0.005, 0.01, 0.03, 0.04, 0.5 times 5/rank -> .025 .025 .05 .05 .5, running min from the top
+    assert benjamini_hochberg(p).tolist() == pytest.approx([0.025, 0.05, 0.05, 0.025, 0.5])
+    assert benjamini_hochberg([0.9, 0.8]).tolist() == pytest.approx([0.9, 0.9])
+    rng = np.random.default_rng(0)
+    many = rng.uniform(size=(4, 50)) ** 3
+    ours = benjamini_hochberg(many).numpy()
+    assert np.allclose(ours, [stats.false_discovery_control(row) for row in many])
+
+
+def test_enrichment_of_one_packed_expert():
+    labels = blocks(64, 8)
+    out = enrichment(labels == 2, labels)
+    assert out["significant"].tolist() == [e == 2 for e in range(8)]
+    assert out["share_significant"] == pytest.approx(1 / 8)
+    assert out["mean_obs_over_exp"] == pytest.approx(8.0)           # E when all sit in one expert
+    assert out["mean_obs_over_exp_significant"] == pytest.approx(8.0)
+    spread = enrichment(mask(64, range(0, 64, 8)), labels)         # one per expert
+    assert spread["mean_obs_over_exp"] == pytest.approx(1.0)
+    assert spread["share_significant"] == 0.0 and math.isnan(spread["mean_obs_over_exp_significant"])
+
+
+# ----------------------------------------------------------------------------- nulls
+
+def test_against_null_by_hand():
+    null = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = against_null(3.0, null)
+    assert out["z"] == pytest.approx((3.0 - 2.5) / np.std([1, 2, 3, 4], ddof=1))
+    assert out["percentile"] == pytest.approx(100 * 2.5 / 4)
+    assert against_null(2.0, torch.tensor([2.0, 2.0]))["z"] == 0.0
+    assert against_null(3.0, torch.tensor([2.0, 2.0]))["z"] == math.inf
+
+
+def test_random_selection_is_about_the_null_mean():
+    g = torch.Generator().manual_seed(11)
+    labels = random_balanced_split(1536, 48, seed=3)
+    zs = []
+    for rep in range(5):
+        selected = torch.zeros(1536, dtype=torch.bool)
+        selected[torch.randperm(1536, generator=g)[:77]] = True
+        null = null_distribution(selected, 48, n_null=200, seed=rep)
+        assert null.shape == (200,) and (null > 0).all() and (null < 1).all()
+        zs.append(against_null(concentration_auc(selected, labels), null)["z"])
+    assert all(abs(z) < 3 for z in zs)
+
+
+def test_null_is_seeded_and_vectorised():
+    selected = mask(96, range(0, 96, 5))
+    a = null_distribution(selected, 8, n_null=50, seed=0)
+    assert torch.equal(a, null_distribution(selected, 8, n_null=50, seed=0))
+    assert not torch.equal(a, null_distribution(selected, 8, n_null=50, seed=1))
+    splits = random_balanced_splits(96, 8, 50, seed=0)
+    assert a.tolist() == pytest.approx([concentration_auc(selected, s) for s in splits])
+    share = null_distribution(selected, 8, n_null=50, seed=0, statistic="share_significant")
+    assert share.tolist() == pytest.approx([enrichment(selected, s)["share_significant"] for s in splits])
+    with pytest.raises(ValueError, match="unknown statistic"):
+        null_distribution(selected, 8, statistic="gini")
+
+
+def test_layer_correspondence():
+    n_layers, d, n_experts = 30, 1536, 48
+    g = torch.Generator().manual_seed(0)
+    labels = torch.stack([random_balanced_split(d, n_experts, seed=i) for i in range(n_layers)])
+    selected = torch.rand(n_layers, d, generator=g) < 0.05
+    selected[0] = labels[0] < 2                       # layer 0: packed into two experts
+    selected[1] = False                               # layer 1: nothing selected
+    start = time.perf_counter()
+    res = layer_correspondence(selected, labels, n_null=100, seed=0)
+    elapsed = time.perf_counter() - start
+    assert res.auc.shape == (n_layers,) and res.n_selected[1] == 0
+    assert res.auc[0] == pytest.approx(1.0) and res.z[0] > 5 and res.percentile[0] == 100.0
+    assert res.share_significant[0] == pytest.approx(2 / 48) and res.mean_obs_over_exp[0] == pytest.approx(24.0)
+    assert all(math.isnan(float(getattr(res, f)[1])) for f in ("auc", "z", "percentile", "share_significant"))
+    rest = slice(2, None)
+    assert (res.z[rest].abs() < 4).all()              # random selections: no correspondence
+    assert (res.null_mean[rest] > 0).all() and (res.null_std[rest] > 0).all()
+    # the per-layer numbers equal the single-layer functions with the same null
+    one = null_distribution(selected[5], n_experts, n_null=100, seed=_layer_seed(0, 5, n_layers))
+    assert res.null_mean[5] == pytest.approx(float(one.mean()))
+    assert res.auc[5] == pytest.approx(concentration_auc(selected[5], labels[5]))
+    assert res.share_significant[5] == pytest.approx(enrichment(selected[5], labels[5])["share_significant"])
+    assert elapsed < 10                               # ~1 s on two cores
+    again = layer_correspondence(selected, labels, n_null=100, seed=0)
+    assert torch.allclose(res.z, again.z, equal_nan=True, rtol=0, atol=0)      # seeded
+
+
+def _layer_seed(seed, layer, n_layers):
+    from modsep_nb.moefication import layer_seeds
+    return layer_seeds(seed, n_layers)[layer]
+
+
+def test_expert_counts_shape_check():
+    with pytest.raises(ValueError, match="d_mlp"):
+        expert_counts(mask(12, [0]), blocks(24, 4))

@@ -1,0 +1,205 @@
+"""Model adapters (SPEC §1, §6, §9, §11): every architecture in ARCHITECTURES, loaded from a tiny random
+model saved locally; clear errors for unknown architectures and unreachable hub ids; seeded random-init
+controls; and the embedded LM."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import (HF_LM_CLASSES, TIMM_CLASSES, save_hf_lm, save_hf_vit, save_timm)
+from modsep_nb import ARCHITECTURES, load_model
+from modsep_nb.models import ModelNotAvailableError, UnknownArchitectureError
+
+ALL_CLASSES = (*HF_LM_CLASSES, "ViTForImageClassification", *TIMM_CLASSES)
+
+# where each family's activation function and (for gated MLPs) gate projection live, inside a block --
+# used to recompute the neuron vector from the W_in projection's input, independently of the adapter
+MLP_PARTS = {
+    "MistralForCausalLM": ("mlp.act_fn", "mlp.gate_proj"), "LlamaForCausalLM": ("mlp.act_fn", "mlp.gate_proj"),
+    "Qwen2ForCausalLM": ("mlp.act_fn", "mlp.gate_proj"), "GemmaForCausalLM": ("mlp.act_fn", "mlp.gate_proj"),
+    "Gemma2ForCausalLM": ("mlp.act_fn", "mlp.gate_proj"), "GPT2LMHeadModel": ("mlp.act", None),
+    "BertForMaskedLM": ("intermediate.intermediate_act_fn", None), "BertModel": ("intermediate.intermediate_act_fn",
+                                                                                  None),
+    "RobertaForMaskedLM": ("intermediate.intermediate_act_fn", None),
+    "RobertaModel": ("intermediate.intermediate_act_fn", None),
+    "ViTForImageClassification": ("intermediate.intermediate_act_fn|mlp.activation_fn", None),
+    "VisionTransformer": ("mlp.act", None), "VisionTransformerDistilled": ("mlp.act", None),
+}
+D_MODEL = {**dict.fromkeys(HF_LM_CLASSES, 16), "ViTForImageClassification": 16,
+           **dict.fromkeys(TIMM_CLASSES, 32)}
+D_MLP = {**dict.fromkeys(HF_LM_CLASSES, 24), "ViTForImageClassification": 24, **dict.fromkeys(TIMM_CLASSES, 128)}
+
+
+def _attr(obj, dotted):
+    for alternative in dotted.split("|"):
+        try:
+            target = obj
+            for part in alternative.split("."):
+                target = getattr(target, part)
+            return target
+        except AttributeError:
+            continue
+    raise AttributeError(dotted)
+
+
+def _save(directory, class_name, seed=0):
+    if class_name in HF_LM_CLASSES:
+        return save_hf_lm(directory, class_name, seed=seed)
+    if class_name == "ViTForImageClassification":
+        return save_hf_vit(directory, seed=seed, num_channels=3)
+    return save_timm(directory, class_name, seed=seed)
+
+
+def _forward(handle):
+    with torch.no_grad():
+        if handle.kind == "lm":
+            ids = torch.tensor([[2, 7, 8, 9, 10, 11], [2, 12, 13, 14, 15, 16]])
+            handle.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+        else:
+            handle.image_logits(torch.randn(2, *handle.image_shape, generator=torch.Generator().manual_seed(0)))
+
+
+def test_every_architecture_is_covered_by_these_tests():
+    assert set(ARCHITECTURES) == set(ALL_CLASSES)
+
+
+@pytest.mark.parametrize("class_name", ALL_CLASSES)
+def test_adapter_shapes_and_neuron_location(class_name, tmp_path):
+    handle = load_model(_save(tmp_path / class_name, class_name))
+    assert type(handle.model).__name__ == class_name
+    assert handle.kind == ("lm" if class_name in HF_LM_CLASSES else "image")
+    assert handle.n_layers == 2
+    assert handle.d_mlp == D_MLP[class_name]
+    for layer in range(2):
+        assert tuple(handle.w_in(layer).shape) == (D_MLP[class_name], D_MODEL[class_name])
+    if handle.kind == "lm":
+        assert handle.tokenizer is not None and handle.tokenizer.pad_token_id is not None
+
+    # capture the neuron module's input, and the input of the W_in projection, with our own hooks
+    act_path, gate_path = MLP_PARTS[class_name]
+    neuron_in, proj_in = {}, {}
+    hooks = []
+    for layer in range(handle.n_layers):
+        block = handle.blocks[layer]
+        hooks.append(handle.neuron_module(layer).register_forward_pre_hook(
+            lambda m, a, layer=layer: neuron_in.__setitem__(layer, a[0].detach().clone())))
+        w_in_module = _attr(block, ARCHITECTURES[class_name].w_in)
+        hooks.append(w_in_module.register_forward_pre_hook(
+            lambda m, a, layer=layer: proj_in.__setitem__(layer, a[0].detach().clone())))
+    try:
+        _forward(handle)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert sorted(neuron_in) == [0, 1]
+    for layer in range(handle.n_layers):
+        assert neuron_in[layer].shape[-1] == handle.d_mlp
+        # recompute the neuron vector: act(W_in x + b) or act(W_gate x) * (W_in x)
+        block = handle.blocks[layer]
+        w_in_module = _attr(block, ARCHITECTURES[class_name].w_in)
+        pre = F.linear(proj_in[layer], handle.w_in(layer), getattr(w_in_module, "bias", None))
+        act = _attr(block, act_path)
+        expected = act(F.linear(proj_in[layer], _attr(block, gate_path).weight)) * pre if gate_path else act(pre)
+        torch.testing.assert_close(neuron_in[layer], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_architecture_module_names_class_and_fix():
+    class TinyMLPNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 3)
+
+    with pytest.raises(UnknownArchitectureError) as err:
+        load_model(TinyMLPNet())
+    msg = str(err.value)
+    assert "TinyMLPNet" in msg and "ARCHITECTURES" in msg and "neuron_module" in msg
+
+
+def test_unknown_architecture_folder_names_class(tmp_path):
+    import transformers
+    config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                        num_attention_heads=2)
+    transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp_path)
+    with pytest.raises(UnknownArchitectureError) as err:
+        load_model(tmp_path)
+    msg = str(err.value)
+    assert "GPTNeoXForCausalLM" in msg and "ARCHITECTURES" in msg and "Add an entry" in msg
+
+
+def test_unreachable_hub_id_names_it_and_how_to_provide_it(hub_offline):
+    spec = "nonexistent-org/nonexistent-model-xyz"
+    with pytest.raises(ModelNotAvailableError) as err:
+        load_model(spec)
+    msg = str(err.value)
+    assert spec in msg
+    assert "download" in msg and "local" in msg.lower()
+
+
+def test_missing_gguf_file(tmp_path):
+    with pytest.raises(ModelNotAvailableError, match="nothere.gguf"):
+        load_model(tmp_path / "nothere.gguf")
+
+
+# -- random-initialisation controls ----------------------------------------------------------------------
+@pytest.mark.parametrize("class_name", ["LlamaForCausalLM", "GPT2LMHeadModel", "ViTForImageClassification",
+                                        "VisionTransformer", "VisionTransformerDistilled"])
+def test_random_init_seeded(class_name, tmp_path):
+    directory = _save(tmp_path / class_name, class_name, seed=3)
+    trained = load_model(directory)
+    r1 = load_model(directory, random_init=True, seed=1)
+    r1_again = load_model(directory, random_init=True, seed=1)
+    r2 = load_model(directory, random_init=True, seed=2)
+
+    assert not trained.random_init and trained.label == trained.name
+    for handle, seed in ((r1, 1), (r2, 2)):
+        assert handle.random_init is True and handle.seed == seed
+        extra = handle.label.replace(trained.name, "")       # what the label adds to the model's name
+        assert "random" in extra and str(seed) in extra
+        assert type(handle.model) is type(trained.model)
+
+    st, s1, s1b, s2 = (h.model.state_dict() for h in (trained, r1, r1_again, r2))
+    assert set(s1) == set(st)
+    for key in st:
+        assert s1[key].shape == st[key].shape, key        # the same architecture, not a default-sized one
+        assert torch.equal(s1[key], s1b[key]), key        # reproducible per seed
+    seed_dependent = [k for k in st if not torch.equal(s1[k], s2[k])]
+    assert seed_dependent, "two seeds gave identical models"
+    # the initialiser touched the MLPs (and those differ across seeds) ...
+    w_in_name = ARCHITECTURES[class_name].w_in.split("|")
+    assert any(any(part in k for part in w_in_name) and k.endswith("weight") for k in seed_dependent)
+    # ... and every tensor it draws differs from the trained model's
+    for key in seed_dependent:
+        assert not torch.equal(s1[key], st[key]), key
+    assert not torch.equal(r1.w_in(0), trained.w_in(0))
+    assert r1.d_mlp == trained.d_mlp and r1.n_layers == trained.n_layers
+    # the trained model is left as it was
+    assert all(torch.equal(v, load_model(directory).model.state_dict()[k]) for k, v in st.items())
+
+
+# -- the embedded LM -----------------------------------------------------------------------------------
+def test_embedded_lm_shape(smollm):
+    assert type(smollm.model).__name__ == "LlamaForCausalLM"
+    assert smollm.kind == "lm"
+    assert smollm.n_layers == 30 and smollm.d_mlp == 1536
+    assert tuple(smollm.w_in(0).shape) == (1536, 576)
+    assert smollm.tokenizer is not None
+
+
+def test_embedded_lm_predicts_code(smollm):
+    """Next-token top-1 on held-out standard-library code, computed by hand from the logits."""
+    from modsep_nb.data import text_tasks
+    docs = text_tasks(["code"])["code"].evaluate
+    ids = []
+    for doc in docs:
+        ids += smollm.tokenizer(doc)["input_ids"]
+        if len(ids) >= 1200:
+            break
+    ids = torch.tensor(ids[:1200]).view(4, 300)
+    with torch.no_grad():
+        logits = smollm.model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    top1 = (logits[:, :-1].argmax(-1) == ids[:, 1:]).float().mean().item()
+    assert top1 > 0.30, top1
+    assert re.match(r"smollm2", smollm.label)

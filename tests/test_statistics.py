@@ -1,0 +1,256 @@
+"""Streaming neuron statistics (SPEC §2): equal to float64 statistics of activations captured with our own
+hooks, independent of batching, exactly mergeable, saved and loaded intact; std and rms as defined; clear
+errors for NaN activations and wrong inputs."""
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import capture_neuron_inputs, random_texts, windows_of
+from modsep_nb import NeuronStats, collect_stats
+from modsep_nb.statistics import MEANS, NonFiniteActivationError
+
+FIELDS = ("count", *MEANS)
+
+
+def reference_from_rows(rows_per_layer: list[torch.Tensor]) -> dict:
+    """count / mean / mean_abs / mean_sq / frac_pos / mean_sqrt in float64 from [n, d] activations per layer."""
+    out = {k: [] for k in FIELDS}
+    for x in rows_per_layer:
+        x = x.to(torch.float64)
+        out["count"].append(float(x.shape[0]))
+        out["mean"].append(x.mean(0))
+        out["mean_abs"].append(x.abs().mean(0))
+        out["mean_sq"].append((x * x).mean(0))
+        out["frac_pos"].append((x > 0).to(torch.float64).mean(0))
+        out["mean_sqrt"].append(x.abs().sqrt().mean(0))
+    return {k: (torch.tensor(v, dtype=torch.float64) if k == "count" else torch.stack(v)) for k, v in out.items()}
+
+
+def lm_reference(handle, texts, ctx):
+    """Run every window alone (no padding at all) and capture the neuron inputs with our own hooks."""
+    records, remove = capture_neuron_inputs(handle)
+    try:
+        with torch.no_grad():
+            for w in windows_of(texts, ctx):
+                ids = torch.tensor([w])
+                handle.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    finally:
+        remove()
+    return reference_from_rows([torch.cat([r[0] for r in records[l]]) for l in range(handle.n_layers)])
+
+
+def assert_stats_close(stats: NeuronStats, ref: dict, rtol=1e-5, atol=1e-7):
+    for k in FIELDS:
+        got = getattr(stats, k)
+        assert got.dtype == torch.float64, k
+        assert got.shape == ref[k].shape, k
+        torch.testing.assert_close(got, ref[k], rtol=rtol, atol=atol, msg=lambda m: f"{k}: {m}")
+
+
+# documents of very different lengths, so batches carry a lot of right padding
+TEXTS = random_texts(11, seed=5, min_len=1, max_len=30)
+
+
+def test_lm_stats_equal_reference_with_padding(tiny_llama):
+    stats = collect_stats(tiny_llama, TEXTS, batch_size=4, ctx=12, progress=False)
+    ref = lm_reference(tiny_llama, TEXTS, ctx=12)
+    n_real = sum(len(w) for w in windows_of(TEXTS, 12))
+    assert stats.count.tolist() == [float(n_real)] * tiny_llama.n_layers      # padding never counted
+    assert_stats_close(stats, ref)
+    # a meaningful comparison: activations are not all of one sign, and not tiny
+    assert 0.1 < ref["frac_pos"].mean() < 0.9 and ref["mean_abs"].mean() > 1e-2
+
+
+def test_lm_stats_max_tokens(tiny_llama):
+    stats = collect_stats(tiny_llama, TEXTS, max_tokens=50, batch_size=3, ctx=12, progress=False)
+    assert stats.count.tolist() == [50.0, 50.0]
+    # the first 50 real tokens: whole windows, then the head of the next one (the head is causal, so exact)
+    rows = {l: [] for l in range(2)}
+    left = 50
+    records, remove = capture_neuron_inputs(tiny_llama)
+    try:
+        with torch.no_grad():
+            for w in windows_of(TEXTS, 12):
+                if left <= 0:
+                    break
+                ids = torch.tensor([w[:left]])
+                tiny_llama.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+                left -= len(w[:left])
+    finally:
+        remove()
+    ref = reference_from_rows([torch.cat([r[0] for r in records[l]]) for l in range(2)])
+    assert_stats_close(stats, ref)
+
+
+def test_batch_size_does_not_matter(tiny_llama):
+    one = collect_stats(tiny_llama, TEXTS, batch_size=1, ctx=12, progress=False)
+    seven = collect_stats(tiny_llama, TEXTS, batch_size=7, ctx=12, progress=False)
+    assert torch.equal(one.count, seven.count)
+    for k in MEANS:
+        torch.testing.assert_close(getattr(one, k), getattr(seven, k), rtol=1e-6, atol=1e-9)
+
+
+def test_merge_equals_union(tiny_llama):
+    a, b = TEXTS[:6], TEXTS[6:]
+    # batch_size=1: every window is computed alone, so the three runs see bit-identical activations
+    sa = collect_stats(tiny_llama, a, batch_size=1, ctx=12, progress=False)
+    sb = collect_stats(tiny_llama, b, batch_size=1, ctx=12, progress=False)
+    sab = collect_stats(tiny_llama, a + b, batch_size=1, ctx=12, progress=False)
+    merged = sa.merge(sb)
+    assert torch.equal(merged.count, sab.count)
+    for k in MEANS:
+        torch.testing.assert_close(getattr(merged, k), getattr(sab, k), rtol=1e-12, atol=1e-15)
+    # merging is symmetric
+    for k in FIELDS:
+        torch.testing.assert_close(getattr(sb.merge(sa), k), getattr(merged, k), rtol=1e-12, atol=1e-15)
+
+
+def test_merge_synthetic_exact():
+    gen = torch.Generator().manual_seed(0)
+    x1 = torch.randn(37, 2, 5, generator=gen, dtype=torch.float64)
+    x2 = torch.randn(11, 2, 5, generator=gen, dtype=torch.float64) * 3 + 1
+
+    def stats_of(x):
+        ref = reference_from_rows([x[:, l] for l in range(x.shape[1])])
+        return NeuronStats(ref["count"], *[ref[m] for m in MEANS])
+    merged = stats_of(x1).merge(stats_of(x2))
+    whole = reference_from_rows([torch.cat([x1, x2])[:, l] for l in range(2)])
+    for k in FIELDS:
+        torch.testing.assert_close(getattr(merged, k), whole[k], rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError):
+        stats_of(x1).merge(stats_of(torch.randn(4, 3, 5, dtype=torch.float64)))
+
+
+def test_save_load_round_trip(tiny_llama, tmp_path):
+    stats = collect_stats(tiny_llama, TEXTS[:4], ctx=12, task="code", progress=False)
+    stats.meta["note"] = {"nested": [1, 2.5, "x"]}
+    path = tmp_path / "sub" / "code.safetensors"
+    stats.save(path)
+    back = NeuronStats.load(path)
+    for k in FIELDS:
+        assert torch.equal(getattr(back, k), getattr(stats, k)), k
+        assert getattr(back, k).dtype == torch.float64
+    assert back.meta == json.loads(json.dumps(stats.meta))
+    assert back.meta["task"] == "code" and back.meta["note"] == {"nested": [1, 2.5, "x"]}
+    assert [p.name for p in path.parent.iterdir()] == ["code.safetensors"]     # no temporary leftovers
+
+
+def test_load_rejects_other_files(tmp_path):
+    from safetensors.torch import save_file
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "w.safetensors"))
+    with pytest.raises(ValueError, match="NeuronStats"):
+        NeuronStats.load(tmp_path / "w.safetensors")
+
+
+def test_std_is_sample_standard_deviation_and_rms():
+    gen = np.random.default_rng(0)
+    x = gen.normal(2.0, 3.0, size=(50, 3, 4))         # mean 2, sd 3: var (about 9) != 1, rms != std
+    ref = reference_from_rows([torch.from_numpy(x[:, l]) for l in range(3)])
+    stats = NeuronStats(ref["count"], *[ref[m] for m in MEANS])
+    expected_std = torch.from_numpy(x.std(axis=0, ddof=1))
+    torch.testing.assert_close(stats.std, expected_std, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(stats.std ** 2, stats.var, rtol=1e-10, atol=1e-12)
+    assert (stats.std - stats.var).abs().min() > 1.0           # the reference stored var under the name std
+    torch.testing.assert_close(stats.rms, torch.from_numpy(np.sqrt((x ** 2).mean(axis=0))), rtol=1e-10,
+                               atol=1e-12)
+    assert (stats.rms - stats.std).abs().min() > 0.1
+
+
+def test_nan_activations_name_the_layer(tiny_llama):
+    with torch.no_grad():
+        tiny_llama.blocks[1].mlp.up_proj.weight[3, 0] = float("nan")
+    with pytest.raises(NonFiniteActivationError) as err:
+        collect_stats(tiny_llama, TEXTS[:3], ctx=12, task="songs", progress=False)
+    msg = str(err.value)
+    layers = re.search(r"layers? \[([\d, ]*)\]", msg)
+    assert layers is not None and layers.group(1) == "1", msg
+    assert "songs" in msg
+
+
+def test_inf_in_first_layer_names_both_layers(tiny_llama):
+    with torch.no_grad():
+        tiny_llama.blocks[0].mlp.gate_proj.weight[0, :] = float("inf")
+    with pytest.raises(NonFiniteActivationError) as err:
+        collect_stats(tiny_llama, TEXTS[:3], ctx=12, progress=False)
+    assert "0" in re.search(r"\[([\d, ]*)\]", str(err.value)).group(1)
+
+
+def test_lm_rejects_non_text(tiny_llama):
+    with pytest.raises(TypeError):
+        collect_stats(tiny_llama, torch.zeros(2, 3), progress=False)
+    with pytest.raises(TypeError):
+        collect_stats(tiny_llama, "one string, not a list", progress=False)
+    with pytest.raises(ValueError):
+        collect_stats(tiny_llama, [], progress=False)
+
+
+# -- images --------------------------------------------------------------------------------------------------
+IMAGES = torch.randn(13, 1, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+def vit_reference(handle, images, cls_only=False):
+    records, remove = capture_neuron_inputs(handle)
+    try:
+        with torch.no_grad():
+            for i in range(len(images)):                 # one image per forward
+                handle.image_logits(images[i:i + 1])
+    finally:
+        remove()
+    rows = []
+    for layer in range(handle.n_layers):
+        x = torch.cat(records[layer])                    # [N, tokens, d]
+        rows.append(x[:, 0] if cls_only else x.reshape(-1, x.shape[-1]))
+    return reference_from_rows(rows)
+
+
+def test_vit_stats_equal_reference(tiny_vit):
+    stats = collect_stats(tiny_vit, IMAGES, batch_size=5, progress=False)
+    ref = vit_reference(tiny_vit, IMAGES)
+    assert stats.count.tolist() == [13.0 * 17] * 2          # 16 patches + CLS per image
+    assert_stats_close(stats, ref)
+
+
+def test_vit_cls_only(tiny_vit):
+    stats = collect_stats(tiny_vit, IMAGES, batch_size=4, cls_only=True, progress=False)
+    assert stats.count.tolist() == [13.0, 13.0]
+    assert_stats_close(stats, vit_reference(tiny_vit, IMAGES, cls_only=True))
+
+
+def test_timm_stats_and_cls_only(timm_dir):
+    from modsep_nb import load_model
+    handle = load_model(timm_dir)
+    images = torch.randn(5, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    assert_stats_close(collect_stats(handle, images, batch_size=2, progress=False), vit_reference(handle, images))
+    cls = collect_stats(handle, images, batch_size=2, cls_only=True, progress=False)
+    assert cls.count.tolist() == [5.0, 5.0]
+    assert_stats_close(cls, vit_reference(handle, images, cls_only=True))
+
+
+def test_image_dataset_and_max_images(tiny_vit):
+    from modsep_nb.data import ImageDataset
+    ds = ImageDataset(IMAGES, torch.zeros(13, dtype=torch.long), ["a"], "toy")
+    stats = collect_stats(tiny_vit, ds, max_tokens=6, progress=False)
+    assert stats.count.tolist() == [6.0 * 17] * 2
+    assert_stats_close(stats, vit_reference(tiny_vit, IMAGES[:6]))
+
+
+def test_wrong_image_shape_is_a_clear_error(tiny_vit):
+    with pytest.raises(ValueError) as err:
+        collect_stats(tiny_vit, torch.randn(2, 3, 16, 16), progress=False)
+    msg = str(err.value)
+    assert "[3, 16, 16]" in msg and "[1, 16, 16]" in msg
+    with pytest.raises(ValueError):
+        collect_stats(tiny_vit, torch.randn(2, 1, 28, 28), progress=False)
+    with pytest.raises(TypeError):
+        collect_stats(tiny_vit, torch.randn(1, 16, 16), progress=False)
+    with pytest.raises(TypeError):
+        collect_stats(tiny_vit, ["not", "images"], progress=False)
+    with pytest.raises(TypeError):
+        collect_stats(tiny_vit, torch.zeros(2, 1, 16, 16, dtype=torch.uint8), progress=False)
+    assert math.isfinite(collect_stats(tiny_vit, IMAGES[:1], progress=False).mean.sum().item())
