@@ -291,13 +291,23 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, tol_abs: float
 
 
 def _refine(x: torch.Tensor, labels: torch.Tensor, k: int, max_iter: int, tol_abs: float,
-            max_rounds: int = 50) -> torch.Tensor:
-    """Alternate passes of improving swaps and Lloyd until neither changes anything."""
-    for _ in range(max_rounds):
-        labels, n_swaps = _swap_pass(x, labels, k)
-        if n_swaps == 0:
+            max_passes: int = 2000) -> torch.Tensor:
+    """Improving swaps until none is left, then Lloyd; again until Lloyd changes nothing."""
+    passes = 0
+    while passes < max_passes:
+        swapped = 0
+        while passes < max_passes:
+            labels, n_swaps = _swap_pass(x, labels, k)
+            passes += 1
+            swapped += n_swaps
+            if n_swaps == 0:
+                break
+        if swapped == 0:
             break
-        labels = _lloyd(x, _balanced_means(x, labels, k), max_iter, tol_abs)
+        new = _lloyd(x, _balanced_means(x, labels, k), max_iter, tol_abs)
+        if torch.equal(new, labels):
+            break
+        labels = new
     return labels
 
 

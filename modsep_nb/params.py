@@ -37,7 +37,9 @@ DEFAULTS: dict = {
     },
     "vit": {
         "model": "fmnist-vit",
-        "training": {"epochs": 2, "n_train": None},
+        # only for fmnist-vit (trained here): see modsep_nb/vit_training.py
+        "training": {"epochs": 2, "n_train": None, "hidden_size": 64, "num_hidden_layers": 6,
+                     "intermediate_size": 256, "patch_size": 4, "lr": 2e-3},
         "dataset": "fashion-mnist",   # fashion-mnist | cifar100
         "data_dir": None,
         "tasks": "classes",      # classes | groups

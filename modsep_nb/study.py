@@ -73,9 +73,10 @@ class Study:
         p = params[kind]
         device, dtype = device_of(params), params["dtype"]
         if handle is None:
-            options = {k: v for k, v in p.get("training", {}).items() if v is not None} \
-                if p["model"] == "fmnist-vit" else {}
-            options.setdefault("seed", params["seed"]) if options else None
+            options = {}
+            if p["model"] == "fmnist-vit":      # training settings apply to the model trained here only
+                options = {k: v for k, v in p["training"].items() if v is not None}
+                options["seed"] = params["seed"]
             handle = load_model(p["model"], device=device, dtype=dtype, **options)
         if random_seed is not None:
             handle = load_model(handle.model, tokenizer=handle.tokenizer, processor=handle.processor,

@@ -92,8 +92,9 @@ def test_batch_size_does_not_matter(tiny_llama):
     one = collect_stats(tiny_llama, TEXTS, batch_size=1, ctx=12, progress=False)
     seven = collect_stats(tiny_llama, TEXTS, batch_size=7, ctx=12, progress=False)
     assert torch.equal(one.count, seven.count)
+    # padding changes the shapes of the float32 matmuls, so activations agree to float32 rounding (values are O(1))
     for k in MEANS:
-        torch.testing.assert_close(getattr(one, k), getattr(seven, k), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(getattr(one, k), getattr(seven, k), rtol=1e-6, atol=1e-6)
 
 
 def test_merge_equals_union(tiny_llama):
@@ -150,7 +151,7 @@ def test_load_rejects_other_files(tmp_path):
 
 def test_std_is_sample_standard_deviation_and_rms():
     gen = np.random.default_rng(0)
-    x = gen.normal(2.0, 3.0, size=(50, 3, 4))         # mean 2, sd 3: var (about 9) != 1, rms != std
+    x = gen.normal(5.0, 3.0, size=(50, 3, 4))         # mean 5, sd 3: var (about 9) != 1, rms (about 5.8) != std
     ref = reference_from_rows([torch.from_numpy(x[:, l]) for l in range(3)])
     stats = NeuronStats(ref["count"], *[ref[m] for m in MEANS])
     expected_std = torch.from_numpy(x.std(axis=0, ddof=1))
@@ -159,7 +160,7 @@ def test_std_is_sample_standard_deviation_and_rms():
     assert (stats.std - stats.var).abs().min() > 1.0           # the reference stored var under the name std
     torch.testing.assert_close(stats.rms, torch.from_numpy(np.sqrt((x ** 2).mean(axis=0))), rtol=1e-10,
                                atol=1e-12)
-    assert (stats.rms - stats.std).abs().min() > 0.1
+    assert (stats.rms - stats.std).abs().min() > 1.0
 
 
 def test_nan_activations_name_the_layer(tiny_llama):
