@@ -67,11 +67,18 @@ def _check_frac(frac: float) -> None:
 
 
 def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest entries of a 1-D tensor; ties broken by index (lower index wins)."""
-    order = torch.sort(values, descending=True, stable=True).indices
-    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
-    mask[order[:k]] = True
-    return mask
+    """Bool mask of the k largest entries along the last dim (1-D or [rows, n]); ties broken by index
+    (lower index wins). O(n): a top-k finds the threshold, then tied entries are taken in index order."""
+    n = values.shape[-1]
+    if k >= n:
+        return torch.ones_like(values, dtype=torch.bool)
+    rows = values.reshape(-1, n)
+    threshold = rows.topk(k, dim=1).values[:, -1:]          # the k-th largest value of each row
+    greater = rows > threshold
+    need = k - greater.sum(1, keepdim=True)                   # how many tied entries complete the k
+    tied = rows == threshold
+    mask = greater | (tied & (tied.cumsum(1) <= need))
+    return mask.reshape(values.shape)
 
 
 def select_neurons(scores: torch.Tensor, frac: float, mode: str = "global") -> torch.Tensor:
@@ -85,15 +92,16 @@ def select_neurons(scores: torch.Tensor, frac: float, mode: str = "global") -> t
         raise ValueError(f"unknown selection mode {mode!r}: choose one of {', '.join(SELECTION_MODES)}")
     if scores.dim() != 2:
         raise ValueError(f"scores must have shape [n_layers, d_mlp], got {tuple(scores.shape)}")
-    scores = scores.detach().to(torch.float64)
+    scores = scores.detach()
+    if scores.dtype not in (torch.float32, torch.float64):
+        scores = scores.to(torch.float32)     # float16/bfloat16 values are exact in float32: ties are kept
     if torch.isnan(scores).any():
         bad = sorted(set(torch.nonzero(torch.isnan(scores))[:, 0].tolist()))
         raise ValueError(f"scores contain NaN in layers {bad}: check the statistics for those layers")
     n_layers, d_mlp = scores.shape
     if mode == "global":
         return top_k_mask(scores.flatten(), n_selected(scores.numel(), frac)).view(n_layers, d_mlp)
-    k = n_selected(d_mlp, frac)
-    return torch.stack([top_k_mask(row, k) for row in scores])
+    return top_k_mask(scores, n_selected(d_mlp, frac))
 
 
 def ties_at_threshold(scores: torch.Tensor, mask: torch.Tensor) -> int:

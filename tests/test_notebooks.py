@@ -1,0 +1,64 @@
+"""The notebooks, end to end: papermill executes each on params/smoke.yaml; nbval re-executes the executed
+notebooks and the outputs of the cells marked NBVAL_CHECK_OUTPUT must match (they are deterministic)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from modsep_nb.params import NOTEBOOKS
+from modsep_nb.runner import NOTEBOOK_DIR, run
+
+REPO = Path(__file__).resolve().parent.parent
+PRESENT = [k for k, name in NOTEBOOKS.items() if (NOTEBOOK_DIR / f"{name}.ipynb").is_file()]
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke_run")
+    run(REPO / "params" / "smoke.yaml", only=PRESENT, out=str(out), overwrite=True)
+    return out
+
+
+@pytest.mark.parametrize("key", PRESENT)
+def test_source_notebook_is_clean(key):
+    nb = nbformat.read(NOTEBOOK_DIR / f"{NOTEBOOKS[key]}.ipynb", as_version=4)
+    tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    assert "params_file" in tagged[0].source and "out_dir" in tagged[0].source
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, "notebooks are stored without outputs"
+    assert any("NBVAL_CHECK_OUTPUT" in c.source for c in nb.cells), "some output is checked by nbval"
+
+
+def test_every_notebook_ran(smoke_run):
+    assert not list(smoke_run.glob("*.failed.ipynb"))
+    for key in PRESENT:
+        name = NOTEBOOKS[key]
+        nb = nbformat.read(smoke_run / f"{name}.ipynb", as_version=4)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+        assert not errors
+        injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert injected and "smoke.yaml" in injected[0].source
+        findings = (smoke_run / "findings" / f"{name}.md").read_text()
+        assert len(findings) > 200 and "![" in findings     # words, numbers and figures
+    summary = (smoke_run / "summary.md").read_text()
+    for key in PRESENT:
+        assert (smoke_run / "findings" / f"{NOTEBOOKS[key]}.md").read_text().splitlines()[0] in summary
+    figures = list((smoke_run / "figures").glob("*.png"))
+    assert len(figures) >= 5 * len(PRESENT) // 2
+    assert all(f.stat().st_size > 5000 for f in figures)
+    params = json.loads((smoke_run / "params.json").read_text())
+    assert params["run_name"] == "smoke"
+
+
+def test_nbval_reproduces_checked_outputs(smoke_run):
+    executed = [str(smoke_run / f"{NOTEBOOKS[k]}.ipynb") for k in PRESENT]
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider",
+                           "--nbval-current-env", *executed], cwd=NOTEBOOK_DIR, capture_output=True, text=True,
+                          env={**__import__("os").environ, "MODSEP_HEADLESS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout
