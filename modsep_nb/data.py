@@ -186,14 +186,13 @@ def _load_hub_rows(path: str, name: str | None, split: str, local_dir: str | Non
 
 
 # -- LM batching -------------------------------------------------------------------------------------
-def lm_batches(tokenizer, texts: list[str], *, ctx: int = 256, batch_size: int = 8, max_tokens: int | None = None):
-    """Yield (input_ids, attention_mask) batches: each document cut into windows of at most `ctx` tokens,
-    right-padded, stopping once `max_tokens` real tokens have been produced (exactly that many)."""
+def lm_windows(tokenizer, texts: list[str], *, ctx: int = 256, max_tokens: int | None = None) -> list[list[int]]:
+    """Each document cut into windows of at most `ctx` tokens, in order, stopping once `max_tokens` real
+    tokens have been produced (exactly that many)."""
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2 tokens, got {ctx}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     windows, total = [], 0
     for text in texts:
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
@@ -205,15 +204,20 @@ def lm_batches(tokenizer, texts: list[str], *, ctx: int = 256, batch_size: int =
                 window = window[:max_tokens - total]
             windows.append(window)
             total += len(window)
-            if len(windows) == batch_size:
-                yield _pad(windows, pad_id)
-                windows = []
             if max_tokens is not None and total >= max_tokens:
-                break
-        if max_tokens is not None and total >= max_tokens:
-            break
-    if windows:
-        yield _pad(windows, pad_id)
+                return windows
+    return windows
+
+
+def lm_batches(tokenizer, texts: list[str], *, ctx: int = 256, batch_size: int = 8, max_tokens: int | None = None,
+               shard: tuple[int, int] = (0, 1)):
+    """Yield right-padded (input_ids, attention_mask) batches of the windows of `lm_windows`.
+    shard=(rank, world_size) takes every world_size-th window, so the shards' union is the whole set."""
+    rank, world = shard
+    windows = lm_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens)[rank::world]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for start in range(0, len(windows), batch_size):
+        yield _pad(windows[start:start + batch_size], pad_id)
 
 
 def _pad(windows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

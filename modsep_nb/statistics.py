@@ -156,6 +156,20 @@ class StatsCollector:
                 self._sampled[layer] += take.shape[0]
         return hook
 
+    def all_reduce(self) -> None:
+        """Sum the totals, counts and NaN flags of every rank (torch.distributed, any backend)."""
+        import torch.distributed as dist
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flags = torch.zeros(self.handle.n_layers, dtype=torch.float64)
+        flags[list(self.nonfinite)] = 1.0
+        packed = torch.cat([self.totals.flatten(), self.count, flags]).to(backend_device)
+        dist.all_reduce(packed)
+        packed = packed.cpu()
+        n_tot, L = self.totals.numel(), self.handle.n_layers
+        self.totals = packed[:n_tot].view_as(self.totals).clone()
+        self.count = packed[n_tot:n_tot + L].clone()
+        self.nonfinite = set(torch.nonzero(packed[n_tot + L:] > 0).flatten().tolist())
+
     def result(self, meta=None) -> NeuronStats:
         if self.nonfinite:
             raise NonFiniteActivationError(
@@ -173,26 +187,46 @@ class StatsCollector:
 
 def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: int | None = None,
                   ctx: int = 256, cls_only: bool = False, task: str | None = None,
-                  progress: bool = True) -> NeuronStats:
+                  progress: bool = True, distributed: bool | None = None) -> NeuronStats:
     """Statistics of every neuron over `data` (SPEC §2, §11).
 
     data: list[str] for an LM (documents; cut into windows of `ctx` tokens, padded batches, padding never
     counted, at most `max_tokens` real tokens); a float tensor [N, C, H, W] or an ImageDataset for an
     image model (CLS and patch tokens by default, CLS only with cls_only=True).
+    distributed: under torchrun / accelerate launch (default: when torch.distributed is initialised) each
+    rank takes every world_size-th window or image and the sums are all-reduced, so every rank returns
+    what a single process would (to float64 rounding).
     """
+    shard = _shard(distributed)
     meta = {"model": handle.label, "task": task, "max_tokens": max_tokens,
             "ctx": ctx, "cls_only": cls_only, "random_init": handle.random_init, "seed": handle.seed}
     with StatsCollector(handle) as collector:
         run_batches(handle, data, collector, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
-                    cls_only=cls_only, progress=progress, desc=f"stats {task or ''}".strip())
+                    cls_only=cls_only, progress=progress and shard[0] == 0, desc=f"stats {task or ''}".strip(),
+                    shard=shard)
+    if shard[1] > 1:
+        collector.all_reduce()
     meta["tokens"] = float(collector.count[0])
+    meta["world_size"] = shard[1]
     return collector.result(meta)
+
+
+def _shard(distributed: bool | None) -> tuple[int, int]:
+    import torch.distributed as dist
+    active = dist.is_available() and dist.is_initialized()
+    if distributed and not active:
+        raise RuntimeError("distributed=True needs torch.distributed initialised (run under torchrun or "
+                           "accelerate launch and call torch.distributed.init_process_group first)")
+    if distributed is False or not active:
+        return (0, 1)
+    return (dist.get_rank(), dist.get_world_size())
 
 
 @torch.no_grad()
 def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ctx=256, cls_only=False,
-                progress=True, desc="forward", on_logits=None):
-    """Run `data` through the model in batches, telling `collector` which positions count."""
+                progress=True, desc="forward", on_logits=None, shard=(0, 1)):
+    """Run `data` through the model in batches, telling `collector` which positions count.
+    shard=(rank, world_size): this process's share (every world_size-th window or image)."""
     from .data import ImageDataset, lm_batches
     device = handle.device
     if handle.kind == "lm":
@@ -200,7 +234,8 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
             raise TypeError("a language model takes a list of documents (list[str]) as data")
         if not data:
             raise ValueError("the text data is empty: pass at least one document")
-        batches = lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8, max_tokens=max_tokens)
+        batches = lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8, max_tokens=max_tokens,
+                             shard=shard)
         bar = tqdm(total=max_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
         for ids, mask in batches:
             ids, mask = ids.to(device), mask.to(device)
@@ -216,6 +251,7 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
     check_images(handle, images)
     if max_tokens is not None:   # for images the budget counts images
         images = images[:max_tokens]
+    images = images[shard[0]::shard[1]]
     bs = batch_size or 64
     for start in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not progress, leave=False):
         x = images[start:start + bs].to(device=device, dtype=next(handle.model.parameters()).dtype)

@@ -1,0 +1,18 @@
+"""Run under torchrun: collect statistics data-parallel (gloo) and save rank 0's result."""
+import sys
+
+import torch
+import torch.distributed as dist
+
+import modsep_nb as ms
+
+model_dir, docs_file, out = sys.argv[1:4]
+dist.init_process_group("gloo")
+torch.set_num_threads(1)
+handle = ms.load_model(model_dir)
+docs = open(docs_file).read().split("\n\f\n")
+stats = ms.collect_stats(handle, docs, max_tokens=700, ctx=32, batch_size=3, progress=False)
+assert stats.meta["world_size"] == dist.get_world_size()
+if dist.get_rank() == 0:
+    stats.save(out)
+dist.destroy_process_group()
