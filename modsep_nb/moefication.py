@@ -211,14 +211,17 @@ def _ssp_step(cost, labels, prices, excess):
 def balanced_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int = 0, device=None, n_init: int = 4,
                     max_iter: int = 100, tol: float = 1e-4, refine: bool = True,
                     return_inertia: bool = False):
-    """Balanced k-means: labels [n] (LongTensor on x's device) with exactly n/n_clusters rows each.
+    """Balanced k-means: labels [n] (LongTensor on `device`) with exactly n/n_clusters rows each.
 
-    k-means++ initialisation, Lloyd iterations with an exact balanced assignment, then (refine=True)
-    pairwise swaps that lower the inertia counting the centroid movement; best of `n_init` restarts
-    by inertia. Rows are used as given (for the parameter split pass `normalize_rows(W_in)`).
-    Runs in float64 on `device` (default: x's device). Deterministic for a seed on a given device.
-    tol: stop a restart when the centroids move less than tol * (mean per-feature variance of x),
-    summed over centroids (as scikit-learn / k-means-constrained).
+    `n_init` restarts of k-means++ initialisation and Lloyd iterations with an exact balanced
+    assignment; the restart with the lowest inertia is then (refine=True) improved by pairwise swaps
+    that lower the inertia counting the centroid movement. Without refine the result matches
+    k-means-constrained's inertia; refine typically takes it 0.5-2% lower and costs several times
+    the Lloyd time. Rows are used as given (for the parameter split pass `normalize_rows(W_in)`).
+    Runs in float64 on `device` (default: x's device; e.g. "cuda"). Deterministic for a seed on a
+    given device. tol: a restart stops when its centroids move less than tol * (mean per-feature
+    variance of x), summed over centroids (as scikit-learn / k-means-constrained).
+    return_inertia=True returns (labels, inertia).
     """
     if x.dim() != 2:
         raise ValueError(f"x must be a matrix [n_rows, dim], got shape {tuple(x.shape)}")

@@ -327,3 +327,32 @@ def replay_overlap(name: str, *, frac: float = 0.01, sweep=(0.005, 0.01, 0.02, 0
         "ties_per_layer": tie_report(scores, frac, "per_layer"),
         "families": families,
     }
+
+
+def replay_random_control(trained: str, *, fracs=(0.01, 0.05), root=None, n_perm: int = 1000,
+                          seed: int = 0) -> dict:
+    """Trained vs random-init on a released pair of score sets (SPEC §6), over the tasks both have:
+    pairwise overlaps at each frac, pattern persistence (Spearman between the two task × task overlap
+    matrices with a permutation p-value), and where the global selections sit per layer."""
+    import numpy as np
+
+    from . import overlap as ov
+    random_name = PAPER_SCORE_SETS[trained].control
+    if random_name is None or PAPER_SCORE_SETS[trained].trained is False:
+        raise ValueError(f"{trained!r} is not a trained score set with a random-init control")
+    tasks = ordered_tasks(sorted(set(available_tasks(trained)) & set(available_tasks(random_name))))
+    sets = {"trained": load_paper_scores(trained, root=root, tasks=tasks),
+            "random": load_paper_scores(random_name, root=root, tasks=tasks)}
+    out = {"trained": trained, "random": random_name, "model": PAPER_SCORE_SETS[trained].model, "tasks": tasks,
+           "fracs": list(fracs), "pairs": {}, "matrices": {}, "layers": {}, "persistence": {}}
+    iu = np.triu_indices(len(tasks), 1)
+    for frac in fracs:
+        for which, scores in sets.items():
+            masks = {t: select_neurons(s, frac, "global") for t, s in scores.items()}
+            names, m = ov.overlap_matrix(masks, metric="overlap")
+            out["matrices"][(which, frac)] = m
+            out["pairs"][(which, frac)] = m[iu]
+            out["layers"][(which, frac)] = np.mean([ov.layer_distribution(mk) for mk in masks.values()], 0)
+        out["persistence"][frac] = ov.pattern_persistence(out["matrices"][("trained", frac)],
+                                                          out["matrices"][("random", frac)], n_perm=n_perm, seed=seed)
+    return out

@@ -172,3 +172,80 @@ class Study:
         budget = p["stats_tokens"] if self.kind == "lm" else p["stats_images"]
         return (f"{self.label}: {self.handle.n_layers} layers x {self.handle.d_mlp} neurons; "
                 f"{len(self.tasks)} tasks; statistics on {budget} {what} per task")
+
+    # -- MoEfication ---------------------------------------------------------------------------------
+    @property
+    def n_experts(self) -> int:
+        from .moefication import check_n_experts
+        n = self.params["moefication"]["lm_experts" if self.kind == "lm" else "vit_experts"]
+        check_n_experts(self.handle.d_mlp, n)
+        return n
+
+    def activation_sample(self, n_tokens: int | None = None) -> list[torch.Tensor]:
+        """A bounded sample of activations per layer ([n_tokens, d_mlp]), drawn evenly from every task's
+        statistics data (for the co-activation split)."""
+        from .statistics import StatsCollector, run_batches
+        n_tokens = n_tokens or self.params["moefication"]["coactivation_tokens"]
+        per_task = max(1, n_tokens // len(self.tasks))
+        p = self.params[self.kind]
+        samples = None
+        for name in self.task_names:
+            with StatsCollector(self.handle, sample_tokens=per_task) as collector:
+                data = self._task_data(name, per_task if self.kind == "lm" else max(1, per_task // 8))
+                run_batches(self.handle, data, collector, max_tokens=per_task if self.kind == "lm" else None,
+                            batch_size=p["batch_size"], ctx=p.get("ctx", 256), progress=False)
+            layer_samples = [collector.sample(layer) for layer in range(self.handle.n_layers)]
+            samples = layer_samples if samples is None else [torch.cat([a, b]) for a, b in zip(samples, layer_samples)]
+        return samples
+
+    def splits(self, method: str, *, progress: bool = True) -> torch.Tensor:
+        """Expert labels [n_layers, d_mlp] by `method` ("param", "coactivation", "random"), cached on disk."""
+        from .moefication import split_layers
+        mo = self.params["moefication"]
+        key = {"model": self.handle.identity()["fingerprint"], "method": method, "n_experts": self.n_experts,
+               "seed": self.params["seed"], "n_init": mo["n_init"],
+               "tokens": mo["coactivation_tokens"] if method == "coactivation" else None,
+               "tasks": self.task_names if method == "coactivation" else None}
+        path = Path(self.params.get("cache_dir") or cache_dir()) / "splits" / f"{self.kind}-{_hash(key)}.pt"
+        if path.is_file():
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception as err:
+                warnings.warn(f"cached split {path} is unreadable ({type(err).__name__}); recomputing")
+        kwargs = {"n_init": mo["n_init"]} if method == "param" else {}
+        acts = self.activation_sample() if method == "coactivation" else None
+        labels = split_layers(self.handle, method, self.n_experts, seed=self.params["seed"], acts=acts,
+                              progress=progress, **kwargs)
+        _save_atomic(labels, path)
+        return labels
+
+    def routing_curve(self, labels: torch.Tensor, keep_fracs, tasks=None) -> dict:
+        """Accuracy relative to the dense model, per task, when each token keeps only its top-k experts
+        (k = keep_frac × n_experts; MoEfication's ground-truth routing)."""
+        from .moefication import expert_routing
+        tasks = list(tasks or self.task_names)
+        dense = self.evaluate_tasks(tasks)
+        curve = {}
+        for frac in keep_fracs:
+            k = max(1, int(round(frac * self.n_experts)))
+            if k >= self.n_experts:
+                curve[frac] = {t: 1.0 for t in tasks}
+                continue
+            with expert_routing(self.handle, labels, k):
+                acc = self.evaluate_tasks(tasks)
+            curve[frac] = {t: acc[t] / dense[t] if dense[t] > 0 else float("nan") for t in tasks}
+        return curve
+
+
+def _save_atomic(obj, path: Path) -> None:
+    import os
+    import tempfile
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

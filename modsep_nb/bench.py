@@ -1,0 +1,284 @@
+"""Benchmarks (`make bench`): ratios measured side by side in one run, printed as a table and written to
+outputs/bench/*.json. Runs on the CPU, and on a GPU when there is one (bf16 there).
+
+    python -m modsep_nb.bench [--quick] [--only stats,reference,kmeans,memory,gpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .runner import REPO, write_text_atomic
+
+OUT = REPO / "outputs" / "bench"
+
+
+def _timeit(fn, repeats: int) -> float:
+    """Median wall time of `repeats` calls (after one warm-up)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+# -- statistics overhead ------------------------------------------------------------------------------
+@torch.no_grad()
+def stats_overhead(handle, batches, repeats=3, positions=True) -> dict:
+    """Forward with statistics hooks over the plain forward of the same batches, interleaved."""
+    from .statistics import StatsCollector
+    forward = handle.lm_logits if handle.kind == "lm" else (lambda x, _m=None: handle.image_logits(x))
+    collector = StatsCollector(handle)
+
+    def plain():
+        for ids, mask in batches:
+            forward(ids, mask)
+
+    def with_stats():
+        with collector:
+            for ids, mask in batches:
+                collector.positions = mask.bool() if (positions and mask is not None) else None
+                forward(ids, mask)
+    plain_times, stats_times = [], []
+    plain(), with_stats()                       # warm-up both
+    for _ in range(repeats):                   # interleaved, so drift affects both alike
+        plain_times.append(_timeit(plain, 1))
+        stats_times.append(_timeit(with_stats, 1))
+    p, s = sorted(plain_times)[repeats // 2], sorted(stats_times)[repeats // 2]
+    n_tok = sum(int(ids.numel()) if mask is None else int(mask.sum()) for ids, mask in batches)
+    return {"plain_s": p, "stats_s": s, "ratio": s / p, "tokens": n_tok, "tokens_per_s_with_stats": n_tok / s}
+
+
+@torch.no_grad()
+def reference_collector(handle, texts, max_tokens) -> dict:
+    """The reference's way: one text per forward, per-token float64 updates in Python."""
+    L, d = handle.n_layers, handle.d_mlp
+    sums = torch.zeros(4, L, d, dtype=torch.float64)
+    state = {"n": 0}
+    hooks = []
+
+    def make(layer):
+        def hook(module, args):
+            for token in args[0][0]:                   # every token, one at a time
+                t = token.double().cpu()
+                sums[0, layer] += t
+                sums[1, layer] += t.abs()
+                sums[2, layer] += t * t
+                sums[3, layer] += (t > 0).double()
+        return hook
+    for layer in range(L):
+        hooks.append(handle.neuron_module(layer).register_forward_pre_hook(make(layer)))
+    start = time.perf_counter()
+    try:
+        for text in texts:
+            ids = handle.tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens - state["n"]]
+            handle.model(input_ids=ids.to(handle.device))
+            state["n"] += ids.shape[1]
+            if state["n"] >= max_tokens:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    elapsed = time.perf_counter() - start
+    return {"tokens": state["n"], "seconds": elapsed, "tokens_per_s": state["n"] / elapsed}
+
+
+def bench_lm_cpu(quick: bool) -> dict:
+    from .data import embedded_text_domain, lm_batches
+    from .models import load_model
+    from .statistics import collect_stats
+    handle = load_model("smollm2-135m")
+    docs = embedded_text_domain("code")
+    n_tokens = 2048 if quick else 8192
+    batches = list(lm_batches(handle.tokenizer, docs, ctx=256, batch_size=8, max_tokens=n_tokens))
+    overhead = stats_overhead(handle, batches, repeats=3)
+    ref_tokens = 256 if quick else 1024
+    ref = reference_collector(handle, docs, ref_tokens)
+    start = time.perf_counter()
+    collect_stats(handle, docs, max_tokens=ref_tokens, ctx=256, batch_size=8, progress=False)
+    ours = ref_tokens / (time.perf_counter() - start)
+    return {"model": "smollm2-135m", "device": "cpu", "dtype": "float32", "overhead": overhead,
+            "reference_tokens_per_s": ref["tokens_per_s"], "ours_tokens_per_s": ours,
+            "throughput_ratio_vs_reference": ours / ref["tokens_per_s"]}
+
+
+# -- peak memory at 1x and 10x tokens -----------------------------------------------------------------
+_MEMORY_CHILD = """
+import resource, sys, torch
+import modsep_nb as ms
+from modsep_nb.data import embedded_text_domain
+h = ms.load_model("smollm2-135m")
+docs = embedded_text_domain("computers")
+ms.collect_stats(h, docs, max_tokens=64, ctx=128, batch_size=4, progress=False)   # warm-up allocations
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+ms.collect_stats(h, docs, max_tokens=int(sys.argv[1]), ctx=128, batch_size=4, progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, before)
+"""
+
+
+def bench_memory(quick: bool) -> dict:
+    base = 512 if quick else 1024
+    result = {}
+    for n in (base, 10 * base):
+        out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(n)], capture_output=True, text=True,
+                             check=True).stdout.split()
+        result[n] = {"peak_rss_mb": int(out[0]) / 1024}
+    small, large = result[base]["peak_rss_mb"], result[10 * base]["peak_rss_mb"]
+    return {"tokens": [base, 10 * base], "peak_rss_mb": [small, large], "growth_ratio": large / small}
+
+
+# -- balanced k-means vs k-means-constrained ------------------------------------------------------------
+def bench_kmeans(quick: bool) -> dict:
+    from .models import load_model
+    from .moefication import balanced_kmeans, inertia, normalize_rows
+    try:
+        from k_means_constrained import KMeansConstrained
+    except ImportError:
+        KMeansConstrained = None
+    results = {}
+    w = normalize_rows(load_model("smollm2-135m").w_in(5).float())
+    cases = [("smollm2-135m layer 5 (1536 x 576, 48 x 32)", w, 48, 10)]
+    if not quick:
+        g = torch.Generator().manual_seed(0)
+        big = normalize_rows(torch.randn(14336, 4096, generator=g))
+        cases.append(("Mistral-scale random unit rows (14336 x 4096, 128 x 112)", big, 128, 1))
+    for name, x, k, their_n_init in cases:
+        start = time.perf_counter()
+        labels = balanced_kmeans(x, k, seed=0)
+        ours_s = time.perf_counter() - start
+        row = {"ours_s": ours_s, "ours_inertia": inertia(x, labels),
+               "balanced": bool((torch.bincount(labels, minlength=k) == x.shape[0] // k).all())}
+        if KMeansConstrained is not None:
+            size = x.shape[0] // k
+            km = KMeansConstrained(n_clusters=k, size_min=size, size_max=size, random_state=0, n_init=their_n_init)
+            start = time.perf_counter()
+            their_labels = km.fit_predict(x.double().numpy())
+            theirs_s = time.perf_counter() - start
+            row.update({"theirs_n_init": their_n_init, "theirs_s": theirs_s,
+                        "theirs_inertia": inertia(x, torch.as_tensor(their_labels)),
+                        # at their default n_init=10 the run takes n_init times one restart
+                        "theirs_s_at_default_n_init": theirs_s * 10 / their_n_init,
+                        "timed_one_restart": their_n_init != 10})
+            row["speedup_vs_default"] = row["theirs_s_at_default_n_init"] / ours_s
+            row["inertia_ratio"] = row["ours_inertia"] / row["theirs_inertia"]
+        results[name] = row
+    return results
+
+
+# -- GPU ---------------------------------------------------------------------------------------------
+def bench_gpu(quick: bool) -> dict:
+    import transformers
+    from .models import load_model
+    results = {}
+    torch.manual_seed(0)
+    layers = 4 if quick else 32
+    cfg = transformers.MistralConfig(num_hidden_layers=layers, hidden_size=4096, intermediate_size=14336,
+                                     num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
+    with torch.device("cuda"):
+        model = transformers.MistralForCausalLM(cfg).to(torch.bfloat16)
+    handle = load_model(model)
+    ids = torch.randint(0, 32000, (8, 1024), device="cuda")
+    mask = torch.ones_like(ids)
+    results["mistral_7b_shape"] = stats_overhead(handle, [(ids, mask)] * 4, repeats=5)
+    results["mistral_7b_shape"]["layers"] = layers
+    docs = ["x " * 400] * 4
+    handle.tokenizer = _FakeTokenizer()
+    ref = reference_collector(handle, docs, 512)
+    results["mistral_7b_shape"]["reference_tokens_per_s"] = ref["tokens_per_s"]
+    results["mistral_7b_shape"]["throughput_ratio_vs_reference"] = (
+        results["mistral_7b_shape"]["tokens_per_s_with_stats"] / ref["tokens_per_s"])
+    del model, handle
+    torch.cuda.empty_cache()
+    import timm
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False).cuda().to(torch.bfloat16).eval()
+    vh = load_model(vit)
+    x = torch.randn(256, 3, 224, 224, device="cuda", dtype=torch.bfloat16)
+    results["vit_b16"] = stats_overhead(vh, [(x, None)] * 4, repeats=5, positions=False)
+    from .moefication import balanced_kmeans, inertia, normalize_rows
+    big = normalize_rows(torch.randn(14336, 4096, generator=torch.Generator().manual_seed(0))).cuda()
+    start = time.perf_counter()
+    labels = balanced_kmeans(big, 128, seed=0, device="cuda")
+    torch.cuda.synchronize()
+    results["kmeans_mistral_scale_gpu"] = {"ours_s": time.perf_counter() - start, "inertia": inertia(big, labels)}
+    return results
+
+
+class _FakeTokenizer:
+    """Random-weight models need no real tokenizer: map words to ids."""
+    def __call__(self, text, return_tensors=None):
+        ids = torch.tensor([[hash(w) % 32000 for w in text.split()]])
+        return {"input_ids": ids}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes (a minute or two)")
+    parser.add_argument("--only", default="stats,memory,kmeans,gpu")
+    args = parser.parse_args(argv)
+    parts = args.only.split(",")
+    meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
+            "processor": platform.processor(), "cpu_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "quick": args.quick}
+    results = {"meta": meta}
+    if "stats" in parts:
+        results["lm_cpu"] = bench_lm_cpu(args.quick)
+    if "memory" in parts:
+        results["memory"] = bench_memory(args.quick)
+    if "kmeans" in parts:
+        results["kmeans"] = bench_kmeans(args.quick)
+    if "gpu" in parts and torch.cuda.is_available():
+        results["gpu"] = bench_gpu(args.quick)
+    OUT.mkdir(parents=True, exist_ok=True)
+    stamp = meta["date"].replace(":", "").replace("-", "")[:15]
+    text = json.dumps(results, indent=1, default=str)
+    write_text_atomic(OUT / f"bench-{stamp}.json", text)
+    write_text_atomic(OUT / "latest.json", text)
+    print(table(results))
+    return 0
+
+
+def table(results: dict) -> str:
+    rows = [("what", "figure", "goal")]
+    if "lm_cpu" in results:
+        r = results["lm_cpu"]
+        rows += [("stats / plain forward, smollm2-135m, CPU", f"{r['overhead']['ratio']:.3f}x", "<= 1.05x"),
+                 ("ours vs reference-style collector, CPU", f"{r['throughput_ratio_vs_reference']:.1f}x "
+                  f"({r['ours_tokens_per_s']:.0f} vs {r['reference_tokens_per_s']:.1f} tok/s)", "report")]
+    if "memory" in results:
+        m = results["memory"]
+        rows.append((f"peak RSS at {m['tokens'][0]} vs {m['tokens'][1]} tokens",
+                     f"{m['peak_rss_mb'][0]:.0f} vs {m['peak_rss_mb'][1]:.0f} MB ({m['growth_ratio']:.3f}x)", "no growth"))
+    for name, r in results.get("kmeans", {}).items():
+        if "theirs_s" in r:
+            rows.append((f"balanced k-means, {name}", f"ours {r['ours_s']:.2f} s vs k-means-constrained "
+                         f"{r['theirs_s_at_default_n_init']:.1f} s{' (1 restart x10)' if r['timed_one_restart'] else ''}: "
+                         f"{r['speedup_vs_default']:.1f}x; inertia ratio {r['inertia_ratio']:.4f}", ">= 10x CPU, <= 1.01"))
+    for name, r in results.get("gpu", {}).items():
+        if "ratio" in r:
+            rows.append((f"GPU stats / plain forward, {name}", f"{r['ratio']:.3f}x", "<= 1.03x / 1.05x"))
+        if "throughput_ratio_vs_reference" in r:
+            rows.append((f"GPU ours vs reference, {name}", f"{r['throughput_ratio_vs_reference']:.0f}x", ">= 300x"))
+        if "ours_s" in r:
+            rows.append((f"GPU balanced k-means, {name}", f"{r['ours_s']:.2f} s", ">= 50x vs theirs"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{width}}  {b}  [{c}]" for a, b, c in rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
