@@ -7,14 +7,15 @@ from pathlib import Path
 import torch
 
 import modsep_nb as ms
-from modsep_nb.data import embedded_text_domain
 from modsep_nb.statistics import MEANS, NeuronStats
+
+from conftest import random_texts
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_stats.py"
 
 
 def test_two_process_gloo_equals_single_process(tmp_path, llama_dir):
-    docs = embedded_text_domain("docs")[:40]
+    docs = random_texts(80, seed=1, max_len=40)
     (tmp_path / "docs.txt").write_text("\n\f\n".join(docs))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(llama_dir),

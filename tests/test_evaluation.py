@@ -1,0 +1,278 @@
+"""Evaluation (SPEC §4): LM and image metrics equal a direct computation from logits; perplexity is
+exp(mean cross-entropy); skip_top; the cross-task matrix with fixed fractions and with bisection."""
+from __future__ import annotations
+
+import collections
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import BOS_ID, WORDS, windows_of
+from modsep_nb import ARCHITECTURES, Architecture, NeuronStats, evaluate, load_model
+from modsep_nb.evaluation import cross_task_matrix, task_scores
+from modsep_nb.data import ImageDataset
+
+
+# -- language models ---------------------------------------------------------------------------------------
+def hand_lm(handle, texts, ctx, skip=frozenset()):
+    """Per-target cross-entropy, top-1 and top-10 hits, computed window by window (no padding at all)."""
+    ces, top1, top10 = [], 0, 0
+    with torch.no_grad():
+        for w in windows_of(texts, ctx):
+            logits = handle.model(input_ids=torch.tensor([w])).logits[0].double()
+            for t in range(1, len(w)):
+                target = w[t]
+                if target == BOS_ID or target in skip:
+                    continue
+                row = logits[t - 1]
+                ces.append(-(row - torch.logsumexp(row, 0))[target].item())
+                rank = int((row > row[target]).sum())
+                top1 += rank == 0
+                top10 += rank < 10
+    return np.array(ces), top1, top10
+
+
+def _texts_with_inner_bos(seed):
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(10):
+        words = [rng.choice(WORDS[:20]) for _ in range(rng.randint(2, 25))]
+        if len(words) > 4:
+            words.insert(rng.randint(1, len(words) - 1), "[BOS]")     # a BOS target in the middle
+        docs.append(" ".join(words))
+    return docs
+
+
+def test_lm_metrics_equal_direct_computation(tiny_llama):
+    texts = _texts_with_inner_bos(0)
+    got = evaluate(tiny_llama, texts, ctx=7, batch_size=3)
+    ces, top1, top10 = hand_lm(tiny_llama, texts, 7)
+    n_bos_targets = sum(w[1:].count(BOS_ID) for w in windows_of(texts, 7))
+    assert n_bos_targets > 0                                     # the case is exercised
+    assert got["n"] == len(ces)
+    assert got["top1"] == pytest.approx(top1 / len(ces), abs=1e-12)
+    assert got["top10"] == pytest.approx(top10 / len(ces), abs=1e-12)
+    assert 0 < top1 < top10 < len(ces)                            # a non-trivial case
+    assert got["loss"] == pytest.approx(ces.mean(), rel=1e-5)
+    # perplexity is exp(mean CE) -- not the mean of per-token exp(CE), which the reference computed
+    assert got["perplexity"] == pytest.approx(math.exp(got["loss"]), rel=1e-12)
+    assert got["perplexity"] == pytest.approx(math.exp(ces.mean()), rel=1e-5)
+    wrong = np.exp(ces).mean()
+    assert wrong > got["perplexity"] * 1.01
+
+
+def test_lm_metrics_do_not_depend_on_batching(tiny_llama):
+    texts = _texts_with_inner_bos(1)
+    a = evaluate(tiny_llama, texts, ctx=9, batch_size=1)
+    b = evaluate(tiny_llama, texts, ctx=9, batch_size=5)
+    assert a["n"] == b["n"] and a["top1"] == b["top1"] and a["top10"] == b["top10"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_skip_top_removes_most_frequent_targets(tiny_llama):
+    rng = random.Random(3)
+    docs = []
+    for _ in range(6):
+        words = ["w00"] * 6 + ["w01"] * 4 + ["w02"] * 2 + [rng.choice(WORDS[3:30]) for _ in range(4)]
+        rng.shuffle(words)
+        docs.append(" ".join(words))
+    ctx = 8
+    freq = collections.Counter(t for w in windows_of(docs, ctx) for t in w[1:])
+    top2 = {t for t, _ in freq.most_common(2)}
+    assert freq.most_common(3)[1][1] > freq.most_common(3)[2][1]      # no tie at the cut
+    got = evaluate(tiny_llama, docs, ctx=ctx, batch_size=4, skip_top=2)
+    ces, top1, top10 = hand_lm(tiny_llama, docs, ctx, skip=top2)
+    full = evaluate(tiny_llama, docs, ctx=ctx, batch_size=4)
+    assert full["n"] - got["n"] == sum(freq[t] for t in top2)
+    assert got["n"] == len(ces)
+    assert got["top1"] == pytest.approx(top1 / len(ces), abs=1e-12)
+    assert got["top10"] == pytest.approx(top10 / len(ces), abs=1e-12)
+    assert got["loss"] == pytest.approx(ces.mean(), rel=1e-5)
+
+
+def test_lm_max_tokens(tiny_llama):
+    texts = _texts_with_inner_bos(2)
+    got = evaluate(tiny_llama, texts, ctx=7, max_tokens=30)
+    # 30 real tokens: the first windows, then a head; every non-first position is a target unless it is BOS
+    stream, left = [], 30
+    for w in windows_of(texts, 7):
+        if left <= 0:
+            break
+        stream.append(w[:left])
+        left -= len(w[:left])
+    assert got["n"] == sum(sum(1 for t in w[1:] if t != BOS_ID) for w in stream)
+
+
+# -- images ------------------------------------------------------------------------------------------------
+def test_image_metrics_equal_direct_computation(tiny_vit):
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn(60, 1, 16, 16, generator=gen)
+    with torch.no_grad():
+        logits = tiny_vit.model(pixel_values=images).logits
+    order = logits.argsort(-1, descending=True)
+    # labels at known ranks so that top-1 and top-5 are neither 0 nor 1
+    ranks = torch.tensor([0, 2, 7] * 20)
+    labels = order[torch.arange(60), ranks]
+    got = evaluate(tiny_vit, images, labels=labels, batch_size=16)
+    assert got["n"] == 60
+    assert got["top1"] == pytest.approx(1 / 3)
+    assert got["top5"] == pytest.approx(2 / 3)
+    for c in range(10):
+        sel = labels == c
+        if sel.any():
+            assert got["per_class"][c] == pytest.approx((ranks[sel] == 0).double().mean().item())
+    assert set(got["per_class"]) == set(labels.tolist())
+
+    names = [f"class{i}" for i in range(10)]
+    ds = ImageDataset(images, labels, names, "toy")
+    by_name = evaluate(tiny_vit, ds, batch_size=7)
+    assert by_name["per_class"] == {names[c]: v for c, v in got["per_class"].items()}
+    # restricted to a task's classes
+    task = [names[int(labels[0])], names[int(labels[1])]]
+    keep = (labels == labels[0]) | (labels == labels[1])
+    sub = evaluate(tiny_vit, ds, classes=task)
+    assert sub["n"] == int(keep.sum())
+    assert sub["top1"] == pytest.approx((ranks[keep] == 0).double().mean().item())
+    assert sub["top5"] == pytest.approx((ranks[keep] < 5).double().mean().item())
+
+
+def test_image_evaluation_needs_labels(tiny_vit):
+    with pytest.raises(ValueError, match="labels"):
+        evaluate(tiny_vit, torch.randn(3, 1, 16, 16))
+    with pytest.raises(ValueError):
+        evaluate(tiny_vit, torch.randn(3, 1, 16, 16), labels=torch.tensor([0, 1]))
+
+
+# -- task scores and the cross-task matrix --------------------------------------------------------------------
+def _stats(mean_abs: torch.Tensor) -> NeuronStats:
+    n = torch.full((mean_abs.shape[0],), 100.0, dtype=torch.float64)
+    return NeuronStats(n, mean_abs, mean_abs, mean_abs ** 2, mean_abs * 0 + 0.5, mean_abs.sqrt())
+
+
+def test_task_scores_rest_and_general():
+    gen = torch.Generator().manual_seed(0)
+    ia, ib, ic, ig = (torch.rand(2, 6, generator=gen, dtype=torch.float64) for _ in range(4))
+    stats = {"a": _stats(ia), "b": _stats(ib), "c": _stats(ic)}
+    scores = task_scores(stats)
+    torch.testing.assert_close(scores["a"], ia / ((ib + ic) / 2 + 1e-3), rtol=1e-12, atol=0)
+    torch.testing.assert_close(scores["c"], ic / ((ia + ib) / 2 + 1e-3), rtol=1e-12, atol=0)
+    general = task_scores(stats, retain="general", general=_stats(ig), eps=0.1)
+    torch.testing.assert_close(general["b"], ib / (ig + 0.1), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError):
+        task_scores({"a": _stats(ia)})
+    with pytest.raises(ValueError):
+        task_scores(stats, retain="general")
+
+
+L, D = 2, 100
+
+
+class ToyNet(nn.Module):
+    """blocks[i].fc1 makes the neuron vector (all ones: weight 0, bias 1); blocks[i].fc2 (identity) reads it.
+    forward() returns the [L, d] neuron values as fc2 sees them, i.e. after any ablation hook."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList()
+        for _ in range(L):
+            block = nn.Module()
+            block.fc1, block.fc2 = nn.Linear(4, D), nn.Identity()
+            nn.init.zeros_(block.fc1.weight)
+            nn.init.ones_(block.fc1.bias)
+            self.blocks.append(block)
+
+    def forward(self):
+        x = torch.ones(1, 4)
+        return torch.stack([b.fc2(b.fc1(x))[0] for b in self.blocks])
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """A handle on ToyNet through the documented extension point (an ARCHITECTURES entry), three tasks with
+    positive per-neuron weights w_T, accuracy_T = scale_T · Σ w_T·neuron / Σ w_T (monotone in what is pruned)."""
+    monkeypatch.setitem(ARCHITECTURES, "ToyNet", Architecture("lm", "blocks", "fc2", "fc1", family="toy"))
+    handle = load_model(ToyNet())
+    gen = torch.Generator().manual_seed(7)
+    tasks = ["a", "b", "c"]
+    weights = {t: torch.rand(L, D, generator=gen, dtype=torch.float64) + 0.05 for t in tasks}
+    scale = {"a": 0.9, "b": 0.6, "c": 0.75}
+    scores = {t: weights[t] + 0.5 * torch.rand(L, D, generator=gen, dtype=torch.float64) for t in tasks}
+
+    def accuracy(t):
+        with torch.no_grad():
+            values = handle.model().double()
+        return scale[t] * float((weights[t] * values).sum() / weights[t].sum())
+    evaluators = {t: (lambda t=t: accuracy(t)) for t in tasks}
+    return handle, tasks, weights, scale, scores, evaluators
+
+
+def _acc_after_pruning(weights, scale, scores_a, frac, t):
+    """By hand: prune the round(frac·N) highest-scoring neurons (scores are distinct) and sum what is left."""
+    flat = scores_a.flatten().numpy()
+    k = max(1, int(round(frac * flat.size)))
+    pruned = np.argsort(-flat, kind="stable")[:k]
+    w = weights[t].flatten().numpy()
+    return scale[t] * (w.sum() - w[pruned].sum()) / w.sum()
+
+
+def test_cross_task_matrix_fixed_frac(toy):
+    handle, tasks, weights, scale, scores, evaluators = toy
+    result = cross_task_matrix(handle, scores, evaluators, frac=0.1, progress=False)
+    assert result.tasks == tasks
+    assert result.base == pytest.approx(scale)
+    assert result.fracs == {t: 0.1 for t in tasks}
+    for i, a in enumerate(tasks):
+        for j, b in enumerate(tasks):
+            expected = _acc_after_pruning(weights, scale, scores[a], 0.1, b)
+            assert result.pruned[i, j] == pytest.approx(expected, rel=1e-9)
+            assert result.matrix[i, j] == pytest.approx(expected / scale[b], rel=1e-9)
+    # pruning a task's own neurons hurts it most
+    assert all(result.matrix[i, i] == result.matrix[:, i].min() for i in range(3))
+    assert _n_hooks(handle) == [0] * L
+
+
+def test_cross_task_matrix_one_callable_for_all_tasks(toy):
+    handle, tasks, weights, scale, scores, evaluators = toy
+    by_task = cross_task_matrix(handle, scores, evaluators, frac=0.05, progress=False)
+    at_once = cross_task_matrix(handle, scores, lambda: {t: evaluators[t]() for t in tasks}, frac=0.05,
+                                progress=False)
+    np.testing.assert_array_equal(by_task.matrix, at_once.matrix)
+
+
+def test_cross_task_matrix_target_bisection(toy):
+    handle, tasks, weights, scale, scores, evaluators = toy
+    tol = 0.02
+    result = cross_task_matrix(handle, scores, evaluators, target=0.8, max_frac=0.5, tol=tol, progress=False)
+    for i, a in enumerate(tasks):
+        f = result.fracs[a]
+        assert 0 < f <= 0.5
+        own = _acc_after_pruning(weights, scale, scores[a], f, a)
+        assert abs(own - 0.8 * scale[a]) <= tol * scale[a], (a, f, own / scale[a])
+        assert result.pruned[i, i] == pytest.approx(own, rel=1e-9)
+        assert abs(result.matrix[i, i] - 0.8) <= tol
+    # an unreachable target reports the bound
+    capped = cross_task_matrix(handle, scores, evaluators, target=0.1, max_frac=0.05, progress=False)
+    assert capped.fracs == {t: 0.05 for t in tasks}
+    assert _n_hooks(handle) == [0] * L
+
+
+def test_cross_task_matrix_arguments(toy):
+    handle, tasks, weights, scale, scores, evaluators = toy
+    with pytest.raises(ValueError):
+        cross_task_matrix(handle, scores, evaluators, progress=False)
+    with pytest.raises(ValueError):
+        cross_task_matrix(handle, scores, evaluators, frac=0.1, target=0.8, progress=False)
+    with pytest.raises(ValueError):
+        cross_task_matrix(handle, scores, evaluators, target=1.2, progress=False)
+    with pytest.raises(ValueError, match="c"):
+        cross_task_matrix(handle, scores, {"a": evaluators["a"], "b": evaluators["b"]}, frac=0.1,
+                          progress=False)
+
+
+def _n_hooks(handle):
+    return [len(handle.neuron_module(l)._forward_pre_hooks) for l in range(handle.n_layers)]
