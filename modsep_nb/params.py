@@ -69,6 +69,7 @@ DEFAULTS: dict = {
         "lm_experts": 48,
         "vit_experts": 8,
         "n_init": 4,
+        "refine": True,          # pairwise-swap refinement of the best k-means restart (slower, lower inertia)
         "coactivation_tokens": 1024,
         "keep_fracs": [0.125, 0.25, 0.5, 1.0],
         "eval_tasks": 3,

@@ -112,6 +112,30 @@ def ties_at_threshold(scores: torch.Tensor, mask: torch.Tensor) -> int:
     return int(((scores == threshold) & ~mask).sum())
 
 
+def iterative_prune(handle, collect_forget, collect_retain, *, frac: float, steps: int, importance: str = "abs",
+                    eps: float = 1e-3, mode: str = "global", ablation: str = "zero") -> torch.Tensor:
+    """Iterative selective pruning (SPEC §3): `steps` times, recollect statistics on the model as pruned so
+    far, score, and prune `frac` more of the neurons (never one already pruned).
+
+    collect_forget / collect_retain: callables() -> NeuronStats, run on the model as it is at that moment
+    (e.g. lambda: collect_stats(handle, forget_docs, max_tokens=...)). Returns the cumulative bool mask
+    [L, d_mlp]; apply it with ablate(). Mean ablation uses the retain set's means from the first step.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive whole number, got {steps!r}")
+    mask = torch.zeros(handle.n_layers, handle.d_mlp, dtype=torch.bool)
+    means = None
+    for _ in range(steps):
+        with ablate(handle, mask, ablation, means) if mask.any() else contextlib.nullcontext():
+            forget, retain = collect_forget(), collect_retain()
+        if means is None and ablation == "mean":
+            means = retain.mean
+        scores = prune_scores(forget, retain, importance=importance, eps=eps).clone()
+        scores[mask] = float("-inf")          # already pruned: never selected again
+        mask |= select_neurons(scores, frac, mode)
+    return mask
+
+
 @contextlib.contextmanager
 def ablate(handle, mask: torch.Tensor, mode: str = "zero", means: torch.Tensor | None = None) -> Iterator[None]:
     """Ablate the neurons in `mask` [L, d_mlp] while inside the context.

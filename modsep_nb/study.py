@@ -203,7 +203,7 @@ class Study:
         from .moefication import split_layers
         mo = self.params["moefication"]
         key = {"model": self.handle.identity()["fingerprint"], "method": method, "n_experts": self.n_experts,
-               "seed": self.params["seed"], "n_init": mo["n_init"],
+               "seed": self.params["seed"], "n_init": mo["n_init"], "refine": mo["refine"],
                "tokens": mo["coactivation_tokens"] if method == "coactivation" else None,
                "tasks": self.task_names if method == "coactivation" else None}
         path = Path(self.params.get("cache_dir") or cache_dir()) / "splits" / f"{self.kind}-{_hash(key)}.pt"
@@ -212,7 +212,7 @@ class Study:
                 return torch.load(path, weights_only=True)
             except Exception as err:
                 warnings.warn(f"cached split {path} is unreadable ({type(err).__name__}); recomputing")
-        kwargs = {"n_init": mo["n_init"]} if method == "param" else {}
+        kwargs = {"n_init": mo["n_init"], "refine": mo["refine"]} if method == "param" else {}
         acts = self.activation_sample() if method == "coactivation" else None
         labels = split_layers(self.handle, method, self.n_experts, seed=self.params["seed"], acts=acts,
                               progress=progress, **kwargs)

@@ -310,3 +310,27 @@ def test_ablate_validation(tiny_llama):
         with ablate(tiny_llama, good, "noise"):
             pass
     assert _n_hooks(tiny_llama) == [0, 0]
+
+
+# -- iterative pruning --------------------------------------------------------------------------------------
+def test_iterative_pruning_recollects_on_the_pruned_model(tiny_llama):
+    import modsep_nb as ms
+    from conftest import random_texts
+    from modsep_nb.pruning import iterative_prune
+    forget_docs, retain_docs = random_texts(12, seed=11), random_texts(12, seed=12)
+    seen = []
+
+    def collect_forget():
+        seen.append(ms.collect_stats(tiny_llama, forget_docs, progress=False))
+        return seen[-1]
+
+    mask = iterative_prune(tiny_llama, collect_forget, lambda: ms.collect_stats(tiny_llama, retain_docs, progress=False),
+                           frac=0.05, steps=3)
+    n = tiny_llama.n_layers * tiny_llama.d_mlp
+    k = max(1, round(0.05 * n))
+    assert int(mask.sum()) == 3 * k and len(seen) == 3
+    # step 1 is plain selective pruning on the unpruned model
+    first = ms.select_neurons(ms.prune_scores(seen[0], ms.collect_stats(tiny_llama, retain_docs, progress=False)), 0.05)
+    assert (mask & first).sum() == k
+    # later steps were measured with the earlier selections ablated: those neurons read exactly zero
+    assert torch.all(seen[1].mean_abs[first] == 0) and torch.all(seen[0].mean_abs[first] > 0)
