@@ -119,11 +119,17 @@ class TextTask:
     source: str
 
 
-def text_tasks(names, *, eval_frac: float = 0.3, seed: int = 0, source: str = "embedded") -> dict[str, TextTask]:
-    """Text tasks by name, each split into disjoint collection/evaluation documents."""
+def text_tasks(names, *, eval_frac: float = 0.3, seed: int = 0, source: str = "embedded",
+               data_dir: str | None = None) -> dict[str, TextTask]:
+    """Text tasks by name, each split into disjoint collection/evaluation documents.
+    source="hub": the paper's domains through datasets.load_dataset, or, offline, from data_dir/<name>
+    (a `save_to_disk` copy per domain)."""
+    if source not in ("embedded", "hub"):
+        raise ValueError(f"source must be 'embedded' or 'hub', got {source!r}")
     tasks = {}
     for name in names:
-        docs = embedded_text_domain(name) if source == "embedded" else hub_text_domain(name)
+        local = str(Path(data_dir) / name) if data_dir else None
+        docs = embedded_text_domain(name) if source == "embedded" else hub_text_domain(name, local_dir=local)
         if not docs:
             raise ValueError(f"text domain {name!r} is empty: it has no documents")
         collect, evaluate = split_documents(docs, eval_frac, seed)

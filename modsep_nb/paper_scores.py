@@ -344,7 +344,7 @@ def replay_random_control(trained: str, *, fracs=(0.01, 0.05), root=None, n_perm
     sets = {"trained": load_paper_scores(trained, root=root, tasks=tasks),
             "random": load_paper_scores(random_name, root=root, tasks=tasks)}
     out = {"trained": trained, "random": random_name, "model": PAPER_SCORE_SETS[trained].model, "tasks": tasks,
-           "fracs": list(fracs), "pairs": {}, "matrices": {}, "layers": {}, "persistence": {}}
+           "fracs": list(fracs), "pairs": {}, "matrices": {}, "layers": {}, "ties": {}, "persistence": {}}
     iu = np.triu_indices(len(tasks), 1)
     for frac in fracs:
         for which, scores in sets.items():
@@ -353,6 +353,7 @@ def replay_random_control(trained: str, *, fracs=(0.01, 0.05), root=None, n_perm
             out["matrices"][(which, frac)] = m
             out["pairs"][(which, frac)] = m[iu]
             out["layers"][(which, frac)] = np.mean([ov.layer_distribution(mk) for mk in masks.values()], 0)
+            out["ties"][(which, frac)] = tie_report(scores, frac, "global")
         out["persistence"][frac] = ov.pattern_persistence(out["matrices"][("trained", frac)],
                                                           out["matrices"][("random", frac)], n_perm=n_perm, seed=seed)
     return out

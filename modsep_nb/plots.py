@@ -68,6 +68,8 @@ def sweep(fracs, curves: dict, *, title: str, ylabel: str, chance=None, xlabel="
     if chance is not None:
         ax.plot(fracs, chance, "k--", label="chance")
     ax.set_xscale("log")
+    ax.set_xticks(list(fracs), [f"{f:.1%}" if f < 0.1 else f"{f:.0%}" for f in fracs])
+    ax.minorticks_off()
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -121,3 +123,28 @@ def cdfs(samples: dict, *, title: str, xlabel: str):
 def interactive() -> bool:
     """True in JupyterLab; False in headless runs (the runner sets MODSEP_HEADLESS)."""
     return not os.environ.get("MODSEP_HEADLESS")
+
+
+def score_explorer(scores: dict, n_layers: int):
+    """An ipywidgets explorer (JupyterLab): pick a task, a layer and a fraction to see that layer's score
+    distribution and the per-layer selection threshold. Returns None in headless runs."""
+    if not interactive():
+        print("headless run: explorer skipped")
+        return None
+    import ipywidgets as w
+
+    from .pruning import select_neurons
+    tasks = list(scores)
+
+    def explore(task=tasks[0], layer=0, frac=0.01):
+        s = scores[task][layer].double().numpy()
+        chosen = select_neurons(scores[task], frac, "per_layer")[layer].numpy()
+        fig, ax = plt.subplots(figsize=(6, 3))
+        ax.hist(np.log10(s + 1e-12), bins=60)
+        ax.axvline(np.log10(s[chosen].min() + 1e-12), color="r", label=f"top {frac:.1%} in this layer")
+        ax.set_xlabel("log10 score")
+        ax.set_ylabel("neurons")
+        ax.set_title(f"{task}, layer {layer}")
+        ax.legend()
+        plt.show()
+    return w.interact(explore, task=tasks, layer=(0, n_layers - 1), frac=(0.001, 0.2, 0.001))

@@ -20,6 +20,10 @@ from .params import device_of
 from .statistics import NeuronStats, collect_stats
 
 
+# bump when the way statistics or splits are computed changes, so no cache from older code is reused
+CACHE_VERSION = 1
+
+
 def _hash(obj) -> str:
     h = hashlib.sha256()
     if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], str):
@@ -83,7 +87,8 @@ class Study:
                                 random_init=True, seed=random_seed)
             handle.name = p["model"]
         if kind == "lm":
-            tasks = D.text_tasks(p["tasks"], eval_frac=p["eval_frac"], seed=params["seed"], source=p["source"])
+            tasks = D.text_tasks(p["tasks"], eval_frac=p["eval_frac"], seed=params["seed"], source=p["source"],
+                                 data_dir=p["data_dir"])
             return cls(handle, params, kind, tasks)
         if p["dataset"] == "fashion-mnist":
             train, test = D.fashion_mnist("train"), D.fashion_mnist("test")
@@ -126,7 +131,7 @@ class Study:
         result = {}
         for name in self.task_names:
             task_data = self._task_data(name, budget)
-            key = {"model": identity["fingerprint"], "model_label": self.handle.label, "task": name,
+            key = {"version": CACHE_VERSION, "model": identity["fingerprint"], "model_label": self.handle.label, "task": name,
                    "data": _hash(task_data), "budget": budget, "ctx": p.get("ctx"),
                    "cls_only": p.get("cls_only", False), "dtype": self.params["dtype"]}
             path = root / f"{self.kind}-{_hash(key)}.safetensors"
@@ -202,7 +207,7 @@ class Study:
         """Expert labels [n_layers, d_mlp] by `method` ("param", "coactivation", "random"), cached on disk."""
         from .moefication import split_layers
         mo = self.params["moefication"]
-        key = {"model": self.handle.identity()["fingerprint"], "method": method, "n_experts": self.n_experts,
+        key = {"version": CACHE_VERSION, "model": self.handle.identity()["fingerprint"], "method": method, "n_experts": self.n_experts,
                "seed": self.params["seed"], "n_init": mo["n_init"], "refine": mo["refine"],
                "tokens": mo["coactivation_tokens"] if method == "coactivation" else None,
                "tasks": self.task_names if method == "coactivation" else None}
