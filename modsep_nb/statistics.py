@@ -105,11 +105,16 @@ class NeuronStats:
 
 
 def _reduce(x: torch.Tensor) -> torch.Tensor:
-    """[n, d] activations -> [5, d] float32 sums: x, |x|, x², x>0, sqrt|x| (one pass over x per op)."""
+    """[n, d] activations -> [5, d] float32 sums: x, |x|, x², #(x>0), sqrt|x|.
+
+    #(x>0) = (Σ sign x + Σ |sign x|) / 2, exact (zeros count in neither), and about twice as fast on the
+    CPU as summing a boolean mask; sqrt is taken in place once Σ|x| is read."""
     x = x.float()
     a = x.abs()
-    return torch.stack([x.sum(0), a.sum(0), (x * x).sum(0), (x > 0).sum(0, dtype=torch.float32),
-                        a.sqrt().sum(0)])
+    sign = x.sign()
+    sums = [x.sum(0), a.sum(0), (x * x).sum(0), (sign.sum(0) + sign.abs_().sum(0)) * 0.5]
+    sums.append(a.sqrt_().sum(0))
+    return torch.stack(sums)
 
 
 class StatsCollector:
@@ -144,7 +149,11 @@ class StatsCollector:
     def _hook(self, layer: int):
         def hook(module, args):
             x = args[0]
-            x = x.reshape(-1, x.shape[-1]) if self.positions is None else x[self.positions.to(x.device)]
+            counted = self.positions
+            if counted is None or bool(counted.all()):     # no padding in this batch: no gather needed
+                x = x.reshape(-1, x.shape[-1])
+            else:
+                x = x[counted.to(x.device)]
             sums = _reduce(x)
             if not torch.isfinite(sums).all():
                 self.nonfinite.add(layer)

@@ -142,6 +142,14 @@ class Study:
         self._stats[budget] = result
         return result
 
+    def save_stats(self, out_dir) -> Path:
+        """Write each task's statistics into out_dir/statistics/<kind>-<task>.safetensors (a run's record)."""
+        folder = Path(out_dir) / "statistics"
+        for name, st in self.stats(progress=False).items():
+            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+            st.save(folder / f"{self.kind}-{safe}{'-random-seed' + str(self.handle.seed) if self.handle.random_init else ''}.safetensors")
+        return folder
+
     def scores(self, *, stats=None) -> dict[str, torch.Tensor]:
         pr = self.params["pruning"]
         return task_scores(stats or self.stats(), importance=pr["importance"], eps=pr["eps"], retain=pr["retain"])

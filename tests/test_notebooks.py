@@ -43,6 +43,8 @@ def test_every_notebook_ran(smoke_run):
         assert not errors
         injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
         assert injected and "smoke.yaml" in injected[0].source
+        results = json.loads((smoke_run / "statistics" / f"{name}.json").read_text())
+        assert results, "each notebook records its numbers"
         findings = (smoke_run / "findings" / f"{name}.md").read_text()
         assert len(findings) > 200 and "![" in findings     # words, numbers and figures
     summary = (smoke_run / "summary.md").read_text()
@@ -51,6 +53,9 @@ def test_every_notebook_ran(smoke_run):
     figures = list((smoke_run / "figures").glob("*.png"))
     assert len(figures) >= 5 * len(PRESENT) // 2
     assert all(f.stat().st_size > 5000 for f in figures)
+    saved = {p.name for p in (smoke_run / "statistics").glob("*.safetensors")}
+    assert any(n.startswith("lm-") and "random" not in n for n in saved)
+    assert any("random-seed" in n for n in saved)        # random-init artifacts say so in their names
     params = json.loads((smoke_run / "params.json").read_text())
     assert params["run_name"] == "smoke"
 
