@@ -307,7 +307,7 @@ def _load_timm(spec: str, *, dtype=None) -> ModelHandle:
         try:
             model = timm.create_model(arch_name, pretrained=True)
         except Exception as err:  # timm raises several kinds when the hub is unreachable
-            raise _offline_error(arch_name, err) from err
+            raise _offline_error(f"timm/{arch_name}", err) from err
         timm_args = {"architecture": arch_name, "num_classes": model.num_classes, "model_args": {}}
     else:
         cfg = json.loads((Path(spec) / "config.json").read_text())

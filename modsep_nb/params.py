@@ -68,8 +68,8 @@ DEFAULTS: dict = {
     "moefication": {
         "lm_experts": 48,
         "vit_experts": 8,
-        "n_init": 4,
-        "refine": True,          # pairwise-swap refinement of the best k-means restart (slower, lower inertia)
+        "n_init": None,          # k-means restarts; None: balanced_kmeans's "auto" (4, or 1 for a large layer)
+        "refine": None,          # swap refinement of the best restart; None: "auto" (on, except for a large layer)
         "coactivation_tokens": 1024,
         "keep_fracs": [0.125, 0.25, 0.5, 1.0],
         "eval_tasks": 3,
@@ -103,7 +103,7 @@ FRACTIONS = ("pruning.frac", "pruning.target", "overlap.frac", "lm.eval_frac", "
              "paper_scores.frac", "pruning.tol")
 FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fracs")
 POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit.stats_images", "vit.eval_images",
-            "vit.batch_size", "moefication.lm_experts", "moefication.vit_experts", "moefication.n_init",
+            "vit.batch_size", "moefication.lm_experts", "moefication.vit_experts",
             "moefication.coactivation_tokens", "moefication.eval_tasks", "random_init.stats_tokens",
             "random_init.stats_images", "correspondence.n_null", "pruning.max_steps", "vit.training.epochs")
 
@@ -235,6 +235,11 @@ def validate(params: dict) -> None:
     if isinstance(vit_tasks, str) and vit_tasks not in ("classes", "groups"):
         raise ParamsError(f"parameter 'vit.tasks' is {vit_tasks!r}; use classes, groups or a mapping "
                           f"of task -> list of class names")
+    n_init, refine = params["moefication"]["n_init"], params["moefication"]["refine"]
+    if n_init is not None and (isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1):
+        raise ParamsError(f"parameter 'moefication.n_init' must be a whole number >= 1 or null (auto), got {n_init!r}")
+    if refine is not None and not isinstance(refine, bool):
+        raise ParamsError(f"parameter 'moefication.refine' must be true, false or null (auto), got {refine!r}")
     for key in ("lm_experts", "vit_experts"):
         if params["moefication"][key] < 1:
             raise ParamsError(f"parameter 'moefication.{key}' must be at least 1")

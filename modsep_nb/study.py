@@ -225,7 +225,7 @@ class Study:
                 return torch.load(path, weights_only=True)
             except Exception as err:
                 warnings.warn(f"cached split {path} is unreadable ({type(err).__name__}); recomputing")
-        kwargs = {"n_init": mo["n_init"], "refine": mo["refine"]} if method == "param" else {}
+        kwargs = {k: mo[k] for k in ("n_init", "refine") if method == "param" and mo[k] is not None}
         acts = self.activation_sample() if method == "coactivation" else None
         labels = split_layers(self.handle, method, self.n_experts, seed=self.params["seed"], acts=acts,
                               progress=progress, **kwargs)
