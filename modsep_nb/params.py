@@ -71,6 +71,7 @@ DEFAULTS: dict = {
         "n_init": None,          # k-means restarts; None: balanced_kmeans's "auto" (4, or 1 for a large layer)
         "refine": None,          # swap refinement of the best restart; None: "auto" (on, except for a large layer)
         "coactivation_tokens": 1024,
+        "max_degree": None,      # co-activation graph: keep each neuron's heaviest edges (needed at Mistral scale)
         "keep_fracs": [0.125, 0.25, 0.5, 1.0],
         "eval_tasks": 3,
     },
@@ -238,6 +239,9 @@ def validate(params: dict) -> None:
     n_init, refine = params["moefication"]["n_init"], params["moefication"]["refine"]
     if n_init is not None and (isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1):
         raise ParamsError(f"parameter 'moefication.n_init' must be a whole number >= 1 or null (auto), got {n_init!r}")
+    max_degree = params["moefication"]["max_degree"]
+    if max_degree is not None and (isinstance(max_degree, bool) or not isinstance(max_degree, int) or max_degree < 1):
+        raise ParamsError(f"parameter 'moefication.max_degree' must be a whole number >= 1 or null, got {max_degree!r}")
     if refine is not None and not isinstance(refine, bool):
         raise ParamsError(f"parameter 'moefication.refine' must be true, false or null (auto), got {refine!r}")
     for key in ("lm_experts", "vit_experts"):

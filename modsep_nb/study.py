@@ -218,6 +218,7 @@ class Study:
         key = {"version": CACHE_VERSION, "model": self.handle.identity()["fingerprint"], "method": method, "n_experts": self.n_experts,
                "seed": self.params["seed"], "n_init": mo["n_init"], "refine": mo["refine"],
                "tokens": mo["coactivation_tokens"] if method == "coactivation" else None,
+               "max_degree": mo["max_degree"] if method == "coactivation" else None,
                "tasks": self.task_names if method == "coactivation" else None}
         path = Path(self.params.get("cache_dir") or cache_dir()) / "splits" / f"{self.kind}-{_hash(key)}.pt"
         if path.is_file():
@@ -225,7 +226,8 @@ class Study:
                 return torch.load(path, weights_only=True)
             except Exception as err:
                 warnings.warn(f"cached split {path} is unreadable ({type(err).__name__}); recomputing")
-        kwargs = {k: mo[k] for k in ("n_init", "refine") if method == "param" and mo[k] is not None}
+        names = {"param": ("n_init", "refine"), "coactivation": ("max_degree",)}.get(method, ())
+        kwargs = {k: mo[k] for k in names if mo[k] is not None}
         acts = self.activation_sample() if method == "coactivation" else None
         labels = split_layers(self.handle, method, self.n_experts, seed=self.params["seed"], acts=acts,
                               progress=progress, **kwargs)

@@ -42,6 +42,8 @@ def write_params(tmp_path, text: str) -> Path:
     ("notebooks: ['07']", ["'notebooks'", "01"]),
     ("lm: {batch_size: 0}", ["'lm.batch_size'", "at least 1"]),
     ("pruning: {importance: loud}", ["'pruning.importance'", "abs"]),
+    ("moefication: {max_degree: 0}", ["'moefication.max_degree'", "whole number"]),
+    ("moefication: {n_init: some}", ["'moefication.n_init'", "auto"]),
 ])
 def test_bad_parameters_named(tmp_path, text, words):
     with pytest.raises(ParamsError) as err:
