@@ -305,8 +305,3 @@ def weighted_pool(stats_list) -> NeuronStats:
     means = [torch.stack([getattr(s, m) for s in stats_list]).mean(0) for m in MEANS]
     count = torch.stack([s.count for s in stats_list]).sum(0)
     return NeuronStats(count, *means, meta={"pooled": [s.meta.get("task") for s in stats_list]})
-
-
-def isclose_stats(a: NeuronStats, b: NeuronStats, rtol=1e-9) -> bool:
-    return all(torch.allclose(getattr(a, m), getattr(b, m), rtol=rtol, atol=1e-12) for m in ("count", *MEANS))
-
