@@ -12,11 +12,11 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
-from .runner import REPO, write_text_atomic
+from .files import write_text_atomic
+from .runner import REPO
 
 OUT = REPO / "outputs" / "bench"
 

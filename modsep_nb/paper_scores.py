@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from .files import atomic_file
 from .paper_scores_sha256 import SHA256
 from .pruning import select_neurons, ties_at_threshold
 
@@ -151,15 +151,9 @@ def download_file(rel_path: str, dest_root: Path) -> Path:
     dest = Path(dest_root) / rel_path
     dest.parent.mkdir(parents=True, exist_ok=True)
     url = URL_TEMPLATE.format(repo=REPOSITORY, commit=COMMIT, subdir=SUBDIR, path=rel_path)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    os.close(fd)
-    try:
-        _fetch_url(url, Path(tmp))
-        verify_file(tmp, rel_path)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with atomic_file(dest, suffix=".part") as tmp:
+        _fetch_url(url, tmp)
+        verify_file(tmp, rel_path)      # raising here removes the temporary file: nothing is left
     return dest
 
 

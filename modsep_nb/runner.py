@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .files import write_text_atomic
 from .params import NOTEBOOKS, load_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -29,14 +30,6 @@ def run_dir_for(params: dict, out: str | None, overwrite: bool) -> Path:
     while Path(f"{base}-{n}").exists():
         n += 1
     return Path(f"{base}-{n}")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def record_findings(out_dir, notebook: str, title: str, text: str, figures=()) -> None:

@@ -7,13 +7,12 @@ into float64 totals after every call. Memory is O(L·d_mlp) whatever the number 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from .files import atomic_file
 
 SUMS = ("sum", "sum_abs", "sum_sq", "n_pos", "sum_sqrt")
 MEANS = ("mean", "mean_abs", "mean_sq", "frac_pos", "mean_sqrt")
@@ -79,18 +78,10 @@ class NeuronStats:
     def save(self, path) -> None:
         """safetensors with the metadata as JSON in its header; written atomically."""
         from safetensors.torch import save_file
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"count": self.count.contiguous()}
         tensors.update({m: getattr(self, m).contiguous() for m in MEANS})
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"modsep": json.dumps(self.meta, default=str)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"modsep": json.dumps(self.meta, default=str)})
 
     @classmethod
     def load(cls, path) -> "NeuronStats":

@@ -15,6 +15,7 @@ import torch
 
 from . import data as D
 from .evaluation import evaluate, task_scores
+from .files import atomic_file
 from .models import ModelHandle, cache_dir, load_model
 from .params import device_of
 from .statistics import NeuronStats, collect_stats
@@ -231,7 +232,8 @@ class Study:
         acts = self.activation_sample() if method == "coactivation" else None
         labels = split_layers(self.handle, method, self.n_experts, seed=self.params["seed"], acts=acts,
                               progress=progress, **kwargs)
-        _save_atomic(labels, path)
+        with atomic_file(path) as tmp:
+            torch.save(labels, tmp)
         return labels
 
     def routing_curve(self, labels: torch.Tensor, keep_fracs, tasks=None) -> dict:
@@ -250,17 +252,3 @@ class Study:
                 acc = self.evaluate_tasks(tasks)
             curve[frac] = {t: acc[t] / dense[t] if dense[t] > 0 else float("nan") for t in tasks}
         return curve
-
-
-def _save_atomic(obj, path: Path) -> None:
-    import os
-    import tempfile
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)

@@ -50,7 +50,7 @@ def train_fmnist_vit(target: Path, settings: dict) -> float:
     """Train, evaluate on the test split, and save atomically into `target`. Returns test accuracy."""
     from transformers import ViTForImageClassification
     from .data import fashion_mnist
-    from .models import atomic_dir
+    from .files import atomic_dir
     train, test = fashion_mnist("train"), fashion_mnist("test")
     images, labels = train.images, train.labels
     if settings["n_train"]:
