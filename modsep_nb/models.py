@@ -134,12 +134,25 @@ class ModelHandle:
 
     def w_in(self, layer: int) -> torch.Tensor:
         """W_in rows of layer `layer`, shape [d_mlp, d_model] (detached)."""
-        weight = _get(self.blocks[layer], self.arch.w_in).weight.detach()
+        linear = _get(self.blocks[layer], self.arch.w_in)
+        weight = linear.weight.detach()
+        if weight.is_meta:      # offloaded by accelerate: read it back
+            with materialized(linear):
+                weight = linear.weight.detach().clone()
         return weight.T if self.arch.w_in_transposed else weight
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the execution device of a model dispatched by accelerate (device_map), else
+        where its weights are."""
+        hook = getattr(self.model, "_hf_hook", None)
+        if getattr(hook, "execution_device", None) is not None:
+            return torch.device(hook.execution_device)
+        return next((p.device for p in self.model.parameters() if not p.is_meta), torch.device("cpu"))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.model.parameters() if p.is_floating_point())
 
     @property
     def label(self) -> str:
@@ -176,6 +189,15 @@ class ModelHandle:
 _FINGERPRINTS: dict[int, tuple[int, str]] = {}
 
 
+@contextlib.contextmanager
+def materialized(module: nn.Module):
+    """Inside, the weights of `module` that accelerate offloaded (a device_map with "cpu" or "disk"
+    entries leaves them on the "meta" device) are real tensors; outside, they are offloaded again."""
+    from accelerate.utils import align_module_device
+    with align_module_device(module):
+        yield module
+
+
 def weights_fingerprint(model: nn.Module) -> str:
     """A short hash of every parameter (cached per model object and parameter version)."""
     params = list(model.state_dict().items())
@@ -186,7 +208,14 @@ def weights_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in params:
         h.update(name.encode())
-        t = p.detach().to("cpu").contiguous()
+        if p.is_meta:          # offloaded by accelerate (device_map): read the real weights
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            with materialized(module):
+                p = getattr(module, leaf)
+                t = p.detach().to("cpu").contiguous()
+        else:
+            t = p.detach().to("cpu").contiguous()
         # a strided sample keeps this fast for 7B models while still changing with any init
         flat = t.view(-1)
         if flat.numel() > 1_000_000:

@@ -254,7 +254,7 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
     images = images[shard[0]::shard[1]]
     bs = batch_size or 64
     for start in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not progress, leave=False):
-        x = images[start:start + bs].to(device=device, dtype=next(handle.model.parameters()).dtype)
+        x = images[start:start + bs].to(device=device, dtype=handle.dtype)
         if collector is not None:
             collector.positions = None
             if cls_only:

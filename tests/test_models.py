@@ -203,3 +203,33 @@ def test_embedded_lm_predicts_code(smollm):
     top1 = (logits[:, :-1].argmax(-1) == ids[:, 1:]).float().mean().item()
     assert top1 > 0.30, top1
     assert re.match(r"smollm2", smollm.label)
+
+
+def test_model_sharded_with_device_map_gives_the_same_results(llama_dir):
+    """A device_map that leaves layer 1 offloaded (accelerate keeps its weights on "meta" and loads them per
+    forward): hooks still see every activation, W_in and the weights fingerprint read the real weights, and
+    statistics, evaluation and ablation equal those of the model on one device."""
+    from conftest import random_texts
+    from modsep_nb import ablate, collect_stats, evaluate, select_neurons
+    device_map = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                  "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    plain, sharded = load_model(llama_dir), load_model(llama_dir, device_map=device_map)
+    offloaded = [n for n, p in sharded.model.named_parameters() if p.is_meta]
+    assert offloaded and all(".layers.1." in n for n in offloaded)
+    texts = random_texts(12, seed=5)
+    a, b = collect_stats(plain, texts), collect_stats(sharded, texts)
+    assert torch.equal(a.count, b.count)
+    for name in ("mean", "mean_abs", "mean_sq", "frac_pos", "mean_sqrt"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sharded.w_in(1), plain.w_in(1), rtol=0, atol=0)
+    assert sharded.identity()["fingerprint"] == plain.identity()["fingerprint"]
+    assert sharded.device == torch.device("cpu") and sharded.dtype == torch.float32
+    mask = select_neurons(a.mean_abs, 0.25)
+    with ablate(plain, mask, mode="mean", means=a.mean):
+        expected = evaluate(plain, texts)
+    with ablate(sharded, mask, mode="mean", means=a.mean):
+        got = evaluate(sharded, texts)
+    assert got["n"] == expected["n"] and got["top10"] == expected["top10"]
+    assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+    assert expected["loss"] != pytest.approx(evaluate(plain, texts)["loss"], abs=1e-5)   # the ablation bit
+    assert all(p.is_meta for n, p in sharded.model.named_parameters() if n in offloaded)   # offloaded again
