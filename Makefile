@@ -6,7 +6,7 @@ STAMP := $(VENV)/.modsep-installed
 PARAMS ?= params/default.yaml
 DEBIAN_DATA := dataset-fashion-mnist fortunes fortunes-min
 
-.PHONY: setup run test bench smoke clean-outputs
+.PHONY: setup run test bench gpu-check smoke clean-outputs
 
 setup: $(STAMP) debian-data
 
@@ -42,6 +42,12 @@ test: setup
 
 bench: setup
 	$(PY) -m modsep_nb.bench
+
+# On a GPU machine whose Python already has torch, transformers, timm, accelerate, scipy, matplotlib and
+# pytest (no venv, no set-up): the CUDA tests, then the GPU rows of the benchmark (outputs/bench/latest.json).
+gpu-check:
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_bench.py tests/test_statistics.py
+	$(PYTHON) -m modsep_nb.bench --only gpu
 
 clean-outputs:
 	rm -rf outputs/*

@@ -7,6 +7,7 @@ into float64 totals after every call. Memory is O(L·d_mlp) whatever the number 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -96,7 +97,7 @@ class NeuronStats:
 
 
 def _reduce(x: torch.Tensor) -> torch.Tensor:
-    """[n, d] activations -> [5, d] float32 sums: x, |x|, x², #(x>0), sqrt|x|.
+    """[n, d] activations -> [5, d] float32 sums: x, |x|, x², #(x>0), sqrt|x|. (The CPU path.)
 
     #(x>0) = (Σ sign x + Σ |sign x|) / 2, exact (zeros count in neither), and about twice as fast on the
     CPU as summing a boolean mask; sqrt is taken in place once Σ|x| is read."""
@@ -108,24 +109,78 @@ def _reduce(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(sums)
 
 
+def _masked_reduce(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The same five sums over the rows where `keep` [n] is True, without gathering them (a gather needs
+    the row count on the host, i.e. a GPU sync). Under torch.compile this is one fused kernel that reads
+    the activations once (SPEC §10: 1.04× against 1.22× for separate reductions)."""
+    x = x.float()
+    if keep is not None:
+        x = torch.where(keep.unsqueeze(1), x, 0.0)     # where, not multiply: NaN in padding stays out
+    a = x.abs()
+    return torch.stack([x.sum(0), a.sum(0), (x * x).sum(0), (x > 0).sum(0).float(), a.sqrt().sum(0)])
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _fused_reduce(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """_masked_reduce compiled once (dynamic shapes); the eager version, with a warning, where
+    torch.compile is not available."""
+    fn = _COMPILED.get("reduce")
+    if fn is not None:
+        return fn(x, keep)
+    try:
+        fn = torch.compile(_masked_reduce, dynamic=True, fullgraph=True)
+        out = fn(x, keep)
+    except Exception as err:  # no compiler toolchain / backend: correctness first, speed second
+        warnings.warn(f"torch.compile of the statistics reduction failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0][:200] if str(err) else ''}); using the eager reduction, "
+                      f"which is slower on a GPU", RuntimeWarning, stacklevel=2)
+        fn = _masked_reduce
+        out = fn(x, keep)
+    _COMPILED["reduce"] = fn
+    return out
+
+
 class StatsCollector:
     """Context manager: hooks on every layer accumulate statistics of the counted positions.
 
-    Set `positions` (bool [batch, seq], or None for all) before each forward.
+    Set `positions` (bool [batch, seq], or None for all) before each forward; a CPU tensor avoids a
+    device sync. On the CPU each call gathers the counted rows and reduces them eagerly; on any other
+    device (`fused`, the default there) a compiled masked reduction adds into float64 totals kept on that
+    device, so a forward never waits for the host. Totals are folded onto the CPU when the context exits.
     """
 
-    def __init__(self, handle, *, sample_tokens: int = 0, layers=None):
+    def __init__(self, handle, *, sample_tokens: int = 0, layers=None, fused: bool | None = None):
         self.handle = handle
         self.layers = list(range(handle.n_layers)) if layers is None else list(layers)
-        self.positions: torch.Tensor | None = None
+        self.fused = fused                        # None: fused on accelerators, eager gather on the CPU
         L, d = handle.n_layers, handle.d_mlp
         self.totals = torch.zeros(L, 5, d, dtype=torch.float64)
         self.count = torch.zeros(L, dtype=torch.float64)
+        self._device_totals: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.nonfinite: set[int] = set()
         self.sample_tokens = sample_tokens        # a bounded sample of activations, only if asked
         self.samples: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
         self._sampled = dict.fromkeys(self.layers, 0)
         self._hooks = []
+        self.positions = None
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        return self._positions
+
+    @positions.setter
+    def positions(self, value: torch.Tensor | None) -> None:
+        self._positions = value
+        self._all_counted = value is None or bool(value.all())
+        self._positions_on: dict[torch.device, torch.Tensor] = {}
+
+    def _keep(self, device: torch.device) -> torch.Tensor:
+        """The counted positions as a flat mask on `device` (copied once per batch and device)."""
+        if device not in self._positions_on:
+            self._positions_on[device] = self._positions.to(device, non_blocking=True).reshape(-1)
+        return self._positions_on[device]
 
     def __enter__(self):
         for layer in self.layers:
@@ -136,22 +191,39 @@ class StatsCollector:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._fold()
+
+    def _fold(self) -> None:
+        """Move the totals kept on accelerators into the CPU float64 totals; flag non-finite layers."""
+        for totals, count in self._device_totals.values():
+            self.totals += totals.cpu()
+            self.count += count.cpu()
+        self._device_totals.clear()
+        bad = ~torch.isfinite(self.totals).flatten(1).all(1)
+        self.nonfinite |= set(torch.nonzero(bad).flatten().tolist())
 
     def _hook(self, layer: int):
         def hook(module, args):
             x = args[0]
-            counted = self.positions
-            if counted is None or bool(counted.all()):     # no padding in this batch: no gather needed
-                x = x.reshape(-1, x.shape[-1])
+            x = x.reshape(-1, x.shape[-1])
+            keep = None if self._all_counted else self._keep(x.device)
+            fused = self.fused if self.fused is not None else x.device.type != "cpu"
+            if fused:
+                if x.device not in self._device_totals:
+                    self._device_totals[x.device] = (
+                        torch.zeros_like(self.totals, device=x.device),
+                        torch.zeros_like(self.count, device=x.device))
+                totals, count = self._device_totals[x.device]
+                totals[layer] += _fused_reduce(x, keep).double()
+                count[layer] += x.shape[0] if keep is None else keep.sum()
             else:
-                x = x[counted.to(x.device)]
-            sums = _reduce(x)
-            if not torch.isfinite(sums).all():
-                self.nonfinite.add(layer)
-            self.totals[layer] += sums.to("cpu", torch.float64)
-            self.count[layer] += x.shape[0]
+                if keep is not None:
+                    x = x[keep]
+                self.totals[layer] += _reduce(x).double()
+                self.count[layer] += x.shape[0]
             if self.sample_tokens and self._sampled[layer] < self.sample_tokens:
-                take = x[: self.sample_tokens - self._sampled[layer]].detach().float().cpu()
+                rows = x if keep is None or not fused else x[keep]
+                take = rows[: self.sample_tokens - self._sampled[layer]].detach().float().cpu()
                 self.samples[layer].append(take)
                 self._sampled[layer] += take.shape[0]
         return hook
@@ -159,6 +231,7 @@ class StatsCollector:
     def all_reduce(self) -> None:
         """Sum the totals, counts and NaN flags of every rank (torch.distributed, any backend)."""
         import torch.distributed as dist
+        self._fold()
         backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
         flags = torch.zeros(self.handle.n_layers, dtype=torch.float64)
         flags[list(self.nonfinite)] = 1.0
@@ -171,6 +244,7 @@ class StatsCollector:
         self.nonfinite = set(torch.nonzero(packed[n_tot + L:] > 0).flatten().tolist())
 
     def result(self, meta=None) -> NeuronStats:
+        self._fold()
         if self.nonfinite:
             raise NonFiniteActivationError(
                 f"activations became NaN or inf in layers {sorted(self.nonfinite)}"
@@ -187,7 +261,8 @@ class StatsCollector:
 
 def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: int | None = None,
                   ctx: int = 256, cls_only: bool = False, task: str | None = None,
-                  progress: bool = True, distributed: bool | None = None) -> NeuronStats:
+                  progress: bool = True, distributed: bool | None = None, fused: bool | None = None
+                  ) -> NeuronStats:
     """Statistics of every neuron over `data` (SPEC §2, §11).
 
     data: list[str] for an LM (documents; cut into windows of `ctx` tokens, padded batches, padding never
@@ -196,11 +271,13 @@ def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: in
     distributed: under torchrun / accelerate launch (default: when torch.distributed is initialised) each
     rank takes every world_size-th window or image and the sums are all-reduced, so every rank returns
     what a single process would (to float64 rounding).
+    fused: reduce with one compiled masked kernel into totals kept on the model's device (default: on
+    accelerators, where it saves a host sync and three memory passes per layer; off on the CPU).
     """
     shard = _shard(distributed)
     meta = {"model": handle.label, "task": task, "max_tokens": max_tokens,
             "ctx": ctx, "cls_only": cls_only, "random_init": handle.random_init, "seed": handle.seed}
-    with StatsCollector(handle) as collector:
+    with StatsCollector(handle, fused=fused) as collector:
         run_batches(handle, data, collector, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
                     cls_only=cls_only, progress=progress and shard[0] == 0, desc=f"stats {task or ''}".strip(),
                     shard=shard)
@@ -238,9 +315,9 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
                              shard=shard)
         bar = tqdm(total=max_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
         for ids, mask in batches:
-            ids, mask = ids.to(device), mask.to(device)
             if collector is not None:
-                collector.positions = mask.bool()
+                collector.positions = mask.bool()      # set while on the CPU: no device sync
+            ids, mask = ids.to(device), mask.to(device)
             logits = handle.lm_logits(ids, mask)
             if on_logits is not None:
                 on_logits(logits, ids, mask)
