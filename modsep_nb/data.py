@@ -256,6 +256,44 @@ class ImageDataset:
         return images if max_images is None else images[:max_images]
 
 
+def images_and_labels(data) -> tuple[torch.Tensor, torch.Tensor | None, list[str] | None]:
+    """(images [N, C, H, W], labels [N] or None, class names or None) from what image models take: a
+    tensor, an ImageDataset, or a map-style dataset (a torch Dataset such as TensorDataset, or a
+    `datasets.Dataset` in torch format) whose items are an image tensor, (image, label), or a dict with
+    `pixel_values` (and `label` / `labels`). Items are stacked, so keep such datasets to what fits in memory."""
+    if isinstance(data, torch.Tensor):
+        return data, None, None
+    if isinstance(data, ImageDataset):
+        return data.images, data.labels, data.class_names
+    if isinstance(data, (str, bytes)) or not (hasattr(data, "__len__") and hasattr(data, "__getitem__")):
+        raise TypeError(f"an image model takes a float tensor [N, C, H, W], an ImageDataset or a map-style "
+                        f"dataset of images, got {type(data).__name__}")
+    if len(data) == 0:
+        raise ValueError("the image data is empty")
+    images, labels = [], []
+    for i in range(len(data)):
+        item = data[i]
+        if isinstance(item, dict):
+            if "pixel_values" not in item:
+                raise TypeError(f"dataset items are dicts with keys {sorted(item)}, but no 'pixel_values': "
+                                f"process the images first (e.g. with the model's processor, dataset.map) so "
+                                f"each item holds a pixel_values tensor")
+            image, label = item["pixel_values"], item.get("label", item.get("labels"))
+        elif isinstance(item, (tuple, list)):
+            image, label = item[0], (item[1] if len(item) > 1 else None)
+        else:
+            image, label = item, None
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(f"dataset item {i} holds a {type(image).__name__}, not an image tensor [C, H, W]: "
+                            f"convert it first (e.g. torchvision.transforms.ToTensor or the model's processor)")
+        images.append(image)
+        labels.append(label)
+    stacked = torch.stack(images)
+    if any(label is None for label in labels):
+        return stacked, None, None
+    return stacked, torch.as_tensor([int(label) for label in labels], dtype=torch.long), None
+
+
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()

@@ -53,7 +53,7 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
     """Metrics of the model on `data` (SPEC §4, §11).
 
     LM (data: list[str]): top1, top10, loss (mean cross-entropy), perplexity = exp(loss), n targets.
-    Image (data: ImageDataset, or a tensor with `labels`): top1, top5, per_class top1, and, when
+    Image (data: ImageDataset, a dataset of (image, label) items, or a tensor with `labels`): top1, top5, per_class top1, and, when
     `classes` is given, accuracy restricted to images of those classes.
     """
     if handle.kind == "lm":
@@ -77,17 +77,17 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
 
 
 def _evaluate_images(handle, data, *, labels=None, batch_size=None, classes=None, progress=False) -> dict:
-    from .data import ImageDataset
-    class_names = None
-    if isinstance(data, ImageDataset):
-        images, labels, class_names = data.images, data.labels, data.class_names
-    else:
-        images = data
-        if labels is None:
-            raise ValueError("evaluating images needs their labels: pass an ImageDataset or labels=[N] tensor")
+    from .data import images_and_labels
+    images, own_labels, class_names = images_and_labels(data)
+    labels = own_labels if labels is None else torch.as_tensor(labels, dtype=torch.long)
+    if labels is None:
+        raise ValueError("evaluating images needs their labels: pass an ImageDataset, a dataset of "
+                         "(image, label) items, or labels=[N]")
     if len(labels) != len(images):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     if classes is not None:
+        if class_names is None and any(isinstance(c, str) for c in classes):
+            raise ValueError("classes given by name need an ImageDataset (which knows the names); pass class ids")
         ids = [class_names.index(c) if isinstance(c, str) else int(c) for c in classes]
         keep = torch.isin(labels, torch.tensor(ids))
         images, labels = images[keep], labels[keep]

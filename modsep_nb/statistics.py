@@ -266,8 +266,8 @@ def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: in
     """Statistics of every neuron over `data` (SPEC §2, §11).
 
     data: list[str] for an LM (documents; cut into windows of `ctx` tokens, padded batches, padding never
-    counted, at most `max_tokens` real tokens); a float tensor [N, C, H, W] or an ImageDataset for an
-    image model (CLS and patch tokens by default, CLS only with cls_only=True).
+    counted, at most `max_tokens` real tokens); a float tensor [N, C, H, W], an ImageDataset or a map-style
+    dataset of images (see data.images_and_labels) for an image model (CLS and patch tokens by default, CLS only with cls_only=True).
     distributed: under torchrun / accelerate launch (default: when torch.distributed is initialised) each
     rank takes every world_size-th window or image and the sums are all-reduced, so every rank returns
     what a single process would (to float64 rounding).
@@ -304,7 +304,7 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
                 progress=True, desc="forward", on_logits=None, shard=(0, 1)):
     """Run `data` through the model in batches, telling `collector` which positions count.
     shard=(rank, world_size): this process's share (every world_size-th window or image)."""
-    from .data import ImageDataset, lm_batches
+    from .data import images_and_labels, lm_batches
     device = handle.device
     if handle.kind == "lm":
         if isinstance(data, str) or not all(isinstance(t, str) for t in data):
@@ -324,7 +324,7 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
             bar.update(int(mask.sum()))
         bar.close()
         return
-    images = data.images if isinstance(data, ImageDataset) else data
+    images = images_and_labels(data)[0]
     check_images(handle, images)
     if max_tokens is not None:   # for images the budget counts images
         images = images[:max_tokens]

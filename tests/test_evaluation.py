@@ -141,6 +141,42 @@ def test_image_metrics_equal_direct_computation(tiny_vit):
     assert sub["top5"] == pytest.approx((ranks[keep] < 5).double().mean().item())
 
 
+def test_image_evaluation_takes_torch_and_hf_datasets(tiny_vit):
+    """A TensorDataset of (image, label), a datasets.Dataset in torch format with pixel_values/label, and a
+    tensor with labels all give the same metrics; statistics likewise."""
+    import datasets
+    from torch.utils.data import TensorDataset
+    from modsep_nb import collect_stats
+    gen = torch.Generator().manual_seed(8)
+    images, labels = torch.randn(20, 1, 16, 16, generator=gen), torch.randint(0, 10, (20,), generator=gen)
+    expected = evaluate(tiny_vit, images, labels=labels, batch_size=8)
+    hf = datasets.Dataset.from_dict({"pixel_values": images.numpy(), "label": labels.numpy()}).with_format("torch")
+    for data in (TensorDataset(images, labels), hf):
+        got = evaluate(tiny_vit, data, batch_size=8)
+        assert got["n"] == 20 and got["per_class"] == expected["per_class"]
+        assert (got["top1"], got["top5"]) == (expected["top1"], expected["top5"])
+    a = collect_stats(tiny_vit, images, progress=False)
+    b = collect_stats(tiny_vit, TensorDataset(images), progress=False)
+    torch.testing.assert_close(b.mean_abs, a.mean_abs, rtol=0, atol=0)
+    assert torch.equal(a.count, b.count)
+
+
+def test_image_datasets_that_cannot_be_used_say_why(tiny_vit):
+    import datasets
+    from torch.utils.data import TensorDataset
+    raw = datasets.Dataset.from_dict({"image": [[0.0]] * 3, "label": [0, 1, 2]})
+    with pytest.raises(TypeError, match="pixel_values"):
+        evaluate(tiny_vit, raw)
+    with pytest.raises(TypeError, match="not an image tensor"):
+        evaluate(tiny_vit, [("not an image", 0)])
+    with pytest.raises(TypeError, match="map-style dataset"):
+        evaluate(tiny_vit, (x for x in range(3)))
+    with pytest.raises(ValueError, match="labels"):
+        evaluate(tiny_vit, TensorDataset(torch.randn(3, 1, 16, 16)))
+    with pytest.raises(ValueError, match="class ids"):
+        evaluate(tiny_vit, torch.randn(3, 1, 16, 16), labels=[0, 1, 2], classes=["tops"])
+
+
 def test_image_evaluation_needs_labels(tiny_vit):
     with pytest.raises(ValueError, match="labels"):
         evaluate(tiny_vit, torch.randn(3, 1, 16, 16))
