@@ -79,7 +79,9 @@ def run(params_path, *, only=None, out=None, overwrite=False, log=print) -> Path
         try:
             pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), tmp, cwd=str(NOTEBOOK_DIR),
                                 parameters={"params_file": str(Path(params_path).resolve()), "out_dir": str(run_dir)},
-                                kernel_name="python3", progress_bar=False)
+                                kernel_name="python3", progress_bar=False,
+                                # the kernel's start-up warnings (TCP without encryption on localhost) are noise
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
             os.replace(tmp, final)
         except BaseException:
             failed = run_dir / f"{name}.failed.ipynb"   # kept for reading the traceback; never mistaken for a result
