@@ -357,10 +357,14 @@ def _load_timm(spec: str, *, dtype=None) -> ModelHandle:
 def randomize(handle: ModelHandle, seed: int) -> ModelHandle:
     """The same architecture freshly initialised by its own initialiser, seeded (SPEC §6)."""
     model = handle.model
-    dtype = next(model.parameters()).dtype
-    devices = {p.device for p in model.parameters()}
-    if len(devices) > 1:
-        raise ValueError("random_init=True needs a model on one device; load it without device_map")
+    dtype = handle.dtype
+    # a model sharded by accelerate (device_map) is re-created on the CPU and dispatched with the same map
+    device_map = getattr(model, "hf_device_map", None) or {}
+    if "disk" in device_map.values():
+        raise ValueError(f"random_init=True cannot re-create {handle.name!r}: its device_map offloads part of it "
+                         f"to disk. Load it with a device_map that fits in GPU and CPU memory (no 'disk' entries)")
+    if len(set(device_map.values())) <= 1:
+        device_map = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if hasattr(model, "config") and hasattr(type(model), "_from_config"):
@@ -377,7 +381,12 @@ def randomize(handle: ModelHandle, seed: int) -> ModelHandle:
             for module in fresh.modules():
                 if hasattr(module, "reset_parameters"):
                     module.reset_parameters()
-    fresh.to(device=devices.pop(), dtype=dtype).eval()
+    if device_map:
+        from accelerate import dispatch_model
+        fresh = dispatch_model(fresh.to(dtype), device_map=device_map)
+    else:
+        fresh.to(device=handle.device, dtype=dtype)
+    fresh.eval()
     return ModelHandle(fresh, handle.arch, handle.name, handle.tokenizer, handle.processor,
                        random_init=True, seed=seed, info={k: v for k, v in handle.info.items()
                                                           if k not in ("test_accuracy",)})

@@ -18,7 +18,7 @@ DEFAULTS: dict = {
     "run_name": "default",
     "description": "",
     "seed": 0,
-    "device": "auto",            # auto | cpu | cuda | cuda:N
+    "device": "auto",            # auto | cpu | cuda | cuda:N | sharded (device_map="auto": over GPUs, then CPU)
     "dtype": "float32",          # float32 | bfloat16 | float16
     "notebooks": ["01", "02", "03", "04", "05"],
     "cache_dir": None,           # None: $MODSEP_CACHE or ~/.cache/modsep
@@ -196,8 +196,9 @@ def validate(params: dict) -> None:
         if choices is not None and value not in choices:
             raise ParamsError(f"parameter {name!r} is {value!r}; choose one of {', '.join(choices)}")
     device = params["device"]
-    if not (device in ("auto", "cpu", "cuda") or str(device).startswith("cuda:")):
-        raise ParamsError(f"parameter 'device' is {device!r}; use auto, cpu, cuda or cuda:N")
+    if not (device in ("auto", "cpu", "cuda", "sharded") or str(device).startswith("cuda:")):
+        raise ParamsError(f"parameter 'device' is {device!r}; use auto, cpu, cuda, cuda:N or sharded (a model "
+                          f"larger than one GPU, spread over the GPUs and CPU by accelerate)")
     for name in FRACTIONS:
         value = _get(params, name)
         if not 0.0 < value < 1.0:
@@ -250,6 +251,7 @@ def validate(params: dict) -> None:
 
 
 def device_of(params: dict) -> str:
+    """Where the model goes; "sharded" means load_model(..., device_map="auto")."""
     import torch
     if params["device"] == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

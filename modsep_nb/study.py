@@ -82,7 +82,8 @@ class Study:
             if p["model"] == "fmnist-vit":      # training settings apply to the model trained here only
                 options = {k: v for k, v in p["training"].items() if v is not None}
                 options["seed"] = params["seed"]
-            handle = load_model(p["model"], device=device, dtype=dtype, **options)
+            placement = {"device_map": "auto"} if device == "sharded" else {"device": device}
+            handle = load_model(p["model"], dtype=dtype, **placement, **options)
         if random_seed is not None:
             handle = load_model(handle.model, tokenizer=handle.tokenizer, processor=handle.processor,
                                 random_init=True, seed=random_seed)

@@ -59,3 +59,15 @@ def test_device_map_auto_places_the_model_on_the_gpu(llama_dir):
     a = collect_stats(load_model(llama_dir), TEXTS, ctx=12, progress=False)
     b = collect_stats(handle, TEXTS, ctx=12, progress=False)
     torch.testing.assert_close(b.mean_abs, a.mean_abs, rtol=1e-4, atol=1e-5)
+
+
+def test_random_init_of_a_model_sharded_over_gpu_and_cpu(llama_dir):
+    """Layers on the GPU and the head offloaded to the CPU: the random model is dispatched the same way and
+    equals the one-device random model of the same seed."""
+    device_map = {"model.embed_tokens": 0, "model.layers": 0, "model.norm": 0, "model.rotary_emb": 0, "lm_head": "cpu"}
+    plain = load_model(llama_dir, random_init=True, seed=3)
+    sharded = load_model(llama_dir, device_map=device_map, random_init=True, seed=3)
+    assert sharded.device.type == "cuda" and sharded.model.hf_device_map == device_map
+    a = collect_stats(plain, TEXTS, ctx=12, progress=False)
+    b = collect_stats(sharded, TEXTS, ctx=12, progress=False)
+    torch.testing.assert_close(b.mean_abs, a.mean_abs, rtol=1e-4, atol=1e-5)

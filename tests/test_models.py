@@ -233,3 +233,16 @@ def test_model_sharded_with_device_map_gives_the_same_results(llama_dir):
     assert got["loss"] == pytest.approx(expected["loss"], abs=1e-5)
     assert expected["loss"] != pytest.approx(evaluate(plain, texts)["loss"], abs=1e-5)   # the ablation bit
     assert all(p.is_meta for n, p in sharded.model.named_parameters() if n in offloaded)   # offloaded again
+
+
+def test_random_init_of_a_model_loaded_with_a_device_map(llama_dir):
+    """One placement: the same random model as without a device_map; a part on disk: a clear error."""
+    on_cpu = {"model.embed_tokens": "cpu", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu",
+              "lm_head": "cpu"}
+    a = load_model(llama_dir, random_init=True, seed=4)
+    b = load_model(llama_dir, device_map=on_cpu, random_init=True, seed=4)
+    assert b.random_init and b.seed == 4
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), name
+    with pytest.raises(ValueError, match="disk"):
+        load_model(llama_dir, device_map={**on_cpu, "model.layers": "disk"}, random_init=True, seed=4)

@@ -44,6 +44,7 @@ def write_params(tmp_path, text: str) -> Path:
     ("pruning: {importance: loud}", ["'pruning.importance'", "abs"]),
     ("moefication: {max_degree: 0}", ["'moefication.max_degree'", "whole number"]),
     ("moefication: {n_init: some}", ["'moefication.n_init'", "auto"]),
+    ("device: gpu", ["'device'", "cuda:N", "sharded"]),
 ])
 def test_bad_parameters_named(tmp_path, text, words):
     with pytest.raises(ParamsError) as err:
@@ -203,3 +204,19 @@ def test_same_seed_same_numbers(tiny_llama):
     assert torch.equal(ms.select_neurons(s, 0.1), ms.select_neurons(s.clone(), 0.1))
     x = normalize_rows(tiny_llama.w_in(0).float())
     assert torch.equal(balanced_kmeans(x, 4, seed=5), balanced_kmeans(x, 4, seed=5))
+
+
+def test_device_sharded_loads_through_device_map(llama_dir, monkeypatch):
+    """params device: sharded -> load_model(..., device_map="auto"); here (CPU only) everything lands on the CPU."""
+    from modsep_nb import study as study_module
+    seen = {}
+    real = study_module.load_model
+
+    def spy(spec, **kwargs):
+        seen.update(kwargs)
+        return real(llama_dir, **kwargs)
+    monkeypatch.setattr(study_module, "load_model", spy)
+    params = load_params(REPO / "params" / "smoke.yaml", {"device": "sharded", "lm": {"tasks": ["code", "docs"]}})
+    st = Study.from_params(params, "lm")
+    assert seen.get("device_map") == "auto" and "device" not in seen
+    assert st.handle.device == torch.device("cpu") and st.handle.n_layers == 2
