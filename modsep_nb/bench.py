@@ -60,27 +60,70 @@ def stats_overhead(handle, batches, repeats=3, positions=True) -> dict:
     for _ in range(repeats):                   # interleaved, so drift affects both alike
         plain_times.append(_timeit(plain, 1))
         stats_times.append(_timeit(with_stats, 1))
-    p, s = sorted(plain_times)[repeats // 2], sorted(stats_times)[repeats // 2]
+    # the fastest of the repeats: interference from the rest of the machine only ever adds time
+    p, s = min(plain_times), min(stats_times)
     n_tok = sum(int(ids.numel()) if mask is None else int(mask.sum()) for ids, mask in batches)
-    return {"plain_s": p, "stats_s": s, "ratio": s / p, "tokens": n_tok, "tokens_per_s_with_stats": n_tok / s}
+    hooks = _hook_seconds(handle, batches[0], counted[0], forward) * len(batches)
+    return {"plain_s": p, "stats_s": s, "ratio": s / p, "tokens": n_tok, "tokens_per_s_with_stats": n_tok / s,
+            "plain_times": plain_times, "stats_times": stats_times, "hooks_s": hooks, "hooks_over_plain": hooks / p}
+
+
+@torch.no_grad()
+def _hook_seconds(handle, batch, positions, forward, repeats: int = 5) -> float:
+    """Seconds the statistics hooks take for one batch, timed by replaying the batch's captured neuron
+    activations through them: free of the forward's own run-to-run noise, which on a shared CPU is larger
+    than the hooks' cost."""
+    from .statistics import StatsCollector
+    captured = {}
+    handles = [handle.neuron_module(layer).register_forward_pre_hook(
+        lambda module, args, layer=layer: captured.__setitem__(layer, args[0])) for layer in range(handle.n_layers)]
+    try:
+        forward(*batch)
+    finally:
+        for h in handles:
+            h.remove()
+    collector = StatsCollector(handle)
+    hooks = [collector._hook(layer) for layer in range(handle.n_layers)]
+
+    def replay():
+        collector.positions = positions
+        for layer, hook in enumerate(hooks):
+            hook(None, (captured[layer],))
+        _sync(handle.device)
+    replay()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        replay()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 @torch.no_grad()
 def reference_collector(handle, texts, max_tokens) -> dict:
-    """The reference's way: one text per forward, per-token float64 updates in Python."""
+    """The reference's way: one text per forward, and for every token a float64 update on the model's device
+    (Welford mean and M2, |x|, sqrt|x|, positive and negative mass, positive count), layer by layer. On a GPU
+    it is bound by kernel launches (SPEC §10: 86 tokens/s for a Mistral-7B shape on an H200)."""
     L, d = handle.n_layers, handle.d_mlp
-    sums = torch.zeros(4, L, d, dtype=torch.float64)
+    names = ("mean", "m2", "abs", "sqrt", "pos", "neg", "n_pos")
+    acc = {k: torch.zeros(L, d, dtype=torch.float64, device=handle.device) for k in names}
+    seen = [0] * L
     state = {"n": 0}
     hooks = []
 
     def make(layer):
         def hook(module, args):
             for token in args[0][0]:                   # every token, one at a time
-                t = token.double().cpu()
-                sums[0, layer] += t
-                sums[1, layer] += t.abs()
-                sums[2, layer] += t * t
-                sums[3, layer] += (t > 0).double()
+                x = token.double()
+                seen[layer] += 1
+                delta = x - acc["mean"][layer]
+                acc["mean"][layer] += delta / seen[layer]
+                acc["m2"][layer] += delta * (x - acc["mean"][layer])
+                acc["abs"][layer] += x.abs()
+                acc["sqrt"][layer] += x.abs().sqrt()
+                acc["pos"][layer] += x.clamp(min=0)
+                acc["neg"][layer] += x.clamp(max=0)
+                acc["n_pos"][layer] += x > 0
         return hook
     for layer in range(L):
         hooks.append(handle.neuron_module(layer).register_forward_pre_hook(make(layer)))
@@ -92,11 +135,13 @@ def reference_collector(handle, texts, max_tokens) -> dict:
             state["n"] += ids.shape[1]
             if state["n"] >= max_tokens:
                 break
+        _sync(handle.device)
     finally:
         for h in hooks:
             h.remove()
     elapsed = time.perf_counter() - start
-    return {"tokens": state["n"], "seconds": elapsed, "tokens_per_s": state["n"] / elapsed}
+    return {"tokens": state["n"], "seconds": elapsed, "tokens_per_s": state["n"] / elapsed,
+            "mean": acc["mean"].cpu(), "mean_abs": acc["abs"].cpu() / max(seen[0], 1)}
 
 
 def bench_lm_cpu(quick: bool) -> dict:
@@ -107,7 +152,7 @@ def bench_lm_cpu(quick: bool) -> dict:
     docs = embedded_text_domain("code")
     n_tokens = 2048 if quick else 8192
     batches = list(lm_batches(handle.tokenizer, docs, ctx=256, batch_size=8, max_tokens=n_tokens))
-    overhead = stats_overhead(handle, batches, repeats=3)
+    overhead = stats_overhead(handle, batches, repeats=5)
     ref_tokens = 256 if quick else 1024
     ref = reference_collector(handle, docs, ref_tokens)
     start = time.perf_counter()
@@ -244,7 +289,7 @@ def bench_gpu(size: str = "full", device: str = "cuda", dtype=torch.bfloat16) ->
 
 
 def _sync(device) -> None:
-    if str(device).startswith("cuda"):
+    if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -290,7 +335,8 @@ def table(results: dict) -> str:
     rows = [("what", "figure", "goal")]
     if "lm_cpu" in results:
         r = results["lm_cpu"]
-        rows += [("stats / plain forward, smollm2-135m, CPU", f"{r['overhead']['ratio']:.3f}x", "<= 1.05x"),
+        rows += [("stats / plain forward, smollm2-135m, CPU", f"{r['overhead']['ratio']:.3f}x (hooks alone: "
+                  f"{r['overhead']['hooks_over_plain']:.2%} of the forward)", "<= 1.05x"),
                  ("ours vs reference-style collector, CPU", f"{r['throughput_ratio_vs_reference']:.1f}x "
                   f"({r['ours_tokens_per_s']:.0f} vs {r['reference_tokens_per_s']:.1f} tok/s)", "report")]
     if "memory" in results:
@@ -304,7 +350,8 @@ def table(results: dict) -> str:
                          f"{r['speedup_vs_default']:.1f}x; inertia ratio {r['inertia_ratio']:.4f}", ">= 10x CPU, <= 1.01"))
     for name, r in results.get("gpu", {}).items():
         if "ratio" in r:
-            rows.append((f"GPU stats / plain forward, {name}", f"{r['ratio']:.3f}x", "<= 1.03x / 1.05x"))
+            rows.append((f"GPU stats / plain forward, {name}", f"{r['ratio']:.3f}x (hooks alone: "
+                         f"{r['hooks_over_plain']:.2%})", "<= 1.03x / 1.05x"))
         if "throughput_ratio_vs_reference" in r:
             rows.append((f"GPU ours vs reference, {name}", f"{r['throughput_ratio_vs_reference']:.0f}x", ">= 300x"))
         if "ours_s" in r:

@@ -22,3 +22,15 @@ def test_gpu_section_runs_at_tiny_size_on_cpu():
     text = bench.table({"gpu": results})
     assert "GPU stats / plain forward, mistral_7b_shape" in text and "GPU balanced k-means" in text
     assert f"{km['speedup_vs_theirs_cpu']:.0f}x" in text
+
+
+def test_reference_collector_computes_what_collect_stats_does(tiny_llama):
+    """The baseline is a fair one: its per-token float64 updates give the same statistics on the same tokens."""
+    from conftest import random_texts
+    from modsep_nb import collect_stats
+    texts = random_texts(6, seed=2, min_len=3, max_len=12)
+    ref = bench.reference_collector(tiny_llama, texts, 40)
+    ours = collect_stats(tiny_llama, texts, max_tokens=40, ctx=64, progress=False)
+    assert ref["tokens"] == 40 and ours.count[0] == 40
+    torch.testing.assert_close(ref["mean"], ours.mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ref["mean_abs"], ours.mean_abs, rtol=1e-5, atol=1e-6)

@@ -258,36 +258,60 @@ def test_wrong_image_shape_is_a_clear_error(tiny_vit):
     assert math.isfinite(collect_stats(tiny_vit, IMAGES[:1], progress=False).mean.sum().item())
 
 
-# -- the accelerator path (one compiled masked reduction, totals kept on the device), exercised on the CPU --
+# -- the reduction paths: compiled (default, tested above), eager masked (accelerators without a compiler),
+# -- eager gather (CPU without a compiler, or fused=False) ----------------------------------------------------
 @pytest.fixture
-def eager_fused(monkeypatch):
-    """The fused path with the eager masked reduction (compiling it is tested once, below)."""
+def masked_eager(monkeypatch):
+    """The masked reduction run eagerly, as on an accelerator where torch.compile is unavailable."""
     from modsep_nb import statistics
     monkeypatch.setitem(statistics._COMPILED, "reduce", statistics._masked_reduce)
 
 
-def test_fused_path_equals_reference_with_padding(tiny_llama, eager_fused):
-    stats = collect_stats(tiny_llama, TEXTS, batch_size=4, ctx=12, progress=False, fused=True)
+def test_masked_eager_path_equals_reference_with_padding(tiny_llama, masked_eager):
+    stats = collect_stats(tiny_llama, TEXTS, batch_size=4, ctx=12, progress=False)
     n_real = sum(len(w) for w in windows_of(TEXTS, 12))
     assert stats.count.tolist() == [float(n_real)] * tiny_llama.n_layers
     assert_stats_close(stats, lm_reference(tiny_llama, TEXTS, ctx=12))
 
 
-def test_fused_path_images_cls_only(tiny_vit, eager_fused):
+def test_masked_eager_path_images_cls_only(tiny_vit, masked_eager):
     images = torch.randn(9, 1, 16, 16, generator=torch.Generator().manual_seed(2))
     for cls_only in (False, True):
-        stats = collect_stats(tiny_vit, images, batch_size=4, cls_only=cls_only, progress=False, fused=True)
+        stats = collect_stats(tiny_vit, images, batch_size=4, cls_only=cls_only, progress=False)
         assert_stats_close(stats, vit_reference(tiny_vit, images, cls_only=cls_only))
 
 
-def test_fused_path_ignores_nan_in_padding_and_flags_it_elsewhere(tiny_llama, eager_fused):
+def test_eager_gather_path_equals_reference(tiny_llama):
+    stats = collect_stats(tiny_llama, TEXTS, batch_size=4, ctx=12, progress=False, fused=False)
+    assert_stats_close(stats, lm_reference(tiny_llama, TEXTS, ctx=12))
+
+
+def test_without_a_compiler_the_eager_path_serves_with_a_warning(tiny_llama, monkeypatch):
+    from modsep_nb import statistics
+
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C compiler found")
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.delitem(statistics._COMPILED, "reduce", raising=False)
+    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+        stats = collect_stats(tiny_llama, TEXTS, batch_size=4, ctx=12, progress=False)
+    assert statistics._COMPILED["reduce"] is False
+    assert_stats_close(stats, lm_reference(tiny_llama, TEXTS, ctx=12))
+    monkeypatch.delitem(statistics._COMPILED, "reduce")
+
+
+@pytest.mark.parametrize("path", ["compiled", "masked eager"])
+def test_nan_in_padding_is_ignored_and_flagged_elsewhere(tiny_llama, monkeypatch, path):
+    from modsep_nb import statistics
     from modsep_nb.statistics import StatsCollector
-    x = torch.randn(2, 5, tiny_llama.d_mlp, dtype=torch.float64)
+    if path == "masked eager":
+        monkeypatch.setitem(statistics._COMPILED, "reduce", statistics._masked_reduce)
+    x = torch.randn(2, 5, tiny_llama.d_mlp)
     padded = x.clone()
     padded[1, 3:] = float("nan")                      # padding positions hold garbage
     positions = torch.ones(2, 5, dtype=torch.bool)
     positions[1, 3:] = False
-    collector = StatsCollector(tiny_llama, layers=[0], fused=True)
+    collector = StatsCollector(tiny_llama, layers=[0])
     collector.positions = positions
     collector._hook(0)(None, (padded,))
     collector._fold()
@@ -301,19 +325,17 @@ def test_fused_path_ignores_nan_in_padding_and_flags_it_elsewhere(tiny_llama, ea
     assert collector.nonfinite == {0}
 
 
-@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
-                    reason="torch.compile on the CPU needs a C compiler")
 def test_compiled_reduction_equals_eager(recwarn):
     from modsep_nb import statistics
-    statistics._COMPILED.pop("reduce", None)
     gen = torch.Generator().manual_seed(0)
     for n in (37, 300):                               # two sizes: one dynamic-shape graph serves both
         x = torch.randn(n, 24, generator=gen).to(torch.bfloat16)
         keep = torch.rand(n, generator=gen) > 0.3
         for k in (keep, None):
-            torch.testing.assert_close(statistics._fused_reduce(x, k), statistics._masked_reduce(x, k),
+            torch.testing.assert_close(statistics._compiled_reduce(x, k), statistics._masked_reduce(x, k),
                                        rtol=1e-5, atol=1e-4)
         rows = x[keep].double()
-        torch.testing.assert_close(statistics._fused_reduce(x, keep).double()[3], (rows > 0).sum(0).double())
-    assert statistics._COMPILED["reduce"] is not statistics._masked_reduce      # it did compile
-    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+        torch.testing.assert_close(statistics._compiled_reduce(x, keep).double()[3], (rows > 0).sum(0).double())
+    if shutil.which("cc") or shutil.which("gcc"):     # a C compiler is all torch.compile needs on the CPU
+        assert statistics._COMPILED["reduce"] not in (False, statistics._masked_reduce)
+        assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
