@@ -26,12 +26,10 @@ def _timeit(fn, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         start = time.perf_counter()
         fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - start)
     return sorted(times)[len(times) // 2]
 
@@ -89,7 +87,7 @@ def _hook_seconds(handle, batch, positions, forward, repeats: int = 5) -> float:
         collector.positions = positions
         for layer, hook in enumerate(hooks):
             hook(None, (captured[layer],))
-        _sync(handle.device)
+        _sync()
     replay()
     times = []
     for _ in range(repeats):
@@ -135,7 +133,7 @@ def reference_collector(handle, texts, max_tokens) -> dict:
             state["n"] += ids.shape[1]
             if state["n"] >= max_tokens:
                 break
-        _sync(handle.device)
+        _sync()
     finally:
         for h in hooks:
             h.remove()
@@ -276,10 +274,10 @@ def bench_gpu(size: str = "full", device: str = "cuda", dtype=torch.bfloat16) ->
     results["vit_b16"]["batch"] = z["vit_batch"]
     n, dim, k = z["kmeans"]
     rows = normalize_rows(torch.randn(n, dim, generator=torch.Generator().manual_seed(0))).to(device)
-    _sync(device)
+    _sync()
     start = time.perf_counter()
     labels = balanced_kmeans(rows, k, seed=0, device=device)
-    _sync(device)
+    _sync()
     ours = time.perf_counter() - start
     results["kmeans_mistral_scale"] = {
         "ours_s": ours, "inertia": inertia(rows.cpu(), labels.cpu()), "shape": [n, dim, k],
@@ -288,8 +286,9 @@ def bench_gpu(size: str = "full", device: str = "cuda", dtype=torch.bfloat16) ->
     return results
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
+def _sync() -> None:
+    """Wait for queued GPU work, so that wall-clock times include it."""
+    if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 

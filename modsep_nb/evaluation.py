@@ -53,8 +53,8 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
     """Metrics of the model on `data` (SPEC §4, §11).
 
     LM (data: list[str]): top1, top10, loss (mean cross-entropy), perplexity = exp(loss), n targets.
-    Image (data: ImageDataset, a dataset of (image, label) items, or a tensor with `labels`): top1, top5, per_class top1, and, when
-    `classes` is given, accuracy restricted to images of those classes.
+    Image (data: ImageDataset, a dataset of (image, label) items, or a tensor with `labels`): top1, top5,
+    per_class top1, and, when `classes` is given, accuracy restricted to images of those classes.
     """
     if handle.kind == "lm":
         skip = frequent_targets(handle.tokenizer, data, skip_top, ctx=ctx, max_tokens=max_tokens) if skip_top else None

@@ -134,11 +134,7 @@ class ModelHandle:
 
     def w_in(self, layer: int) -> torch.Tensor:
         """W_in rows of layer `layer`, shape [d_mlp, d_model] (detached)."""
-        linear = _get(self.blocks[layer], self.arch.w_in)
-        weight = linear.weight.detach()
-        if weight.is_meta:      # offloaded by accelerate: read it back
-            with materialized(linear):
-                weight = linear.weight.detach().clone()
+        weight = _tensor(_get(self.blocks[layer], self.arch.w_in), "weight")
         return weight.T if self.arch.w_in_transposed else weight
 
     @property
@@ -189,13 +185,18 @@ class ModelHandle:
 _FINGERPRINTS: dict[int, tuple[int, str]] = {}
 
 
-@contextlib.contextmanager
-def materialized(module: nn.Module):
-    """Inside, the weights of `module` that accelerate offloaded (a device_map with "cpu" or "disk"
-    entries leaves them on the "meta" device) are real tensors; outside, they are offloaded again."""
-    from accelerate.utils import align_module_device
-    with align_module_device(module):
-        yield module
+def _tensor(module: nn.Module, name: str) -> torch.Tensor:
+    """The parameter or buffer `name` (dotted) of `module`, detached. Where accelerate offloaded it (a
+    device_map with "cpu" or "disk" entries leaves it on the "meta" device), a copy read back from the
+    offload; the module stays offloaded."""
+    owner_name, _, leaf = name.rpartition(".")
+    owner = module.get_submodule(owner_name)
+    tensor = getattr(owner, leaf).detach()
+    if tensor.is_meta:
+        from accelerate.utils import align_module_device
+        with align_module_device(owner):
+            tensor = getattr(owner, leaf).detach().clone()
+    return tensor
 
 
 def weights_fingerprint(model: nn.Module) -> str:
@@ -208,14 +209,7 @@ def weights_fingerprint(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, p in params:
         h.update(name.encode())
-        if p.is_meta:          # offloaded by accelerate (device_map): read the real weights
-            owner, _, leaf = name.rpartition(".")
-            module = model.get_submodule(owner)
-            with materialized(module):
-                p = getattr(module, leaf)
-                t = p.detach().to("cpu").contiguous()
-        else:
-            t = p.detach().to("cpu").contiguous()
+        t = (_tensor(model, name) if p.is_meta else p.detach()).to("cpu").contiguous()
         # a strided sample keeps this fast for 7B models while still changing with any init
         flat = t.view(-1)
         if flat.numel() > 1_000_000:

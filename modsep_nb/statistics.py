@@ -232,19 +232,18 @@ class StatsCollector:
         return hook
 
     def all_reduce(self) -> None:
-        """Sum the totals, counts and NaN flags of every rank (torch.distributed, any backend)."""
+        """Sum the totals and counts of every rank (torch.distributed, any backend). NaN or inf on any rank
+        survives the sum, so every rank flags the same layers."""
         import torch.distributed as dist
         self._fold()
         backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        flags = torch.zeros(self.handle.n_layers, dtype=torch.float64)
-        flags[list(self.nonfinite)] = 1.0
-        packed = torch.cat([self.totals.flatten(), self.count, flags]).to(backend_device)
+        packed = torch.cat([self.totals.flatten(), self.count]).to(backend_device)
         dist.all_reduce(packed)
         packed = packed.cpu()
-        n_tot, L = self.totals.numel(), self.handle.n_layers
+        n_tot = self.totals.numel()
         self.totals = packed[:n_tot].view_as(self.totals).clone()
-        self.count = packed[n_tot:n_tot + L].clone()
-        self.nonfinite = set(torch.nonzero(packed[n_tot + L:] > 0).flatten().tolist())
+        self.count = packed[n_tot:].clone()
+        self._fold()
 
     def result(self, meta=None) -> NeuronStats:
         self._fold()
@@ -270,7 +269,8 @@ def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: in
 
     data: list[str] for an LM (documents; cut into windows of `ctx` tokens, padded batches, padding never
     counted, at most `max_tokens` real tokens); a float tensor [N, C, H, W], an ImageDataset or a map-style
-    dataset of images (see data.images_and_labels) for an image model (CLS and patch tokens by default, CLS only with cls_only=True).
+    dataset of images (see data.images_and_labels) for an image model (CLS and patch tokens by default, CLS
+    only with cls_only=True).
     distributed: under torchrun / accelerate launch (default: when torch.distributed is initialised) each
     rank takes every world_size-th window or image and the sums are all-reduced, so every rank returns
     what a single process would (to float64 rounding).

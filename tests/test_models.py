@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import (HF_LM_CLASSES, TIMM_CLASSES, save_hf_lm, save_hf_vit, save_timm)
 from modsep_nb import ARCHITECTURES, load_model
-from modsep_nb.models import ModelNotAvailableError, UnknownArchitectureError
+from modsep_nb.models import ModelNotAvailableError, UnknownArchitectureError, _get
 
 ALL_CLASSES = (*HF_LM_CLASSES, "ViTForImageClassification", *TIMM_CLASSES)
 
@@ -31,18 +31,6 @@ MLP_PARTS = {
 D_MODEL = {**dict.fromkeys(HF_LM_CLASSES, 16), "ViTForImageClassification": 16,
            **dict.fromkeys(TIMM_CLASSES, 32)}
 D_MLP = {**dict.fromkeys(HF_LM_CLASSES, 24), "ViTForImageClassification": 24, **dict.fromkeys(TIMM_CLASSES, 128)}
-
-
-def _attr(obj, dotted):
-    for alternative in dotted.split("|"):
-        try:
-            target = obj
-            for part in alternative.split("."):
-                target = getattr(target, part)
-            return target
-        except AttributeError:
-            continue
-    raise AttributeError(dotted)
 
 
 def _save(directory, class_name, seed=0):
@@ -86,7 +74,7 @@ def test_adapter_shapes_and_neuron_location(class_name, tmp_path):
         block = handle.blocks[layer]
         hooks.append(handle.neuron_module(layer).register_forward_pre_hook(
             lambda m, a, layer=layer: neuron_in.__setitem__(layer, a[0].detach().clone())))
-        w_in_module = _attr(block, ARCHITECTURES[class_name].w_in)
+        w_in_module = _get(block, ARCHITECTURES[class_name].w_in)
         hooks.append(w_in_module.register_forward_pre_hook(
             lambda m, a, layer=layer: proj_in.__setitem__(layer, a[0].detach().clone())))
     try:
@@ -99,10 +87,10 @@ def test_adapter_shapes_and_neuron_location(class_name, tmp_path):
         assert neuron_in[layer].shape[-1] == handle.d_mlp
         # recompute the neuron vector: act(W_in x + b) or act(W_gate x) * (W_in x)
         block = handle.blocks[layer]
-        w_in_module = _attr(block, ARCHITECTURES[class_name].w_in)
+        w_in_module = _get(block, ARCHITECTURES[class_name].w_in)
         pre = F.linear(proj_in[layer], handle.w_in(layer), getattr(w_in_module, "bias", None))
-        act = _attr(block, act_path)
-        expected = act(F.linear(proj_in[layer], _attr(block, gate_path).weight)) * pre if gate_path else act(pre)
+        act = _get(block, act_path)
+        expected = act(F.linear(proj_in[layer], _get(block, gate_path).weight)) * pre if gate_path else act(pre)
         torch.testing.assert_close(neuron_in[layer], expected, rtol=1e-5, atol=1e-6)
 
 
