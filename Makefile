@@ -41,13 +41,13 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(PY) -m modsep_nb.bench
+	$(PY) benchmarks/bench.py
 
 # On a GPU machine whose Python already has torch, transformers, timm, accelerate, scipy, matplotlib and
 # pytest (no venv, no set-up): the CUDA tests, then the GPU rows of the benchmark (outputs/bench/latest.json).
 gpu-check:
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_bench.py tests/test_statistics.py
-	$(PYTHON) -m modsep_nb.bench --only gpu
+	$(PYTHON) benchmarks/bench.py --only gpu
 
 clean-outputs:
 	rm -rf outputs/*

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .moefication import _check_labels, check_n_experts
+from .moefication import _check_labels, check_n_experts, layer_seeds
 
 STATISTICS = ("auc", "share_significant", "mean_obs_over_exp")
 
@@ -246,7 +246,6 @@ def layer_correspondence(selected_mask: torch.Tensor, labels: torch.Tensor, *, n
     n_experts = _check_labels(labels.cpu())
     from tqdm.auto import tqdm
 
-    from .moefication import layer_seeds
 
     seeds = layer_seeds(seed, n_layers)
     nan = float("nan")

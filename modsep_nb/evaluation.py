@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .pruning import ablate, prune_scores, select_neurons
-from .statistics import run_batches, weighted_pool
+from .pruning import ablate, select_neurons
+from .batches import run_batches
+from .data import images_and_labels, lm_batches
 
 
 def lm_token_metrics(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -37,7 +38,6 @@ def lm_token_metrics(logits: torch.Tensor, input_ids: torch.Tensor, attention_ma
 
 def frequent_targets(tokenizer, texts, n: int, *, ctx=256, max_tokens=None) -> torch.Tensor:
     """The domain's n most frequent target tokens (the reference skipped the top 50)."""
-    from .data import lm_batches
     counts: dict[int, int] = {}
     for ids, mask in lm_batches(tokenizer, texts, ctx=ctx, batch_size=64, max_tokens=max_tokens):
         vals, cnt = torch.unique(ids[:, 1:][mask[:, 1:].bool()], return_counts=True)
@@ -77,7 +77,6 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
 
 
 def _evaluate_images(handle, data, *, labels=None, batch_size=None, classes=None, progress=False) -> dict:
-    from .data import images_and_labels
     images, own_labels, class_names = images_and_labels(data)
     labels = own_labels if labels is None else torch.as_tensor(labels, dtype=torch.long)
     if labels is None:
@@ -119,26 +118,6 @@ class CrossTaskResult:
     settings: dict = field(default_factory=dict)
 
 
-def task_scores(stats: dict, *, importance="abs", eps=1e-3, retain="rest", general=None) -> dict:
-    """Per task the selective-pruning score for forgetting it while retaining `retain`:
-    'rest' (the other tasks pooled with equal weight) or 'general' (a NeuronStats given as `general`)."""
-    scores = {}
-    for name, st in stats.items():
-        if retain == "rest":
-            others = [s for n, s in stats.items() if n != name]
-            if not others:
-                raise ValueError("retain='rest' needs at least two tasks")
-            ret = weighted_pool(others)
-        elif retain == "general":
-            if general is None:
-                raise ValueError("retain='general' needs the general corpus's NeuronStats as `general`")
-            ret = general
-        else:
-            raise ValueError(f"unknown retain set {retain!r}: choose 'rest' or 'general'")
-        scores[name] = prune_scores(st, ret, importance=importance, eps=eps)
-    return scores
-
-
 def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = None,
                       target: float | None = None, mode="global", ablation="zero", means=None,
                       max_frac: float = 0.2, tol: float = 0.02, max_steps: int = 12,
@@ -148,7 +127,8 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
     scores: task -> [L, d_mlp] scores (see task_scores). evaluators: task -> callable() giving that task's
     accuracy of the model as it currently is (inside the ablation), or one callable() -> {task: accuracy}
     when all tasks come out of one pass (images). Give either `frac` (fixed) or `target` (bisection per A
-    on frac in (0, max_frac] until acc_A is within `tol` × unpruned of target × unpruned).
+    on frac in (0, max_frac] until acc_A is within `tol` × unpruned of target × unpruned). means (ablation
+    "mean"): [L, d_mlp] for every task, or a dict task -> [L, d_mlp] (e.g. each task's retain-set mean).
     """
     if (frac is None) == (target is None):
         raise ValueError("give exactly one of frac (a fixed fraction) or target (e.g. 0.8 of unpruned accuracy)")
@@ -170,10 +150,10 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
     fracs = {}
     for i, a in enumerate(tqdm(tasks, desc="cross-task", disable=not progress, leave=False)):
         f = frac if frac is not None else _bisect_frac(handle, scores[a], lambda: evaluate_one(a), base[a], target,
-                                                        mode=mode, ablation=ablation, means=means,
+                                                        mode=mode, ablation=ablation, means=_means_for(means, a),
                                                         max_frac=max_frac, tol=tol, max_steps=max_steps)
         fracs[a] = f
-        with ablate(handle, select_neurons(scores[a], f, mode), ablation, means):
+        with ablate(handle, select_neurons(scores[a], f, mode), ablation, _means_for(means, a)):
             accs = evaluate_all()
         pruned[i] = [accs[b] for b in tasks]
     base_row = np.array([base[t] for t in tasks])
@@ -181,6 +161,11 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
         matrix = pruned / base_row[None, :]
     return CrossTaskResult(tasks, matrix, base, pruned, fracs,
                            {"frac": frac, "target": target, "mode": mode, "ablation": ablation})
+
+
+def _means_for(means, task):
+    """Mean ablation's fill values for `task`: one tensor for every task, or a dict task -> tensor."""
+    return means[task] if isinstance(means, dict) else means
 
 
 def _bisect_frac(handle, scores, evaluate_a, base_a, target, *, mode, ablation, means, max_frac, tol, max_steps):

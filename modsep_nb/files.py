@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 
@@ -38,6 +39,33 @@ def atomic_dir(target):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_dir(sub: str | None = None) -> Path:
+    """Where models converted or trained by the project, statistics and splits live: $MODSEP_CACHE or
+    ~/.cache/modsep (a sub-folder when `sub` is given)."""
+    root = Path(os.environ.get("MODSEP_CACHE") or Path.home() / ".cache" / "modsep")
+    if sub:
+        root = root / sub
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def cached(path, compute, *, load, save, what: str = "result"):
+    """The one cache: `load(path)` if that works, else `compute()`, saved atomically with `save(value, tmp)`.
+    A file that cannot be loaded (truncated, corrupted, made with other settings: `load` raises) is never
+    used: it is recomputed with a warning that says why."""
+    path = Path(path)
+    if path.is_file():
+        try:
+            return load(path)
+        except Exception as err:
+            why = str(err) if isinstance(err, LookupError) else f"unreadable ({type(err).__name__}: {err})"
+            warnings.warn(f"cached {what} {path}: {why}; recomputing")
+    value = compute()
+    with atomic_file(path) as tmp:
+        save(value, tmp)
+    return value
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import atomic_dir
+from .files import atomic_dir, cache_dir
+from .vit_training import fmnist_vit_dir
 
 
 @dataclass(frozen=True)
@@ -27,30 +28,28 @@ class Architecture:
     neuron_module: str    # dotted path, inside a block, of the module whose input is the neuron vector
     w_in: str             # dotted path, inside a block, of the Linear whose weight rows are W_in
     w_in_transposed: bool = False   # GPT-2's Conv1D stores [d_model, d_mlp]
-    family: str = ""
 
 
 _GATED = dict(neuron_module="mlp.down_proj", w_in="mlp.up_proj")
 ARCHITECTURES: dict[str, Architecture] = {
     # SwiGLU decoders: neuron = act(gate(x)) * up(x), the input of down_proj
-    "MistralForCausalLM": Architecture("lm", "model.layers", family="mistral", **_GATED),
-    "LlamaForCausalLM": Architecture("lm", "model.layers", family="llama", **_GATED),
-    "Qwen2ForCausalLM": Architecture("lm", "model.layers", family="qwen2", **_GATED),
-    "GemmaForCausalLM": Architecture("lm", "model.layers", family="gemma", **_GATED),
-    "Gemma2ForCausalLM": Architecture("lm", "model.layers", family="gemma", **_GATED),
+    "MistralForCausalLM": Architecture("lm", "model.layers", **_GATED),
+    "LlamaForCausalLM": Architecture("lm", "model.layers", **_GATED),
+    "Qwen2ForCausalLM": Architecture("lm", "model.layers", **_GATED),
+    "GemmaForCausalLM": Architecture("lm", "model.layers", **_GATED),
+    "Gemma2ForCausalLM": Architecture("lm", "model.layers", **_GATED),
     # GELU MLPs
-    "GPT2LMHeadModel": Architecture("lm", "transformer.h", "mlp.c_proj", "mlp.c_fc", True, "gpt2"),
-    "BertForMaskedLM": Architecture("lm", "bert.encoder.layer", "output.dense", "intermediate.dense", family="bert"),
-    "BertModel": Architecture("lm", "encoder.layer", "output.dense", "intermediate.dense", family="bert"),
-    "RobertaForMaskedLM": Architecture("lm", "roberta.encoder.layer", "output.dense", "intermediate.dense",
-                                       family="roberta"),
-    "RobertaModel": Architecture("lm", "encoder.layer", "output.dense", "intermediate.dense", family="roberta"),
+    "GPT2LMHeadModel": Architecture("lm", "transformer.h", "mlp.c_proj", "mlp.c_fc", True),
+    "BertForMaskedLM": Architecture("lm", "bert.encoder.layer", "output.dense", "intermediate.dense"),
+    "BertModel": Architecture("lm", "encoder.layer", "output.dense", "intermediate.dense"),
+    "RobertaForMaskedLM": Architecture("lm", "roberta.encoder.layer", "output.dense", "intermediate.dense"),
+    "RobertaModel": Architecture("lm", "encoder.layer", "output.dense", "intermediate.dense"),
     # transformers < 5: vit.encoder.layer[i].output.dense; transformers >= 5: vit.layers[i].mlp.fc2
     "ViTForImageClassification": Architecture("image", "vit.encoder.layer|vit.layers", "output.dense|mlp.fc2",
-                                               "intermediate.dense|mlp.fc1", family="vit"),
+                                               "intermediate.dense|mlp.fc1"),
     # timm ViT / DeiT
-    "VisionTransformer": Architecture("image", "blocks", "mlp.fc2", "mlp.fc1", family="timm-vit"),
-    "VisionTransformerDistilled": Architecture("image", "blocks", "mlp.fc2", "mlp.fc1", family="timm-vit"),
+    "VisionTransformer": Architecture("image", "blocks", "mlp.fc2", "mlp.fc1"),
+    "VisionTransformerDistilled": Architecture("image", "blocks", "mlp.fc2", "mlp.fc1"),
 }
 
 EMBEDDED_LM = "smollm2-135m"
@@ -64,13 +63,6 @@ class ModelNotAvailableError(FileNotFoundError):
 
 class UnknownArchitectureError(ValueError):
     """A model class that is not in ARCHITECTURES; the message says how to add it."""
-
-
-def cache_dir() -> Path:
-    """Where models converted or trained by the project live: $MODSEP_CACHE or ~/.cache/modsep."""
-    root = Path(os.environ.get("MODSEP_CACHE") or Path.home() / ".cache" / "modsep")
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def _get(obj, dotted: str):
@@ -161,6 +153,31 @@ class ModelHandle:
                 "seed": self.seed, "n_layers": self.n_layers, "d_mlp": self.d_mlp,
                 "fingerprint": weights_fingerprint(self.model)}
 
+    # -- hooks: the one place where the model's neuron vectors are read or changed --------------------
+    @contextlib.contextmanager
+    def hooks(self, fns: dict):
+        """While inside, run `fns[layer](x)` on layer `layer`'s neuron vector x ([..., d_mlp], the input of
+        the MLP's output projection) at every forward. A function that returns a tensor replaces x; one
+        that returns None only reads it. The hooks are removed on exit, also after an exception."""
+        removers = []
+        try:
+            for layer, fn in fns.items():
+                removers.append(self.neuron_module(layer).register_forward_pre_hook(_neuron_hook(fn)))
+            yield self
+        finally:
+            for remover in removers:
+                remover.remove()
+
+    @contextlib.contextmanager
+    def capture(self, layers=None):
+        """While inside, keep a detached copy of the neuron vectors of `layers` (default: all) at every
+        forward. Yields {layer: [tensor per forward]}. For small inputs only: memory grows with tokens."""
+        layers = range(self.n_layers) if layers is None else layers
+        captured = {layer: [] for layer in layers}
+        with self.hooks({layer: (lambda x, layer=layer: captured[layer].append(x.detach().clone()))
+                         for layer in captured}):
+            yield captured
+
     # -- forward helpers -------------------------------------------------------------------------
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -180,6 +197,13 @@ class ModelHandle:
 
     def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def _neuron_hook(fn):
+    def hook(module, args):
+        out = fn(args[0])
+        return None if out is None else (out,) + tuple(args[1:])
+    return hook
 
 
 _FINGERPRINTS: dict[int, tuple[int, str]] = {}
@@ -235,7 +259,6 @@ def load_model(spec, *, device=None, dtype=None, random_init: bool = False, seed
     elif spec == EMBEDDED_LM:
         handle = _load_hf(_smollm2_dir(), name=EMBEDDED_LM, dtype=dtype, device_map=device_map)
     elif spec == EMBEDDED_VIT:
-        from .vit_training import fmnist_vit_dir
         handle = _load_hf(fmnist_vit_dir(**embedded_options), name=EMBEDDED_VIT, dtype=dtype,
                           device_map=device_map)
     elif isinstance(spec, (str, Path)) and str(spec).endswith(".gguf"):

@@ -549,31 +549,24 @@ def expert_routing(handle, labels_per_layer: torch.Tensor, k: int) -> Iterator[N
     n_experts = _check_labels(labels_per_layer)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_experts:
         raise ValueError(f"k must be an int number of experts to keep, between 1 and {n_experts}; got {k!r}")
-    hooks = []
-    try:
-        for layer in range(handle.n_layers):
-            hook = _routing_hook(labels_per_layer[layer].long(), n_experts, k)
-            hooks.append(handle.neuron_module(layer).register_forward_pre_hook(hook))
+    with handle.hooks({layer: _routing_fn(labels_per_layer[layer].long(), n_experts, k)
+                       for layer in range(handle.n_layers)}):
         yield
-    finally:
-        for h in hooks:
-            h.remove()
 
 
-def _routing_hook(labels: torch.Tensor, n_experts: int, k: int):
+def _routing_fn(labels: torch.Tensor, n_experts: int, k: int):
     group = torch.sort(labels, stable=True).indices      # neuron order that groups each expert
     cache: dict = {}
 
-    def hook(module, args):
-        x = args[0]
+    def routed(x):
         if x.device not in cache:
             cache[x.device] = (group.to(x.device), labels.to(x.device))
         grp, lab = cache[x.device]
         scores = x.index_select(-1, grp).abs().unflatten(-1, (n_experts, -1)).float().sum(-1)   # [..., E]
         keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
-        return (x * keep.index_select(-1, lab).to(x.dtype),) + tuple(args[1:])
+        return x * keep.index_select(-1, lab).to(x.dtype)
 
-    return hook
+    return routed
 
 
 # ----------------------------------------------------------------------------- whole model

@@ -13,7 +13,7 @@ Where the files come from, in order:
   2. `default_scores_dir()`: $MODSEP_PAPER_SCORES, else ../shared/paper_scores next to the repo;
   3. a download cache ($MODSEP_CACHE/paper_scores or ~/.cache/modsep/paper_scores), filled from
      raw.githubusercontent.com at the pinned commit when a network is available.
-Every file's SHA-256 is checked against the hashes embedded in `paper_scores_sha256.py` before
+Every file's SHA-256 is checked against the hashes listed in `paper_scores.sha256` (SHA256SUMS format, beside this module) before
 it is unpickled; downloads are always checked.
 """
 from __future__ import annotations
@@ -28,8 +28,9 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
+from . import overlaps as ov
 from .files import atomic_file
-from .paper_scores_sha256 import SHA256
+from .files import cache_dir as project_cache_dir
 from .pruning import select_neurons, ties_at_threshold
 
 REPOSITORY = "nickypro/taker"
@@ -37,8 +38,19 @@ COMMIT = "ab2f5b74731cf048c4f97795be1d024749d0d768"
 SUBDIR = "examples/neuron-mapping/saved_tensors"
 URL_TEMPLATE = "https://raw.githubusercontent.com/{repo}/{commit}/{subdir}/{path}"
 ENV_DIR = "MODSEP_PAPER_SCORES"
-ENV_CACHE = "MODSEP_CACHE"
-PARAMS_KEY = "paper_scores_dir"    # the notebooks' params key that is passed on as root=
+
+
+def _read_sha256sums(path: Path) -> dict[str, str]:
+    """{relative path: hex digest} from a file in `sha256sum` format ("<hex>  <path>" per line)."""
+    digests = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            digest, rel = line.split(maxsplit=1)
+            digests[rel.lstrip("*")] = digest
+    return digests
+
+
+SHA256 = _read_sha256sums(Path(__file__).with_name("paper_scores.sha256"))
 
 
 class PaperScoresUnavailable(FileNotFoundError):
@@ -102,16 +114,14 @@ def default_scores_dir() -> Path | None:
 
 def cache_dir() -> Path:
     """Download cache: $MODSEP_CACHE/paper_scores, else ~/.cache/modsep/paper_scores."""
-    base = os.environ.get(ENV_CACHE)
-    base = Path(base).expanduser() if base else Path.home() / ".cache" / "modsep"
-    return base / "paper_scores"
+    return project_cache_dir("paper_scores")
 
 
 def _how_to_get(folder: str) -> str:
     return (f"Get the files from the public repository {REPOSITORY}, folder {SUBDIR}/{folder}/ at commit "
             f"{COMMIT} (e.g. git clone + git checkout {COMMIT[:12]}, or the raw.githubusercontent.com "
             f"URLs), then set the environment variable {ENV_DIR} to the folder holding {folder}/ "
-            f"(or set the params key {PARAMS_KEY!r} / pass root=).")
+            f"(or set the params key paper_scores.dir / pass root=).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,7 +312,6 @@ def replay_overlap(name: str, *, frac: float = 0.01, sweep=(0.005, 0.01, 0.02, 0
     """The paper's overlap study on a released score set: the task × task overlap coefficient at `frac`
     (global top-k, tasks ordered by family), the frac sweep, layer distributions of global and
     per-layer selection, related vs unrelated pairs, and the ties at each threshold."""
-    from . import overlap as ov
     scores = load_paper_scores(name, root=root, tasks=tasks)
     order = ordered_tasks(scores)
     scores = {t: scores[t] for t in order}
@@ -330,7 +339,6 @@ def replay_random_control(trained: str, *, fracs=(0.01, 0.05), root=None, n_perm
     matrices with a permutation p-value), and where the global selections sit per layer."""
     import numpy as np
 
-    from . import overlap as ov
     random_name = PAPER_SCORE_SETS[trained].control
     if random_name is None or PAPER_SCORE_SETS[trained].trained is False:
         raise ValueError(f"{trained!r} is not a trained score set with a random-init control")

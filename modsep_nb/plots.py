@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # headless, matplotlib falls back to Agg by its
 import numpy as np
 
 from .files import atomic_file
+from .pruning import select_neurons
 
 
 def save(fig, out_dir, name: str) -> Path:
@@ -128,7 +129,6 @@ def score_explorer(scores: dict, n_layers: int):
         return None
     import ipywidgets as w
 
-    from .pruning import select_neurons
     tasks = list(scores)
 
     def explore(task=tasks[0], layer=0, frac=0.01):

@@ -11,6 +11,8 @@ from typing import Iterator
 
 import torch
 
+from .statistics import weighted_pool
+
 IMPORTANCES = ("abs", "rms", "std", "freq", "sqrt")
 SELECTION_MODES = ("global", "per_layer")
 ABLATION_MODES = ("zero", "mean")
@@ -48,11 +50,33 @@ def prune_scores(forget, retain, importance: str = "abs", eps: float = 1e-3) -> 
 
 
 def _pooled_importance(stats, name: str) -> torch.Tensor:
+    """A list of tasks is one retain set: their statistics pooled with equal weight per task, then the
+    importance of the pool (for rms and std this differs from averaging the tasks' importances)."""
     if isinstance(stats, (list, tuple)):
         if not stats:
             raise ValueError("an empty list of statistics was given: pass at least one task's NeuronStats")
-        return torch.stack([importance(s, name) for s in stats]).mean(0)
+        stats = weighted_pool(stats)
     return importance(stats, name)
+
+
+def task_scores(stats: dict, *, importance="abs", eps=1e-3, retain="rest", general=None) -> dict:
+    """Per task the selective-pruning score for forgetting it while retaining `retain`:
+    'rest' (the other tasks pooled with equal weight) or 'general' (a NeuronStats given as `general`)."""
+    scores = {}
+    for name, st in stats.items():
+        if retain == "rest":
+            others = [s for n, s in stats.items() if n != name]
+            if not others:
+                raise ValueError("retain='rest' needs at least two tasks")
+            ret = others
+        elif retain == "general":
+            if general is None:
+                raise ValueError("retain='general' needs the general corpus's NeuronStats as `general`")
+            ret = general
+        else:
+            raise ValueError(f"unknown retain set {retain!r}: choose 'rest' or 'general'")
+        scores[name] = prune_scores(st, ret, importance=importance, eps=eps)
+    return scores
 
 
 def n_selected(n: int, frac: float) -> int:
@@ -154,33 +178,21 @@ def ablate(handle, mask: torch.Tensor, mode: str = "zero", means: torch.Tensor |
             raise ValueError("mode='mean' needs means=[n_layers, d_mlp], e.g. the retain set's NeuronStats.mean")
         if tuple(means.shape) != expected:
             raise ValueError(f"means has shape {tuple(means.shape)}, expected {list(expected)}")
-    hooks = []
-    try:
-        for layer in range(handle.n_layers):
-            layer_mask = mask[layer]
-            if not layer_mask.any():
-                continue
-            module = handle.neuron_module(layer)
-            keep = (~layer_mask)
-            fill = None if mode == "zero" else (means[layer] * layer_mask)
-            hooks.append(module.register_forward_pre_hook(_ablation_hook(keep, fill)))
+    fns = {layer: _ablation_fn(~mask[layer], None if mode == "zero" else means[layer] * mask[layer])
+           for layer in range(handle.n_layers) if mask[layer].any()}
+    with handle.hooks(fns):
         yield
-    finally:
-        for h in hooks:
-            h.remove()
 
 
-def _ablation_hook(keep: torch.Tensor, fill: torch.Tensor | None):
+def _ablation_fn(keep: torch.Tensor, fill: torch.Tensor | None):
     cache: dict = {}
 
-    def hook(module, args):
-        x = args[0]
+    def ablated(x):
         key = (x.device, x.dtype)
         if key not in cache:
             cache[key] = (keep.to(x.device, x.dtype),
                           None if fill is None else fill.to(x.device, x.dtype))
         k, f = cache[key]
-        x = x * k if f is None else x * k + f
-        return (x,) + tuple(args[1:])
+        return x * k if f is None else x * k + f
 
-    return hook
+    return ablated

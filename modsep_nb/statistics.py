@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .batches import run_batches
 from .files import atomic_file
 
-SUMS = ("sum", "sum_abs", "sum_sq", "n_pos", "sum_sqrt")
 MEANS = ("mean", "mean_abs", "mean_sq", "frac_pos", "mean_sqrt")
 
 
@@ -163,7 +163,7 @@ class StatsCollector:
         self.sample_tokens = sample_tokens        # a bounded sample of activations, only if asked
         self.samples: dict[int, list[torch.Tensor]] = {l: [] for l in self.layers}
         self._sampled = dict.fromkeys(self.layers, 0)
-        self._hooks = []
+        self._hooks = None
         self.positions = None
 
     @property
@@ -183,14 +183,13 @@ class StatsCollector:
         return self._positions_on[device]
 
     def __enter__(self):
-        for layer in self.layers:
-            self._hooks.append(self.handle.neuron_module(layer).register_forward_pre_hook(self._hook(layer)))
+        self._hooks = self.handle.hooks({layer: self._reader(layer) for layer in self.layers})
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        self._hooks.__exit__(*exc)
+        self._hooks = None
         self._fold()
 
     def _fold(self) -> None:
@@ -212,9 +211,8 @@ class StatsCollector:
             sums = _masked_reduce(x, keep)
         return sums, (x.shape[0] if keep is None else keep.sum())
 
-    def _hook(self, layer: int):
-        def hook(module, args):
-            x = args[0]
+    def _reader(self, layer: int):
+        def read(x):
             x = x.reshape(-1, x.shape[-1])
             keep = None if self._all_counted else self._keep(x.device)
             if x.device not in self._device_totals:
@@ -229,7 +227,7 @@ class StatsCollector:
                 take = rows[: self.sample_tokens - self._sampled[layer]].detach().float().cpu()
                 self.samples[layer].append(take)
                 self._sampled[layer] += take.shape[0]
-        return hook
+        return read
 
     def all_reduce(self) -> None:
         """Sum the totals and counts of every rank (torch.distributed, any backend). NaN or inf on any rank
@@ -300,73 +298,6 @@ def _shard(distributed: bool | None) -> tuple[int, int]:
     if distributed is False or not active:
         return (0, 1)
     return (dist.get_rank(), dist.get_world_size())
-
-
-@torch.no_grad()
-def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ctx=256, cls_only=False,
-                progress=True, desc="forward", on_logits=None, shard=(0, 1)):
-    """Run `data` through the model in batches, telling `collector` which positions count.
-    shard=(rank, world_size): this process's share (every world_size-th window or image)."""
-    from .data import images_and_labels, lm_batches
-    device = handle.device
-    if handle.kind == "lm":
-        if isinstance(data, str) or not all(isinstance(t, str) for t in data):
-            raise TypeError("a language model takes a list of documents (list[str]) as data")
-        if not data:
-            raise ValueError("the text data is empty: pass at least one document")
-        batches = lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8, max_tokens=max_tokens,
-                             shard=shard)
-        bar = tqdm(total=max_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
-        for ids, mask in batches:
-            if collector is not None:
-                collector.positions = mask.bool()      # set while on the CPU: no device sync
-            ids, mask = ids.to(device), mask.to(device)
-            logits = handle.lm_logits(ids, mask)
-            if on_logits is not None:
-                on_logits(logits, ids, mask)
-            bar.update(int(mask.sum()))
-        bar.close()
-        return
-    images = images_and_labels(data)[0]
-    check_images(handle, images)
-    if max_tokens is not None:   # for images the budget counts images
-        images = images[:max_tokens]
-    images = images[shard[0]::shard[1]]
-    bs = batch_size or 64
-    for start in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not progress, leave=False):
-        x = images[start:start + bs].to(device=device, dtype=handle.dtype)
-        if collector is not None:
-            collector.positions = None
-            if cls_only:
-                n_tok = _n_image_tokens(handle)
-                pos = torch.zeros(x.shape[0], n_tok, dtype=torch.bool)
-                pos[:, 0] = True
-                collector.positions = pos
-        logits = handle.image_logits(x)
-        if on_logits is not None:
-            on_logits(logits, start)
-
-
-def _n_image_tokens(handle) -> int:
-    c, h, w = handle.image_shape
-    if not hasattr(handle.model, "config"):   # timm: patches plus its class (and distillation) tokens
-        return handle.model.patch_embed.num_patches + getattr(handle.model, "num_prefix_tokens", 1)
-    cfg = handle.model.config
-    return (h // cfg.patch_size) * (w // cfg.patch_size) + 1
-
-
-def check_images(handle, images) -> None:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise TypeError(f"an image model takes a float tensor [N, C, H, W] or an ImageDataset, got "
-                        f"{type(images).__name__}{'' if not isinstance(images, torch.Tensor) else list(images.shape)}")
-    if len(images) == 0:
-        raise ValueError("the image data is empty")
-    expected = handle.image_shape
-    if tuple(images.shape[1:]) != tuple(expected):
-        raise ValueError(f"images have shape [C, H, W] = {list(images.shape[1:])} but {handle.label} expects "
-                         f"{list(expected)}: resize/convert them (e.g. with the model's processor) first")
-    if not images.is_floating_point():
-        raise TypeError("images must be a float tensor (normalised as the model expects), not integers")
 
 
 def weighted_pool(stats_list) -> NeuronStats:

@@ -14,13 +14,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import FASHION_MNIST_CLASSES, fashion_mnist
+from .files import atomic_dir, cache_dir
+
 DEFAULT_TRAINING = dict(epochs=2, n_train=None, batch_size=128, lr=2e-3, seed=0, hidden_size=64,
                         num_hidden_layers=6, num_attention_heads=4, intermediate_size=256, patch_size=4)
 
 
 def vit_config(settings: dict):
     from transformers import ViTConfig
-    from .data import FASHION_MNIST_CLASSES
     return ViTConfig(image_size=28, patch_size=settings["patch_size"], num_channels=1,
                      hidden_size=settings["hidden_size"], num_hidden_layers=settings["num_hidden_layers"],
                      num_attention_heads=settings["num_attention_heads"],
@@ -33,7 +35,6 @@ def vit_config(settings: dict):
 
 def fmnist_vit_dir(**overrides) -> Path:
     """The cached model folder for these training settings; trains it first if missing."""
-    from .models import cache_dir
     unknown = sorted(set(overrides) - set(DEFAULT_TRAINING))
     if unknown:
         raise TypeError(f"unknown fmnist-vit training options {unknown}; known: {sorted(DEFAULT_TRAINING)}")
@@ -49,8 +50,6 @@ def fmnist_vit_dir(**overrides) -> Path:
 def train_fmnist_vit(target: Path, settings: dict) -> float:
     """Train, evaluate on the test split, and save atomically into `target`. Returns test accuracy."""
     from transformers import ViTForImageClassification
-    from .data import fashion_mnist
-    from .files import atomic_dir
     train, test = fashion_mnist("train"), fashion_mnist("test")
     images, labels = train.images, train.labels
     if settings["n_train"]:

@@ -5,6 +5,8 @@ Everything here is offline; nothing is downloaded.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 import random
 from pathlib import Path
@@ -176,20 +178,14 @@ def hub_offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
+@contextlib.contextmanager
 def capture_neuron_inputs(handle):
-    """Register our own forward-pre-hooks on every layer's neuron module; returns (records, remove).
-    records[layer] is a list of the captured inputs (float64 copies), one per forward."""
-    records = {layer: [] for layer in range(handle.n_layers)}
-    hooks = []
-    for layer in range(handle.n_layers):
-        def hook(module, args, layer=layer):
-            records[layer].append(args[0].detach().to(torch.float64).clone())
-        hooks.append(handle.neuron_module(layer).register_forward_pre_hook(hook))
-
-    def remove():
-        for h in hooks:
-            h.remove()
-    return records, remove
+    """handle.capture() whose records, filled when the block ends, are float64: records[layer] lists the
+    neuron inputs, one per forward."""
+    records = {}
+    with handle.capture() as captured:
+        yield records
+    records.update({layer: [r.to(torch.float64) for r in rows] for layer, rows in captured.items()})
 
 
 def windows_of(texts, ctx: int) -> list[list[int]]:

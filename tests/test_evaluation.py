@@ -14,7 +14,8 @@ from torch import nn
 
 from conftest import BOS_ID, WORDS, windows_of
 from modsep_nb import ARCHITECTURES, Architecture, NeuronStats, evaluate, load_model
-from modsep_nb.evaluation import cross_task_matrix, task_scores
+from modsep_nb.evaluation import cross_task_matrix
+from modsep_nb.pruning import task_scores
 from modsep_nb.data import ImageDataset
 
 
@@ -231,7 +232,7 @@ class ToyNet(nn.Module):
 def toy(monkeypatch):
     """A handle on ToyNet through the documented extension point (an ARCHITECTURES entry), three tasks with
     positive per-neuron weights w_T, accuracy_T = scale_T · Σ w_T·neuron / Σ w_T (monotone in what is pruned)."""
-    monkeypatch.setitem(ARCHITECTURES, "ToyNet", Architecture("lm", "blocks", "fc2", "fc1", family="toy"))
+    monkeypatch.setitem(ARCHITECTURES, "ToyNet", Architecture("lm", "blocks", "fc2", "fc1"))
     handle = load_model(ToyNet())
     gen = torch.Generator().manual_seed(7)
     tasks = ["a", "b", "c"]

@@ -66,23 +66,19 @@ def test_adapter_shapes_and_neuron_location(class_name, tmp_path):
     if handle.kind == "lm":
         assert handle.tokenizer is not None and handle.tokenizer.pad_token_id is not None
 
-    # capture the neuron module's input, and the input of the W_in projection, with our own hooks
+    # capture the neuron vector (handle.capture), and the input of the W_in projection with a plain torch hook
     act_path, gate_path = MLP_PARTS[class_name]
-    neuron_in, proj_in = {}, {}
-    hooks = []
-    for layer in range(handle.n_layers):
-        block = handle.blocks[layer]
-        hooks.append(handle.neuron_module(layer).register_forward_pre_hook(
-            lambda m, a, layer=layer: neuron_in.__setitem__(layer, a[0].detach().clone())))
-        w_in_module = _get(block, ARCHITECTURES[class_name].w_in)
-        hooks.append(w_in_module.register_forward_pre_hook(
-            lambda m, a, layer=layer: proj_in.__setitem__(layer, a[0].detach().clone())))
+    proj_in = {}
+    hooks = [_get(handle.blocks[layer], ARCHITECTURES[class_name].w_in).register_forward_pre_hook(
+        lambda m, a, layer=layer: proj_in.__setitem__(layer, a[0].detach().clone())) for layer in range(handle.n_layers)]
     try:
-        _forward(handle)
+        with handle.capture() as captured:
+            _forward(handle)
     finally:
         for h in hooks:
             h.remove()
-    assert sorted(neuron_in) == [0, 1]
+    neuron_in = {layer: rows[0] for layer, rows in captured.items()}
+    assert sorted(neuron_in) == [0, 1] and all(len(rows) == 1 for rows in captured.values())
     for layer in range(handle.n_layers):
         assert neuron_in[layer].shape[-1] == handle.d_mlp
         # recompute the neuron vector: act(W_in x + b) or act(W_gate x) * (W_in x)

@@ -1,13 +1,12 @@
 """MoEfication (SPEC §7): balanced k-means, co-activation split, random split, expert routing.
 Checked against planted structure, scipy's exact assignment, k-means-constrained, and direct loops."""
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.special import comb
 
+from modsep_nb.models import ARCHITECTURES, Architecture, load_model
 from modsep_nb.moefication import (active_matrix, balanced_assignment, balanced_kmeans, check_n_experts,
                                    coactivation_graph, coactivation_split, expert_routing, inertia,
                                    normalize_rows, random_balanced_split, rebalance_partition, split_layers,
@@ -238,43 +237,35 @@ def test_rebalance_fills_empty_parts_deterministically():
 
 # ----------------------------------------------------------------------------- expert routing
 
+class TinyBlock(torch.nn.Module):
+    def __init__(self, d_model, d_mlp):
+        super().__init__()
+        self.up = torch.nn.Linear(d_model, d_mlp)
+        self.down = torch.nn.Linear(d_mlp, d_model)
+
+
 class TinyStack(torch.nn.Module):
+    """A residual stack of GELU MLPs, registered in ARCHITECTURES (as a user would add a model) by `stack`."""
     def __init__(self, n_layers=3, d_model=8, d_mlp=24, seed=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.ups = torch.nn.ModuleList(torch.nn.Linear(d_model, d_mlp) for _ in range(n_layers))
-        self.downs = torch.nn.ModuleList(torch.nn.Linear(d_mlp, d_model) for _ in range(n_layers))
+        self.blocks = torch.nn.ModuleList(TinyBlock(d_model, d_mlp) for _ in range(n_layers))
 
     def forward(self, x):
-        for up, down in zip(self.ups, self.downs):
-            x = x + down(torch.nn.functional.gelu(up(x)))
+        for block in self.blocks:
+            x = x + block.down(torch.nn.functional.gelu(block.up(x)))
         return x
 
 
-@dataclass
-class FakeHandle:
-    model: TinyStack
-    n_layers: int = 3
-    d_mlp: int = 24
-
-    def neuron_module(self, layer):
-        return self.model.downs[layer]
-
-    def w_in(self, layer):
-        return self.model.ups[layer].weight
+@pytest.fixture
+def stack(monkeypatch):
+    """A real ModelHandle on TinyStack through the documented extension point."""
+    monkeypatch.setitem(ARCHITECTURES, "TinyStack", Architecture("lm", "blocks", "down", "up"))
+    return load_model(TinyStack())
 
 
-def capture_inputs(handle):
-    seen, hooks = {}, []
-    for layer in range(handle.n_layers):
-        def hook(module, args, layer=layer):
-            seen[layer] = args[0].detach().clone()
-        hooks.append(handle.neuron_module(layer).register_forward_pre_hook(hook))
-    return seen, hooks
-
-
-def test_routing_with_all_experts_changes_nothing_and_hooks_go_away():
-    handle = FakeHandle(TinyStack())
+def test_routing_with_all_experts_changes_nothing_and_hooks_go_away(stack):
+    handle = stack
     x = torch.randn(2, 5, 8)
     labels = torch.stack([random_balanced_split(24, 4, seed=i) for i in range(3)])
     dense = handle.model(x)
@@ -289,19 +280,17 @@ def test_routing_with_all_experts_changes_nothing_and_hooks_go_away():
     assert torch.equal(handle.model(x), dense)
 
 
-def test_routing_keeps_only_the_top_k_experts_per_token():
-    handle = FakeHandle(TinyStack())
+def test_routing_keeps_only_the_top_k_experts_per_token(stack):
+    handle = stack
     x = torch.randn(2, 5, 8)
     labels = torch.stack([random_balanced_split(24, 6, seed=i) for i in range(3)])
-    with expert_routing(handle, labels, k=2):
-        seen, hooks = capture_inputs(handle)          # registered after: sees the routed input
+    with expert_routing(handle, labels, k=2), handle.capture() as captured:   # registered after: sees the routed input
         routed = handle.model(x)
-        for h in hooks:
-            h.remove()
+    seen = {layer: rows[0] for layer, rows in captured.items()}
     assert not torch.equal(routed, handle.model(x))
     # layer 0's input does not depend on routing: recompute its top-2 experts with plain loops
     with torch.no_grad():
-        original = torch.nn.functional.gelu(handle.model.ups[0](x)).reshape(-1, 24).numpy()
+        original = torch.nn.functional.gelu(handle.model.blocks[0].up(x)).reshape(-1, 24).numpy()
     got = seen[0].reshape(-1, 24).numpy()
     lab = labels[0].numpy()
     for token in range(original.shape[0]):
@@ -316,8 +305,8 @@ def test_routing_keeps_only_the_top_k_experts_per_token():
         assert (live.sum(1) <= 2).all()
 
 
-def test_routing_validates_inputs():
-    handle = FakeHandle(TinyStack())
+def test_routing_validates_inputs(stack):
+    handle = stack
     labels = torch.stack([random_balanced_split(24, 4, seed=i) for i in range(3)])
     with pytest.raises(ValueError, match="between 1 and 4"):
         with expert_routing(handle, labels, k=5):
@@ -335,8 +324,8 @@ def test_routing_validates_inputs():
 # ----------------------------------------------------------------------------- whole model
 
 @pytest.mark.parametrize("method", ["param", "coactivation", "random"])
-def test_split_layers(method):
-    handle = FakeHandle(TinyStack())
+def test_split_layers(method, stack):
+    handle = stack
     acts = None
     if method == "coactivation":
         acts = [torch.randn(200, 24, generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -350,11 +339,11 @@ def test_split_layers(method):
             inertia(normalize_rows(handle.w_in(0).double()), random_balanced_split(24, 6, seed=0))
 
 
-def test_split_layers_needs_acts_for_coactivation():
+def test_split_layers_needs_acts_for_coactivation(stack):
     with pytest.raises(ValueError, match="needs acts"):
-        split_layers(FakeHandle(TinyStack()), "coactivation", 6, progress=False)
+        split_layers(stack, "coactivation", 6, progress=False)
     with pytest.raises(ValueError, match="unknown split method"):
-        split_layers(FakeHandle(TinyStack()), "kmeans", 6, progress=False)
+        split_layers(stack, "kmeans", 6, progress=False)
 
 
 def test_real_smollm2_layer_matches_k_means_constrained(smollm):

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from modsep_nb import paper_scores as ps
-from modsep_nb.overlap import overlap
-from modsep_nb.paper_scores_sha256 import SHA256
+from modsep_nb.overlaps import overlap
+from modsep_nb.paper_scores import SHA256
 from modsep_nb.pruning import select_neurons
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "paper_scores"

@@ -221,16 +221,9 @@ def _inputs(handle):
 
 def _capture(handle, ids, mask):
     """Neuron-module inputs as the module sees them (our pre-hook is registered last, so it runs last)."""
-    seen = {}
-    hooks = [handle.neuron_module(l).register_forward_pre_hook(
-        lambda m, a, l=l: seen.__setitem__(l, a[0].detach().clone())) for l in range(handle.n_layers)]
-    try:
-        with torch.no_grad():
-            logits = handle.model(input_ids=ids, attention_mask=mask).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen, logits
+    with handle.capture() as captured, torch.no_grad():
+        logits = handle.model(input_ids=ids, attention_mask=mask).logits
+    return {layer: rows[-1] for layer, rows in captured.items()}, logits
 
 
 def _mask(handle, seed=0, frac=0.25):

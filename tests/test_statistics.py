@@ -35,14 +35,10 @@ def reference_from_rows(rows_per_layer: list[torch.Tensor]) -> dict:
 
 def lm_reference(handle, texts, ctx):
     """Run every window alone (no padding at all) and capture the neuron inputs with our own hooks."""
-    records, remove = capture_neuron_inputs(handle)
-    try:
-        with torch.no_grad():
-            for w in windows_of(texts, ctx):
-                ids = torch.tensor([w])
-                handle.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-    finally:
-        remove()
+    with capture_neuron_inputs(handle) as records, torch.no_grad():
+        for w in windows_of(texts, ctx):
+            ids = torch.tensor([w])
+            handle.model(input_ids=ids, attention_mask=torch.ones_like(ids))
     return reference_from_rows([torch.cat([r[0] for r in records[l]]) for l in range(handle.n_layers)])
 
 
@@ -74,17 +70,13 @@ def test_lm_stats_max_tokens(tiny_llama):
     # the first 50 real tokens: whole windows, then the head of the next one (the head is causal, so exact)
     rows = {l: [] for l in range(2)}
     left = 50
-    records, remove = capture_neuron_inputs(tiny_llama)
-    try:
-        with torch.no_grad():
-            for w in windows_of(TEXTS, 12):
-                if left <= 0:
-                    break
-                ids = torch.tensor([w[:left]])
-                tiny_llama.model(input_ids=ids, attention_mask=torch.ones_like(ids))
-                left -= len(w[:left])
-    finally:
-        remove()
+    with capture_neuron_inputs(tiny_llama) as records, torch.no_grad():
+        for w in windows_of(TEXTS, 12):
+            if left <= 0:
+                break
+            ids = torch.tensor([w[:left]])
+            tiny_llama.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            left -= len(w[:left])
     ref = reference_from_rows([torch.cat([r[0] for r in records[l]]) for l in range(2)])
     assert_stats_close(stats, ref)
 
@@ -197,13 +189,9 @@ IMAGES = torch.randn(13, 1, 16, 16, generator=torch.Generator().manual_seed(1))
 
 
 def vit_reference(handle, images, cls_only=False):
-    records, remove = capture_neuron_inputs(handle)
-    try:
-        with torch.no_grad():
-            for i in range(len(images)):                 # one image per forward
-                handle.image_logits(images[i:i + 1])
-    finally:
-        remove()
+    with capture_neuron_inputs(handle) as records, torch.no_grad():
+        for i in range(len(images)):                     # one image per forward
+            handle.image_logits(images[i:i + 1])
     rows = []
     for layer in range(handle.n_layers):
         x = torch.cat(records[layer])                    # [N, tokens, d]
@@ -313,14 +301,14 @@ def test_nan_in_padding_is_ignored_and_flagged_elsewhere(tiny_llama, monkeypatch
     positions[1, 3:] = False
     collector = StatsCollector(tiny_llama, layers=[0])
     collector.positions = positions
-    collector._hook(0)(None, (padded,))
+    collector._reader(0)(padded)
     collector._fold()
     assert not collector.nonfinite
     expected = reference_from_rows([x[positions]])
     assert collector.count[0] == 8
     torch.testing.assert_close(collector.totals[0, 1] / 8, expected["mean_abs"][0], rtol=1e-6, atol=1e-7)
     collector.positions = None                        # now the NaN rows count
-    collector._hook(0)(None, (padded,))
+    collector._reader(0)(padded)
     collector._fold()
     assert collector.nonfinite == {0}
 

@@ -13,8 +13,6 @@ there would read as "disjoint" and drag layer averages down.
 """
 from __future__ import annotations
 
-import sys
-import types
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -339,13 +337,3 @@ def related_vs_unrelated(matrix, names: Sequence[str], groups: Mapping[str, Sequ
         "ungrouped": [t for t in names if t not in group_of],
     }
 
-
-class _CallableModule(types.ModuleType):
-    """`modsep_nb.overlap` is both this module (overlap_matrix, overlap_sweep, ...) and, as SPEC §11
-    names it, the function overlap(mask_a, mask_b, metric=..., per_layer=...)."""
-
-    def __call__(self, mask_a, mask_b, metric: str = "overlap", per_layer: bool = False):
-        return overlap(mask_a, mask_b, metric=metric, per_layer=per_layer)
-
-
-sys.modules[__name__].__class__ = _CallableModule

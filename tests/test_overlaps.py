@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import stats
 
-from modsep_nb.overlap import (chance_intersection, chance_overlap, layer_distribution, overlap,
+from modsep_nb.overlaps import (chance_intersection, chance_overlap, layer_distribution, overlap,
                                overlap_matrix, overlap_sweep, pattern_persistence, related_vs_unrelated,
                                score_spearman)
 from modsep_nb.pruning import select_neurons

@@ -1,7 +1,7 @@
 """Benchmarks (`make bench`): ratios measured side by side in one run, printed as a table and written to
 outputs/bench/*.json. Runs on the CPU, and on a GPU when there is one (bf16 there).
 
-    python -m modsep_nb.bench [--quick] [--only stats,reference,kmeans,memory,gpu]
+    python benchmarks/bench.py [--quick] [--only stats,reference,kmeans,memory,gpu]
 """
 from __future__ import annotations
 
@@ -12,11 +12,18 @@ import subprocess
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
-from .files import write_text_atomic
-from .runner import REPO
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))   # run as a script from a checkout, installed or not
+
+from modsep_nb.data import embedded_text_domain, lm_batches  # noqa: E402
+from modsep_nb.files import write_text_atomic  # noqa: E402
+from modsep_nb.models import load_model  # noqa: E402
+from modsep_nb.moefication import balanced_kmeans, inertia, normalize_rows  # noqa: E402
+from modsep_nb.statistics import StatsCollector, collect_stats  # noqa: E402
 
 OUT = REPO / "outputs" / "bench"
 
@@ -38,7 +45,6 @@ def _timeit(fn, repeats: int) -> float:
 @torch.no_grad()
 def stats_overhead(handle, batches, repeats=3, positions=True) -> dict:
     """Forward with statistics hooks over the plain forward of the same batches, interleaved."""
-    from .statistics import StatsCollector
     forward = handle.lm_logits if handle.kind == "lm" else (lambda x, _m=None: handle.image_logits(x))
     collector = StatsCollector(handle)
     # as run_batches does: the counted positions are handed over from the CPU (no device sync)
@@ -71,22 +77,15 @@ def _hook_seconds(handle, batch, positions, forward, repeats: int = 5) -> float:
     """Seconds the statistics hooks take for one batch, timed by replaying the batch's captured neuron
     activations through them: free of the forward's own run-to-run noise, which on a shared CPU is larger
     than the hooks' cost."""
-    from .statistics import StatsCollector
-    captured = {}
-    handles = [handle.neuron_module(layer).register_forward_pre_hook(
-        lambda module, args, layer=layer: captured.__setitem__(layer, args[0])) for layer in range(handle.n_layers)]
-    try:
+    with handle.capture() as captured:
         forward(*batch)
-    finally:
-        for h in handles:
-            h.remove()
     collector = StatsCollector(handle)
-    hooks = [collector._hook(layer) for layer in range(handle.n_layers)]
+    readers = [collector._reader(layer) for layer in range(handle.n_layers)]
 
     def replay():
         collector.positions = positions
-        for layer, hook in enumerate(hooks):
-            hook(None, (captured[layer],))
+        for layer, read in enumerate(readers):
+            read(captured[layer][0])
         _sync()
     replay()
     times = []
@@ -107,11 +106,10 @@ def reference_collector(handle, texts, max_tokens) -> dict:
     acc = {k: torch.zeros(L, d, dtype=torch.float64, device=handle.device) for k in names}
     seen = [0] * L
     state = {"n": 0}
-    hooks = []
 
     def make(layer):
-        def hook(module, args):
-            for token in args[0][0]:                   # every token, one at a time
+        def read(x):
+            for token in x[0]:                         # every token, one at a time
                 x = token.double()
                 seen[layer] += 1
                 delta = x - acc["mean"][layer]
@@ -122,11 +120,9 @@ def reference_collector(handle, texts, max_tokens) -> dict:
                 acc["pos"][layer] += x.clamp(min=0)
                 acc["neg"][layer] += x.clamp(max=0)
                 acc["n_pos"][layer] += x > 0
-        return hook
-    for layer in range(L):
-        hooks.append(handle.neuron_module(layer).register_forward_pre_hook(make(layer)))
+        return read
     start = time.perf_counter()
-    try:
+    with handle.hooks({layer: make(layer) for layer in range(L)}):
         for text in texts:
             ids = handle.tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens - state["n"]]
             handle.model(input_ids=ids.to(handle.device))
@@ -134,18 +130,12 @@ def reference_collector(handle, texts, max_tokens) -> dict:
             if state["n"] >= max_tokens:
                 break
         _sync()
-    finally:
-        for h in hooks:
-            h.remove()
     elapsed = time.perf_counter() - start
     return {"tokens": state["n"], "seconds": elapsed, "tokens_per_s": state["n"] / elapsed,
             "mean": acc["mean"].cpu(), "mean_abs": acc["abs"].cpu() / max(seen[0], 1)}
 
 
 def bench_lm_cpu(quick: bool) -> dict:
-    from .data import embedded_text_domain, lm_batches
-    from .models import load_model
-    from .statistics import collect_stats
     handle = load_model("smollm2-135m")
     docs = embedded_text_domain("code")
     n_tokens = 2048 if quick else 8192
@@ -188,8 +178,6 @@ def bench_memory(quick: bool) -> dict:
 
 # -- balanced k-means vs k-means-constrained ------------------------------------------------------------
 def bench_kmeans(quick: bool) -> dict:
-    from .models import load_model
-    from .moefication import balanced_kmeans, inertia, normalize_rows
     try:
         from k_means_constrained import KMeansConstrained
     except ImportError:
@@ -245,8 +233,6 @@ def bench_gpu(size: str = "full", device: str = "cuda", dtype=torch.bfloat16) ->
     reference collector, and balanced k-means on a Mistral-scale layer, all on `device` in `dtype`."""
     import timm
     import transformers
-    from .models import load_model
-    from .moefication import balanced_kmeans, inertia, normalize_rows
     z = GPU_SIZES[size]
     results = {}
     torch.manual_seed(0)

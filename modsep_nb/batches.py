@@ -1,0 +1,74 @@
+"""Running data through a model in batches: LM documents cut into padded windows of `ctx` tokens, images in
+chunks, with the positions that count handed to a statistics collector. Shared by statistics and evaluation."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import images_and_labels, lm_batches
+
+
+@torch.no_grad()
+def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ctx=256, cls_only=False,
+                progress=True, desc="forward", on_logits=None, shard=(0, 1)):
+    """Run `data` through the model in batches, telling `collector` which positions count.
+    shard=(rank, world_size): this process's share (every world_size-th window or image)."""
+    device = handle.device
+    if handle.kind == "lm":
+        if isinstance(data, str) or not all(isinstance(t, str) for t in data):
+            raise TypeError("a language model takes a list of documents (list[str]) as data")
+        if not data:
+            raise ValueError("the text data is empty: pass at least one document")
+        batches = lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8, max_tokens=max_tokens,
+                             shard=shard)
+        bar = tqdm(total=max_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
+        for ids, mask in batches:
+            if collector is not None:
+                collector.positions = mask.bool()      # set while on the CPU: no device sync
+            ids, mask = ids.to(device), mask.to(device)
+            logits = handle.lm_logits(ids, mask)
+            if on_logits is not None:
+                on_logits(logits, ids, mask)
+            bar.update(int(mask.sum()))
+        bar.close()
+        return
+    images = images_and_labels(data)[0]
+    check_images(handle, images)
+    if max_tokens is not None:   # for images the budget counts images
+        images = images[:max_tokens]
+    images = images[shard[0]::shard[1]]
+    bs = batch_size or 64
+    for start in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not progress, leave=False):
+        x = images[start:start + bs].to(device=device, dtype=handle.dtype)
+        if collector is not None:
+            collector.positions = None
+            if cls_only:
+                n_tok = _n_image_tokens(handle)
+                pos = torch.zeros(x.shape[0], n_tok, dtype=torch.bool)
+                pos[:, 0] = True
+                collector.positions = pos
+        logits = handle.image_logits(x)
+        if on_logits is not None:
+            on_logits(logits, start)
+
+
+def _n_image_tokens(handle) -> int:
+    c, h, w = handle.image_shape
+    if not hasattr(handle.model, "config"):   # timm: patches plus its class (and distillation) tokens
+        return handle.model.patch_embed.num_patches + getattr(handle.model, "num_prefix_tokens", 1)
+    cfg = handle.model.config
+    return (h // cfg.patch_size) * (w // cfg.patch_size) + 1
+
+
+def check_images(handle, images) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise TypeError(f"an image model takes a float tensor [N, C, H, W] or an ImageDataset, got "
+                        f"{type(images).__name__}{'' if not isinstance(images, torch.Tensor) else list(images.shape)}")
+    if len(images) == 0:
+        raise ValueError("the image data is empty")
+    expected = handle.image_shape
+    if tuple(images.shape[1:]) != tuple(expected):
+        raise ValueError(f"images have shape [C, H, W] = {list(images.shape[1:])} but {handle.label} expects "
+                         f"{list(expected)}: resize/convert them (e.g. with the model's processor) first")
+    if not images.is_floating_point():
+        raise TypeError("images must be a float tensor (normalised as the model expects), not integers")

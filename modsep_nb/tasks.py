@@ -1,0 +1,135 @@
+"""Tasks, one seam per modality: what a task's statistics data are under a budget, and how a task's accuracy
+is scored. `Study` (study.py) holds one of these and never asks which modality it has.
+
+TextTasks: each task is a text domain split by document into statistics and evaluation parts (data.py);
+the budget counts tokens; accuracy is next-token top-1 on the evaluation documents.
+ImageTasks: each task is a class or a group of classes; statistics images come from the train split, the
+budget counts images per task; accuracy is top-1 on the test split's images of the task's classes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from . import data as D
+from .evaluation import evaluate
+
+
+def data_hash(obj) -> str:
+    """A short content hash of a task's data (texts, a tensor) or of a JSON-able key."""
+    h = hashlib.sha256()
+    if isinstance(obj, (list, tuple)) and obj and isinstance(obj[0], str):
+        for s in obj:
+            h.update(s.encode("utf-8", "replace"))
+            h.update(b"\0")
+    elif isinstance(obj, torch.Tensor):
+        h.update(obj.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        h.update(json.dumps(obj, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+class TextTasks:
+    """Text domains (SPEC §9). settings: the params' `lm` section."""
+    unit = "tokens"
+
+    def __init__(self, tasks: dict[str, D.TextTask], settings: dict):
+        self.tasks, self.settings = tasks, settings
+
+    @classmethod
+    def from_params(cls, params: dict, processor=None) -> "TextTasks":
+        p = params["lm"]
+        return cls(D.text_tasks(p["tasks"], eval_frac=p["eval_frac"], seed=params["seed"], source=p["source"],
+                                data_dir=p["data_dir"]), p)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tasks)
+
+    def __getitem__(self, name: str) -> D.TextTask:
+        return self.tasks[name]
+
+    def statistics_data(self, name: str, budget: int) -> list[str]:
+        """The task's statistics documents (the collector stops at `budget` tokens)."""
+        return self.tasks[name].collect
+
+    def collect_options(self, budget: int) -> dict:
+        """Keyword arguments of collect_stats for this modality and budget."""
+        return {"max_tokens": budget, "ctx": self.settings["ctx"]}
+
+    def sample_budget(self, n_tokens: int) -> int:
+        """Budget that yields about n_tokens activation rows (one row per token)."""
+        return n_tokens
+
+    def accuracy(self, handle, names=None) -> dict[str, float]:
+        """Next-token top-1 per task on its evaluation documents, for the model as it is now."""
+        p = self.settings
+        return {t: evaluate(handle, self.tasks[t].evaluate, max_tokens=p["eval_tokens"], ctx=p["ctx"],
+                            batch_size=p["batch_size"], skip_top=p["skip_top"])["top1"]
+                for t in (names or self.names)}
+
+    def evaluators(self, handle):
+        """For cross_task_matrix: one callable per task (each task is its own evaluation pass)."""
+        return {t: (lambda t=t: self.accuracy(handle, [t])[t]) for t in self.names}
+
+    def describe(self) -> dict:
+        return {t: {"statistics documents": len(task.collect), "evaluation documents": len(task.evaluate)}
+                for t, task in self.tasks.items()}
+
+
+class ImageTasks:
+    """Classes or groups of classes of an image dataset. settings: the params' `vit` section."""
+    unit = "images"
+
+    def __init__(self, tasks: dict[str, list[str]], train: D.ImageDataset, test: D.ImageDataset, settings: dict):
+        self.tasks, self.train, self.test, self.settings = tasks, train, test, settings
+
+    @classmethod
+    def from_params(cls, params: dict, processor=None) -> "ImageTasks":
+        p = params["vit"]
+        if p["dataset"] == "fashion-mnist":
+            train, test = D.fashion_mnist("train"), D.fashion_mnist("test")
+        else:
+            train = D.cifar100("train", processor=processor, local_dir=p["data_dir"])
+            test = D.cifar100("test", processor=processor, local_dir=p["data_dir"])
+        test = D.ImageDataset(test.images[: p["eval_images"]], test.labels[: p["eval_images"]],
+                              test.class_names, test.name)
+        return cls(D.image_tasks(train, p["tasks"]), train, test, p)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tasks)
+
+    def __getitem__(self, name: str) -> list[str]:
+        return self.tasks[name]
+
+    def statistics_data(self, name: str, budget: int) -> torch.Tensor:
+        """Up to `budget` train images of the task's classes."""
+        return self.train.subset(self.tasks[name], max_images=budget)
+
+    def collect_options(self, budget: int) -> dict:
+        return {"cls_only": self.settings["cls_only"]}
+
+    def sample_budget(self, n_tokens: int) -> int:
+        """Images that yield at least ~n_tokens activation rows (each image has many tokens)."""
+        return max(1, n_tokens // 8)
+
+    def accuracy(self, handle, names=None) -> dict[str, float]:
+        """Top-1 per task over the test images of its classes; one pass serves every task."""
+        per_class = evaluate(handle, self.test, batch_size=self.settings["batch_size"])["per_class"]
+        counts = {c: int((self.test.labels == i).sum()) for i, c in enumerate(self.test.class_names)}
+        out = {}
+        for t in (names or self.names):
+            classes = self.tasks[t]
+            n = sum(counts[c] for c in classes)
+            out[t] = sum(per_class.get(c, 0.0) * counts[c] for c in classes) / max(n, 1)
+        return out
+
+    def evaluators(self, handle):
+        """For cross_task_matrix: one callable giving every task's accuracy from one pass."""
+        return lambda: self.accuracy(handle)
+
+    def describe(self) -> dict:
+        return {t: {"classes": classes} for t, classes in self.tasks.items()}
