@@ -4,6 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .params import ParamsError, load_params
+from .runner import run as run_notebooks
+
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modsep_nb", description=__doc__)
@@ -16,13 +19,11 @@ def main(argv=None) -> int:
     check = sub.add_parser("check", help="validate a parameter set and exit")
     check.add_argument("params")
     args = parser.parse_args(argv)
-    from .params import ParamsError, load_params
     try:
         if args.command == "check":
             load_params(args.params)
             print(f"{args.params}: ok")
             return 0
-        from .runner import run as run_notebooks
         run_notebooks(args.params, only=args.only, out=args.out, overwrite=args.overwrite)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.stats import hypergeom
+from tqdm.auto import tqdm
 
 from .moefication import _check_labels, check_n_experts, layer_seeds
+from .pruning import select_neurons
 
 STATISTICS = ("auc", "share_significant", "mean_obs_over_exp")
 
@@ -110,7 +113,6 @@ def benjamini_hochberg(p: torch.Tensor | np.ndarray) -> torch.Tensor:
 def _hypergeom_upper(counts: torch.Tensor, d_mlp: int, n_selected: int, size: int) -> torch.Tensor:
     """P(X >= c) for X ~ hypergeometric(population d_mlp, n_selected successes, size draws).
     Experts have equal sizes, so one table over c = 0..size serves every expert (and every null)."""
-    from scipy.stats import hypergeom
 
     table = torch.as_tensor(hypergeom.sf(np.arange(size + 1) - 1, d_mlp, n_selected, size), dtype=torch.float64)
     return table[counts]
@@ -210,6 +212,22 @@ def against_null(observed: float, null: torch.Tensor | np.ndarray) -> dict:
 
 # ----------------------------------------------------------------------------- all layers
 
+def task_correspondence(scores: dict, labels: torch.Tensor, frac: float, *, n_null: int = 100,
+                        seed: int = 0) -> dict:
+    """Per task: layer_correspondence of its within-layer top-`frac` neurons (SPEC §8) in the split `labels`."""
+    return {t: layer_correspondence(select_neurons(s, frac, "per_layer"), labels, n_null=n_null, seed=seed)
+            for t, s in scores.items()}
+
+
+def ends_vs_middle(values) -> tuple[float, float]:
+    """(mean over the first and last thirds of the layers, mean over the middle third), NaN-aware: the
+    paper's claim is that correspondence is stronger at the ends."""
+    values = np.asarray(values, dtype=float)
+    n = len(values)
+    a, b = n // 3, n - n // 3
+    return float(np.nanmean(np.r_[values[:a], values[b:]])), float(np.nanmean(values[a:b]))
+
+
 @dataclass
 class LayerCorrespondence:
     """Per-layer results (float64 tensors [n_layers]; NaN where a layer has no selected neuron)."""
@@ -244,9 +262,6 @@ def layer_correspondence(selected_mask: torch.Tensor, labels: torch.Tensor, *, n
         raise ValueError(f"labels {tuple(labels.shape)} and selected_mask {tuple(selected_mask.shape)} differ in shape")
     n_layers, d = selected_mask.shape
     n_experts = _check_labels(labels.cpu())
-    from tqdm.auto import tqdm
-
-
     seeds = layer_seeds(seed, n_layers)
     nan = float("nan")
     rows = []

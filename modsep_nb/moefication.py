@@ -28,7 +28,9 @@ import contextlib
 import math
 from typing import Iterator, Sequence
 
+import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 SPLIT_METHODS = ("param", "coactivation", "random")
 
@@ -571,6 +573,12 @@ def _routing_fn(labels: torch.Tensor, n_experts: int, k: int):
 
 # ----------------------------------------------------------------------------- whole model
 
+def layer_inertias(handle, labels: torch.Tensor) -> np.ndarray:
+    """Per layer, the inertia of the L2-normalised W_in rows under `labels` [n_layers, d_mlp], per neuron."""
+    return np.array([inertia(normalize_rows(handle.w_in(layer).double()), labels[layer]) / handle.d_mlp
+                     for layer in range(handle.n_layers)])
+
+
 def layer_seeds(seed: int, n_layers: int) -> list[int]:
     """Independent per-layer seeds derived from one seed (layers must not share a random stream)."""
     g = torch.Generator().manual_seed(seed)
@@ -592,7 +600,7 @@ def split_layers(handle, method: str, n_experts: int, *, seed: int = 0, acts: Se
         if acts is None or len(acts) != n_layers:
             raise ValueError(f"method='coactivation' needs acts: a list of {n_layers} tensors [n_tokens, {d}], "
                              "one activation sample per layer")
-    from tqdm.auto import tqdm
+
 
     seeds = layer_seeds(seed, n_layers)
     out = torch.empty(n_layers, d, dtype=torch.long)

@@ -188,6 +188,22 @@ def overlap_matrix(masks: Mapping[str, torch.Tensor], metric: str = "overlap", p
     return names, _metric_value(inter, size_a, size_b, metric).cpu().numpy()
 
 
+def summary(masks: Mapping[str, torch.Tensor]) -> dict:
+    """Everything a notebook reports about one set of selections: task names, the overlap-coefficient and
+    Jaccard matrices, selection sizes, uniform chance for both metrics, the pairwise overlaps (upper
+    triangle, in names order) and their median."""
+    names, overlap_m = overlap_matrix(masks, metric="overlap")
+    _, jaccard_m = overlap_matrix(masks, metric="jaccard")
+    sizes = [int(_as_mask(masks[t]).sum()) for t in names]
+    n_all = _as_mask(masks[names[0]]).numel()
+    i, j = _upper_pairs(len(names))
+    pairs = overlap_m[i, j]
+    return {"names": names, "overlap": overlap_m, "jaccard": jaccard_m, "n_selected": sizes, "n_all": n_all,
+            "chance": {m: float(np.mean(chance_overlap(np.array(sizes)[i], np.array(sizes)[j], n_all, metric=m)))
+                       for m in METRICS} if len(names) > 1 else {},
+            "pairs": pairs, "median": float(np.median(pairs)) if len(pairs) else float("nan")}
+
+
 def _upper_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.triu_indices(n, k=1)
 
@@ -285,6 +301,28 @@ def pattern_persistence(matrix_a, matrix_b, *, n_perm: int = 1000, seed: int = 0
     rho_perm = _corr_rows(rank_a[None, :], permuted)
     p_value = (1 + np.sum(rho_perm >= rho - 1e-12)) / (1 + n_perm)
     return {"rho": float(rho), "p_value": float(p_value), "n_perm": int(n_perm), "n_pairs": int(len(i))}
+
+
+def random_init_comparison(trained: Mapping[str, torch.Tensor], randoms: Sequence[Mapping[str, torch.Tensor]], *,
+                           n_perm: int = 1000, seed: int = 0) -> dict:
+    """Trained vs random-init selections of the same tasks (SPEC §6). trained: {task: mask}; randoms: one
+    such dict per random seed. Returns the pairwise overlaps ("trained"; "random": all seeds pooled), the
+    pattern persistence of the trained task × task matrix in each seed's ("persistence", one per seed),
+    the persistence between every two seeds' matrices ("between_seeds": can a random model's pattern be
+    told from another seed's?), and the mean layer distribution of each side."""
+    _, m_trained = overlap_matrix(trained, metric="overlap")
+    m_randoms = [overlap_matrix(r, metric="overlap")[1] for r in randoms]
+    i, j = _upper_pairs(len(m_trained))
+
+    def persistence(a, b):
+        return pattern_persistence(a, b, n_perm=n_perm, seed=seed) if len(a) >= 3 else None
+    return {"trained": m_trained[i, j], "random": np.concatenate([m[i, j] for m in m_randoms]),
+            "matrices": {"trained": m_trained, "random": m_randoms},
+            "persistence": [persistence(m_trained, m) for m in m_randoms],
+            "between_seeds": [persistence(m_randoms[a], m_randoms[b])
+                              for a in range(len(m_randoms)) for b in range(a + 1, len(m_randoms))],
+            "layers_trained": np.mean([layer_distribution(m) for m in trained.values()], 0),
+            "layers_random": np.mean([layer_distribution(m) for r in randoms for m in r.values()], 0)}
 
 
 def _corr_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:

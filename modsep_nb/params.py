@@ -9,7 +9,10 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import torch
 import yaml
+
+from .data import EMBEDDED_TEXT_DOMAINS, PAPER_TEXT_DOMAINS
 
 NOTEBOOKS = {"01": "01_vit_pruning", "02": "02_mistral_pruning", "03": "03_moefication",
              "04": "04_random_init_control", "05": "05_layerwise_correspondence"}
@@ -77,12 +80,17 @@ DEFAULTS: dict = {
     },
     "random_init": {
         "seeds": [1, 2, 3],
-        "stats_tokens": 1024,
-        "stats_images": 200,
+        "stats_tokens": None,    # None: the trained model's budget (same data, same budget); a number only on purpose
+        "stats_images": None,
+        "fracs": [0.01, 0.02, 0.05],   # fractions compared in notebook 04 (figures and findings use the largest)
+        "n_perm": 1000,          # permutations of the pattern-persistence test
     },
     "correspondence": {
         "fracs": [0.01, 0.02, 0.05, 0.1, 0.2],
         "n_null": 100,
+        "band_sd": 2.0,          # figures: the null band is mean ± band_sd × sd of the random partitions
+        "z_clear": 2.0,          # findings: mean z above this reads "clearly more", above z_some "somewhat more"
+        "z_some": 0.5,
     },
     "paper_scores": {
         "dir": None,             # None: ../shared/paper_scores if present, else $MODSEP_PAPER_SCORES
@@ -102,11 +110,13 @@ CHOICES = {
 }
 FRACTIONS = ("pruning.frac", "pruning.target", "overlap.frac", "lm.eval_frac", "lm.max_frac", "vit.max_frac",
              "paper_scores.frac", "pruning.tol")
-FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fracs")
+FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fracs", "random_init.fracs")
 POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit.stats_images", "vit.eval_images",
             "vit.batch_size", "moefication.lm_experts", "moefication.vit_experts",
             "moefication.coactivation_tokens", "moefication.eval_tasks", "random_init.stats_tokens",
-            "random_init.stats_images", "correspondence.n_null", "pruning.max_steps", "vit.training.epochs")
+            "random_init.stats_images", "random_init.n_perm", "correspondence.n_null", "pruning.max_steps",
+            "vit.training.epochs")
+OPTIONAL = ("random_init.stats_tokens", "random_init.stats_images")     # None: the trained model's value
 
 
 class ParamsError(ValueError):
@@ -210,8 +220,10 @@ def validate(params: dict) -> None:
             raise ParamsError(f"parameter {name!r} must be a non-empty list of fractions in (0, 1], got {values}")
     for name in POSITIVE:
         value = _get(params, name)
-        if value < 1:
-            raise ParamsError(f"parameter {name!r} must be at least 1, got {value}")
+        if value is None and name in OPTIONAL:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ParamsError(f"parameter {name!r} must be a whole number of at least 1, got {value!r}")
     if params["pruning"]["eps"] < 0:
         raise ParamsError(f"parameter 'pruning.eps' must be >= 0, got {params['pruning']['eps']}")
     unknown = [n for n in params["notebooks"] if str(n) not in NOTEBOOKS]
@@ -222,13 +234,11 @@ def validate(params: dict) -> None:
     if not isinstance(tasks, list) or len(tasks) < 2:
         raise ParamsError(f"parameter 'lm.tasks' must list at least two tasks, got {tasks!r}")
     if params["lm"]["source"] == "embedded":
-        from .data import EMBEDDED_TEXT_DOMAINS
         unknown = [t for t in tasks if t not in EMBEDDED_TEXT_DOMAINS]
         if unknown:
             raise ParamsError(f"parameter 'lm.tasks' names unknown tasks {unknown}; embedded domains are "
                               f"{', '.join(EMBEDDED_TEXT_DOMAINS)}")
     else:
-        from .data import PAPER_TEXT_DOMAINS
         unknown = [t for t in tasks if t not in PAPER_TEXT_DOMAINS]
         if unknown:
             raise ParamsError(f"parameter 'lm.tasks' names unknown tasks {unknown}; paper domains are "
@@ -252,7 +262,6 @@ def validate(params: dict) -> None:
 
 def device_of(params: dict) -> str:
     """Where the model goes; "sharded" means load_model(..., device_map="auto")."""
-    import torch
     if params["device"] == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return params["device"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt  # headless, matplotlib falls back to Agg by itself
 import numpy as np
 
+from . import overlaps as ov
 from .files import atomic_file
 from .pruning import select_neurons
 
@@ -114,6 +115,48 @@ def cdfs(samples: dict, *, title: str, xlabel: str):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+# -- the figures the notebooks share ------------------------------------------------------------------
+def mean_abs_per_layer(stats: dict, label: str):
+    """Mean |activation| per layer (averaged over neurons), one line per task."""
+    return layer_lines({t: s.mean_abs.mean(1).numpy() for t, s in stats.items()},
+                       title=f"Mean |activation| per layer — {label}", ylabel="mean |activation| (averaged over neurons)")
+
+
+def cross_task(result, *, measure: str = "accuracy"):
+    """The cross-task matrix M[A, B] (evaluation.CrossTaskResult) as a heatmap; in target mode the row labels
+    carry the fraction found for each A (and "not reached" where bisection never reached the target)."""
+    s = result.settings
+    if s.get("target") is None:
+        rows = result.tasks
+        title = f"{measure} after pruning {s['frac']:.1%} of neurons ({s['mode']})"
+    else:
+        converged = getattr(result, "converged", None) or {}
+        rows = [f"{t} ({result.fracs[t]:.2%}{'' if converged.get(t, True) else ', not reached'})"
+                for t in result.tasks]
+        title = f"Pruned until own {measure} ≈ {s['target']:.0%} of unpruned (fraction found in brackets)"
+    return heatmap(result.matrix, rows, result.tasks, title=title, cbar_label=f"{measure} / unpruned {measure}",
+                   vmax=max(1.0, float(np.nanmax(result.matrix))), ylabel="pruned for task A",
+                   xlabel="evaluated on task B")
+
+
+def overlap_heatmap(summary: dict, metric: str, frac: float):
+    """Task × task overlap (overlaps.summary) of the top-`frac` sets, with chance in the title."""
+    return heatmap(summary[metric], summary["names"], cbar_label=metric, vmax=1.0,
+                   title=f"{metric} of top-{frac:.1%} neuron sets (chance {summary['chance'][metric]:.3f})")
+
+
+def overlap_sweep(sw: dict, *, what: str = "task pairs", title: str | None = None):
+    """min / median / max pairwise overlap against the fraction selected (overlaps.overlap_sweep)."""
+    return sweep(sw["fracs"], {what: (sw["min"], sw["median"], sw["max"])}, chance=sw["chance"],
+                 title=title or f"Overlap coefficient over {what}", ylabel="overlap coefficient")
+
+
+def layer_distribution(masks: dict, *, title: str):
+    """Share of each task's selected neurons in each layer."""
+    return layer_lines({t: ov.layer_distribution(m) for t, m in masks.items()}, title=title,
+                       ylabel="share of selected neurons")
 
 
 def interactive() -> bool:

@@ -32,31 +32,6 @@ def run_dir_for(params: dict, out: str | None, overwrite: bool) -> Path:
     return Path(f"{base}-{n}")
 
 
-def record_findings(out_dir, notebook: str, title: str, text: str, figures=()) -> None:
-    """Called by each notebook's findings cell: what this run shows, in words, and which figures."""
-    figs = "\n".join(f"![{Path(f).stem}](figures/{Path(f).name})" for f in figures)
-    write_text_atomic(Path(out_dir) / "findings" / f"{notebook}.md", f"## {title}\n\n{text.strip()}\n\n{figs}\n")
-
-
-def save_results(out_dir, name: str, results: dict) -> Path:
-    """A notebook's numbers (matrices, fractions, overlaps) as JSON in out_dir/statistics/name.json."""
-    import numpy as np
-
-    def plain(x):
-        if isinstance(x, dict):
-            return {str(k): plain(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [plain(v) for v in x]
-        if hasattr(x, "tolist"):
-            return plain(x.tolist())
-        if isinstance(x, float) and not np.isfinite(x):
-            return None
-        return x
-    path = Path(out_dir) / "statistics" / f"{name}.json"
-    write_text_atomic(path, json.dumps(plain(results), indent=1))
-    return path
-
-
 def run(params_path, *, only=None, out=None, overwrite=False, log=print) -> Path:
     import papermill as pm
     os.environ["MODSEP_HEADLESS"] = "1"   # the kernels inherit it: widgets are skipped

@@ -19,7 +19,7 @@ from .files import cache_dir, cached
 from .models import ModelHandle, load_model
 from .moefication import check_n_experts, expert_routing, split_layers
 from .params import device_of
-from .pruning import task_scores
+from .pruning import select_neurons, task_scores
 from .statistics import NeuronStats, StatsCollector, collect_stats, weighted_pool
 from .tasks import ImageTasks, TextTasks, data_hash
 
@@ -142,6 +142,11 @@ class Study:
         stats = stats or self.stats()
         general = weighted_pool(list(stats.values())) if pr["retain"] == "general" else None
         return task_scores(stats, importance=pr["importance"], eps=pr["eps"], retain=pr["retain"], general=general)
+
+    def masks(self, frac: float, *, mode: str | None = None, scores=None) -> dict[str, torch.Tensor]:
+        """Each task's top-`frac` neurons (bool [L, d_mlp]) by the params' selection mode unless `mode`."""
+        mode = mode or self.params["pruning"]["mode"]
+        return {t: select_neurons(s, frac, mode) for t, s in (scores or self.scores()).items()}
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate_tasks(self, tasks=None) -> dict[str, float]:

@@ -1,6 +1,11 @@
 """The notebooks, end to end: papermill executes each on params/smoke.yaml; nbval re-executes the executed
-notebooks and the outputs of the cells marked NBVAL_CHECK_OUTPUT must match (they are deterministic)."""
+notebooks and the outputs of the cells marked NBVAL_CHECK_OUTPUT must match (they are deterministic).
+
+Each execution has a cache of its own, made fresh: the papermill run computes every statistic and split, and
+nbval's re-execution computes them all again (it shares only the models, converted or trained once), so the
+comparison tests determinism, not a cache round-trip. Nothing is written to the user's cache."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +21,22 @@ PRESENT = [k for k, name in NOTEBOOKS.items() if (NOTEBOOK_DIR / f"{name}.ipynb"
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
+def smoke_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("smoke_cache")
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, smoke_cache):
     out = tmp_path_factory.mktemp("smoke_run")
-    run(REPO / "params" / "smoke.yaml", only=PRESENT, out=str(out), overwrite=True)
+    before = os.environ.get("MODSEP_CACHE")
+    os.environ["MODSEP_CACHE"] = str(smoke_cache)          # the kernels inherit it
+    try:
+        run(REPO / "params" / "smoke.yaml", only=PRESENT, out=str(out), overwrite=True)
+    finally:
+        if before is None:
+            os.environ.pop("MODSEP_CACHE")
+        else:
+            os.environ["MODSEP_CACHE"] = before
     return out
 
 
@@ -60,10 +78,43 @@ def test_every_notebook_ran(smoke_run):
     assert params["run_name"] == "smoke"
 
 
-def test_nbval_reproduces_checked_outputs(smoke_run):
+def test_nbval_reproduces_checked_outputs(smoke_run, smoke_cache, tmp_path):
+    fresh = tmp_path / "cache"
+    fresh.mkdir()
+    models = [p for p in smoke_cache.iterdir() if p.is_dir() and p.name not in ("stats", "splits")]
+    assert models, "the smoke run converted or trained its models in its own cache"
+    for model in models:                                 # models are shared; statistics and splits are not
+        (fresh / model.name).symlink_to(model, target_is_directory=True)
     executed = [str(smoke_run / f"{NOTEBOOKS[k]}.ipynb") for k in PRESENT]
     proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider",
                            "--nbval-current-env", *executed], cwd=NOTEBOOK_DIR, capture_output=True, text=True,
-                          env={**__import__("os").environ, "MODSEP_HEADLESS": "1"})
+                          env={**os.environ, "MODSEP_HEADLESS": "1", "MODSEP_CACHE": str(fresh)})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+    assert any((fresh / "stats").iterdir()), "the re-execution computed its own statistics"
+
+
+def test_results_json_holds_this_runs_numbers(smoke_run):
+    """Each pruning notebook's saved record is recomputed from the run's own saved statistics: the scores,
+    the overlap matrix and the sweep must be those of this run's model (not, say, a replayed 7B model's)."""
+    import numpy as np
+    import torch
+
+    from modsep_nb.overlaps import overlap_matrix, overlap_sweep
+    from modsep_nb.params import load_params
+    from modsep_nb.pruning import select_neurons, task_scores
+    from modsep_nb.statistics import NeuronStats
+
+    params = load_params(REPO / "params" / "smoke.yaml")
+    pr = params["pruning"]
+    for name, prefix in (("01_vit_pruning", "vit"), ("02_mistral_pruning", "lm")):
+        saved = json.loads((smoke_run / "statistics" / f"{name}.json").read_text())
+        stats = {t: NeuronStats.load(smoke_run / "statistics" / f"{prefix}-{t}.safetensors") for t in saved["tasks"]}
+        scores = task_scores(stats, importance=pr["importance"], eps=pr["eps"], retain=pr["retain"])
+        masks = {t: select_neurons(s, params["overlap"]["frac"], pr["mode"]) for t, s in scores.items()}
+        np.testing.assert_allclose(np.array(saved["overlap"], dtype=float), overlap_matrix(masks)[1], rtol=1e-12)
+        sweep = overlap_sweep(scores, params["overlap"]["sweep"], mode=pr["mode"])
+        for key in ("min", "median", "max", "chance"):
+            np.testing.assert_allclose(saved["overlap_sweep"][key], sweep[key], rtol=1e-12, err_msg=f"{name} {key}")
+        assert len(saved["cross_task_fixed"]) == len(stats) and torch.isfinite(
+            torch.tensor(saved["cross_task_fixed"], dtype=torch.float64)).all()

@@ -1,0 +1,66 @@
+"""What a notebook's setup cell needs, and nothing else: its parameters, `show(fig, name, caption)` for
+figures, the findings in words, and its numbers as JSON. One `Report` per executed notebook.
+
+    report = Report("01_vit_pruning", params_file, out_dir, overrides)
+    params, show = report.params, report.show
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import plots
+from .files import write_text_atomic
+from .params import load_params
+
+
+class Report:
+    def __init__(self, notebook: str, params_file, out_dir, overrides: dict | None = None):
+        self.notebook, self.out_dir = notebook, Path(out_dir)
+        self.params = load_params(params_file, overrides)      # validated before any heavy work
+        torch.manual_seed(self.params["seed"])
+        self.figures: list[Path] = []
+        self.captions: dict[str, str] = {}
+
+    def show(self, fig, name: str, caption: str = ""):
+        """Save `fig` as figures/<name>.png; `caption` says what a modular result looks like on it."""
+        if caption:
+            self.captions[name] = caption
+            fig.text(0.01, -0.01, caption, ha="left", va="top", fontsize=8, style="italic", wrap=True)
+        self.figures.append(plots.save(fig, self.out_dir, name))
+        return fig
+
+    def findings(self, title: str, text: str) -> None:
+        record_findings(self.out_dir, self.notebook, title, text, self.figures)
+
+    def save(self, results: dict) -> Path:
+        return save_results(self.out_dir, self.notebook, results)
+
+
+def record_findings(out_dir, notebook: str, title: str, text: str, figures=()) -> None:
+    """A notebook's findings in words, with its figures, as findings/<notebook>.md."""
+    figs = "\n".join(f"![{Path(f).stem}](figures/{Path(f).name})" for f in figures)
+    write_text_atomic(Path(out_dir) / "findings" / f"{notebook}.md", f"## {title}\n\n{text.strip()}\n\n{figs}\n")
+
+
+def plain(x):
+    """JSON-able copy: tensors and arrays to lists, tuple keys to strings, non-finite floats to null."""
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if hasattr(x, "tolist"):
+        return plain(x.tolist())
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def save_results(out_dir, name: str, results: dict) -> Path:
+    """A notebook's numbers (matrices, fractions, overlaps) as JSON in out_dir/statistics/name.json."""
+    path = Path(out_dir) / "statistics" / f"{name}.json"
+    write_text_atomic(path, json.dumps(plain(results), indent=1))
+    return path

@@ -1,0 +1,226 @@
+"""The glue a notebook uses: Study over one task seam per modality, every accepted parameter value working,
+one hook API, one cache helper, and a package whose modules import each other without a cycle."""
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import save_hf_vit
+from modsep_nb import files
+from modsep_nb.params import load_params
+from modsep_nb.pruning import ablate, prune_scores, task_scores
+from modsep_nb.statistics import NeuronStats, weighted_pool
+from modsep_nb.study import Study
+from modsep_nb.tasks import ImageTasks, TextTasks
+
+PACKAGE = Path(__file__).resolve().parent.parent / "modsep_nb"
+
+
+def _params(tmp_path, model_dir, **pruning):
+    return load_params(None, {"cache_dir": str(tmp_path / "cache"), "device": "cpu",
+                              "lm": {"model": str(model_dir), "tasks": ["docs", "law", "licenses"],
+                                     "stats_tokens": 48, "eval_tokens": 24, "ctx": 16, "batch_size": 4},
+                              "pruning": pruning})
+
+
+# -- the hook API --------------------------------------------------------------------------------------------
+def test_hooks_replace_and_read_the_neuron_vector_and_go_away(tiny_llama):
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    with torch.no_grad():
+        clean = tiny_llama.model(input_ids=ids).logits
+        with tiny_llama.capture() as captured:
+            tiny_llama.model(input_ids=ids)
+        seen = []
+        with tiny_llama.hooks({0: lambda x: torch.zeros_like(x), 1: lambda x: seen.append(x.clone())}):
+            zeroed = tiny_llama.model(input_ids=ids).logits
+        # what layer 1 saw with layer 0 zeroed is what a by-hand forward with the layer-0 MLP output removed gives
+        assert not torch.equal(seen[0], captured[1][0])
+        assert not torch.allclose(zeroed, clean)
+        with pytest.raises(RuntimeError, match="boom"), tiny_llama.hooks({0: lambda x: x * 0}):
+            raise RuntimeError("boom")
+        assert all(not tiny_llama.neuron_module(i)._forward_pre_hooks for i in range(tiny_llama.n_layers))
+        torch.testing.assert_close(tiny_llama.model(input_ids=ids).logits, clean, rtol=0, atol=0)
+    assert [len(captured[i]) for i in range(tiny_llama.n_layers)] == [1, 1]
+    assert captured[0][0].shape == (1, 5, tiny_llama.d_mlp)
+
+
+def test_zeroing_every_neuron_by_hook_equals_ablate(tiny_llama):
+    ids = torch.tensor([[2, 20, 21, 22]])
+    mask = torch.ones(tiny_llama.n_layers, tiny_llama.d_mlp, dtype=torch.bool)
+    with torch.no_grad():
+        with ablate(tiny_llama, mask):
+            a = tiny_llama.model(input_ids=ids).logits
+        with tiny_llama.hooks({layer: (lambda x: x * 0) for layer in range(tiny_llama.n_layers)}):
+            b = tiny_llama.model(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+# -- one definition of the pooled retain set -------------------------------------------------------------------
+def _stats(seed, n=50.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(400, 2, 6, generator=gen, dtype=torch.float64) * (1 + seed) + seed * 0.3
+    return NeuronStats(torch.full((2,), n, dtype=torch.float64), x.mean(0), x.abs().mean(0), (x * x).mean(0),
+                       (x > 0).double().mean(0), x.abs().sqrt().mean(0))
+
+
+@pytest.mark.parametrize("importance", ["rms", "std", "abs"])
+def test_rest_is_the_pooled_statistics_for_every_importance(importance):
+    """'rest' pools the other tasks' statistics with equal weight, then takes the importance of the pool
+    (for rms and std that differs from averaging the tasks' importances)."""
+    stats = {"a": _stats(0), "b": _stats(1), "c": _stats(2)}
+    b, c = stats["b"], stats["c"]
+    mean_sq = (b.mean_sq + c.mean_sq) / 2
+    mean = (b.mean + c.mean) / 2
+    n = b.count[0] + c.count[0]
+    by_hand = {"rms": mean_sq.sqrt(), "std": ((mean_sq - mean ** 2) * n / (n - 1)).sqrt(),
+               "abs": (b.mean_abs + c.mean_abs) / 2}[importance]
+    forget = {"rms": stats["a"].rms, "std": stats["a"].std, "abs": stats["a"].mean_abs}[importance]
+    expected = forget / (by_hand + 1e-3)
+    torch.testing.assert_close(task_scores(stats, importance=importance)["a"], expected)
+    torch.testing.assert_close(prune_scores(stats["a"], [b, c], importance=importance), expected)
+    if importance != "abs":       # averaging importances would be a different method
+        averaged = forget / ((getattr(b, importance) + getattr(c, importance)) / 2 + 1e-3)
+        assert not torch.allclose(averaged, expected)
+
+
+# -- every accepted parameter value works ----------------------------------------------------------------------
+def _spy(monkeypatch):
+    """Record what Study.cross_task hands to cross_task_matrix (then run the real one)."""
+    import modsep_nb.study as study_module
+    seen = {}
+    real = study_module.cross_task_matrix
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(study_module, "cross_task_matrix", spy)
+    return seen
+
+
+def test_retain_general_and_mean_ablation_run_end_to_end(tmp_path, llama_dir, monkeypatch):
+    seen = _spy(monkeypatch)
+    study = Study.from_params(_params(tmp_path, llama_dir, retain="general", ablation="mean"), "lm")
+    stats = study.stats(progress=False)
+    general = weighted_pool(list(stats.values()))
+    scores = study.scores()
+    for t in study.task_names:          # general = every task pooled, the forgotten one included
+        torch.testing.assert_close(scores[t], prune_scores(stats[t], general))
+    result = study.cross_task(frac=0.2, progress=False)
+    assert result.settings["ablation"] == "mean" and result.pruned.shape == (3, 3)
+    assert set(seen["means"]) == set(study.task_names)
+    for t in study.task_names:
+        torch.testing.assert_close(seen["means"][t], general.mean)
+
+
+def test_rest_mean_ablation_uses_each_tasks_own_retain_mean(tmp_path, llama_dir, monkeypatch):
+    seen = _spy(monkeypatch)
+    study = Study.from_params(_params(tmp_path, llama_dir, ablation="mean"), "lm")
+    stats = study.stats(progress=False)
+    study.cross_task(frac=0.2, progress=False)
+    for t in study.task_names:
+        others = [s for n, s in stats.items() if n != t]
+        torch.testing.assert_close(seen["means"][t], torch.stack([s.mean for s in others]).mean(0))
+    study = Study.from_params(_params(tmp_path, llama_dir), "lm")
+    study.cross_task(frac=0.2, progress=False)
+    assert seen["means"] is None and seen["ablation"] == "zero"
+
+
+def test_random_init_gets_the_same_data_and_budget_unless_told(tmp_path, llama_dir):
+    params = _params(tmp_path, llama_dir)
+    trained = Study.from_params(params, "lm")
+    random = trained.with_random_init(3)
+    assert random.handle.random_init and random.handle.seed == 3
+    assert random.tasks is trained.tasks                  # the same documents
+    assert random.stats_budget == trained.stats_budget == 48
+    assert "48 tokens" in random.describe() and "random init, seed 3" in random.describe()
+    assert random.stats(progress=False)["docs"].count[0] == trained.stats(progress=False)["docs"].count[0] == 48
+    params["random_init"]["stats_tokens"] = 32            # a different budget only on purpose
+    assert "32 tokens" in Study.from_params(params, "lm", random_seed=3).describe()
+
+
+# -- the image seam ------------------------------------------------------------------------------------------
+def test_image_tasks_budget_and_accuracy_per_task(tmp_path):
+    vit_dir = save_hf_vit(tmp_path / "vit", image_size=28, patch_size=7)
+    params = load_params(None, {"cache_dir": str(tmp_path / "cache"), "device": "cpu",
+                                "vit": {"model": str(vit_dir), "tasks": "groups", "stats_images": 12,
+                                        "eval_images": 150, "batch_size": 64}})
+    study = Study.from_params(params, "vit")
+    assert isinstance(study.tasks, ImageTasks) and study.stats_budget == 12
+    tops = study.tasks.statistics_data("tops", 12)
+    assert tops.shape == (12, 1, 28, 28)
+    per_image = study.handle.image_logits(study.tasks.test.images).argmax(-1) == study.tasks.test.labels
+    names = study.tasks.test.class_names
+    for task, classes in study.tasks.tasks.items():
+        ids = torch.tensor([names.index(c) for c in classes])
+        keep = torch.isin(study.tasks.test.labels, ids)
+        assert study.evaluate_tasks([task])[task] == pytest.approx(float(per_image[keep].float().mean()))
+    assert study.stats(progress=False)["tops"].count[0] == 12 * 17      # 16 patches + CLS per image
+
+
+def test_text_tasks_give_the_collect_documents(tmp_path, llama_dir):
+    study = Study.from_params(_params(tmp_path, llama_dir), "lm")
+    assert isinstance(study.tasks, TextTasks) and study.tasks.unit == "tokens"
+    assert study.tasks.statistics_data("law", 48) == study.tasks["law"].collect
+    assert not set(study.tasks["law"].collect) & set(study.tasks["law"].evaluate)
+
+
+# -- one cache helper ---------------------------------------------------------------------------------------
+def test_cached_recomputes_what_cannot_be_loaded(tmp_path):
+    path = tmp_path / "value.txt"
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return "fresh"
+
+    def load(p):
+        text = p.read_text()
+        if text == "stale":
+            raise LookupError("made with other settings")
+        return text
+
+    def save(value, p):
+        p.write_text(value)
+    assert files.cached(path, compute, load=load, save=save) == "fresh" and len(calls) == 1
+    assert files.cached(path, compute, load=load, save=save) == "fresh" and len(calls) == 1
+    path.write_text("stale")
+    with pytest.warns(UserWarning, match="made with other settings; recomputing"):
+        assert files.cached(path, compute, load=load, save=save, what="thing") == "fresh"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert files.cached(path, compute, load=load, save=save) == "fresh"
+    assert len(calls) == 3 and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# -- layering ---------------------------------------------------------------------------------------------
+def _internal_imports(tree, top_level_only):
+    nodes = tree.body if top_level_only else [n for n in ast.walk(tree)]
+    out = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            out |= {node.module.split(".")[0]} if node.module else {a.name for a in node.names}
+    return out
+
+
+def test_modules_import_each_other_at_the_top_and_without_a_cycle():
+    trees = {p.stem: ast.parse(p.read_text()) for p in PACKAGE.glob("*.py")}
+    graph = {name: _internal_imports(tree, True) & set(trees) for name, tree in trees.items()}
+    for name, tree in trees.items():
+        inside = _internal_imports(tree, False) - _internal_imports(tree, True)
+        assert not inside, f"{name}.py imports {sorted(inside)} inside a function: put internal imports at the top"
+    state: dict = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for dep in graph[node]:
+            assert state.get(dep) != "open", f"import cycle: {' -> '.join(path + [dep])}"
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = "done"
+    for name in graph:
+        if name not in state:
+            visit(name, [name])
