@@ -1,7 +1,7 @@
 """Benchmarks (`make bench`): ratios measured side by side in one run, printed as a table and written to
 outputs/bench/*.json. Runs on the CPU, and on a GPU when there is one (bf16 there).
 
-    python benchmarks/bench.py [--quick] [--only stats,reference,kmeans,memory,gpu]
+    python benchmarks/bench.py [--quick] [--only stats,reference,kmeans,memory,correspondence,gpu]
 """
 from __future__ import annotations
 
@@ -19,10 +19,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))   # run as a script from a checkout, installed or not
 
+from modsep_nb.correspondence import layer_correspondence  # noqa: E402
 from modsep_nb.data import embedded_text_domain, lm_batches  # noqa: E402
 from modsep_nb.files import write_text_atomic  # noqa: E402
 from modsep_nb.models import load_model  # noqa: E402
-from modsep_nb.moefication import balanced_kmeans, inertia, normalize_rows  # noqa: E402
+from modsep_nb.moefication import balanced_kmeans, inertia, normalize_rows, random_balanced_split  # noqa: E402
 from modsep_nb.statistics import StatsCollector, collect_stats  # noqa: E402
 
 OUT = REPO / "outputs" / "bench"
@@ -228,6 +229,17 @@ GPU_SIZES = {
 THEIRS_MISTRAL_SCALE_CPU_S = 569.0
 
 
+def bench_correspondence(quick: bool) -> dict:
+    """layer_correspondence at SmolLM2's shape (30 layers x 1536 neurons, 48 experts, 5% selected, 100 null
+    partitions per layer): the cost of one task x fraction cell of notebook 05."""
+    n_layers, d, n_experts = 30, 1536, 48
+    g = torch.Generator().manual_seed(0)
+    labels = torch.stack([random_balanced_split(d, n_experts, seed=i) for i in range(n_layers)])
+    selected = torch.rand(n_layers, d, generator=g) < 0.05
+    seconds = _timeit(lambda: layer_correspondence(selected, labels, n_null=100, seed=0), 1 if quick else 3)
+    return {"shape": [n_layers, d, n_experts], "n_null": 100, "seconds": seconds}
+
+
 def bench_gpu(size: str = "full", device: str = "cuda", dtype=torch.bfloat16) -> dict:
     """Statistics overhead for a Mistral-7B-shaped model (random weights) and ViT-B/16, ours vs the
     reference collector, and balanced k-means on a Mistral-scale layer, all on `device` in `dtype`."""
@@ -291,7 +303,7 @@ class _FakeTokenizer:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="smaller sizes (a minute or two)")
-    parser.add_argument("--only", default="stats,memory,kmeans,gpu")
+    parser.add_argument("--only", default="stats,memory,kmeans,correspondence,gpu")
     args = parser.parse_args(argv)
     parts = args.only.split(",")
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": platform.machine(),
@@ -305,6 +317,8 @@ def main(argv=None) -> int:
         results["memory"] = bench_memory(args.quick)
     if "kmeans" in parts:
         results["kmeans"] = bench_kmeans(args.quick)
+    if "correspondence" in parts:
+        results["correspondence"] = bench_correspondence(args.quick)
     if "gpu" in parts and torch.cuda.is_available():
         results["gpu"] = bench_gpu("quick" if args.quick else "full")
     OUT.mkdir(parents=True, exist_ok=True)
@@ -333,6 +347,9 @@ def table(results: dict) -> str:
             rows.append((f"balanced k-means, {name}", f"ours {r['ours_s']:.2f} s vs k-means-constrained "
                          f"{r['theirs_s_at_default_n_init']:.1f} s{' (1 restart x10)' if r['timed_one_restart'] else ''}: "
                          f"{r['speedup_vs_default']:.1f}x; inertia ratio {r['inertia_ratio']:.4f}", ">= 10x CPU, <= 1.01"))
+    if "correspondence" in results:
+        c = results["correspondence"]
+        rows.append(("layer correspondence, 30 x 1536, 48 experts, 100 nulls", f"{c['seconds']:.2f} s", "< 10 s"))
     for name, r in results.get("gpu", {}).items():
         if "ratio" in r:
             rows.append((f"GPU stats / plain forward, {name}", f"{r['ratio']:.3f}x (hooks alone: "

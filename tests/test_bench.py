@@ -35,3 +35,8 @@ def test_reference_collector_computes_what_collect_stats_does(tiny_llama):
     assert ref["tokens"] == 40 and ours.count[0] == 40
     torch.testing.assert_close(ref["mean"], ours.mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ref["mean_abs"], ours.mean_abs, rtol=1e-5, atol=1e-6)
+
+
+def test_correspondence_row_measures_the_notebook_shape():
+    row = bench.bench_correspondence(quick=True)
+    assert row["shape"] == [30, 1536, 48] and row["n_null"] == 100 and row["seconds"] > 0

@@ -1,7 +1,6 @@
 """Layerwise correspondence (SPEC §8): concentration curve and AUC, hypergeometric enrichment with
 Benjamini-Hochberg, random-split nulls. Checked against hand computations, scipy and plain loops."""
 import math
-import time
 
 import numpy as np
 import pytest
@@ -169,9 +168,7 @@ def test_layer_correspondence():
     selected = torch.rand(n_layers, d, generator=g) < 0.05
     selected[0] = labels[0] < 2                       # layer 0: packed into two experts
     selected[1] = False                               # layer 1: nothing selected
-    start = time.perf_counter()
     res = layer_correspondence(selected, labels, n_null=100, seed=0)
-    elapsed = time.perf_counter() - start
     assert res.auc.shape == (n_layers,) and res.n_selected[1] == 0
     assert res.auc[0] == pytest.approx(1.0) and res.z[0] > 5 and res.percentile[0] == 100.0
     assert res.share_significant[0] == pytest.approx(2 / 48) and res.mean_obs_over_exp[0] == pytest.approx(24.0)
@@ -184,7 +181,6 @@ def test_layer_correspondence():
     assert res.null_mean[5] == pytest.approx(float(one.mean()))
     assert res.auc[5] == pytest.approx(concentration_auc(selected[5], labels[5]))
     assert res.share_significant[5] == pytest.approx(enrichment(selected[5], labels[5])["share_significant"])
-    assert elapsed < 10                               # ~1 s on two cores
     again = layer_correspondence(selected, labels, n_null=100, seed=0)
     assert torch.allclose(res.z, again.z, equal_nan=True, rtol=0, atol=0)      # seeded
 

@@ -160,7 +160,8 @@ def test_random_init_seeded(class_name, tmp_path):
     assert not torch.equal(r1.w_in(0), trained.w_in(0))
     assert r1.d_mlp == trained.d_mlp and r1.n_layers == trained.n_layers
     # the trained model is left as it was
-    assert all(torch.equal(v, load_model(directory).model.state_dict()[k]) for k, v in st.items())
+    reloaded = load_model(directory).model.state_dict()
+    assert all(torch.equal(v, reloaded[k]) for k, v in st.items())
 
 
 # -- the embedded LM -----------------------------------------------------------------------------------
