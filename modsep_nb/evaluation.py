@@ -109,13 +109,72 @@ def _evaluate_images(handle, data, *, labels=None, batch_size=None, classes=None
 # -- the cross-task matrix ---------------------------------------------------------------------------
 @dataclass
 class CrossTaskResult:
-    """M[A, B] = acc_B(pruned for A) / acc_B(unpruned); `fracs[A]` the fraction pruned for A."""
+    """M[A, B] = acc_B(pruned for A) / acc_B(unpruned); `fracs[A]` the fraction pruned for A.
+
+    converged[A]: with a `target`, whether the bisection brought A to within `tol` of it (False: the
+    target was never reached, even at `max_frac`, or the steps ran out); None with a fixed `frac`
+    (there is no target). reached[A]: A's own relative accuracy at `fracs[A]` (= matrix[A, A]).
+    random_pruned [n_seeds, A, B]: acc_B when as many random neurons as A's, with the same count in
+    every layer, are ablated instead (one random set per seed, see matched_random_mask);
+    random_matrix [A, B]: their mean over seeds relative to the unpruned accuracy. Both None when no
+    random_seeds were given.
+    """
     tasks: list[str]
     matrix: np.ndarray
     base: dict
     pruned: np.ndarray
     fracs: dict
     settings: dict = field(default_factory=dict)
+    converged: dict = field(default_factory=dict)
+    reached: dict = field(default_factory=dict)
+    random_pruned: np.ndarray | None = None
+    random_matrix: np.ndarray | None = None
+
+    def not_converged(self) -> list[str]:
+        """Tasks whose bisection never reached the target (empty with a fixed frac)."""
+        return [t for t in self.tasks if self.converged.get(t) is False]
+
+    def selectivity(self) -> dict:
+        """Per pruned task A (arrays in the order of `tasks`), all accuracies relative to unpruned:
+
+        own: M[A, A]; others: mean of M[A, B] over B != A; selectivity = others - own.
+        random_own, random_others, random_selectivity: the same under the matched random ablation.
+        own_vs_random = own / random_own and others_vs_random = mean over B != A of
+        M[A, B] / random_M[A, B]: below 1, pruning A's neurons hurts more than random neurons do.
+        The random entries are nan when the matrix was computed without random_seeds.
+        """
+        n = len(self.tasks)
+        if n < 2:
+            raise ValueError("selectivity needs at least two tasks (own vs others)")
+        off = ~np.eye(n, dtype=bool)
+        own = np.diag(self.matrix).copy()
+        others = np.array([self.matrix[i, off[i]].mean() for i in range(n)])
+        rand = self.random_matrix if self.random_matrix is not None else np.full((n, n), np.nan)
+        random_own = np.diag(rand).copy()
+        random_others = np.array([rand[i, off[i]].mean() for i in range(n)])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = self.matrix / rand
+        return {"tasks": list(self.tasks), "own": own, "others": others, "selectivity": others - own,
+                "random_own": random_own, "random_others": random_others,
+                "random_selectivity": random_others - random_own,
+                "own_vs_random": np.diag(ratio).copy(),
+                "others_vs_random": np.array([ratio[i, off[i]].mean() for i in range(n)])}
+
+
+def matched_random_mask(mask: torch.Tensor, seed: int) -> torch.Tensor:
+    """A random bool mask with exactly as many neurons in every layer as `mask` [L, d_mlp] has.
+
+    The baseline for an ablation: the same number of neurons, in the same layers, but not chosen by
+    any score. Seeded (the same seed and mask give the same result); layers are drawn independently.
+    """
+    if mask.dtype != torch.bool or mask.dim() != 2:
+        raise ValueError(f"mask must be a bool tensor [n_layers, d_mlp], got {mask.dtype} {tuple(mask.shape)}")
+    gen = torch.Generator().manual_seed(int(seed))
+    counts = mask.sum(1).tolist()
+    out = torch.zeros(mask.shape, dtype=torch.bool)
+    for layer, k in enumerate(counts):
+        out[layer, torch.randperm(mask.shape[1], generator=gen)[:k]] = True
+    return out.to(mask.device)
 
     def summary(self) -> dict:
         """Per pruned task A: its own relative accuracy M[A, A] and the others' mean M[A, B≠A]; their means over
@@ -132,7 +191,7 @@ class CrossTaskResult:
 def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = None,
                       target: float | None = None, mode="global", ablation="zero", means=None,
                       max_frac: float = 0.2, tol: float = 0.02, max_steps: int = 12,
-                      base: dict | None = None, progress=True) -> CrossTaskResult:
+                      random_seeds=(), base: dict | None = None, progress=True) -> CrossTaskResult:
     """Prune each task A's top neurons and measure every task B (SPEC §4).
 
     scores: task -> [L, d_mlp] scores (see task_scores). evaluators: task -> callable() giving that task's
@@ -140,11 +199,19 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
     when all tasks come out of one pass (images). Give either `frac` (fixed) or `target` (bisection per A
     on frac in (0, max_frac] until acc_A is within `tol` × unpruned of target × unpruned). means (ablation
     "mean"): [L, d_mlp] for every task, or a dict task -> [L, d_mlp] (e.g. each task's retain-set mean).
+    random_seeds: for each seed and each A, also ablate a random set with A's count per layer
+    (matched_random_mask(mask_A, seed)) and measure every task: the baseline that tells damage specific
+    to A's neurons from damage that removing that many neurons does anyway (see CrossTaskResult).
+    Tasks with equal per-layer counts (e.g. mode='per_layer' at a fixed frac) share the random set of a
+    seed, which is then measured once.
     """
     if (frac is None) == (target is None):
         raise ValueError("give exactly one of frac (a fixed fraction) or target (e.g. 0.8 of unpruned accuracy)")
     if target is not None and not 0.0 < target < 1.0:
         raise ValueError(f"target must be strictly between 0 and 1, got {target}")
+    random_seeds = [int(s) for s in random_seeds]
+    if len(set(random_seeds)) != len(random_seeds):
+        raise ValueError(f"random_seeds must be distinct, got {random_seeds}")
     tasks = list(scores)
     if callable(evaluators):
         evaluate_all, evaluate_one = evaluators, (lambda t: evaluators()[t])
@@ -158,20 +225,38 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
     if any(t not in base for t in tasks):
         base.update({t: v for t, v in evaluate_all().items() if t not in base})
     pruned = np.zeros((len(tasks), len(tasks)))
-    fracs = {}
+    random_pruned = np.zeros((len(random_seeds), len(tasks), len(tasks)))
+    fracs, converged, reached = {}, {}, {}
+    seen_random: dict = {}      # equal per-layer counts and seed give the same random set: measure it once
     for i, a in enumerate(tqdm(tasks, desc="cross-task", disable=not progress, leave=False)):
-        f = frac if frac is not None else _bisect_frac(handle, scores[a], lambda: evaluate_one(a), base[a], target,
-                                                        mode=mode, ablation=ablation, means=_means_for(means, a),
-                                                        max_frac=max_frac, tol=tol, max_steps=max_steps)
+        means_a = _means_for(means, a)
+        if frac is not None:
+            f, converged[a] = frac, None
+        else:
+            f, converged[a], reached[a] = _bisect_frac(
+                handle, scores[a], lambda: evaluate_one(a), base[a], target, mode=mode, ablation=ablation,
+                means=means_a, max_frac=max_frac, tol=tol, max_steps=max_steps)
         fracs[a] = f
-        with ablate(handle, select_neurons(scores[a], f, mode), ablation, _means_for(means, a)):
+        mask = select_neurons(scores[a], f, mode)
+        with ablate(handle, mask, ablation, means_a):
             accs = evaluate_all()
         pruned[i] = [accs[b] for b in tasks]
+        if frac is not None:
+            reached[a] = accs[a] / base[a]
+        for s, seed in enumerate(random_seeds):
+            key = (seed, tuple(mask.sum(1).tolist()), a if isinstance(means, dict) else None)
+            if key not in seen_random:
+                with ablate(handle, matched_random_mask(mask, seed), ablation, means_a):
+                    seen_random[key] = evaluate_all()
+            random_pruned[s, i] = [seen_random[key][b] for b in tasks]
     base_row = np.array([base[t] for t in tasks])
     with np.errstate(divide="ignore", invalid="ignore"):
         matrix = pruned / base_row[None, :]
+        random_matrix = (random_pruned / base_row[None, None, :]).mean(0) if random_seeds else None
     return CrossTaskResult(tasks, matrix, base, pruned, fracs,
-                           {"frac": frac, "target": target, "mode": mode, "ablation": ablation})
+                           {"frac": frac, "target": target, "mode": mode, "ablation": ablation,
+                            "random_seeds": random_seeds},
+                           converged, reached, random_pruned if random_seeds else None, random_matrix)
 
 
 def _means_for(means, task):
@@ -180,23 +265,29 @@ def _means_for(means, task):
 
 
 def _bisect_frac(handle, scores, evaluate_a, base_a, target, *, mode, ablation, means, max_frac, tol, max_steps):
-    """Bisection on frac: accuracy falls (roughly monotonically) as more of A's neurons are pruned."""
-    goal = target * base_a
+    """Bisection on frac: accuracy falls (roughly monotonically) as more of A's neurons are pruned.
+
+    Returns (frac, converged, reached): converged is True when acc_A at frac is within tol × base_a of
+    target × base_a; otherwise frac is max_frac (the target is out of reach) or the smallest fraction
+    tried that fell below the target (the steps ran out). reached = acc_A(frac) / base_a.
+    """
+    goal, slack = target * base_a, tol * base_a
     lo, hi = 0.0, max_frac
 
     def acc_at(f):
         with ablate(handle, select_neurons(scores, f, mode), ablation, means):
             return evaluate_a()
-    if acc_at(hi) > goal:       # even the largest fraction does not bring it down: report the bound
-        return hi
-    best = hi
+    acc_hi = acc_at(hi)
+    if acc_hi > goal - slack:   # within tol at the bound, or it does not even come down that far
+        return hi, acc_hi <= goal + slack, acc_hi / base_a
+    best, acc_best = hi, acc_hi
     for _ in range(max_steps):
         mid = (lo + hi) / 2
         acc = acc_at(mid)
-        if abs(acc - goal) <= tol * base_a:
-            return mid
+        if abs(acc - goal) <= slack:
+            return mid, True, acc / base_a
         if acc > goal:
             lo = mid
         else:
-            hi = best = mid
-    return best
+            hi, best, acc_best = mid, mid, acc
+    return best, False, acc_best / base_a

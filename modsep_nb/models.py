@@ -120,6 +120,13 @@ class ModelHandle:
             raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers")
         return _get(self.blocks[layer], self.arch.neuron_module)
 
+    def mlp_input_module(self, layer: int) -> nn.Module:
+        """The module holding W_in; its input is the MLP's input hidden state [..., d_model] (every family in
+        ARCHITECTURES: W_in is the MLP's first Linear, which for gated MLPs shares its input with the gate)."""
+        if not 0 <= layer < self.n_layers:
+            raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers")
+        return _get(self.blocks[layer], self.arch.w_in)
+
     @property
     def d_mlp(self) -> int:
         return self.w_in(0).shape[0]
@@ -155,14 +162,21 @@ class ModelHandle:
 
     # -- hooks: the one place where the model's neuron vectors are read or changed --------------------
     @contextlib.contextmanager
-    def hooks(self, fns: dict):
+    def hooks(self, fns: dict, at: str = "neurons"):
         """While inside, run `fns[layer](x)` on layer `layer`'s neuron vector x ([..., d_mlp], the input of
         the MLP's output projection) at every forward. A function that returns a tensor replaces x; one
-        that returns None only reads it. The hooks are removed on exit, also after an exception."""
+        that returns None only reads it. The hooks are removed on exit, also after an exception.
+        at="mlp_input": x is instead the MLP's input hidden state [..., d_model], read only (replacing it
+        would change W_in's input but not a gate's)."""
+        if at not in ("neurons", "mlp_input"):
+            raise ValueError(f"unknown hook place {at!r}: choose 'neurons' or 'mlp_input'")
         removers = []
         try:
             for layer, fn in fns.items():
-                removers.append(self.neuron_module(layer).register_forward_pre_hook(_neuron_hook(fn)))
+                if at == "neurons":
+                    removers.append(self.neuron_module(layer).register_forward_pre_hook(_neuron_hook(fn)))
+                else:
+                    removers.append(self.mlp_input_module(layer).register_forward_pre_hook(_reading_hook(fn)))
             yield self
         finally:
             for remover in removers:
@@ -203,6 +217,13 @@ def _neuron_hook(fn):
     def hook(module, args):
         out = fn(args[0])
         return None if out is None else (out,) + tuple(args[1:])
+    return hook
+
+
+def _reading_hook(fn):
+    def hook(module, args):
+        if fn(args[0]) is not None:
+            raise ValueError("a hook at the MLP input may only read it (return None)")
     return hook
 
 

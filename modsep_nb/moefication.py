@@ -7,7 +7,9 @@ Three splits, all returning expert ids of shape [d_mlp] (or [L, d_mlp] for a who
 - random split: a seeded random balanced partition (`random_balanced_split`), the baseline and null.
 
 `expert_routing` measures how good a split is the way MoEfication does: per token keep only the
-top-k experts by the sum of |activation| of their neurons, zero the rest.
+top-k experts by the sum of |activation| of their neurons, zero the rest. That routing is an oracle (it
+reads the true dense activations, so it computes the whole layer): an upper bound on any router.
+`fit_router` / `predicted_routing` are the practical counterpart: experts predicted from the layer's input.
 
 Balanced k-means, how it works. Lloyd iterations alternate (a) an assignment of points to clusters
 with every cluster holding exactly n/k points and (b) a centroid update. The assignment (a) is a
@@ -26,11 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from .batches import run_batches
 
 SPLIT_METHODS = ("param", "coactivation", "random")
 
@@ -543,12 +548,9 @@ def expert_routing(handle, labels_per_layer: torch.Tensor, k: int) -> Iterator[N
     """Inside the context, every layer keeps only its top-k experts per token (MoEfication's
     ground-truth routing): an expert's score is the sum of |activation| over its neurons; the
     neurons of the other experts are zeroed. labels_per_layer: [n_layers, d_mlp] expert ids, equal
-    sizes. Forward-pre-hooks on each layer's neuron module, removed on exit."""
-    expected = (handle.n_layers, handle.d_mlp)
-    if tuple(labels_per_layer.shape) != expected:
-        raise ValueError(f"labels_per_layer has shape {tuple(labels_per_layer.shape)} but the model has "
-                         f"[n_layers, d_mlp] = {list(expected)}; make it with split_layers(handle, ...)")
-    n_experts = _check_labels(labels_per_layer)
+    sizes. Forward-pre-hooks on each layer's neuron module, removed on exit. An oracle: it reads the true
+    dense activations, so it bounds any router from above (see predicted_routing for a practical one)."""
+    n_experts = _check_routing_labels(handle, labels_per_layer)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n_experts:
         raise ValueError(f"k must be an int number of experts to keep, between 1 and {n_experts}; got {k!r}")
     with handle.hooks({layer: _routing_fn(labels_per_layer[layer].long(), n_experts, k)
@@ -564,11 +566,167 @@ def _routing_fn(labels: torch.Tensor, n_experts: int, k: int):
         if x.device not in cache:
             cache[x.device] = (group.to(x.device), labels.to(x.device))
         grp, lab = cache[x.device]
-        scores = x.index_select(-1, grp).abs().unflatten(-1, (n_experts, -1)).float().sum(-1)   # [..., E]
-        keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
+        keep = _top_k_experts(_expert_scores(x, grp, n_experts), k)
         return x * keep.index_select(-1, lab).to(x.dtype)
 
     return routed
+
+
+def _expert_scores(x: torch.Tensor, group: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Each expert's score, the sum of |activation| over its neurons: [..., d_mlp] -> [..., E] (float32).
+    group: the neuron order that lists each expert's neurons together (a stable sort of the labels)."""
+    return x.index_select(-1, group).abs().unflatten(-1, (n_experts, -1)).float().sum(-1)
+
+
+def _top_k_experts(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool [..., E]: the k highest-scoring experts of each token."""
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(k, dim=-1).indices, True)
+
+
+# ----------------------------------------------------------------------------- a learned router
+# The routing above is an oracle: it picks experts from the layer's true dense activations, so it computes
+# the full layer and bounds any router from above. The practical counterpart (MoEfication's) predicts the
+# experts from the layer's input alone: here a linear (ridge) predictor of each expert's score per layer,
+# fitted on one set of tokens and scored on held-out ones.
+
+@dataclass
+class Router:
+    """Per layer, a linear predictor of each expert's score (sum of |activation| of its neurons) from the
+    MLP's input hidden state. weights [n_layers, d_model + 1, E] (float64; the last row is the intercept);
+    labels [n_layers, d_mlp] the expert split it was fitted for."""
+    weights: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def n_experts(self) -> int:
+        return self.weights.shape[-1]
+
+    def predict(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """Predicted expert scores [..., E] (float32) of MLP inputs x [..., d_model]."""
+        w = self.weights[layer].to(x.device, torch.float32)
+        return x.float() @ w[:-1] + w[-1]
+
+
+class _LayerPairs:
+    """Hooks that hand `on_pair(layer, inputs [n, d_model], neurons [n, d_mlp])` the MLP input and the neuron
+    vector of every counted token, as run_batches sets `positions` (bool [batch, seq], or None for all)."""
+
+    def __init__(self, handle, on_pair):
+        self.handle, self.on_pair, self.positions, self._inputs = handle, on_pair, None, {}
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        return flat if self.positions is None else flat[self.positions.to(x.device).reshape(-1)]
+
+    @contextlib.contextmanager
+    def hooked(self):
+        layers = range(self.handle.n_layers)
+        keep = {layer: (lambda x, layer=layer: self._inputs.__setitem__(layer, self._rows(x))) for layer in layers}
+        pair = {layer: (lambda x, layer=layer: self.on_pair(layer, self._inputs.pop(layer), self._rows(x)))
+                for layer in layers}
+        with self.handle.hooks(keep, at="mlp_input"), self.handle.hooks(pair):
+            yield self
+
+
+def fit_router(handle, data, labels_per_layer: torch.Tensor, *, ridge: float = 1e-3, max_tokens=None,
+               batch_size=None, ctx=256, progress=False) -> Router:
+    """Fit a Router on `data` (documents or images, run as by collect_stats): per layer a ridge regression
+    of the expert scores on [MLP input, 1], from X'X and X'Y accumulated in float64 over the counted tokens
+    (memory (d_model + 1)^2 per layer, whatever the number of tokens). The penalty is ridge × the mean
+    squared input coordinate × n_tokens (scale-free; the intercept is not penalised)."""
+    n_experts = _check_routing_labels(handle, labels_per_layer)
+    if not ridge > 0:
+        raise ValueError(f"ridge must be > 0 (a small relative penalty such as 1e-3), got {ridge}")
+    groups = [torch.sort(row.long(), stable=True).indices for row in labels_per_layer]
+    gram, cross = {}, {}
+
+    def add(layer, inputs, neurons):
+        x = torch.cat([inputs.double(), inputs.new_ones(len(inputs), 1, dtype=torch.float64)], 1)
+        y = _expert_scores(neurons, groups[layer].to(neurons.device), n_experts).double()
+        gram[layer] = gram.get(layer, 0) + x.T @ x
+        cross[layer] = cross.get(layer, 0) + x.T @ y
+    with _LayerPairs(handle, add).hooked() as pairs:
+        run_batches(handle, data, pairs, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx, progress=progress,
+                    desc="router")
+    if not gram:
+        raise ValueError("no tokens were counted: the data is empty")
+    weights = torch.stack([_ridge_solve(gram[layer].cpu(), cross[layer].cpu(), ridge)
+                           for layer in range(handle.n_layers)])
+    return Router(weights, labels_per_layer.long().cpu())
+
+
+def _ridge_solve(gram: torch.Tensor, cross: torch.Tensor, ridge: float) -> torch.Tensor:
+    """argmin_W |XW - Y|^2 + lam |W[:-1]|^2 from gram = X'X and cross = X'Y, X's last column all ones."""
+    d = gram.shape[0] - 1
+    lam = ridge * float(gram.diagonal()[:d].mean())
+    penalty = torch.ones(d + 1, dtype=gram.dtype)
+    penalty[-1] = 0.0
+    return torch.linalg.solve(gram + torch.diag(lam * penalty), cross)
+
+
+def _check_routing_labels(handle, labels_per_layer: torch.Tensor) -> int:
+    expected = (handle.n_layers, handle.d_mlp)
+    if tuple(labels_per_layer.shape) != expected:
+        raise ValueError(f"labels_per_layer has shape {tuple(labels_per_layer.shape)} but the model has "
+                         f"[n_layers, d_mlp] = {list(expected)}; make it with split_layers(handle, ...)")
+    return _check_labels(labels_per_layer)
+
+
+def _check_router(handle, router: Router, k: int) -> None:
+    _check_routing_labels(handle, router.labels)
+    d_model = handle.w_in(0).shape[1]
+    if router.weights.shape[:2] != (handle.n_layers, d_model + 1):
+        raise ValueError(f"the router's weights {tuple(router.weights.shape)} do not fit this model "
+                         f"([n_layers, d_model + 1] = {[handle.n_layers, d_model + 1]}): fit it on this model")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= router.n_experts:
+        raise ValueError(f"k must be an int number of experts to keep, between 1 and {router.n_experts}; got {k!r}")
+
+
+@contextlib.contextmanager
+def predicted_routing(handle, router: Router, k: int) -> Iterator[None]:
+    """Like expert_routing, but each token's top-k experts are the router's prediction from the MLP's
+    input (known before the layer is computed) instead of the true activations. Hooks removed on exit."""
+    _check_router(handle, router, k)
+    chosen: dict = {}
+    labels = {}
+
+    def choose(layer):
+        def fn(x):
+            chosen[layer] = _top_k_experts(router.predict(layer, x), k)
+        return fn
+
+    def apply(layer):
+        def fn(x):
+            if x.device not in labels:
+                labels[x.device] = router.labels.to(x.device)
+            return x * chosen.pop(layer).index_select(-1, labels[x.device][layer]).to(x.dtype)
+        return fn
+    layers = range(handle.n_layers)
+    with handle.hooks({layer: choose(layer) for layer in layers}, at="mlp_input"), \
+            handle.hooks({layer: apply(layer) for layer in layers}):
+        yield
+
+
+@torch.no_grad()
+def router_agreement(handle, router: Router, data, k: int, *, max_tokens=None, batch_size=None, ctx=256,
+                     progress=False) -> torch.Tensor:
+    """Per layer [n_layers] (float64), the mean over counted tokens of the fraction of the oracle's top-k
+    experts (from the true activations) that the router also picks; both read from the dense forward,
+    so layer l's number does not depend on routing elsewhere. 1 = the router matches the oracle."""
+    _check_router(handle, router, k)
+    groups = [torch.sort(row, stable=True).indices for row in router.labels]
+    hits = torch.zeros(handle.n_layers, dtype=torch.float64)
+    counts = torch.zeros(handle.n_layers, dtype=torch.float64)
+
+    def add(layer, inputs, neurons):
+        true = _top_k_experts(_expert_scores(neurons, groups[layer].to(neurons.device), router.n_experts), k)
+        pred = _top_k_experts(router.predict(layer, inputs), k)
+        hits[layer] += float((true & pred).sum()) / k
+        counts[layer] += len(inputs)
+    with _LayerPairs(handle, add).hooked() as pairs:
+        run_batches(handle, data, pairs, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx, progress=progress,
+                    desc="router agreement")
+    return hits / counts
 
 
 # ----------------------------------------------------------------------------- whole model

@@ -6,6 +6,11 @@ For selected sets A, B out of N neurons:
     overlap coefficient  |A∩B| / min(|A|, |B|)    (the reference's number when |A| = |B|)
     Jaccard              |A∩B| / |A∪B|
     chance               E|A∩B| = |A||B| / N       (A, B drawn independently and uniformly)
+    layer-matched chance E|A∩B| = Σ_l a_l b_l / d  (random sets with the same counts a_l, b_l per layer)
+
+Under global selection the selected neurons pile into a few layers; two such sets share more neurons by
+chance than uniform sets do, so every overlap under global selection is read against its layer-matched
+chance. With one layer (or equal counts in every layer) the two chance levels coincide.
 
 Every value is computed in float64. Where either set is empty (globally, or in one layer with
 per_layer=True) both metrics are nan: "no neurons selected" is not "no overlap", and a Jaccard of 0
@@ -107,6 +112,42 @@ def chance_overlap(n_a, n_b, n, metric: str = "overlap"):
     with np.errstate(invalid="ignore", divide="ignore"):
         value = inter / smaller if metric == "overlap" else inter / (n_a + n_b - inter)
     return _scalar_or_array(np.where(smaller > 0, value, np.nan))   # empty set -> nan, as overlap()
+
+
+def layer_matched_chance(mask_a, mask_b, metric: str = "overlap") -> float:
+    """Chance level of `metric` for random sets with the same per-layer counts as mask_a and mask_b.
+
+    Within each layer l (d neurons) independent random sets of a_l and b_l neurons share on average
+    a_l*b_l/d, so E|A∩B| = Σ_l a_l*b_l/d. overlap: E|A∩B| / min(|A|, |B|) (exact, sizes are fixed).
+    jaccard: E|A∩B| / (|A| + |B| - E|A∩B|), the ratio of expectations, as in `chance_overlap`
+    (an approximation of E[Jaccard], accurate when the sets hold many neurons). nan for an empty set.
+    """
+    _check_metric(metric)
+    a, b = _check_pair(mask_a, mask_b)
+    count_a, count_b = a.sum(1).to(torch.float64), b.sum(1).to(torch.float64)
+    inter = (count_a * count_b).sum() / a.shape[1]
+    return float(_metric_value(inter, count_a.sum(), count_b.sum(), metric))
+
+
+def layer_matched_chance_matrix(masks: Mapping[str, torch.Tensor], metric: str = "overlap"):
+    """Task x task layer-matched chance (see layer_matched_chance): returns (names, matrix [T, T]).
+
+    Beside `overlap_matrix(masks)`: the overlap two tasks' sets would have by chance given only how
+    many neurons each puts in each layer. The diagonal is the chance level of two independent random
+    sets with that task's counts (not 1).
+    """
+    _check_metric(metric)
+    names = list(masks)
+    if not names:
+        raise ValueError("masks is empty: pass {task: bool mask [n_layers, d_mlp]} for at least one task")
+    stacked = [_as_mask(masks[t], f"masks[{t!r}]") for t in names]
+    shapes = {tuple(m.shape) for m in stacked}
+    if len(shapes) > 1:
+        raise ValueError(f"masks have different shapes {sorted(shapes)}: all must come from the same model")
+    counts = torch.stack([m.sum(1).cpu() for m in stacked]).to(torch.float64)     # [T, L]
+    inter = counts @ counts.T / stacked[0].shape[1]
+    size = counts.sum(1)
+    return names, _metric_value(inter, size[:, None], size[None, :], metric).numpy()
 
 
 def _check_counts(n_a, n_b, n):
@@ -214,8 +255,10 @@ def overlap_sweep(scores: Mapping[str, torch.Tensor], fracs: Iterable[float], mo
 
     For each frac, every task's top-frac neurons are selected with `select_neurons(scores, frac,
     mode)`, and min / median / max of `metric` are taken over all task pairs. `chance` is the
-    chance level for sets of those sizes (mean over pairs; the sizes are equal in practice).
-    Returns {"fracs", "min", "median", "max", "chance"} as float64 numpy arrays, plus "n_pairs".
+    chance level for sets of those sizes (mean over pairs; the sizes are equal in practice), and
+    `layer_chance` the layer-matched chance (mean over pairs of layer_matched_chance): above `chance`
+    where the selections pile into the same layers. Returns {"fracs", "min", "median", "max", "chance",
+    "layer_chance"} as float64 numpy arrays, plus "n_pairs".
     """
     _check_metric(metric)
     names = list(scores)
@@ -225,7 +268,7 @@ def overlap_sweep(scores: Mapping[str, torch.Tensor], fracs: Iterable[float], mo
     if fracs.ndim != 1 or fracs.size == 0:
         raise ValueError("fracs must be a non-empty list of fractions, e.g. [0.01, 0.02, 0.05, 0.1]")
     i, j = _upper_pairs(len(names))
-    out = {key: np.empty(len(fracs)) for key in ("min", "median", "max", "chance")}
+    out = {key: np.empty(len(fracs)) for key in ("min", "median", "max", "chance", "layer_chance")}
     for f, frac in enumerate(fracs):
         masks = {t: select_neurons(scores[t], float(frac), mode) for t in names}
         _, matrix = overlap_matrix(masks, metric=metric)
@@ -234,6 +277,7 @@ def overlap_sweep(scores: Mapping[str, torch.Tensor], fracs: Iterable[float], mo
         sizes = np.array([float(masks[t].sum()) for t in names])
         n = masks[names[0]].numel()
         out["chance"][f] = np.mean(chance_overlap(sizes[i], sizes[j], n, metric=metric))
+        out["layer_chance"][f] = np.mean(layer_matched_chance_matrix(masks, metric=metric)[1][i, j])
     return {"fracs": fracs, **out, "n_pairs": len(i)}
 
 

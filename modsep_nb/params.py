@@ -55,6 +55,9 @@ DEFAULTS: dict = {
     "pruning": {
         "importance": "abs",
         "eps": 1e-3,
+        # null: `eps` (absolute) is used; a number r: each layer's eps = r x the median retain importance of
+        # that layer's neurons, the same relative size whatever the model's activation scale
+        "eps_relative": None,
         "retain": "rest",
         "mode": "global",
         "ablation": "zero",
@@ -226,6 +229,13 @@ def validate(params: dict) -> None:
             raise ParamsError(f"parameter {name!r} must be a whole number of at least 1, got {value!r}")
     if params["pruning"]["eps"] < 0:
         raise ParamsError(f"parameter 'pruning.eps' must be >= 0, got {params['pruning']['eps']}")
+    eps_relative = params["pruning"]["eps_relative"]
+    if eps_relative is not None and (isinstance(eps_relative, bool) or not isinstance(eps_relative, (int, float))
+                                     or eps_relative < 0):
+        raise ParamsError(f"parameter 'pruning.eps_relative' must be null (use the absolute 'pruning.eps') or a "
+                          f"number >= 0 (a fraction of each layer's median importance), got {eps_relative!r}")
+    if eps_relative is not None:
+        params["pruning"]["eps_relative"] = float(eps_relative)
     unknown = [n for n in params["notebooks"] if str(n) not in NOTEBOOKS]
     if unknown:
         raise ParamsError(f"parameter 'notebooks' names {unknown}; available: {', '.join(NOTEBOOKS)}")

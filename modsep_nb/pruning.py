@@ -1,6 +1,9 @@
 """Selective pruning (SPEC §3): importance, scores, selection and ablation.
 
 Score for forgetting task F while retaining R:  S = I(F) / (I(R) + eps).
+eps is absolute by default; with eps_relative it is set per layer to eps_relative × the median retain
+importance of that layer, so that it means the same whatever the model's activation scale (typical mean
+|activation| differs several-fold between models, e.g. trained vs random-init).
 Selection takes the top `frac` of scores, globally or per layer, ties broken by index
 (lower index wins) so that float16 scores with many equal values still select deterministically.
 """
@@ -33,20 +36,34 @@ def importance(stats, name: str = "abs") -> torch.Tensor:
     raise ValueError(f"unknown importance {name!r}: choose one of {', '.join(IMPORTANCES)}")
 
 
-def prune_scores(forget, retain, importance: str = "abs", eps: float = 1e-3) -> torch.Tensor:
+def prune_scores(forget, retain, importance: str = "abs", eps: float = 1e-3,
+                 eps_relative: float | None = None) -> torch.Tensor:
     """S = I(forget) / (I(retain) + eps), shape [L, d_mlp], float64.
 
     `forget` and `retain` are NeuronStats (or lists of NeuronStats: a list for `retain` is pooled
-    with equal weight per task, SPEC §3 'rest').
+    with equal weight per task, SPEC §3 'rest'). eps_relative (if given, `eps` is not used): layer l's
+    eps is eps_relative × the median over that layer's neurons of I(retain).
     """
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    if eps_relative is not None and not eps_relative >= 0:
+        raise ValueError(f"eps_relative must be >= 0 (a fraction of the layer's median importance) or None, "
+                         f"got {eps_relative}")
     i_forget = _pooled_importance(forget, importance)
     i_retain = _pooled_importance(retain, importance)
     if i_forget.shape != i_retain.shape:
         raise ValueError(f"forget and retain statistics have different shapes {tuple(i_forget.shape)} "
                          f"and {tuple(i_retain.shape)}: were they collected on the same model?")
+    if eps_relative is not None:
+        eps = eps_relative * layer_medians(i_retain)[:, None]
     return i_forget / (i_retain + eps)
+
+
+def layer_medians(values: torch.Tensor) -> torch.Tensor:
+    """Median of each layer's row of [L, d_mlp] (the mean of the two middle values for even d_mlp)."""
+    ordered = values.sort(dim=1).values
+    d = values.shape[1]
+    return (ordered[:, (d - 1) // 2] + ordered[:, d // 2]) / 2
 
 
 def _pooled_importance(stats, name: str) -> torch.Tensor:
@@ -59,9 +76,10 @@ def _pooled_importance(stats, name: str) -> torch.Tensor:
     return importance(stats, name)
 
 
-def task_scores(stats: dict, *, importance="abs", eps=1e-3, retain="rest", general=None) -> dict:
+def task_scores(stats: dict, *, importance="abs", eps=1e-3, eps_relative=None, retain="rest", general=None) -> dict:
     """Per task the selective-pruning score for forgetting it while retaining `retain`:
-    'rest' (the other tasks pooled with equal weight) or 'general' (a NeuronStats given as `general`)."""
+    'rest' (the other tasks pooled with equal weight) or 'general' (a NeuronStats given as `general`).
+    eps / eps_relative: see prune_scores."""
     scores = {}
     for name, st in stats.items():
         if retain == "rest":
@@ -75,7 +93,7 @@ def task_scores(stats: dict, *, importance="abs", eps=1e-3, retain="rest", gener
             ret = general
         else:
             raise ValueError(f"unknown retain set {retain!r}: choose 'rest' or 'general'")
-        scores[name] = prune_scores(st, ret, importance=importance, eps=eps)
+        scores[name] = prune_scores(st, ret, importance=importance, eps=eps, eps_relative=eps_relative)
     return scores
 
 
@@ -137,7 +155,8 @@ def ties_at_threshold(scores: torch.Tensor, mask: torch.Tensor) -> int:
 
 
 def iterative_prune(handle, collect_forget, collect_retain, *, frac: float, steps: int, importance: str = "abs",
-                    eps: float = 1e-3, mode: str = "global", ablation: str = "zero") -> torch.Tensor:
+                    eps: float = 1e-3, eps_relative: float | None = None, mode: str = "global",
+                    ablation: str = "zero") -> torch.Tensor:
     """Iterative selective pruning (SPEC §3): `steps` times, recollect statistics on the model as pruned so
     far, score, and prune `frac` more of the neurons (never one already pruned).
 
@@ -154,7 +173,7 @@ def iterative_prune(handle, collect_forget, collect_retain, *, frac: float, step
             forget, retain = collect_forget(), collect_retain()
         if means is None and ablation == "mean":
             means = retain.mean
-        scores = prune_scores(forget, retain, importance=importance, eps=eps).clone()
+        scores = prune_scores(forget, retain, importance=importance, eps=eps, eps_relative=eps_relative).clone()
         scores[mask] = float("-inf")          # already pruned: never selected again
         mask |= select_neurons(scores, frac, mode)
     return mask

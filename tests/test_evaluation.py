@@ -14,8 +14,8 @@ from torch import nn
 
 from conftest import BOS_ID, WORDS, windows_of
 from modsep_nb import ARCHITECTURES, Architecture, NeuronStats, evaluate, load_model
-from modsep_nb.evaluation import cross_task_matrix
-from modsep_nb.pruning import task_scores
+from modsep_nb.evaluation import cross_task_matrix, matched_random_mask
+from modsep_nb.pruning import select_neurons, task_scores
 from modsep_nb.data import ImageDataset
 
 
@@ -296,6 +296,105 @@ def test_cross_task_matrix_target_bisection(toy):
     capped = cross_task_matrix(handle, scores, evaluators, target=0.1, max_frac=0.05, progress=False)
     assert capped.fracs == {t: 0.05 for t in tasks}
     assert _n_hooks(handle) == [0] * L
+
+
+def test_cross_task_matrix_reports_convergence(toy):
+    handle, tasks, weights, scale, scores, evaluators = toy
+    tol = 0.02
+    # a fourth task whose accuracy no pruning changes: its target can never be reached
+    gen = torch.Generator().manual_seed(11)
+    scores = {**scores, "flat": torch.rand(L, D, generator=gen, dtype=torch.float64)}
+    evaluators = {**evaluators, "flat": lambda: 0.5}
+    result = cross_task_matrix(handle, scores, evaluators, target=0.8, max_frac=0.5, tol=tol, progress=False)
+    assert result.converged == {"a": True, "b": True, "c": True, "flat": False}
+    assert result.not_converged() == ["flat"]
+    assert result.fracs["flat"] == 0.5 and result.reached["flat"] == 1.0
+    for i, a in enumerate(tasks):
+        own = _acc_after_pruning(weights, scale, scores[a], result.fracs[a], a) / scale[a]
+        assert result.reached[a] == pytest.approx(own, rel=1e-9)
+        assert result.reached[a] == pytest.approx(result.matrix[i, i], rel=1e-12)
+        assert abs(result.reached[a] - 0.8) <= tol
+    # out of reach within max_frac: not converged, and the accuracy reached at the bound is reported
+    capped = cross_task_matrix(handle, scores, evaluators, target=0.1, max_frac=0.05, progress=False)
+    assert capped.not_converged() == tasks + ["flat"]
+    for a in tasks:
+        assert capped.reached[a] == pytest.approx(_acc_after_pruning(weights, scale, scores[a], 0.05, a) / scale[a])
+        assert capped.reached[a] > 0.1 + 0.02
+    # a fixed fraction has no target: converged is None, reached is the own relative accuracy
+    fixed = cross_task_matrix(handle, scores, evaluators, frac=0.1, progress=False)
+    assert fixed.converged == {t: None for t in tasks + ["flat"]} and fixed.not_converged() == []
+    assert [fixed.reached[t] for t in fixed.tasks] == pytest.approx(np.diag(fixed.matrix).tolist())
+
+
+def test_matched_random_mask_keeps_per_layer_counts():
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.rand(4, 50, generator=gen)
+    scores[1] += 1.0                                        # global selection piles into layer 1
+    mask = select_neurons(scores, 0.3, "global")
+    mask[0], mask[3] = False, True                          # an empty layer stays empty, a full one full
+    counts = mask.sum(1)
+    assert counts[0] == 0 and counts[1] == 50 and 0 < counts[2] < 50
+    draws = [matched_random_mask(mask, seed) for seed in (0, 1, 2)]
+    for r in draws:
+        assert r.dtype == torch.bool and r.shape == mask.shape
+        assert torch.equal(r.sum(1), counts)
+    assert torch.equal(matched_random_mask(mask, 1), draws[1])        # seeded
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    partial = select_neurons(scores, 0.1, "per_layer")
+    assert not torch.equal(matched_random_mask(partial, 0), partial)  # not the selection itself
+    with pytest.raises(ValueError, match="bool"):
+        matched_random_mask(scores, 0)
+
+
+def _acc_after_mask(weights, scale, mask, t):
+    w = weights[t].numpy()
+    return scale[t] * (w.sum() - w[mask.numpy()].sum()) / w.sum()
+
+
+@pytest.mark.parametrize("mode", ["global", "per_layer"])
+def test_cross_task_matrix_random_baseline(toy, mode):
+    handle, tasks, weights, scale, scores, evaluators = toy
+    seeds = (0, 1, 2)
+    result = cross_task_matrix(handle, scores, evaluators, frac=0.1, mode=mode, random_seeds=seeds, progress=False)
+    assert result.random_pruned.shape == (3, 3, 3)
+    expected = np.zeros((3, 3, 3))
+    for i, a in enumerate(tasks):
+        mask = select_neurons(scores[a], 0.1, mode)
+        for s, seed in enumerate(seeds):
+            random_mask = matched_random_mask(mask, seed)
+            for j, b in enumerate(tasks):
+                expected[s, i, j] = _acc_after_mask(weights, scale, random_mask, b)
+    np.testing.assert_allclose(result.random_pruned, expected, rtol=1e-9)
+    assert len({tuple(result.random_pruned[:, 0, 0]), tuple(result.random_pruned[:, 0, 1])}) == 2  # seeds differ
+    scale_row = np.array([scale[t] for t in tasks])
+    np.testing.assert_allclose(result.random_matrix, expected.mean(0) / scale_row, rtol=1e-9)
+
+    # the summary, by hand
+    sel = result.selectivity()
+    m, r = result.matrix, result.random_matrix
+    for i, a in enumerate(tasks):
+        others = [j for j in range(3) if j != i]
+        assert sel["own"][i] == m[i, i] and sel["random_own"][i] == r[i, i]
+        assert sel["others"][i] == pytest.approx((m[i, others[0]] + m[i, others[1]]) / 2)
+        assert sel["random_others"][i] == pytest.approx((r[i, others[0]] + r[i, others[1]]) / 2)
+        assert sel["selectivity"][i] == pytest.approx(sel["others"][i] - m[i, i])
+        assert sel["random_selectivity"][i] == pytest.approx(sel["random_others"][i] - r[i, i])
+        assert sel["own_vs_random"][i] == pytest.approx(m[i, i] / r[i, i])
+        assert sel["others_vs_random"][i] == pytest.approx(
+            (m[i, others[0]] / r[i, others[0]] + m[i, others[1]] / r[i, others[1]]) / 2)
+    # the toy's scores follow each task's own weights: its own neurons hurt it more than random ones
+    assert (sel["own_vs_random"] < 1).all() and (sel["selectivity"] > sel["random_selectivity"]).all()
+    assert _n_hooks(handle) == [0] * L
+
+
+def test_cross_task_matrix_without_random_seeds_has_no_baseline(toy):
+    handle, tasks, weights, scale, scores, evaluators = toy
+    result = cross_task_matrix(handle, scores, evaluators, frac=0.1, progress=False)
+    assert result.random_pruned is None and result.random_matrix is None
+    sel = result.selectivity()
+    assert np.isnan(sel["random_selectivity"]).all() and np.isfinite(sel["selectivity"]).all()
+    with pytest.raises(ValueError, match="distinct"):
+        cross_task_matrix(handle, scores, evaluators, frac=0.1, random_seeds=(1, 1), progress=False)
 
 
 def test_cross_task_matrix_arguments(toy):

@@ -71,13 +71,18 @@ def test_adapter_shapes_and_neuron_location(class_name, tmp_path):
     proj_in = {}
     hooks = [_get(handle.blocks[layer], ARCHITECTURES[class_name].w_in).register_forward_pre_hook(
         lambda m, a, layer=layer: proj_in.__setitem__(layer, a[0].detach().clone())) for layer in range(handle.n_layers)]
+    mlp_in = {}
     try:
-        with handle.capture() as captured:
+        with handle.capture() as captured, handle.hooks(
+                {layer: (lambda x, layer=layer: mlp_in.__setitem__(layer, x.detach().clone()))
+                 for layer in range(handle.n_layers)}, at="mlp_input"):
             _forward(handle)
     finally:
         for h in hooks:
             h.remove()
     neuron_in = {layer: rows[0] for layer, rows in captured.items()}
+    for layer in range(handle.n_layers):          # handle.hooks(at="mlp_input") reads W_in's input
+        assert torch.equal(mlp_in[layer], proj_in[layer]) and mlp_in[layer].shape[-1] == D_MODEL[class_name]
     assert sorted(neuron_in) == [0, 1] and all(len(rows) == 1 for rows in captured.values())
     for layer in range(handle.n_layers):
         assert neuron_in[layer].shape[-1] == handle.d_mlp

@@ -6,11 +6,12 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from scipy.special import comb
 
+from conftest import random_texts, windows_of
 from modsep_nb.models import ARCHITECTURES, Architecture, load_model
-from modsep_nb.moefication import (active_matrix, balanced_assignment, balanced_kmeans, check_n_experts,
-                                   coactivation_graph, coactivation_split, expert_routing, inertia,
-                                   normalize_rows, random_balanced_split, rebalance_partition, split_layers,
-                                   valid_expert_counts)
+from modsep_nb.moefication import (Router, active_matrix, balanced_assignment, balanced_kmeans, check_n_experts,
+                                   coactivation_graph, coactivation_split, expert_routing, fit_router, inertia,
+                                   normalize_rows, predicted_routing, random_balanced_split, rebalance_partition,
+                                   router_agreement, split_layers, valid_expert_counts)
 
 DIVISORS_48 = [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]
 
@@ -319,6 +320,148 @@ def test_routing_validates_inputs(stack):
     with pytest.raises(ValueError, match="exactly"):
         with expert_routing(handle, unbalanced, k=1):
             pass
+
+
+# ----------------------------------------------------------------------------- learned router
+
+N_EXPERTS, K = 6, 2
+
+
+def _router_labels(handle):
+    return torch.stack([random_balanced_split(handle.d_mlp, N_EXPERTS, seed=10 + i) for i in range(handle.n_layers)])
+
+
+def _dense_pairs(handle, texts, ctx):
+    """By plain torch hooks, window by window (no padding): per layer the MLP inputs [N, d_model] and the
+    neuron vectors [N, d_mlp] of every token, float64."""
+    inputs = {layer: [] for layer in range(handle.n_layers)}
+    neurons = {layer: [] for layer in range(handle.n_layers)}
+    removers = []
+    for layer in range(handle.n_layers):
+        removers.append(handle.mlp_input_module(layer).register_forward_pre_hook(
+            lambda m, a, layer=layer: inputs[layer].append(a[0][0].double())))
+        removers.append(handle.neuron_module(layer).register_forward_pre_hook(
+            lambda m, a, layer=layer: neurons[layer].append(a[0][0].double())))
+    with torch.no_grad():
+        for w in windows_of(texts, ctx):
+            handle.model(input_ids=torch.tensor([w]))
+    for r in removers:
+        r.remove()
+    return ({layer: torch.cat(v).numpy() for layer, v in inputs.items()},
+            {layer: torch.cat(v).numpy() for layer, v in neurons.items()})
+
+
+def _expert_sums(neurons, labels):
+    return np.stack([np.abs(neurons[:, labels == e]).sum(1) for e in range(N_EXPERTS)], 1)
+
+
+def _top_k_sets(scores):
+    return [set(np.argsort(-row, kind="stable")[:K]) for row in scores]
+
+
+def _n_hooks(handle):
+    return [len(handle.neuron_module(i)._forward_pre_hooks) + len(handle.mlp_input_module(i)._forward_pre_hooks)
+            for i in range(handle.n_layers)]
+
+
+def test_router_fit_equals_ridge_regression_by_hand(tiny_llama):
+    handle, labels = tiny_llama, _router_labels(tiny_llama)
+    texts = random_texts(12, seed=20, min_len=3, max_len=15)
+    router = fit_router(handle, texts, labels, ridge=0.01, ctx=16, batch_size=3)
+    assert isinstance(router, Router) and router.n_experts == N_EXPERTS
+    assert router.weights.shape == (handle.n_layers, 16 + 1, N_EXPERTS) and torch.equal(router.labels, labels)
+    inputs, neurons = _dense_pairs(handle, texts, 16)
+    for layer in range(handle.n_layers):
+        x = np.hstack([inputs[layer], np.ones((len(inputs[layer]), 1))])
+        y = _expert_sums(neurons[layer], labels[layer].numpy())
+        assert len(x) > 17                                       # more tokens than weights: a real fit
+        lam = 0.01 * np.mean(np.sum(inputs[layer] ** 2, 0))     # ridge x mean squared coordinate x N
+        # ridge as least squares on an augmented system (intercept not penalised)
+        aug_x = np.vstack([x, np.sqrt(lam) * np.eye(17)[:16]])
+        aug_y = np.vstack([y, np.zeros((16, N_EXPERTS))])
+        expected = np.linalg.lstsq(aug_x, aug_y, rcond=None)[0]
+        np.testing.assert_allclose(router.weights[layer].numpy(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_router_fitted_on_the_same_few_tokens_matches_the_oracle(tiny_llama):
+    """With fewer tokens than weights and a negligible penalty the fit interpolates: on those tokens the
+    predicted experts are the oracle's."""
+    handle, labels = tiny_llama, _router_labels(tiny_llama)
+    texts = ["w01 w07 w03 w11 w02 w09 w30 w14 w05 w22 w41 w08"]
+    router = fit_router(handle, texts, labels, ridge=1e-10, ctx=32)
+    inputs, neurons = _dense_pairs(handle, texts, 32)
+    assert len(inputs[0]) <= 17
+    for layer in range(handle.n_layers):
+        predicted = router.predict(layer, torch.from_numpy(inputs[layer]).float()).double().numpy()
+        np.testing.assert_allclose(predicted, _expert_sums(neurons[layer], labels[layer].numpy()), rtol=1e-4,
+                                   atol=1e-5)
+    torch.testing.assert_close(router_agreement(handle, router, texts, K, ctx=32),
+                               torch.ones(handle.n_layers, dtype=torch.float64), rtol=0, atol=0)
+    # layer 0's input does not depend on routing: its routed neurons equal the oracle's
+    ids = torch.tensor(windows_of(texts, 32))
+    routed = []
+    for routing in (expert_routing(handle, labels, K), predicted_routing(handle, router, K)):
+        with routing, handle.capture([0]) as captured, torch.no_grad():
+            handle.model(input_ids=ids)
+        routed.append(captured[0][0])
+    assert torch.equal(routed[0], routed[1])
+    assert _n_hooks(handle) == [0] * handle.n_layers
+
+
+def test_router_on_held_out_tokens_by_hand(tiny_llama):
+    handle, labels = tiny_llama, _router_labels(tiny_llama)
+    train, held_out = random_texts(20, seed=21, min_len=3, max_len=15), random_texts(10, seed=22, min_len=3, max_len=15)
+    router = fit_router(handle, train, labels, ctx=16)
+    got = router_agreement(handle, router, held_out, K, ctx=16, batch_size=4)
+    inputs, neurons = _dense_pairs(handle, held_out, 16)
+    for layer in range(handle.n_layers):
+        predicted = router.predict(layer, torch.from_numpy(inputs[layer]).float()).numpy()
+        true = _expert_sums(neurons[layer], labels[layer].numpy())
+        expected = np.mean([len(p & t) / K for p, t in zip(_top_k_sets(predicted), _top_k_sets(true))])
+        assert got[layer].item() == pytest.approx(expected, abs=1e-12)
+    assert (got < 1).any() and (got > 0).all()                   # held out: short of the oracle's 1
+    # inside predicted_routing every layer keeps at most K experts, and layer 0 keeps the predicted ones
+    ids = torch.tensor(windows_of(held_out[:1], 16))
+    with predicted_routing(handle, router, K), handle.capture() as captured, torch.no_grad():
+        handle.model(input_ids=ids)
+    first_inputs, first_neurons = _dense_pairs(handle, held_out[:1], 16)
+    kept = _top_k_sets(router.predict(0, torch.from_numpy(first_inputs[0]).float()).numpy())
+    lab = labels[0].numpy()
+    for token, experts in enumerate(kept):
+        want = np.where(np.isin(lab, list(experts)), first_neurons[0][token], 0.0)
+        np.testing.assert_allclose(captured[0][0][0, token].double().numpy(), want, atol=1e-6)
+    for layer in range(handle.n_layers):
+        flat = captured[layer][0].reshape(-1, handle.d_mlp)
+        live = torch.stack([(flat[:, labels[layer] == e] != 0).any(1) for e in range(N_EXPERTS)], 1)
+        assert (live.sum(1) <= K).all()
+
+
+def test_router_hooks_go_away_and_inputs_are_checked(tiny_llama):
+    handle, labels = tiny_llama, _router_labels(tiny_llama)
+    texts = random_texts(4, seed=23)
+    router = fit_router(handle, texts, labels, ctx=16)
+    with pytest.raises(RuntimeError, match="boom"):
+        with predicted_routing(handle, router, K):
+            assert _n_hooks(handle) == [2] * handle.n_layers
+            raise RuntimeError("boom")
+    assert _n_hooks(handle) == [0] * handle.n_layers
+    with pytest.raises(ValueError, match="between 1 and 6"):
+        with predicted_routing(handle, router, 7):
+            pass
+    with pytest.raises(ValueError, match="fit it on this model"):
+        with predicted_routing(handle, Router(router.weights[:, :-2], router.labels), K):
+            pass
+    with pytest.raises(ValueError, match="n_layers, d_mlp"):
+        fit_router(handle, texts, labels[:1])
+    with pytest.raises(ValueError, match="ridge"):
+        fit_router(handle, texts, labels, ridge=0.0)
+    with pytest.raises(ValueError, match="mlp_input"):
+        with handle.hooks({0: lambda x: None}, at="input"):
+            pass
+    with pytest.raises(ValueError, match="only read"):
+        with handle.hooks({0: lambda x: x * 2}, at="mlp_input"), torch.no_grad():
+            handle.model(input_ids=torch.tensor([windows_of(texts, 16)[0]]))
+    assert _n_hooks(handle) == [0] * handle.n_layers
 
 
 # ----------------------------------------------------------------------------- whole model

@@ -7,9 +7,9 @@ import pytest
 import torch
 from scipy import stats
 
-from modsep_nb.overlaps import (chance_intersection, chance_overlap, layer_distribution, overlap,
-                               overlap_matrix, overlap_sweep, pattern_persistence, related_vs_unrelated,
-                               score_spearman)
+from modsep_nb.overlaps import (chance_intersection, chance_overlap, layer_distribution, layer_matched_chance,
+                               layer_matched_chance_matrix, overlap, overlap_matrix, overlap_sweep,
+                               pattern_persistence, related_vs_unrelated, score_spearman)
 from modsep_nb.pruning import select_neurons
 
 
@@ -86,6 +86,66 @@ def test_chance_matches_simulation():
     assert np.mean(jac) == pytest.approx(chance_overlap(na, nb, n, metric="jaccard"), abs=0.005)
 
 
+def _counts_mask(counts, d):
+    mask = torch.zeros(len(counts), d, dtype=torch.bool)
+    for layer, k in enumerate(counts):
+        mask[layer, :k] = True
+    return mask
+
+
+def test_layer_matched_chance_by_hand():
+    # both sets hold 10 neurons, all in layer 0 of 2 layers x 20: E|A∩B| = 10*10/20 = 5
+    a, b = _counts_mask([10, 0], 20), _counts_mask([0, 0], 20)
+    b[0, 10:] = True                                          # other neurons, same layer: the counts matter only
+    assert layer_matched_chance(a, b) == pytest.approx(5 / 10)
+    assert layer_matched_chance(a, b, metric="jaccard") == pytest.approx(5 / (20 - 5))
+    assert chance_overlap(10, 10, 40) == pytest.approx(10 / 40)        # uniform chance is half of it
+    # one layer: the layer-matched chance is the uniform chance
+    g = torch.Generator().manual_seed(5)
+    one_a, one_b = torch.rand(1, 80, generator=g) < 0.2, torch.rand(1, 80, generator=g) < 0.4
+    for metric in ("overlap", "jaccard"):
+        expected = chance_overlap(int(one_a.sum()), int(one_b.sum()), 80, metric=metric)
+        assert layer_matched_chance(one_a, one_b, metric) == pytest.approx(expected, rel=1e-12)
+    assert math.isnan(layer_matched_chance(a, torch.zeros_like(a)))
+    with pytest.raises(ValueError, match="same model"):
+        layer_matched_chance(a, b[:, :10])
+
+
+def test_layer_matched_chance_matches_simulation():
+    rng = np.random.default_rng(1)
+    d, counts_a, counts_b = 60, [30, 5, 0], [20, 10, 4]
+    a, b = _counts_mask(counts_a, d), _counts_mask(counts_b, d)
+    ov, jac = [], []
+    for _ in range(3000):
+        ra = np.zeros((3, d), bool)
+        rb = np.zeros((3, d), bool)
+        for layer in range(3):
+            ra[layer, rng.choice(d, counts_a[layer], replace=False)] = True
+            rb[layer, rng.choice(d, counts_b[layer], replace=False)] = True
+        inter = (ra & rb).sum()
+        ov.append(inter / min(ra.sum(), rb.sum()))
+        jac.append(inter / (ra | rb).sum())
+    expected = layer_matched_chance(a, b)
+    assert expected == pytest.approx((30 * 20 + 5 * 10) / 60 / 34)
+    assert np.mean(ov) == pytest.approx(expected, abs=0.006)          # ~5 standard errors
+    assert expected > 1.5 * chance_overlap(35, 34, 180)               # piling up raises chance
+    assert np.mean(jac) == pytest.approx(layer_matched_chance(a, b, metric="jaccard"), abs=0.006)
+
+
+def test_layer_matched_chance_matrix_matches_pairwise():
+    g = torch.Generator().manual_seed(6)
+    masks = {f"t{i}": torch.rand(3, 30, generator=g) < torch.tensor([[0.5], [0.1], [0.2 * i]]) for i in range(4)}
+    for metric in ("overlap", "jaccard"):
+        names, m = layer_matched_chance_matrix(masks, metric=metric)
+        assert names == list(masks) and m.shape == (4, 4)
+        for i, x in enumerate(names):
+            for j, y in enumerate(names):
+                assert m[i, j] == pytest.approx(layer_matched_chance(masks[x], masks[y], metric), rel=1e-12)
+    _, m = layer_matched_chance_matrix(masks)
+    counts = masks["t1"].sum(1).double()                  # the diagonal: two random sets with t1's counts
+    assert m[1, 1] == pytest.approx(float((counts ** 2).sum() / 30 / counts.sum()))
+
+
 def test_score_spearman_matches_scipy_with_ties():
     g = torch.Generator().manual_seed(1)
     a = torch.randint(0, 7, (3, 40), generator=g).to(torch.float16)   # many ties, as in the release
@@ -128,6 +188,11 @@ def test_overlap_sweep_consistent_with_direct_computation():
             assert sweep["max"][f] == pytest.approx(max(values))
             k = int(masks["t0"].sum())
             assert sweep["chance"][f] == pytest.approx(k / 400)   # max(|A|,|B|)/N with equal sizes
+            layer_chance = [layer_matched_chance(masks[a], masks[b]) for i, a in enumerate(masks)
+                            for b in list(masks)[i + 1:]]
+            assert sweep["layer_chance"][f] == pytest.approx(np.mean(layer_chance))
+            if mode == "per_layer":                                # equal counts per layer: no pile-up
+                assert sweep["layer_chance"][f] == pytest.approx(sweep["chance"][f])
 
 
 def test_layer_distribution():

@@ -153,6 +153,41 @@ def test_eps_is_used_when_retain_is_silent():
         prune_scores(f, r, importance="l2")
 
 
+def test_relative_eps_is_a_fraction_of_each_layers_median_retain_importance():
+    rng = np.random.default_rng(4)
+    xf = rng.normal(0, 1.0, size=(30, 3, 6))
+    # layers on very different scales, as trained vs random-init models are
+    xr = rng.normal(0, 1.0, size=(30, 3, 6)) * np.array([0.05, 1.0, 20.0])[None, :, None]
+    f, r = _stats_from(xf), _stats_from(xr)
+    i_r = np.abs(xr).mean(0)
+    for rel in (0.1, 1.0):
+        eps_l = rel * np.median(i_r, axis=1)                 # even d_mlp: the mean of the two middle values
+        assert eps_l[2] > 100 * eps_l[0]
+        expected = np.abs(xf).mean(0) / (i_r + eps_l[:, None])
+        np.testing.assert_allclose(prune_scores(f, r, eps_relative=rel).numpy(), expected, rtol=1e-12)
+        # eps is not used when eps_relative is given
+        np.testing.assert_allclose(prune_scores(f, r, eps=0.5, eps_relative=rel).numpy(), expected, rtol=1e-12)
+    odd = _stats_from(xr[:, :, :5])
+    scores = prune_scores(odd, odd, eps_relative=1.0).numpy()
+    np.testing.assert_allclose(scores, i_r[:, :5] / (i_r[:, :5] + np.median(i_r[:, :5], axis=1)[:, None]),
+                               rtol=1e-12)
+    # the relative eps follows the scale: scaling every activation leaves the scores unchanged
+    scaled = prune_scores(_stats_from(xf * 7), _stats_from(xr * 7), eps_relative=0.1)
+    np.testing.assert_allclose(scaled.numpy(), prune_scores(f, r, eps_relative=0.1).numpy(), rtol=1e-10)
+    with pytest.raises(ValueError, match="eps_relative"):
+        prune_scores(f, r, eps_relative=-0.1)
+
+
+def test_task_scores_pass_relative_eps():
+    from modsep_nb.pruning import task_scores
+    rng = np.random.default_rng(5)
+    stats = {t: _stats_from(rng.normal(size=(20, 2, 4))) for t in "abc"}
+    got = task_scores(stats, eps_relative=0.3)
+    torch.testing.assert_close(got["b"], prune_scores(stats["b"], [stats["a"], stats["c"]], eps_relative=0.3),
+                               rtol=0, atol=0)
+    assert not torch.equal(got["b"], task_scores(stats)["b"])
+
+
 def test_retain_list_is_pooled_with_equal_weight_per_task():
     rng = np.random.default_rng(3)
     f = _stats_from(rng.normal(size=(10, 2, 3)))

@@ -42,6 +42,8 @@ def write_params(tmp_path, text: str) -> Path:
     ("notebooks: ['07']", ["'notebooks'", "01"]),
     ("lm: {batch_size: 0}", ["'lm.batch_size'", "at least 1"]),
     ("pruning: {importance: loud}", ["'pruning.importance'", "abs"]),
+    ("pruning: {eps_relative: -0.1}", ["'pruning.eps_relative'", "null"]),
+    ("pruning: {eps_relative: small}", ["'pruning.eps_relative'", "number"]),
     ("moefication: {max_degree: 0}", ["'moefication.max_degree'", "whole number"]),
     ("moefication: {n_init: some}", ["'moefication.n_init'", "auto"]),
     ("device: gpu", ["'device'", "cuda:N", "sharded"]),
