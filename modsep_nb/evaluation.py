@@ -176,17 +176,6 @@ def matched_random_mask(mask: torch.Tensor, seed: int) -> torch.Tensor:
         out[layer, torch.randperm(mask.shape[1], generator=gen)[:k]] = True
     return out.to(mask.device)
 
-    def summary(self) -> dict:
-        """Per pruned task A: its own relative accuracy M[A, A] and the others' mean M[A, B≠A]; their means over
-        tasks, and selectivity = others − own (positive: pruning A's neurons hurts A more than the rest)."""
-        n = len(self.tasks)
-        off = ~np.eye(n, dtype=bool)
-        own = np.diag(self.matrix)
-        others = np.array([self.matrix[i][off[i]].mean() for i in range(n)])
-        return {"own": dict(zip(self.tasks, own.tolist())), "others": dict(zip(self.tasks, others.tolist())),
-                "own_mean": float(own.mean()), "own_min": float(own.min()), "others_mean": float(others.mean()),
-                "selectivity": float(others.mean() - own.mean())}
-
 
 def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = None,
                       target: float | None = None, mode="global", ablation="zero", means=None,
