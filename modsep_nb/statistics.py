@@ -263,12 +263,13 @@ class StatsCollector:
 
 def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: int | None = None,
                   ctx: int = 256, cls_only: bool = False, task: str | None = None,
-                  progress: bool = True, distributed: bool | None = None, fused: bool = True
-                  ) -> NeuronStats:
+                  progress: bool = True, distributed: bool | None = None, fused: bool = True,
+                  doc_tokens: int | None = None) -> NeuronStats:
     """Statistics of every neuron over `data` (SPEC §2, §11).
 
     data: list[str] for an LM (documents; cut into windows of `ctx` tokens, padded batches, padding never
-    counted, at most `max_tokens` real tokens); a float tensor [N, C, H, W], an ImageDataset or a map-style
+    counted, at most `max_tokens` real tokens read in rounds of `doc_tokens` per document, default one
+    window, so the budget is spread over many documents: data.document_windows); a float tensor [N, C, H, W], an ImageDataset or a map-style
     dataset of images (see data.images_and_labels) for an image model (CLS and patch tokens by default, CLS
     only with cls_only=True).
     distributed: under torchrun / accelerate launch (default: when torch.distributed is initialised) each
@@ -279,11 +280,11 @@ def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: in
     """
     shard = _shard(distributed)
     meta = {"model": handle.label, "task": task, "max_tokens": max_tokens,
-            "ctx": ctx, "cls_only": cls_only, "random_init": handle.random_init, "seed": handle.seed}
+            "ctx": ctx, "doc_tokens": doc_tokens, "cls_only": cls_only, "random_init": handle.random_init, "seed": handle.seed}
     with StatsCollector(handle, fused=fused) as collector:
         run_batches(handle, data, collector, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
                     cls_only=cls_only, progress=progress and shard[0] == 0, desc=f"stats {task or ''}".strip(),
-                    shard=shard)
+                    shard=shard, doc_tokens=doc_tokens)
     if shard[1] > 1:
         collector.all_reduce()
     meta["tokens"] = float(collector.count[0])
@@ -304,7 +305,7 @@ def _shard(distributed: bool | None) -> tuple[int, int]:
 
 @torch.no_grad()
 def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ctx=256, cls_only=False,
-                progress=True, desc="forward", on_logits=None, shard=(0, 1)):
+                progress=True, desc="forward", on_logits=None, shard=(0, 1), doc_tokens=None):
     """Run `data` through the model in batches, telling `collector` which positions count.
     shard=(rank, world_size): this process's share (every world_size-th window or image)."""
     from .data import images_and_labels, lm_batches
@@ -315,7 +316,7 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
         if not data:
             raise ValueError("the text data is empty: pass at least one document")
         batches = lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8, max_tokens=max_tokens,
-                             shard=shard)
+                             doc_tokens=doc_tokens, shard=shard)
         bar = tqdm(total=max_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
         for ids, mask in batches:
             if collector is not None:
