@@ -6,6 +6,7 @@ on the train split and evaluated on the test split, so statistics never see eval
 """
 from __future__ import annotations
 
+import collections
 import gzip
 import random
 import re
@@ -46,8 +47,9 @@ class DataNotAvailableError(FileNotFoundError):
 @dataclass(frozen=True)
 class Document:
     """One top-level document of a domain. `id` names it there: a file name relative to the domain's root,
-    `CATEGORY:N` for the Nth fortune entry (0-based, file order), a pydoc topic key, or the row number of a
-    hub domain. Documents with the same `family` (None: their own) always land on the same side of a split."""
+    `CATEGORY:N` for the Nth fortune entry (0-based, file order), a pydoc topic key, or the position of a
+    hub domain's document (0-based, in the order read). Documents with the same `family` (None: their own)
+    always land on the same side of a split."""
     id: str
     text: str
     family: str | None = None
@@ -123,9 +125,8 @@ def document_groups(docs: list[Document], n_chars: int = 200) -> list[int]:
     """A group label per document: documents of one family, and documents that share a passage of `n_chars`
     characters (directly or through others), get the same label.
 
-    The passage search is exact: every text is cut into chunks of n_chars // 2 at that stride; a shared
-    passage of n_chars holds a whole chunk of one text, so looking up the chunk at every offset of every text
-    finds it, and extending the match both ways confirms it."""
+    Exact: every n_chars-character window of every text is hashed; windows of different documents with equal
+    hashes are compared as strings. Memory: about 20 bytes a character of the domain."""
     if n_chars < 2:
         raise ValueError(f"n_chars must be at least 2, got {n_chars}")
     parent = list(range(len(docs)))
@@ -139,28 +140,45 @@ def document_groups(docs: list[Document], n_chars: int = 200) -> list[int]:
     for i, d in enumerate(docs):
         if d.family is not None:
             parent[root(i)] = root(first.setdefault(d.family, i))
-    k = n_chars // 2
-    chunks: dict[str, list[tuple[int, int]]] = {}
+    hashes, owners, starts = [], [], []
     for i, d in enumerate(docs):
-        for start in range(0, len(d.text) - k + 1, k):
-            chunks.setdefault(d.text[start:start + k], []).append((i, start))
-    for i, d in enumerate(docs):
-        for a in range(len(d.text) - k + 1):
-            for j, b in chunks.get(d.text[a:a + k], ()):
-                if root(i) != root(j) and _match_length(d.text, a, docs[j].text, b, k) >= n_chars:
-                    parent[root(i)] = root(j)
+        h, at = np.unique(_window_hashes(d.text, n_chars), return_index=True)   # once per document
+        hashes.append(h)
+        owners.append(np.full(len(h), i, dtype=np.int32))
+        starts.append(at.astype(np.int32))
+    hashes, owners, starts = np.concatenate(hashes), np.concatenate(owners), np.concatenate(starts)
+    order = np.argsort(hashes, kind="stable")
+    hashes = hashes[order]
+    run_start = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
+    run_len = np.diff(np.r_[run_start, len(hashes)])
+    for start, length in zip(run_start[run_len > 1].tolist(), run_len[run_len > 1].tolist()):
+        members = order[start:start + length]
+        if len({root(int(owners[m])) for m in members}) == 1:
+            continue
+        seen: dict[str, int] = {}                          # equal hashes, but only equal strings count
+        for m in members:
+            i, at = int(owners[m]), int(starts[m])
+            j = seen.setdefault(docs[i].text[at:at + n_chars], i)
+            parent[root(i)] = root(j)
     return [root(i) for i in range(len(docs))]
 
 
-def _match_length(x: str, a: int, y: str, b: int, k: int) -> int:
-    """Length of the common run of x and y through x[a:a+k] == y[b:b+k] (extended both ways)."""
-    before = 0
-    while a - before > 0 and b - before > 0 and x[a - before - 1] == y[b - before - 1]:
-        before += 1
-    after = k
-    while a + after < len(x) and b + after < len(y) and x[a + after] == y[b + after]:
-        after += 1
-    return before + after
+_HASH_BASE = 1_000_003          # odd, so it has an inverse modulo 2**64
+
+
+def _window_hashes(text: str, n: int) -> np.ndarray:
+    """A polynomial hash (mod 2**64) of every n-character window of `text`, by its offset."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    count = len(codes) - n + 1
+    if count <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    with np.errstate(over="ignore"):          # arithmetic modulo 2**64 on purpose
+        base = np.full(len(codes) - 1, _HASH_BASE, dtype=np.uint64)
+        inverse = np.full(count - 1, pow(_HASH_BASE, -1, 1 << 64), dtype=np.uint64)
+        powers = np.r_[np.uint64(1), np.cumprod(base, dtype=np.uint64)]
+        inverses = np.r_[np.uint64(1), np.cumprod(inverse, dtype=np.uint64)]
+        prefix = np.r_[np.uint64(0), np.cumsum(codes * powers, dtype=np.uint64)]
+        return (prefix[n:] - prefix[:count]) * inverses           # sum of codes[s + j] * base**j
 
 
 def split_documents(docs: list, eval_frac: float = 0.3, seed: int = 0) -> tuple[list[Document], list[Document]]:
@@ -186,7 +204,7 @@ def split_documents(docs: list, eval_frac: float = 0.3, seed: int = 0) -> tuple[
                          f"collect and evaluate parts")
     rng = random.Random(seed)
     rng.shuffle(labels)
-    size = {g: groups.count(g) for g in labels}
+    size = collections.Counter(groups)
     target = max(1, int(round(eval_frac * len(docs))))
     chosen, n_eval = set(), 0
     for g in labels:
@@ -225,7 +243,7 @@ def text_tasks(names, *, eval_frac: float = 0.3, seed: int = 0, source: str = "e
                data_dir: str | None = None) -> dict[str, TextTask]:
     """Text tasks by name, each split into disjoint collection/evaluation documents (split_documents).
     source="hub": the paper's domains through datasets.load_dataset, or, offline, from data_dir/<name>
-    (a `save_to_disk` copy per domain); their ids are row numbers."""
+    (a `save_to_disk` copy per domain); their ids are positions in the order read (0-based)."""
     if source not in ("embedded", "hub"):
         raise ValueError(f"source must be 'embedded' or 'hub', got {source!r}")
     tasks = {}

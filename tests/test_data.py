@@ -187,46 +187,32 @@ def test_licence_families_stay_on_one_side(embedded_tasks):
     assert data.license_family("Apache-2.0") == "Apache" and data.license_family("CC0-1.0") == "CC0"
 
 
-_BASE = 1_000_003       # odd, so it has an inverse mod 2**64
-
-
-def _window_hashes(texts: list[str], n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A polynomial hash (mod 2**64) of every n-character window of every text, with its text and offset."""
-    hashes, owners, starts = [], [], []
-    inverse = pow(_BASE, -1, 1 << 64)
-    for i, text in enumerate(texts):
-        if len(text) < n:
-            continue
-        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
-        with np.errstate(over="ignore"):
-            powers = np.concatenate([[np.uint64(1)], np.cumprod(np.full(len(codes) - 1, _BASE, dtype=np.uint64))])
-            inverses = np.concatenate([[np.uint64(1)],
-                                       np.cumprod(np.full(len(codes) - 1, inverse, dtype=np.uint64))])
-            prefix = np.concatenate([[np.uint64(0)], np.cumsum(codes * powers, dtype=np.uint64)])
-            k = len(codes) - n + 1
-            hashes.append((prefix[n:n + k] - prefix[:k]) * inverses[:k])
-        owners.append(np.full(k, i))
-        starts.append(np.arange(k))
-    if not hashes:
-        return np.zeros(0, np.uint64), np.zeros(0, int), np.zeros(0, int)
-    return np.concatenate(hashes), np.concatenate(owners), np.concatenate(starts)
-
-
 def _shared_passages(left: list[str], right: list[str], n: int = 200) -> list[tuple[int, int]]:
-    """(left, right) text pairs that share an n-character substring: every window of both sides hashed,
-    equal hashes checked character by character."""
-    lh, lo, ls = _window_hashes(left, n)
-    rh, ro, rs = _window_hashes(right, n)
-    order = np.argsort(rh, kind="stable")
-    sorted_rh = rh[order]
+    """(left, right) text pairs that share an n-character substring (independent of data.document_groups).
+
+    The right texts are cut into chunks of n // 2 at that stride: a shared n-character passage holds one whole
+    chunk, so looking up the chunk at every offset of the left texts finds it, and extending the match
+    character by character both ways measures the common run."""
+    k = n // 2
+    chunks = collections.defaultdict(list)
+    for j, text in enumerate(right):
+        for start in range(0, len(text) - k + 1, k):
+            chunks[text[start:start + k]].append((j, start))
     found = set()
-    for index in np.flatnonzero(np.isin(lh, rh)):
-        a, sa = int(lo[index]), int(ls[index])
-        lo_b, hi_b = np.searchsorted(sorted_rh, lh[index], "left"), np.searchsorted(sorted_rh, lh[index], "right")
-        for b_index in order[lo_b:hi_b]:
-            b, sb = int(ro[b_index]), int(rs[b_index])
-            if left[a][sa:sa + n] == right[b][sb:sb + n]:
-                found.add((a, b))
+    for i, x in enumerate(left):
+        for a in range(len(x) - k + 1):
+            for j, b in chunks.get(x[a:a + k], ()):
+                y = right[j]
+                if (i, j) in found:
+                    continue
+                before = 0
+                while a - before > 0 and b - before > 0 and x[a - before - 1] == y[b - before - 1]:
+                    before += 1
+                after = k
+                while a + after < len(x) and b + after < len(y) and x[a + after] == y[b + after]:
+                    after += 1
+                if before + after >= n:
+                    found.add((i, j))
     return sorted(found)
 
 
@@ -236,6 +222,22 @@ def test_shared_passage_check_finds_what_it_should():
     left = [words[0], words[1][:300] + words[3][100:300] + "é" + words[1][300:]]
     right = [words[2], "x" + words[3][100:300] + "y", "z" + words[3][100:299] + "w"]
     assert _shared_passages(left, right) == [(1, 1)]          # 200 shared characters found, 199 not
+
+
+@pytest.mark.parametrize("name", ["docs", "law", "licenses"])
+def test_document_groups_are_the_components_of_shared_passages(name):
+    docs = [Document(d.id, d.text) for d in embedded_documents(name)]          # families left out here
+    texts = [d.text for d in docs]
+    component = list(range(len(docs)))                     # connected components of the pairs, by relabelling
+    for a, b in _shared_passages(texts, texts):
+        if a != b:
+            old, new = component[a], component[b]
+            component = [new if c == old else c for c in component]
+    groups = document_groups(docs)
+    assert len(set(component)) < len(docs)                 # the domain has shared passages to find
+    for i in range(len(docs)):
+        for j in range(len(docs)):
+            assert (groups[i] == groups[j]) == (component[i] == component[j]), (docs[i].id, docs[j].id)
 
 
 @pytest.mark.parametrize("name", EMBEDDED_TEXT_DOMAINS)
