@@ -10,7 +10,7 @@ from .data import images_and_labels, lm_batches
 
 @torch.no_grad()
 def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ctx=256, cls_only=False,
-                progress=True, desc="forward", on_logits=None, shard=(0, 1)):
+                progress=True, desc="forward", on_logits=None, shard=(0, 1), doc_tokens=None):
     """Run `data` through the model in batches, telling `collector` which positions count.
     shard=(rank, world_size): this process's share (every world_size-th window or image)."""
     device = handle.device
@@ -20,7 +20,7 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
         if not data:
             raise ValueError("the text data is empty: pass at least one document")
         batches = lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8, max_tokens=max_tokens,
-                             shard=shard)
+                             doc_tokens=doc_tokens, shard=shard)
         bar = tqdm(total=max_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
         for ids, mask in batches:
             if collector is not None:

@@ -6,8 +6,10 @@ on the train split and evaluated on the test split, so statistics never see eval
 """
 from __future__ import annotations
 
+import collections
 import gzip
 import random
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,46 +44,67 @@ class DataNotAvailableError(FileNotFoundError):
 
 
 # -- embedded text domains ---------------------------------------------------------------------------
-def _python_sources() -> list[str]:
+@dataclass(frozen=True)
+class Document:
+    """One top-level document of a domain. `id` names it there: a file name relative to the domain's root,
+    `CATEGORY:N` for the Nth fortune entry (0-based, file order), a pydoc topic key, or the position of a
+    hub domain's document (0-based, in the order read). Documents with the same `family` (None: their own)
+    always land on the same side of a split."""
+    id: str
+    text: str
+    family: str | None = None
+
+
+# Licence files that quote one another are one family (a normalised name: the file name without its version).
+# Measured on Debian's common-licenses: GPL, LGPL and GFDL share passages of 200+ characters across families.
+LICENSE_FAMILIES = {"GPL": "GNU", "LGPL": "GNU", "GFDL": "GNU"}
+
+
+def license_family(file_name: str) -> str:
+    """The family of a licence file: its name without a version (GPL-2, GPL-3, GPL -> GPL), then
+    LICENSE_FAMILIES (GPL, LGPL, GFDL -> GNU)."""
+    base = re.sub(r"-v?\d+(\.\d+)*$", "", file_name)
+    return LICENSE_FAMILIES.get(base, base)
+
+
+def _python_sources() -> list[Document]:
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    return [p.read_text(encoding="utf-8", errors="replace") for p in sorted(stdlib.glob("*.py"))]
+    return [Document(p.name, p.read_text(encoding="utf-8", errors="replace")) for p in sorted(stdlib.glob("*.py"))]
 
 
-def _pydoc_topics() -> list[str]:
+def _pydoc_topics() -> list[Document]:
     from pydoc_data.topics import topics
-    return [topics[k] for k in sorted(topics)]
+    return [Document(k, topics[k]) for k in sorted(topics)]
 
 
-def _licenses(piece_chars: int = 3000) -> list[str]:
-    """License texts cut into pieces of about `piece_chars` at paragraph breaks (few files, long texts)."""
+def _licenses() -> list[Document]:
+    """Whole licence files (a link such as GPL -> GPL-3 is read once, under its target's name)."""
     if not LICENSES_DIR.is_dir():
         raise DataNotAvailableError(f"{LICENSES_DIR} is missing: it comes with Debian's base-files package")
-    texts = {p.resolve(): p.read_text(errors="replace") for p in sorted(LICENSES_DIR.iterdir()) if p.is_file()}
-    pieces = []
-    for text in texts.values():
-        current = ""
-        for para in text.split("\n\n"):
-            current += para + "\n\n"
-            if len(current) >= piece_chars:
-                pieces.append(current.strip())
-                current = ""
-        if current.strip():
-            pieces.append(current.strip())
-    return pieces
+    root = LICENSES_DIR.resolve()
+    files = {}
+    for p in sorted(LICENSES_DIR.iterdir()):
+        target = p.resolve()
+        if target.is_file():
+            files.setdefault(target, target.relative_to(root).as_posix() if target.is_relative_to(root) else p.name)
+    return [Document(name, path.read_text(errors="replace"), license_family(name))
+            for path, name in sorted(files.items(), key=lambda item: item[1])]
 
 
-def _fortunes(category: str) -> list[str]:
+def _fortunes(category: str) -> list[Document]:
     path = FORTUNES_DIR / category
     if not path.is_file():
         raise DataNotAvailableError(
             f"fortunes category {category!r} not found at {path}: install Debian's packages "
             f"`apt-get install fortunes fortunes-min` (make run does this when run as root)")
-    docs = [d.strip() for d in path.read_text(errors="replace").split("\n%\n")]
-    return [d for d in docs if d and d != "%"]
+    entries = [d.strip() for d in path.read_text(errors="replace").split("\n%\n")]
+    entries = [d for d in entries if d and d != "%"]
+    return [Document(f"{category}:{i}", d) for i, d in enumerate(entries)]
 
 
-def embedded_text_domain(name: str) -> list[str]:
-    """The documents of one embedded text domain (all real text shipped with Python or Debian)."""
+def embedded_documents(name: str) -> list[Document]:
+    """The documents of one embedded text domain with their ids (all real text shipped with Python or Debian),
+    in the order of their ids (files and topics sorted, fortunes in file order)."""
     if name == "code":
         return _python_sources()
     if name == "docs":
@@ -93,47 +116,145 @@ def embedded_text_domain(name: str) -> list[str]:
     raise ValueError(f"unknown text domain {name!r}: embedded domains are {', '.join(EMBEDDED_TEXT_DOMAINS)}")
 
 
-def split_documents(docs: list[str], eval_frac: float = 0.3, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Disjoint (collect, evaluate) parts, split by document with a seeded shuffle.
+def embedded_text_domain(name: str) -> list[str]:
+    """The texts of one embedded text domain (see embedded_documents)."""
+    return [d.text for d in embedded_documents(name)]
 
-    Exact duplicate documents are kept once (first occurrence), so no text can land in both parts."""
-    docs = list(dict.fromkeys(docs))
+
+def document_groups(docs: list[Document], n_chars: int = 200) -> list[int]:
+    """A group label per document: documents of one family, and documents that share a passage of `n_chars`
+    characters (directly or through others), get the same label.
+
+    Exact: every n_chars-character window of every text is hashed; windows of different documents with equal
+    hashes are compared as strings. Memory: about 20 bytes a character of the domain."""
+    if n_chars < 2:
+        raise ValueError(f"n_chars must be at least 2, got {n_chars}")
+    parent = list(range(len(docs)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+    first = {}
+    for i, d in enumerate(docs):
+        if d.family is not None:
+            parent[root(i)] = root(first.setdefault(d.family, i))
+    hashes, owners, starts = [], [], []
+    for i, d in enumerate(docs):
+        h, at = np.unique(_window_hashes(d.text, n_chars), return_index=True)   # once per document
+        hashes.append(h)
+        owners.append(np.full(len(h), i, dtype=np.int32))
+        starts.append(at.astype(np.int32))
+    hashes, owners, starts = np.concatenate(hashes), np.concatenate(owners), np.concatenate(starts)
+    order = np.argsort(hashes, kind="stable")
+    hashes = hashes[order]
+    run_start = np.flatnonzero(np.r_[True, hashes[1:] != hashes[:-1]])
+    run_len = np.diff(np.r_[run_start, len(hashes)])
+    for start, length in zip(run_start[run_len > 1].tolist(), run_len[run_len > 1].tolist()):
+        members = order[start:start + length]
+        if len({root(int(owners[m])) for m in members}) == 1:
+            continue
+        seen: dict[str, int] = {}                          # equal hashes, but only equal strings count
+        for m in members:
+            i, at = int(owners[m]), int(starts[m])
+            j = seen.setdefault(docs[i].text[at:at + n_chars], i)
+            parent[root(i)] = root(j)
+    return [root(i) for i in range(len(docs))]
+
+
+_HASH_BASE = 1_000_003          # odd, so it has an inverse modulo 2**64
+
+
+def _window_hashes(text: str, n: int) -> np.ndarray:
+    """A polynomial hash (mod 2**64) of every n-character window of `text`, by its offset."""
+    codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    count = len(codes) - n + 1
+    if count <= 0:
+        return np.zeros(0, dtype=np.uint64)
+    with np.errstate(over="ignore"):          # arithmetic modulo 2**64 on purpose
+        base = np.full(len(codes) - 1, _HASH_BASE, dtype=np.uint64)
+        inverse = np.full(count - 1, pow(_HASH_BASE, -1, 1 << 64), dtype=np.uint64)
+        powers = np.r_[np.uint64(1), np.cumprod(base, dtype=np.uint64)]
+        inverses = np.r_[np.uint64(1), np.cumprod(inverse, dtype=np.uint64)]
+        prefix = np.r_[np.uint64(0), np.cumsum(codes * powers, dtype=np.uint64)]
+        return (prefix[n:] - prefix[:count]) * inverses           # sum of codes[s + j] * base**j
+
+
+def split_documents(docs: list, eval_frac: float = 0.3, seed: int = 0) -> tuple[list[Document], list[Document]]:
+    """Disjoint (collect, evaluate) parts of a domain's documents (Documents, or texts: ids "0", "1", ...),
+    split by document with a seeded shuffle, each part in a seeded shuffled order.
+
+    Exact duplicates are kept once (first occurrence). Documents of one family, and documents that share a
+    200-character passage, always land on the same side, so no text of one part appears in the other.
+    Families go to the evaluation part in shuffled order while they fit in round(eval_frac * n) documents."""
+    docs = [d if isinstance(d, Document) else Document(str(i), d) for i, d in enumerate(docs)]
+    unique: dict[str, Document] = {}
+    for d in docs:
+        unique.setdefault(d.text, d)
+    docs = list(unique.values())
     if not docs:
         raise ValueError("cannot split an empty domain: it has no documents")
     if not 0.0 < eval_frac < 1.0:
         raise ValueError(f"eval_frac must be strictly between 0 and 1, got {eval_frac}")
+    groups = document_groups(docs)
+    labels = sorted(set(groups))
+    if len(labels) < 2:
+        raise ValueError(f"a domain with {len(docs)} document(s) in {len(labels)} family cannot be split into "
+                         f"collect and evaluate parts")
+    rng = random.Random(seed)
+    rng.shuffle(labels)
+    size = collections.Counter(groups)
+    target = max(1, int(round(eval_frac * len(docs))))
+    chosen, n_eval = set(), 0
+    for g in labels:
+        if n_eval + size[g] <= target:
+            chosen.add(g)
+            n_eval += size[g]
+    if not chosen:          # every family is larger than the target: the first one, the rest still collect
+        chosen.add(labels[0])
     order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(eval_frac * len(docs))))
-    if n_eval >= len(docs):
-        raise ValueError(f"a domain with {len(docs)} document(s) cannot be split into collect and evaluate parts")
-    eval_idx = set(order[:n_eval])
-    return ([d for i, d in enumerate(docs) if i not in eval_idx], [d for i, d in enumerate(docs) if i in eval_idx])
+    rng.shuffle(order)
+    return ([docs[i] for i in order if groups[i] not in chosen], [docs[i] for i in order if groups[i] in chosen])
 
 
 @dataclass
 class TextTask:
+    """A text task: texts for statistics and disjoint texts for evaluation, each in a seeded shuffled order,
+    with the id of every text in its domain (see Document)."""
     name: str
     collect: list[str]     # documents for statistics
     evaluate: list[str]    # disjoint documents for evaluation
     source: str
+    collect_ids: list[str] | None = None     # None: "0", "1", ...
+    evaluate_ids: list[str] | None = None
+
+    def __post_init__(self):
+        for part in ("collect", "evaluate"):
+            texts, ids = getattr(self, part), getattr(self, part + "_ids")
+            if ids is None:
+                setattr(self, part + "_ids", [str(i) for i in range(len(texts))])
+            elif len(ids) != len(texts):
+                raise ValueError(f"task {self.name!r}: {len(ids)} {part}_ids for {len(texts)} {part} texts; "
+                                 f"give one id per text")
 
 
 def text_tasks(names, *, eval_frac: float = 0.3, seed: int = 0, source: str = "embedded",
                data_dir: str | None = None) -> dict[str, TextTask]:
-    """Text tasks by name, each split into disjoint collection/evaluation documents.
+    """Text tasks by name, each split into disjoint collection/evaluation documents (split_documents).
     source="hub": the paper's domains through datasets.load_dataset, or, offline, from data_dir/<name>
-    (a `save_to_disk` copy per domain)."""
+    (a `save_to_disk` copy per domain); their ids are positions in the order read (0-based)."""
     if source not in ("embedded", "hub"):
         raise ValueError(f"source must be 'embedded' or 'hub', got {source!r}")
     tasks = {}
     for name in names:
         local = str(Path(data_dir) / name) if data_dir else None
-        docs = embedded_text_domain(name) if source == "embedded" else hub_text_domain(name, local_dir=local)
+        docs = embedded_documents(name) if source == "embedded" else hub_text_domain(name, local_dir=local)
         if not docs:
             raise ValueError(f"text domain {name!r} is empty: it has no documents")
         collect, evaluate = split_documents(docs, eval_frac, seed)
-        tasks[name] = TextTask(name, collect, evaluate, source)
+        tasks[name] = TextTask(name, [d.text for d in collect], [d.text for d in evaluate], source,
+                               [d.id for d in collect], [d.id for d in evaluate])
     return tasks
 
 
@@ -192,35 +313,87 @@ def _load_hub_rows(path: str, name: str | None, split: str, local_dir: str | Non
 
 
 # -- LM batching -------------------------------------------------------------------------------------
-def lm_windows(tokenizer, texts: list[str], *, ctx: int = 256, max_tokens: int | None = None) -> list[list[int]]:
-    """Each document cut into windows of at most `ctx` tokens, in order, stopping once `max_tokens` real
-    tokens have been produced (exactly that many)."""
+def lm_windows(tokenizer, texts: list[str], *, ctx: int = 256, max_tokens: int | None = None,
+               doc_tokens: int | None = None) -> list[list[int]]:
+    """The windows of at most `ctx` tokens that a budget of `max_tokens` real tokens takes (see
+    document_windows)."""
+    return [window for _, window in document_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens,
+                                                     doc_tokens=doc_tokens)]
+
+
+def document_windows(tokenizer, texts: list[str], *, ctx: int = 256, max_tokens: int | None = None,
+                     doc_tokens: int | None = None) -> list[tuple[int, list[int]]]:
+    """(document index, window) pairs: the documents read in rounds, each round every document in order
+    giving its next `doc_tokens` tokens (default ctx: one window) cut into windows of at most `ctx`, until
+    `max_tokens` real tokens have been produced (exactly that many) or every token is used.
+
+    So a budget is spread over many documents (B tokens come from at least B / doc_tokens documents when the
+    first round holds them) rather than taken from the first few long ones. A one-token window after a
+    document's start is dropped: it has no next-token target."""
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2 tokens, got {ctx}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    windows, total = [], 0
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-        for start in range(0, len(ids), ctx):
-            window = ids[start:start + ctx]
-            if len(window) < 2 and start > 0:
-                continue
-            if max_tokens is not None and total + len(window) > max_tokens:
-                window = window[:max_tokens - total]
-            windows.append(window)
-            total += len(window)
-            if max_tokens is not None and total >= max_tokens:
-                return windows
-    return windows
+    doc_tokens = ctx if doc_tokens is None else doc_tokens
+    if doc_tokens < 2:
+        raise ValueError(f"doc_tokens (tokens per document per round) must be at least 2, got {doc_tokens}")
+    token_ids: dict[int, list[int]] = {}          # tokenised when first visited: a small budget reads few documents
+    out, total, offset = [], 0, 0
+    while True:
+        more = False
+        for d, text in enumerate(texts):
+            if d not in token_ids:
+                token_ids[d] = tokenizer(text, add_special_tokens=True)["input_ids"]
+            ids = token_ids[d]
+            end = min(offset + doc_tokens, len(ids))
+            for start in range(offset, end, ctx):
+                window = ids[start:min(start + ctx, end)]
+                if len(window) < 2 and start > 0:
+                    continue
+                if max_tokens is not None:
+                    window = window[:max_tokens - total]
+                out.append((d, window))
+                total += len(window)
+                if max_tokens is not None and total >= max_tokens:
+                    return out
+            more = more or end < len(ids)
+        if not more:
+            return out
+        offset += doc_tokens
+
+
+def used_documents(tokenizer, texts: list[str], *, ctx: int = 256, max_tokens: int | None = None,
+                   doc_tokens: int | None = None) -> list[int]:
+    """Indices of the documents whose tokens a budget takes (document_windows), in the order first used."""
+    return list(dict.fromkeys(d for d, _ in document_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens,
+                                                             doc_tokens=doc_tokens)))
+
+
+def tasks_record(tasks: dict, tokenizer, stats_tokens: int | None, eval_tokens: int | None, ctx: int, *,
+                 doc_tokens: int | None = None) -> dict:
+    """What a run reads of each text task, for its tasks.json: {task: {"source", "statistics": [doc ids],
+    "evaluation": [doc ids]}}, exactly the documents whose tokens statistics and evaluation use with these
+    budgets (the windowing of collect_stats and evaluate)."""
+    record = {}
+    for name, task in tasks.items():
+        if not isinstance(task, TextTask):
+            raise TypeError(f"tasks_record takes text tasks (name -> TextTask), got {type(task).__name__} for "
+                            f"{name!r}")
+        used = {part: used_documents(tokenizer, getattr(task, part), ctx=ctx, max_tokens=budget,
+                                     doc_tokens=doc_tokens)
+                for part, budget in (("collect", stats_tokens), ("evaluate", eval_tokens))}
+        record[name] = {"source": task.source,
+                        "statistics": [task.collect_ids[i] for i in used["collect"]],
+                        "evaluation": [task.evaluate_ids[i] for i in used["evaluate"]]}
+    return record
 
 
 def lm_batches(tokenizer, texts: list[str], *, ctx: int = 256, batch_size: int = 8, max_tokens: int | None = None,
-               shard: tuple[int, int] = (0, 1)):
+               doc_tokens: int | None = None, shard: tuple[int, int] = (0, 1)):
     """Yield right-padded (input_ids, attention_mask) batches of the windows of `lm_windows`.
     shard=(rank, world_size) takes every world_size-th window, so the shards' union is the whole set."""
     rank, world = shard
-    windows = lm_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens)[rank::world]
+    windows = lm_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens, doc_tokens=doc_tokens)[rank::world]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(windows), batch_size):
         yield _pad(windows[start:start + batch_size], pad_id)

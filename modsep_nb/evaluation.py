@@ -36,10 +36,11 @@ def lm_token_metrics(logits: torch.Tensor, input_ids: torch.Tensor, attention_ma
             f"top{topk}": int(hits.any(-1).sum()) if len(targets) else 0, "ce": float(ce.double())}
 
 
-def frequent_targets(tokenizer, texts, n: int, *, ctx=256, max_tokens=None) -> torch.Tensor:
+def frequent_targets(tokenizer, texts, n: int, *, ctx=256, max_tokens=None, doc_tokens=None) -> torch.Tensor:
     """The domain's n most frequent target tokens (the reference skipped the top 50)."""
     counts: dict[int, int] = {}
-    for ids, mask in lm_batches(tokenizer, texts, ctx=ctx, batch_size=64, max_tokens=max_tokens):
+    for ids, mask in lm_batches(tokenizer, texts, ctx=ctx, batch_size=64, max_tokens=max_tokens,
+                                doc_tokens=doc_tokens):
         vals, cnt = torch.unique(ids[:, 1:][mask[:, 1:].bool()], return_counts=True)
         for v, c in zip(vals.tolist(), cnt.tolist()):
             counts[v] = counts.get(v, 0) + c
@@ -49,15 +50,17 @@ def frequent_targets(tokenizer, texts, n: int, *, ctx=256, max_tokens=None) -> t
 
 @torch.no_grad()
 def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx=256, skip_top: int = 0,
-             classes=None, progress=False) -> dict:
+             classes=None, progress=False, doc_tokens=None) -> dict:
     """Metrics of the model on `data` (SPEC §4, §11).
 
-    LM (data: list[str]): top1, top10, loss (mean cross-entropy), perplexity = exp(loss), n targets.
+    LM (data: list[str]): top1, top10, loss (mean cross-entropy), perplexity = exp(loss), n targets; the
+    windows of collect_stats (at most `max_tokens` real tokens, `doc_tokens` per document per round).
     Image (data: ImageDataset, a dataset of (image, label) items, or a tensor with `labels`): top1, top5,
     per_class top1, and, when `classes` is given, accuracy restricted to images of those classes.
     """
     if handle.kind == "lm":
-        skip = frequent_targets(handle.tokenizer, data, skip_top, ctx=ctx, max_tokens=max_tokens) if skip_top else None
+        skip = (frequent_targets(handle.tokenizer, data, skip_top, ctx=ctx, max_tokens=max_tokens,
+                                 doc_tokens=doc_tokens) if skip_top else None)
         totals = {"n": 0, "top1": 0, "top10": 0, "ce": 0.0}
         bos = handle.tokenizer.bos_token_id
 
@@ -66,7 +69,7 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
             for k in totals:
                 totals[k] += m[k]
         run_batches(handle, data, None, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
-                    progress=progress, desc="evaluate", on_logits=add)
+                    progress=progress, desc="evaluate", on_logits=add, doc_tokens=doc_tokens)
         n = totals["n"]
         if n == 0:
             raise ValueError("no target tokens to evaluate: the data is empty or too short")

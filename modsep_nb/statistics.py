@@ -261,14 +261,15 @@ class StatsCollector:
 
 def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: int | None = None,
                   ctx: int = 256, cls_only: bool = False, task: str | None = None,
-                  progress: bool = True, distributed: bool | None = None, fused: bool = True
-                  ) -> NeuronStats:
+                  progress: bool = True, distributed: bool | None = None, fused: bool = True,
+                  doc_tokens: int | None = None) -> NeuronStats:
     """Statistics of every neuron over `data` (SPEC §2, §11).
 
     data: list[str] for an LM (documents; cut into windows of `ctx` tokens, padded batches, padding never
-    counted, at most `max_tokens` real tokens); a float tensor [N, C, H, W], an ImageDataset or a map-style
-    dataset of images (see data.images_and_labels) for an image model (CLS and patch tokens by default, CLS
-    only with cls_only=True).
+    counted, at most `max_tokens` real tokens read in rounds of `doc_tokens` per document, default one
+    window, so the budget is spread over many documents: data.document_windows); a float tensor
+    [N, C, H, W], an ImageDataset or a map-style dataset of images (see data.images_and_labels) for an image
+    model (CLS and patch tokens by default, CLS only with cls_only=True).
     distributed: under torchrun / accelerate launch (default: when torch.distributed is initialised) each
     rank takes every world_size-th window or image and the sums are all-reduced, so every rank returns
     what a single process would (to float64 rounding).
@@ -276,12 +277,12 @@ def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: in
     process, a few seconds) instead of eager torch ops; False, or no compiler, takes the eager path.
     """
     shard = _shard(distributed)
-    meta = {"model": handle.label, "task": task, "max_tokens": max_tokens,
-            "ctx": ctx, "cls_only": cls_only, "random_init": handle.random_init, "seed": handle.seed}
+    meta = {"model": handle.label, "task": task, "max_tokens": max_tokens, "ctx": ctx, "doc_tokens": doc_tokens,
+            "cls_only": cls_only, "random_init": handle.random_init, "seed": handle.seed}
     with StatsCollector(handle, fused=fused) as collector:
         run_batches(handle, data, collector, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
                     cls_only=cls_only, progress=progress and shard[0] == 0, desc=f"stats {task or ''}".strip(),
-                    shard=shard)
+                    shard=shard, doc_tokens=doc_tokens)
     if shard[1] > 1:
         collector.all_reduce()
     meta["tokens"] = float(collector.count[0])

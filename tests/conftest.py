@@ -200,3 +200,25 @@ def windows_of(texts, ctx: int) -> list[list[int]]:
                 continue
             out.append(w)
     return out
+
+
+def windows_in_rounds(texts, ctx: int, doc_tokens: int | None = None) -> list[list[int]]:
+    """The windows of `windows_of` read in rounds (independent of data.document_windows): round r takes from
+    every document, in order, its tokens [r * doc_tokens, (r + 1) * doc_tokens) (default ctx) as windows of at
+    most ctx, a one-token window after a document's start dropped."""
+    doc_tokens = doc_tokens or ctx
+    rounds_per_doc = []
+    for text in texts:
+        ids = encode(text)
+        rounds = []
+        for r, first in enumerate(range(0, len(ids), doc_tokens)):
+            piece = ids[first:first + doc_tokens]
+            rounds.append([piece[j:j + ctx] for j in range(0, len(piece), ctx)
+                           if len(piece[j:j + ctx]) >= 2 or first + j == 0])
+        rounds_per_doc.append(rounds)
+    out = []
+    for r in range(max((len(x) for x in rounds_per_doc), default=0)):
+        for rounds in rounds_per_doc:
+            if r < len(rounds):
+                out.extend(rounds[r])
+    return out

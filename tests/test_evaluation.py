@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import BOS_ID, WORDS, windows_of
+from conftest import BOS_ID, WORDS, windows_in_rounds, windows_of
 from modsep_nb import ARCHITECTURES, Architecture, NeuronStats, evaluate, load_model
 from modsep_nb.evaluation import cross_task_matrix, matched_random_mask
 from modsep_nb.pruning import select_neurons, task_scores
@@ -99,9 +99,10 @@ def test_skip_top_removes_most_frequent_targets(tiny_llama):
 def test_lm_max_tokens(tiny_llama):
     texts = _texts_with_inner_bos(2)
     got = evaluate(tiny_llama, texts, ctx=7, max_tokens=30)
-    # 30 real tokens: the first windows, then a head; every non-first position is a target unless it is BOS
+    # 30 real tokens: the first windows of the round-robin order, then a head; every non-first position is a
+    # target unless it is BOS
     stream, left = [], 30
-    for w in windows_of(texts, 7):
+    for w in windows_in_rounds(texts, 7):
         if left <= 0:
             break
         stream.append(w[:left])

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import capture_neuron_inputs, random_texts, windows_of
+from conftest import capture_neuron_inputs, random_texts, windows_in_rounds, windows_of
 from modsep_nb import NeuronStats, collect_stats
 from modsep_nb.statistics import MEANS, NonFiniteActivationError
 
@@ -64,14 +64,17 @@ def test_lm_stats_equal_reference_with_padding(tiny_llama):
     assert 0.1 < ref["frac_pos"].mean() < 0.9 and ref["mean_abs"].mean() > 1e-2
 
 
-def test_lm_stats_max_tokens(tiny_llama):
-    stats = collect_stats(tiny_llama, TEXTS, max_tokens=50, batch_size=3, ctx=12, progress=False)
-    assert stats.count.tolist() == [50.0, 50.0]
-    # the first 50 real tokens: whole windows, then the head of the next one (the head is causal, so exact)
+@pytest.mark.parametrize("max_tokens, doc_tokens", [(50, None), (150, None), (170, 24), (60, 5)])
+def test_lm_stats_max_tokens(tiny_llama, max_tokens, doc_tokens):
+    stats = collect_stats(tiny_llama, TEXTS, max_tokens=max_tokens, batch_size=3, ctx=12, progress=False,
+                          doc_tokens=doc_tokens)
+    assert stats.count.tolist() == [float(max_tokens)] * 2
+    # the first max_tokens real tokens: whole windows, one per document and round, then the head of the next one
+    # (the head is causal, so exact)
     rows = {l: [] for l in range(2)}
-    left = 50
+    left = max_tokens
     with capture_neuron_inputs(tiny_llama) as records, torch.no_grad():
-        for w in windows_of(TEXTS, 12):
+        for w in windows_in_rounds(TEXTS, 12, doc_tokens):
             if left <= 0:
                 break
             ids = torch.tensor([w[:left]])
