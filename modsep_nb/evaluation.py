@@ -234,7 +234,7 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
             accs = evaluate_all()
         pruned[i] = [accs[b] for b in tasks]
         if frac is not None:
-            reached[a] = accs[a] / base[a]
+            reached[a] = accs[a] / base[a] if base[a] else float("nan")
         for s, seed in enumerate(random_seeds):
             key = (seed, tuple(mask.sum(1).tolist()), a if isinstance(means, dict) else None)
             if key not in seen_random:
