@@ -231,8 +231,8 @@ def overlap_matrix(masks: Mapping[str, torch.Tensor], metric: str = "overlap", p
 
 def summary(masks: Mapping[str, torch.Tensor]) -> dict:
     """Everything a notebook reports about one set of selections: task names, the overlap-coefficient and
-    Jaccard matrices, selection sizes, uniform chance for both metrics, the pairwise overlaps (upper
-    triangle, in names order) and their median."""
+    Jaccard matrices, selection sizes, uniform and layer-matched chance for both metrics (means over pairs),
+    the pairwise overlaps (upper triangle, in names order) and their median."""
     names, overlap_m = overlap_matrix(masks, metric="overlap")
     _, jaccard_m = overlap_matrix(masks, metric="jaccard")
     sizes = [int(_as_mask(masks[t]).sum()) for t in names]
@@ -242,6 +242,8 @@ def summary(masks: Mapping[str, torch.Tensor]) -> dict:
     return {"names": names, "overlap": overlap_m, "jaccard": jaccard_m, "n_selected": sizes, "n_all": n_all,
             "chance": {m: float(np.mean(chance_overlap(np.array(sizes)[i], np.array(sizes)[j], n_all, metric=m)))
                        for m in METRICS} if len(names) > 1 else {},
+            "layer_chance": {m: float(np.mean(layer_matched_chance_matrix(masks, metric=m)[1][i, j])) for m in METRICS}
+            if len(names) > 1 else {},
             "pairs": pairs, "median": float(np.median(pairs)) if len(pairs) else float("nan")}
 
 

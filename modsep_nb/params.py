@@ -57,7 +57,7 @@ DEFAULTS: dict = {
         "eps": 1e-3,
         # null: `eps` (absolute) is used; a number r: each layer's eps = r x the median retain importance of
         # that layer's neurons, the same relative size whatever the model's activation scale
-        "eps_relative": None,
+        "eps_relative": 0.01,
         "retain": "rest",
         "mode": "global",
         "ablation": "zero",
@@ -65,6 +65,9 @@ DEFAULTS: dict = {
         "target": 0.8,
         "tol": 0.03,
         "max_steps": 8,
+        # the fixed-fraction cross-task matrix also ablates, per task, as many random neurons with the same
+        # count per layer, once per seed: the baseline for "damage beyond chance"
+        "random_seeds": [0, 1, 2],
     },
     "overlap": {
         "frac": 0.01,
@@ -229,6 +232,9 @@ def validate(params: dict) -> None:
             raise ParamsError(f"parameter {name!r} must be a whole number of at least 1, got {value!r}")
     if params["pruning"]["eps"] < 0:
         raise ParamsError(f"parameter 'pruning.eps' must be >= 0, got {params['pruning']['eps']}")
+    seeds = params["pruning"]["random_seeds"]
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ParamsError(f"parameter 'pruning.random_seeds' must be distinct whole numbers >= 0, got {seeds!r}")
     eps_relative = params["pruning"]["eps_relative"]
     if eps_relative is not None and (isinstance(eps_relative, bool) or not isinstance(eps_relative, (int, float))
                                      or eps_relative < 0):

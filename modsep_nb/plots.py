@@ -132,8 +132,7 @@ def cross_task(result, *, measure: str = "accuracy"):
         rows = result.tasks
         title = f"{measure} after pruning {s['frac']:.1%} of neurons ({s['mode']})"
     else:
-        converged = getattr(result, "converged", None) or {}
-        rows = [f"{t} ({result.fracs[t]:.2%}{'' if converged.get(t, True) else ', not reached'})"
+        rows = [f"{t} ({result.fracs[t]:.2%}{'' if result.converged.get(t) is not False else ', not reached'})"
                 for t in result.tasks]
         title = f"Pruned until own {measure} ≈ {s['target']:.0%} of unpruned (fraction found in brackets)"
     return heatmap(result.matrix, rows, result.tasks, title=title, cbar_label=f"{measure} / unpruned {measure}",
@@ -144,19 +143,66 @@ def cross_task(result, *, measure: str = "accuracy"):
 def overlap_heatmap(summary: dict, metric: str, frac: float):
     """Task × task overlap (overlaps.summary) of the top-`frac` sets, with chance in the title."""
     return heatmap(summary[metric], summary["names"], cbar_label=metric, vmax=1.0,
-                   title=f"{metric} of top-{frac:.1%} neuron sets (chance {summary['chance'][metric]:.3f})")
+                   title=f"{metric} of top-{frac:.1%} neuron sets\n(chance: uniform {summary['chance'][metric]:.3f}, "
+                         f"layer-matched {summary['layer_chance'][metric]:.3f})")
 
 
 def overlap_sweep(sw: dict, *, what: str = "task pairs", title: str | None = None):
-    """min / median / max pairwise overlap against the fraction selected (overlaps.overlap_sweep)."""
-    return sweep(sw["fracs"], {what: (sw["min"], sw["median"], sw["max"])}, chance=sw["chance"],
-                 title=title or f"Overlap coefficient over {what}", ylabel="overlap coefficient")
+    """min / median / max pairwise overlap against the fraction selected (overlaps.overlap_sweep), with
+    uniform chance (dashed) and layer-matched chance (dotted, where the sweep has it)."""
+    fig = sweep(sw["fracs"], {what: (sw["min"], sw["median"], sw["max"])}, chance=sw["chance"],
+                title=title or f"Overlap coefficient over {what}", ylabel="overlap coefficient")
+    if "layer_chance" in sw:
+        ax = fig.axes[0]
+        ax.plot(sw["fracs"], sw["layer_chance"], "k:", label="layer-matched chance")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def selectivity(result, *, measure: str = "accuracy"):
+    """Per pruned task: own and others' relative accuracy after pruning its selected neurons, beside the same
+    after pruning as many random neurons in the same layers (evaluation.CrossTaskResult.selectivity)."""
+    sel = result.selectivity()
+    x = np.arange(len(sel["tasks"]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(x) + 2), 4))
+    bars = [("own, selected neurons", sel["own"], "tab:red", 1.0), ("others, selected neurons", sel["others"], "tab:blue", 1.0),
+            ("own, random neurons", sel["random_own"], "tab:red", 0.35),
+            ("others, random neurons", sel["random_others"], "tab:blue", 0.35)]
+    width = 0.2
+    for i, (label, values, color, alpha) in enumerate(bars):
+        ax.bar(x + (i - 1.5) * width, values, width, color=color, alpha=alpha, label=label)
+    ax.set_xticks(x, sel["tasks"], rotation=45, ha="right")
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_ylabel(f"{measure} / unpruned {measure}")
+    ax.set_title(f"Selectivity: others − own = {np.nanmean(sel['selectivity']):.2f} (selected) vs "
+                 f"{np.nanmean(sel['random_selectivity']):.2f} (random, same count per layer)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
 
 
 def layer_distribution(masks: dict, *, title: str):
     """Share of each task's selected neurons in each layer."""
     return layer_lines({t: ov.layer_distribution(m) for t, m in masks.items()}, title=title,
                        ylabel="share of selected neurons")
+
+
+def grouped_bars(groups: dict, *, title: str, ylabel: str):
+    """Bars grouped by key: groups = {group: {bar name: value}}, the same bar names in every group."""
+    names = list(next(iter(groups.values())))
+    x = np.arange(len(groups))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(groups) + 2), 4))
+    for i, name in enumerate(names):
+        ax.bar(x + (i - (len(names) - 1) / 2) * width, [g[name] for g in groups.values()], width, label=name)
+    ax.set_xticks(x, list(groups))
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
 
 
 def interactive() -> bool:

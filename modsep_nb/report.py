@@ -39,6 +39,15 @@ class Report:
     def save(self, results: dict) -> Path:
         return save_results(self.out_dir, self.notebook, results)
 
+    def save_tasks(self, study) -> Path:
+        """Add `study`'s tasks to the run's tasks.json: {"lm" | "vit": {task: {"source", "statistics": [ids],
+        "evaluation": [ids]}}}, the documents (images) each task's statistics and evaluation read."""
+        path = self.out_dir / "tasks.json"
+        record = json.loads(path.read_text()) if path.is_file() else {}
+        record[study.kind] = study.record()
+        write_text_atomic(path, json.dumps(record, indent=1))
+        return path
+
 
 def record_findings(out_dir, notebook: str, title: str, text: str, figures=()) -> None:
     """A notebook's findings in words, with its figures, as findings/<notebook>.md."""

@@ -17,7 +17,7 @@ from .batches import run_batches
 from .evaluation import CrossTaskResult, cross_task_matrix
 from .files import cache_dir, cached
 from .models import ModelHandle, load_model
-from .moefication import check_n_experts, expert_routing, split_layers
+from .moefication import Router, check_n_experts, expert_routing, fit_router, predicted_routing, split_layers
 from .params import device_of
 from .pruning import select_neurons, task_scores
 from .statistics import NeuronStats, StatsCollector, collect_stats, weighted_pool
@@ -141,7 +141,8 @@ class Study:
         pr = self.params["pruning"]
         stats = stats or self.stats()
         general = weighted_pool(list(stats.values())) if pr["retain"] == "general" else None
-        return task_scores(stats, importance=pr["importance"], eps=pr["eps"], retain=pr["retain"], general=general)
+        return task_scores(stats, importance=pr["importance"], eps=pr["eps"], eps_relative=pr["eps_relative"],
+                           retain=pr["retain"], general=general)
 
     def masks(self, frac: float, *, mode: str | None = None, scores=None) -> dict[str, torch.Tensor]:
         """Each task's top-`frac` neurons (bool [L, d_mlp]) by the params' selection mode unless `mode`."""
@@ -165,11 +166,15 @@ class Study:
         means = None
         if pr["ablation"] == "mean":          # each task's neurons are replaced by its retain set's mean
             means = {t: s.mean for t, s in self.retain_stats().items()}
-        bisection = {} if target is None else {"max_frac": self.settings["max_frac"], "tol": pr["tol"],
-                                                "max_steps": pr["max_steps"]}
+        extra = ({"random_seeds": pr["random_seeds"]} if target is None else
+                 {"max_frac": self.settings["max_frac"], "tol": pr["tol"], "max_steps": pr["max_steps"]})
         return cross_task_matrix(self.handle, scores or self.scores(), self.evaluators(), frac=frac, target=target,
                                  mode=pr["mode"], ablation=pr["ablation"], means=means, base=base,
-                                 progress=progress, **bisection)
+                                 progress=progress, **extra)
+
+    def record(self) -> dict:
+        """What each task is in this study: {task: {"source", "statistics": [ids], "evaluation": [ids]}}."""
+        return self.tasks.record(self.handle, self.stats_budget)
 
     def describe(self) -> str:
         return (f"{self.label}: {self.handle.n_layers} layers x {self.handle.d_mlp} neurons; "
@@ -218,9 +223,20 @@ class Study:
         return cached(path, compute, load=lambda p: torch.load(p, weights_only=True), save=torch.save,
                       what="split")
 
-    def routing_curve(self, labels: torch.Tensor, keep_fracs, tasks=None) -> dict:
+    def fit_router(self, labels: torch.Tensor, *, progress: bool = False) -> Router:
+        """A learned router for split `labels`: per layer a linear predictor of each expert's score from the
+        MLP input, fitted on the statistics data of every task (coactivation_tokens in all), never on the
+        evaluation data the routing curve is scored on."""
+        n_tokens = self.params["moefication"]["coactivation_tokens"]
+        per_task = self.tasks.sample_budget(max(1, n_tokens // len(self.task_names)))
+        options = self.tasks.collect_options(n_tokens)
+        return fit_router(self.handle, self.tasks.interleaved(per_task), labels, max_tokens=options.get("max_tokens"),
+                          batch_size=self.settings["batch_size"], ctx=options.get("ctx", 256), progress=progress)
+
+    def routing_curve(self, labels: torch.Tensor, keep_fracs, tasks=None, *, router: Router | None = None) -> dict:
         """Accuracy relative to the dense model, per task, when each token keeps only its top-k experts
-        (k = keep_frac × n_experts; MoEfication's ground-truth routing)."""
+        (k = keep_frac × n_experts): chosen from the true activations (MoEfication's ground-truth routing, an
+        oracle), or, with `router`, predicted from the MLP's input (a router one could deploy)."""
         tasks = list(tasks or self.task_names)
         dense = self.evaluate_tasks(tasks)
         curve = {}
@@ -229,7 +245,7 @@ class Study:
             if k >= self.n_experts:
                 curve[frac] = {t: 1.0 for t in tasks}
                 continue
-            with expert_routing(self.handle, labels, k):
+            with expert_routing(self.handle, labels, k) if router is None else predicted_routing(self.handle, router, k):
                 acc = self.evaluate_tasks(tasks)
             curve[frac] = {t: acc[t] / dense[t] if dense[t] > 0 else float("nan") for t in tasks}
         return curve

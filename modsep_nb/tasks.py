@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import chain, zip_longest
 
 import torch
 
@@ -78,6 +79,17 @@ class TextTasks:
         return {t: {"statistics documents": len(task.collect), "evaluation documents": len(task.evaluate)}
                 for t, task in self.tasks.items()}
 
+    def record(self, handle, budget: int) -> dict:
+        """{task: {"source", "statistics": [doc ids], "evaluation": [doc ids]}}: exactly the documents whose
+        tokens statistics (`budget` tokens) and evaluation read."""
+        p = self.settings
+        return D.tasks_record(self.tasks, handle.tokenizer, budget, p["eval_tokens"], p["ctx"])
+
+    def interleaved(self, per_task: int) -> list[str]:
+        """Every task's statistics documents, alternating between tasks (a pooled sample for fitting)."""
+        lists = [task.collect for task in self.tasks.values()]
+        return [doc for doc in chain.from_iterable(zip_longest(*lists)) if doc is not None]
+
 
 class ImageTasks:
     """Classes or groups of classes of an image dataset. settings: the params' `vit` section."""
@@ -133,3 +145,21 @@ class ImageTasks:
 
     def describe(self) -> dict:
         return {t: {"classes": classes} for t, classes in self.tasks.items()}
+
+    def record(self, handle, budget: int) -> dict:
+        """{task: {"source", "statistics": ["train:i", ...], "evaluation": ["test:i", ...]}}: the images used."""
+        out = {}
+        for t, classes in self.tasks.items():
+            out[t] = {"source": self.train.name.split("/")[0],
+                      "statistics": [f"train:{i}" for i in self._indices(self.train, classes)[:budget]],
+                      "evaluation": [f"test:{i}" for i in self._indices(self.test, classes)]}
+        return out
+
+    @staticmethod
+    def _indices(dataset, classes) -> list[int]:
+        ids = torch.tensor([dataset.class_names.index(c) for c in classes])
+        return torch.nonzero(torch.isin(dataset.labels, ids)).flatten().tolist()
+
+    def interleaved(self, per_task: int) -> torch.Tensor:
+        """`per_task` statistics images of every task (a pooled sample for fitting)."""
+        return torch.cat([self.statistics_data(t, per_task) for t in self.names])
