@@ -37,6 +37,8 @@ DEFAULTS: dict = {
         "eval_frac": 0.3,
         "skip_top": 0,
         "max_frac": 0.1,         # bisection upper bound (paper: 0.128 for Mistral)
+        # notebook 02: overlap of each domain's top set at budget B with the set at 4B, for these B (empty: skip)
+        "stability_budgets": [512, 1024, 2048],
     },
     "vit": {
         "model": "fmnist-vit",
@@ -116,6 +118,7 @@ CHOICES = {
 }
 FRACTIONS = ("pruning.frac", "pruning.target", "overlap.frac", "lm.eval_frac", "lm.max_frac", "vit.max_frac",
              "paper_scores.frac", "pruning.tol")
+POSITIVE_LISTS = ("lm.stability_budgets",)
 FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fracs", "random_init.fracs")
 POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit.stats_images", "vit.eval_images",
             "vit.batch_size", "moefication.lm_experts", "moefication.vit_experts",
@@ -224,6 +227,10 @@ def validate(params: dict) -> None:
         bad = [v for v in values if not isinstance(v, (int, float)) or not 0.0 < v <= 1.0]
         if bad or not values:
             raise ParamsError(f"parameter {name!r} must be a non-empty list of fractions in (0, 1], got {values}")
+    for name in POSITIVE_LISTS:
+        values = _get(params, name)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise ParamsError(f"parameter {name!r} must be a list of whole numbers >= 1, got {values!r}")
     for name in POSITIVE:
         value = _get(params, name)
         if value is None and name in OPTIONAL:

@@ -18,6 +18,7 @@ from .evaluation import CrossTaskResult, cross_task_matrix
 from .files import cache_dir, cached
 from .models import ModelHandle, load_model
 from .moefication import Router, check_n_experts, expert_routing, fit_router, predicted_routing, split_layers
+from .overlaps import overlap
 from .params import device_of
 from .pruning import select_neurons, task_scores
 from .statistics import NeuronStats, StatsCollector, collect_stats, weighted_pool
@@ -117,6 +118,16 @@ class Study:
                 **self.tasks.collect_options(budget)), expect={"cache_key": data_hash(key)})
         self._stats[budget] = result
         return result
+
+    def stability(self, budgets, frac: float) -> dict:
+        """How settled each task's top-`frac` set is at budget B: its overlap coefficient with the set found at
+        4B, for each B in `budgets`. {B: {task: overlap}}. The default budgets are chosen from this curve."""
+        out = {}
+        for budget in budgets:
+            now = self.masks(frac, scores=self.scores(stats=self.stats(budget=budget, progress=False)))
+            later = self.masks(frac, scores=self.scores(stats=self.stats(budget=4 * budget, progress=False)))
+            out[budget] = {t: float(overlap(now[t], later[t])) for t in self.task_names}
+        return out
 
     def save_stats(self, out_dir) -> Path:
         """Write each task's statistics into out_dir/statistics/<kind>-<task>.safetensors (a run's record)."""

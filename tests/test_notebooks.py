@@ -110,7 +110,8 @@ def test_results_json_holds_this_runs_numbers(smoke_run):
     for name, prefix in (("01_vit_pruning", "vit"), ("02_mistral_pruning", "lm")):
         saved = json.loads((smoke_run / "statistics" / f"{name}.json").read_text())
         stats = {t: NeuronStats.load(smoke_run / "statistics" / f"{prefix}-{t}.safetensors") for t in saved["tasks"]}
-        scores = task_scores(stats, importance=pr["importance"], eps=pr["eps"], retain=pr["retain"])
+        scores = task_scores(stats, importance=pr["importance"], eps=pr["eps"], eps_relative=pr["eps_relative"],
+                             retain=pr["retain"])
         masks = {t: select_neurons(s, params["overlap"]["frac"], pr["mode"]) for t, s in scores.items()}
         np.testing.assert_allclose(np.array(saved["overlap"], dtype=float), overlap_matrix(masks)[1], rtol=1e-12)
         sweep = overlap_sweep(scores, params["overlap"]["sweep"], mode=pr["mode"])
