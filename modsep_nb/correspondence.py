@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .moefication import _check_labels, check_n_experts
+from .pruning import as_mask
 
 STATISTICS = ("auc", "share_significant", "mean_obs_over_exp")
 
@@ -24,7 +25,8 @@ STATISTICS = ("auc", "share_significant", "mean_obs_over_exp")
 # ----------------------------------------------------------------------------- inputs
 
 def _check_selected(selected: torch.Tensor) -> torch.Tensor:
-    if selected.dtype != torch.bool or selected.dim() != 1:
+    selected = as_mask(selected, "selected")
+    if selected.dim() != 1:
         raise ValueError(f"selected must be a 1-D bool mask [d_mlp], got {selected.dtype} of shape "
                          f"{tuple(selected.shape)}; for one layer of select_neurons(...) use mask[layer]")
     if not bool(selected.any()):
@@ -237,7 +239,8 @@ def layer_correspondence(selected_mask: torch.Tensor, labels: torch.Tensor, *, n
     n_null random balanced splits of that layer (z-score and percentile of the AUC; the nulls' mean
     share of significant experts and mean obs/exp for comparison).
     selected_mask: bool [n_layers, d_mlp]; labels: [n_layers, d_mlp] balanced splits."""
-    if selected_mask.dim() != 2 or selected_mask.dtype != torch.bool:
+    selected_mask = as_mask(selected_mask, "selected_mask")
+    if selected_mask.dim() != 2:
         raise ValueError(f"selected_mask must be bool [n_layers, d_mlp], got {selected_mask.dtype} "
                          f"{tuple(selected_mask.shape)}")
     if labels.shape != selected_mask.shape:
