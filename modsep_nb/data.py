@@ -104,11 +104,17 @@ def split_documents(docs: list[str], eval_frac: float = 0.3, seed: int = 0) -> t
         raise ValueError(f"eval_frac must be strictly between 0 and 1, got {eval_frac}")
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
-    n_eval = max(1, int(round(eval_frac * len(docs))))
-    if n_eval >= len(docs):
+    n_collect, n_eval = split_sizes(len(docs), eval_frac)
+    if n_collect < 1:
         raise ValueError(f"a domain with {len(docs)} document(s) cannot be split into collect and evaluate parts")
     eval_idx = set(order[:n_eval])
     return ([d for i, d in enumerate(docs) if i not in eval_idx], [d for i, d in enumerate(docs) if i in eval_idx])
+
+
+def split_sizes(n_docs: int, eval_frac: float) -> tuple[int, int]:
+    """(collect, evaluate) document counts of split_documents for n distinct documents."""
+    n_eval = max(1, int(round(eval_frac * n_docs)))
+    return n_docs - n_eval, n_eval
 
 
 @dataclass
