@@ -104,10 +104,9 @@ CHOICES = {
 FRACTIONS = ("pruning.frac", "pruning.target", "overlap.frac", "lm.eval_frac", "lm.max_frac", "vit.max_frac",
              "paper_scores.frac", "pruning.tol")
 FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fracs")
-# keys whose default is null, and the type they take otherwise
+# keys whose default is null, and the type they take otherwise (moefication's are checked in validate)
 NULLABLE = {"cache_dir": str, "lm.data_dir": str, "vit.data_dir": str, "paper_scores.dir": str,
-            "vit.training.n_train": int, "moefication.n_init": int, "moefication.refine": bool,
-            "moefication.max_degree": int}
+            "vit.training.n_train": int}
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit.stats_images", "vit.eval_images",
             "vit.batch_size", "moefication.lm_experts", "moefication.vit_experts",
