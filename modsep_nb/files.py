@@ -28,7 +28,7 @@ def _umask() -> int:
     return mask
 
 
-def _respect_umask(path, mode: int) -> None:
+def respect_umask(path, mode: int) -> None:
     # mkstemp/mkdtemp create 0600/0700 whatever the umask; artifacts get the permissions of a normal file
     os.chmod(path, mode & ~_umask())
 
@@ -40,7 +40,7 @@ def atomic_file(path, suffix: str = ""):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
-    _respect_umask(tmp, 0o666)
+    respect_umask(tmp, 0o666)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -71,7 +71,7 @@ def atomic_dir(target):
     target = Path(target)
     with dir_lock(target):
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        _respect_umask(tmp, 0o777)
+        respect_umask(tmp, 0o777)
         old = None
         try:
             yield tmp
@@ -158,6 +158,8 @@ def cached_dir(target, build, *, what: str) -> Path:
         with atomic_dir(target) as tmp:   # re-entrant: the same process already holds the lock
             build(Path(tmp))
             write_manifest(tmp)
+            for p in Path(tmp).rglob("*"):
+                respect_umask(p, 0o777 if p.is_dir() else 0o666)
     return target
 
 

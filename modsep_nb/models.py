@@ -383,7 +383,10 @@ def _load_hf(path, *, name: str, gguf_file=None, dtype=None, device_map=None) ->
 
 def _is_timm_dir(spec: str) -> bool:
     cfg = Path(spec) / "config.json"
-    return cfg.is_file() and "architecture" in json.loads(cfg.read_text())
+    try:
+        return cfg.is_file() and "architecture" in json.loads(cfg.read_text())
+    except ValueError:      # unreadable: _load_hf names the folder and the file
+        return False
 
 
 def _load_timm(spec: str, *, dtype=None) -> ModelHandle:
