@@ -527,14 +527,14 @@ from pathlib import Path
 from modsep_nb import runner
 from modsep_nb.__main__ import main
 runner.NOTEBOOK_DIR = Path(sys.argv[1])
-sys.exit(main(["run", sys.argv[2], "--only", "01,02", "--out", sys.argv[3]]))
+sys.exit(main(["run", sys.argv[2], "--only", "01,02", "--out", sys.argv[3], "--overwrite"]))
 """
 
 
 def test_sigint_is_one_line_and_marks_the_folder_incomplete(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".02_mistral_pruning.k9left.ipynb").write_text('{"cells": [')      # left by a kill -9
+    (out / ".01_vit_pruning.k9left.ipynb").write_text('{"cells": [')      # left by a kill -9
     params = write_params(tmp_path, f"cache_dir: {tmp_path / 'c'}")
     env = {**os.environ, "MODSEP_TEST_SLEEP_02": "120",
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
