@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     check.add_argument("params")
     args = parser.parse_args(argv)
     from .params import ParamsError, load_params
-    from .runner import RunFolderError
+    from .runner import RunError
     try:
         if args.command == "check":
             load_params(args.params)
@@ -25,7 +25,7 @@ def main(argv=None) -> int:
             return 0
         from .runner import run as run_notebooks
         run_notebooks(args.params, only=args.only, out=args.out, overwrite=args.overwrite)
-    except (ParamsError, RunFolderError) as err:
+    except (ParamsError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

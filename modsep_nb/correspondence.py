@@ -38,11 +38,12 @@ def _check_selected(selected: torch.Tensor) -> torch.Tensor:
 def expert_counts(selected: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """How many selected neurons each expert holds: [E] for labels [d_mlp], [P, E] for [P, d_mlp]."""
     selected = _check_selected(selected)
-    labels = labels.cpu().long()
+    labels = labels.cpu()
     if labels.shape[-1] != selected.shape[0] or labels.dim() not in (1, 2):
         raise ValueError(f"labels must be [d_mlp] or [P, d_mlp] with d_mlp={selected.shape[0]}, "
                          f"got shape {tuple(labels.shape)}")
-    n_experts = _check_labels(labels)
+    n_experts = _check_labels(labels)       # integer ids only: .long() would truncate float labels silently
+    labels = labels.long()
     lab2 = labels.reshape(-1, labels.shape[-1])
     counts = torch.zeros(lab2.shape[0], n_experts, dtype=torch.long)
     counts.scatter_add_(1, lab2, selected.long().expand_as(lab2).contiguous())

@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"
 
 
-class RunFolderError(ValueError):
-    """A run folder (--out) or cache that cannot be used; the message names it and the fix."""
+class RunError(ValueError):
+    """A run that cannot start (a folder that cannot be used, unknown notebooks); the message names the fix."""
 
 
 INCOMPLETE = "INCOMPLETE.md"     # present while a run is under way or after it was interrupted
@@ -37,9 +37,9 @@ def run_dir_for(params: dict, out: str | None, overwrite: bool) -> Path:
         root = (REPO / "outputs").resolve()
         base = (root / params["run_name"]).resolve()
         if root not in base.parents:       # run_name is validated too; this keeps any name inside outputs/
-            raise RunFolderError(f"run_name {params['run_name']!r} leads outside {root}; use letters, digits, - _ .")
+            raise RunError(f"run_name {params['run_name']!r} leads outside {root}; use letters, digits, - _ .")
     if base.exists() and not base.is_dir():
-        raise RunFolderError(f"run folder {base} is a file, not a folder; pass --out with a folder path")
+        raise RunError(f"run folder {base} is a file, not a folder; pass --out with a folder path")
     if overwrite or not base.exists() or not any(base.iterdir()):
         return base
     n = 2
@@ -57,7 +57,7 @@ def check_writable(folder: Path, what: str) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as err:
-        raise RunFolderError(f"{what} {folder} cannot be written ({err.strerror or type(err).__name__}); "
+        raise RunError(f"{what} {folder} cannot be written ({err.strerror or type(err).__name__}); "
                              f"choose a writable folder") from None
 
 
@@ -94,7 +94,7 @@ def run(params_path, *, only=None, out=None, overwrite=False, log=print) -> Path
     selected = [n.strip() for n in only.split(",")] if isinstance(only, str) else (only or params["notebooks"])
     unknown = [n for n in selected if n not in NOTEBOOKS]
     if unknown:
-        raise SystemExit(f"--only names {unknown}; available: {', '.join(NOTEBOOKS)}")
+        raise RunError(f"--only names {unknown}; available: {', '.join(NOTEBOOKS)}")
     run_dir = run_dir_for(params, out, overwrite).resolve()
     check_writable(_cache_root(params), "cache folder")
     check_writable(run_dir, "run folder")
@@ -102,7 +102,7 @@ def run(params_path, *, only=None, out=None, overwrite=False, log=print) -> Path
     try:
         lock.acquire(timeout=0)
     except Timeout:
-        raise RunFolderError(f"another run is writing into {run_dir}; wait for it or pass another --out") from None
+        raise RunError(f"another run is writing into {run_dir}; wait for it or pass another --out") from None
     try:
         _prepare(run_dir, params, log)
         log(f"modsep: running notebooks {', '.join(selected)} with {params_path} into {run_dir}")

@@ -13,7 +13,7 @@ belong to one module stay in that module's tests (named here with their file).
 | bad parameters on the command line | exit 2, nothing created | test_cli_rejects_bad_params_before_work |
 | shipped parameter sets | valid | test_shipped_params_are_valid |
 | `ablate` with an integer 0/1 mask | exactly the bool mask's result; float or other integers: one error | test_ablate_accepts_exact_integer_masks_only; overlap and correspondence: test_overlaps.py::test_overlap_errors, test_correspondence.py::test_inputs_are_validated |
-| image labels given as floats | one error | test_float_labels_are_refused |
+| image labels or expert labels given as floats | one error (no silent truncation) | test_float_labels_are_refused |
 | `collect_stats(batch_size=0)`, `balanced_kmeans(n_init="many")`, `prune_scores(eps=nan)` | one error | test_api_misuse_is_one_clear_error |
 | `load_model(device="nope")` | error before any weights are read | test_bad_device_fails_before_loading |
 | `load_model("/nonexistent/dir")` | "does not exist", no hub advice | test_missing_local_folder_is_not_a_hub_problem |
@@ -52,7 +52,7 @@ import modsep_nb as ms
 from modsep_nb import files
 from modsep_nb.models import CorruptModelError, ModelNotAvailableError
 from modsep_nb.params import ParamsError, load_params
-from modsep_nb.runner import RunFolderError, run_dir_for
+from modsep_nb.runner import RunError, run_dir_for
 from modsep_nb.statistics import NeuronStats
 from modsep_nb.study import Study, cached_stats
 
@@ -140,7 +140,7 @@ def test_shipped_params_are_valid():
 
 def test_run_folder_stays_inside_outputs():
     # run_name is validated by load_params; run_dir_for refuses on its own too
-    with pytest.raises(RunFolderError, match="outside"):
+    with pytest.raises(RunError, match="outside"):
         run_dir_for({"run_name": "../../etc"}, None, overwrite=False)
     assert run_dir_for({"run_name": "ok-1"}, None, overwrite=True) == (REPO / "outputs" / "ok-1").resolve()
 
@@ -173,6 +173,11 @@ def test_float_labels_are_refused(tiny_vit):
     c, h, w = tiny_vit.image_shape
     with pytest.raises(ValueError, match="integer class ids"):
         ms.evaluate(tiny_vit, torch.zeros(4, c, h, w), labels=torch.tensor([0.0, 1.7, 2.0, 0.2]))
+    from modsep_nb.correspondence import expert_counts
+    selected = torch.tensor([True, False, True, False])
+    assert expert_counts(selected, torch.tensor([0, 0, 1, 1])).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="integer tensor of expert ids"):
+        expert_counts(selected, torch.tensor([0.0, 0.4, 1.0, 1.2]))       # .long() used to truncate these
 
 
 def test_api_misuse_is_one_clear_error(tiny_llama):
