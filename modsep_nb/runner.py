@@ -110,9 +110,11 @@ def run(params_path, *, only=None, out=None, overwrite=False, log=print) -> Path
         try:
             for key in selected:
                 timings[NOTEBOOKS[key]] = _run_notebook(pm, NOTEBOOKS[key], params_path, run_dir, log)
-        finally:
-            write_summary(run_dir, params, timings)
-        (run_dir / INCOMPLETE).unlink(missing_ok=True)
+        except BaseException:
+            write_summary(run_dir, params, timings)     # says which notebooks finished; INCOMPLETE.md stays
+            raise
+        (run_dir / INCOMPLETE).unlink()
+        write_summary(run_dir, params, timings)
         log(f"modsep: summary at {run_dir / 'summary.md'}")
     finally:
         lock.release()

@@ -493,7 +493,7 @@ def test_overwrite_with_other_params_removes_stale_results(tmp_path, fake_suite)
     assert "01 finished, 02 finished" in summary and summary.count("ran with seed 0") == 2
     assert any("02_mistral_pruning: UserWarning: cached statistics /x/02.safetensors are unreadable" in line
                for line in log), log                                        # repeated on the terminal
-    assert not (out / fake_suite.INCOMPLETE).exists()
+    assert not (out / fake_suite.INCOMPLETE).exists() and "did not finish" not in summary
 
     # the same parameters, a subset: the other notebook's results stay
     fake_suite.run(write_params(tmp_path, seed0.read_text(), "copy.yaml"), only="01", out=str(out),
@@ -553,7 +553,7 @@ def test_sigint_is_one_line_and_marks_the_folder_incomplete(tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "interrupted" in stderr, stderr
-    assert (out / "INCOMPLETE.md").is_file()
+    assert (out / "INCOMPLETE.md").is_file() and "did not finish" in (out / "summary.md").read_text()
     assert "01 finished" in (out / "summary.md").read_text() and "02 finished" not in (out / "summary.md").read_text()
     assert not list(out.glob(".*.ipynb")), "no hidden partial notebook is left"
 
