@@ -136,10 +136,9 @@ def check_manifest(folder) -> str | None:
 def remove_stale_temporaries(target) -> None:
     """Temporary folders of `target` left by a killed builder (call while holding its lock)."""
     target = Path(target)
-    for p in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in target.parent.glob(f".{target.name}.old-*"):
-        shutil.rmtree(p, ignore_errors=True)
+    for p in target.parent.glob(f".{target.name}.*"):    # .tmp-*, .old-*, and older code's .<random>
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def cached_dir(target, build, *, what: str) -> Path:

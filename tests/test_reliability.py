@@ -1,40 +1,72 @@
 """Reliability: nothing wrong passes silently (issues 7 and 18).
 
-The attack below was run against the runner, the caches and the API; every case is one clear error
-before heavy work, or a documented safe behaviour. Each row names the test that keeps it so. Checks that
-belong to one module stay in that module's tests (named here with their file).
+An attack on the runner, the caches and the API: every bad input is one clear error before heavy work, and
+no interruption or corruption yields a wrong number. ATTACKS is the table of cases: what was tried, what
+happens, and the test that keeps it so (test_attack_table_is_complete checks that every named test exists).
+Checks that belong to one module stay in that module's tests and are named here with their file.
 
-| attack | expected | test |
-|---|---|---|
-| unknown key, wrong type, value out of range, unknown task/notebook/device | ParamsError naming key and fix | test_bad_parameters_named |
-| `lm.tasks: [code, code]`, `random_init.seeds: []` or `[1.5]`, `seed: -1`, `eps: .nan`, `ctx: 1`, `eval_frac: 0.999`, `cache_dir: 5`, an unknown ViT class, `keep_fracs: [true]`, `overlap.metric_modes` (removed) | ParamsError | test_bad_parameters_named |
-| `run_name: ../../etc` | ParamsError; run folders stay inside outputs/ | test_bad_parameters_named, test_run_folder_stays_inside_outputs |
-| empty file, duplicate key, YAML syntax error, non-UTF-8 file | one line on stderr naming file (and line), exit 2 | test_cli_parameter_file_errors_are_one_line |
-| bad parameters on the command line | exit 2, nothing created | test_cli_rejects_bad_params_before_work |
-| shipped parameter sets | valid | test_shipped_params_are_valid |
-| `ablate` with an integer 0/1 mask | exactly the bool mask's result; float or other integers: one error | test_ablate_accepts_exact_integer_masks_only; overlap and correspondence: test_overlaps.py::test_overlap_errors, test_correspondence.py::test_inputs_are_validated |
-| image labels or expert labels given as floats | one error (no silent truncation) | test_float_labels_are_refused |
-| `collect_stats(batch_size=0)`, `balanced_kmeans(n_init="many")`, `prune_scores(eps=nan)` | one error | test_api_misuse_is_one_clear_error |
-| `load_model(device="nope")` | error before any weights are read | test_bad_device_fails_before_loading |
-| `load_model("/nonexistent/dir")` | "does not exist", no hub advice | test_missing_local_folder_is_not_a_hub_problem |
-| bytes overwritten in a cached model (NaN weights), truncated weights, garbage config.json, missing tokenizer.json | manifest differs: rebuilt with a warning; a user's folder: CorruptModelError naming the folder / tensor | test_corrupted_model_cache_is_rebuilt, test_corrupted_model_folder_is_a_clear_error |
-| the embedded LM / trained ViT caches | built through the verified cache | test_embedded_caches_are_verified_and_rebuilt |
-| 4 processes building the same cache folders at once | each folder built once, no errors, readers never see a half-built folder | test_concurrent_builds_of_a_cache_folder |
-| kill -9 while building a cache folder | its temporary folder is removed by the next build | test_killed_build_leaves_no_temporary_folder |
-| truncated statistics cache, statistics made with other settings | recomputed with a warning | test_corrupted_cache_is_recomputed_with_warning |
-| kill -9 during statistics, then resume | results identical to an uninterrupted run | test_killed_run_resumes_with_identical_results |
-| changed parameter | stale statistics never reused | test_changed_parameter_never_reuses_stale_stats |
-| second run with the same name | a new folder (-2) | test_run_directory_never_overwritten |
-| `--overwrite --only 01` with other parameters into a finished run | the stale results are removed (with a message); summary says which notebooks it holds | test_overwrite_with_other_params_removes_stale_results |
-| `--overwrite --only 01` with the same parameters | the other notebooks' results are kept | test_overwrite_with_other_params_removes_stale_results |
-| `--out` under a file, `--out` a file, unwritable cache | one line, exit 2, before any notebook (a probe file is created: chmod does not stop root, so the tests put the folder under a regular file) | test_unusable_out_or_cache_stops_before_work |
-| SIGINT during a run | one line, exit 130, INCOMPLETE.md kept, summary lists the finished notebooks | test_sigint_is_one_line_and_marks_the_folder_incomplete |
-| a killed run's hidden partial notebook | removed by the next run into the folder | test_sigint_is_one_line_and_marks_the_folder_incomplete |
-| cache-recompute warnings inside a notebook | repeated on the terminal | test_overwrite_with_other_params_removes_stale_results |
-| umask | artifacts get the umask's permissions, not 0600 | test_artifacts_respect_the_umask |
-| full disk while a notebook fails | the previous `.failed.ipynb` is kept, never invalid JSON | test_failed_notebook_kept_only_when_valid |
-| NaN activations | FloatingPointError naming layer and task | test_statistics.py::test_nan_activations_name_the_layer |
+Write-permission cases: the tests run as root, which chmod and os.access do not stop, so an unusable folder
+is a path under a regular file (mkdir fails for anyone); the runner probes by creating a file.
 """
+ATTACKS = [
+    ("unknown key, wrong type, value out of range, unknown task / notebook / device",
+     "ParamsError naming the key and the fix", "test_bad_parameters_named"),
+    ("lm.tasks [code, code]; random_init.seeds [] or [1.5]; seed -1; eps .nan; ctx 1; eval_frac 0.999; "
+     "cache_dir 5; an unknown ViT class in vit.tasks; keep_fracs [true]; overlap.metric_modes (read nowhere: "
+     "removed)", "ParamsError", "test_bad_parameters_named"),
+    ("run_name ../../etc", "ParamsError; run folders stay inside outputs/",
+     "test_bad_parameters_named test_run_folder_stays_inside_outputs"),
+    ("empty parameter file, duplicate key, YAML syntax error, non-UTF-8 file",
+     "one line on stderr naming the file and line, exit 2", "test_cli_parameter_file_errors_are_one_line"),
+    ("bad parameters on the command line", "exit 2, nothing created", "test_cli_rejects_bad_params_before_work"),
+    ("the shipped parameter sets", "valid", "test_shipped_params_are_valid"),
+    ("ablate with an integer 0/1 mask (~mask on int64 is -1/-2), a float mask, integers other than 0/1",
+     "0/1 integers give exactly the bool mask's result; anything else one error",
+     "test_ablate_accepts_exact_integer_masks_only test_overlap.py::test_overlap_errors "
+     "test_correspondence.py::test_inputs_are_validated"),
+    ("image labels or expert labels given as floats", "one error, no silent truncation",
+     "test_float_labels_are_refused"),
+    ("collect_stats(batch_size=0), balanced_kmeans(n_init='many'), prune_scores(eps=nan)", "one error",
+     "test_api_misuse_is_one_clear_error"),
+    ("load_model(device='nope')", "one error before any weights are read", "test_bad_device_fails_before_loading"),
+    ("load_model('/nonexistent/dir')", "'does not exist', no hub advice",
+     "test_missing_local_folder_is_not_a_hub_problem"),
+    ("bytes overwritten in a cached model (NaN weights), truncated weights, garbage config.json, missing "
+     "tokenizer.json, no manifest", "the manifest differs: rebuilt with a warning",
+     "test_corrupted_model_cache_is_rebuilt test_embedded_caches_are_verified_and_rebuilt"),
+    ("the same damage in a user's own model folder", "CorruptModelError naming the folder or the tensor",
+     "test_corrupted_model_folder_is_a_clear_error"),
+    ("4 processes building the same cache folders at once",
+     "each folder built once, no errors, readers never see a half-built folder",
+     "test_concurrent_builds_of_a_cache_folder"),
+    ("kill -9 while a cache folder is built (model conversion, ViT training)",
+     "its temporary folder is removed by the next build", "test_killed_build_leaves_no_temporary_folder"),
+    ("umask 002", "artifacts and cache folders get the umask's permissions, not 0600",
+     "test_artifacts_respect_the_umask"),
+    ("truncated statistics cache; statistics made with other settings", "recomputed with a warning",
+     "test_corrupted_cache_is_recomputed_with_warning"),
+    ("kill -9 during statistics, then resume", "results identical to an uninterrupted run",
+     "test_killed_run_resumes_with_identical_results"),
+    ("a changed parameter", "stale statistics never reused", "test_changed_parameter_never_reuses_stale_stats"),
+    ("a second run with the same name", "a new folder (-2)", "test_run_directory_never_overwritten"),
+    ("--overwrite --only 01 with other parameters into a finished run",
+     "the stale results are removed (with a message); summary.md says which notebooks the folder holds",
+     "test_overwrite_with_other_params_removes_stale_results"),
+    ("--overwrite --only 01 with the same parameters", "the other notebooks' results are kept",
+     "test_overwrite_with_other_params_removes_stale_results"),
+    ("cache-recompute warnings inside a notebook", "repeated on the terminal",
+     "test_overwrite_with_other_params_removes_stale_results"),
+    ("--out under a file, --out a file, a cache folder that cannot be written",
+     "one line, exit 2, before any notebook", "test_unusable_out_or_cache_stops_before_work"),
+    ("SIGINT during a run", "one line, exit 130, INCOMPLETE.md kept, summary.md lists the finished notebooks",
+     "test_sigint_is_one_line_and_marks_the_folder_incomplete"),
+    ("a killed run's hidden partial notebook", "removed by the next run into the folder",
+     "test_sigint_is_one_line_and_marks_the_folder_incomplete"),
+    ("a full disk while a notebook fails", "the previous .failed.ipynb is kept, never invalid JSON",
+     "test_failed_notebook_kept_only_when_valid"),
+    ("NaN activations", "an error naming the layer and the task",
+     "test_statistics.py::test_nan_activations_name_the_layer"),
+]
 import json
 import os
 import signal
@@ -63,6 +95,14 @@ def write_params(tmp_path, text, name: str = "p.yaml") -> Path:
     path = tmp_path / name
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
+
+
+def test_attack_table_is_complete():
+    for attack, expected, tests in ATTACKS:
+        for name in tests.split():
+            file, _, test = name.rpartition("::")
+            source = (Path(__file__).parent / file).read_text() if file else Path(__file__).read_text()
+            assert f"def {test}(" in source, f"{attack!r}: {name} does not exist"
 
 
 # -- parameters: one error per bad input, naming the problem and the fix ------------------------------------
@@ -284,7 +324,8 @@ def test_embedded_caches_are_verified_and_rebuilt(tmp_path, monkeypatch, llama_d
     monkeypatch.setenv("MODSEP_CACHE", str(tmp_path))
     calls = []
     monkeypatch.setattr(models, "_convert_smollm2", lambda pkg, tmp: calls.append("lm") or _copy_files(llama_dir, tmp))
-    monkeypatch.setattr(vit_training, "train_fmnist_vit", lambda tmp, s: calls.append("vit") or (tmp / "x").write_text("w"))
+    monkeypatch.setattr(vit_training, "train_fmnist_vit",
+                        lambda tmp, s: calls.append("vit") or (tmp / "x").write_text("w"))
     lm = models._smollm2_dir()
     vit = vit_training.fmnist_vit_dir()
     assert models._smollm2_dir() == lm and vit_training.fmnist_vit_dir() == vit and calls == ["lm", "vit"]
@@ -498,7 +539,8 @@ def test_overwrite_with_other_params_removes_stale_results(tmp_path, fake_suite)
     # the same parameters, a subset: the other notebook's results stay
     fake_suite.run(write_params(tmp_path, seed0.read_text(), "copy.yaml"), only="01", out=str(out),
                    overwrite=True, log=log.append)
-    assert (out / "02_mistral_pruning.ipynb").is_file() and "01 finished, 02 finished" in (out / "summary.md").read_text()
+    assert (out / "02_mistral_pruning.ipynb").is_file()
+    assert "01 finished, 02 finished" in (out / "summary.md").read_text()
 
     # other parameters: the stale 02 results are removed, never shown beside the new 01
     log.clear()
