@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .params import ParamsError, load_params
+from .runner import RunError
 from .runner import run as run_notebooks
 
 
@@ -25,9 +26,20 @@ def main(argv=None) -> int:
             print(f"{args.params}: ok")
             return 0
         run_notebooks(args.params, only=args.only, out=args.out, overwrite=args.overwrite)
-    except ParamsError as err:
+    except (ParamsError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("modsep: interrupted; the run folder is marked incomplete (INCOMPLETE.md) and summary.md lists "
+              "the notebooks that finished", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if type(err).__name__ != "PapermillExecutionError":
+            raise
+        # the notebook's traceback is in the kept .failed.ipynb (the runner printed its path)
+        print(f"error: a notebook failed: {err.ename}: {str(err.evalue).splitlines()[0] if err.evalue else ''}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -13,6 +13,10 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
                 progress=True, desc="forward", on_logits=None, shard=(0, 1), doc_tokens=None):
     """Run `data` through the model in batches, telling `collector` which positions count.
     shard=(rank, world_size): this process's share (every world_size-th window or image)."""
+    for name, value, low in (("batch_size", batch_size, 1), ("max_tokens", max_tokens, 1), ("ctx", ctx, 2)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name} must be a whole number >= {low}{'' if name == 'ctx' else ' or None'}, "
+                             f"got {value!r}")
     device = handle.device
     if handle.kind == "lm":
         if isinstance(data, str) or not all(isinstance(t, str) for t in data):

@@ -19,7 +19,7 @@ from scipy.stats import hypergeom
 from tqdm.auto import tqdm
 
 from .moefication import _check_labels, check_n_experts, layer_seeds
-from .pruning import select_neurons
+from .pruning import as_mask, select_neurons
 
 STATISTICS = ("auc", "share_significant", "mean_obs_over_exp")
 
@@ -27,7 +27,8 @@ STATISTICS = ("auc", "share_significant", "mean_obs_over_exp")
 # ----------------------------------------------------------------------------- inputs
 
 def _check_selected(selected: torch.Tensor) -> torch.Tensor:
-    if selected.dtype != torch.bool or selected.dim() != 1:
+    selected = as_mask(selected, "selected")
+    if selected.dim() != 1:
         raise ValueError(f"selected must be a 1-D bool mask [d_mlp], got {selected.dtype} of shape "
                          f"{tuple(selected.shape)}; for one layer of select_neurons(...) use mask[layer]")
     if not bool(selected.any()):
@@ -39,11 +40,12 @@ def _check_selected(selected: torch.Tensor) -> torch.Tensor:
 def expert_counts(selected: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """How many selected neurons each expert holds: [E] for labels [d_mlp], [P, E] for [P, d_mlp]."""
     selected = _check_selected(selected)
-    labels = labels.cpu().long()
+    labels = labels.cpu()
     if labels.shape[-1] != selected.shape[0] or labels.dim() not in (1, 2):
         raise ValueError(f"labels must be [d_mlp] or [P, d_mlp] with d_mlp={selected.shape[0]}, "
                          f"got shape {tuple(labels.shape)}")
-    n_experts = _check_labels(labels)
+    n_experts = _check_labels(labels)       # integer ids only: .long() would truncate float labels silently
+    labels = labels.long()
     lab2 = labels.reshape(-1, labels.shape[-1])
     counts = torch.zeros(lab2.shape[0], n_experts, dtype=torch.long)
     counts.scatter_add_(1, lab2, selected.long().expand_as(lab2).contiguous())
@@ -255,7 +257,8 @@ def layer_correspondence(selected_mask: torch.Tensor, labels: torch.Tensor, *, n
     n_null random balanced splits of that layer (z-score and percentile of the AUC; the nulls' mean
     share of significant experts and mean obs/exp for comparison).
     selected_mask: bool [n_layers, d_mlp]; labels: [n_layers, d_mlp] balanced splits."""
-    if selected_mask.dim() != 2 or selected_mask.dtype != torch.bool:
+    selected_mask = as_mask(selected_mask, "selected_mask")
+    if selected_mask.dim() != 2:
         raise ValueError(f"selected_mask must be bool [n_layers, d_mlp], got {selected_mask.dtype} "
                          f"{tuple(selected_mask.shape)}")
     if labels.shape != selected_mask.shape:

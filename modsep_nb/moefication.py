@@ -251,8 +251,14 @@ def balanced_kmeans(x: torch.Tensor, n_clusters: int, *, seed: int = 0, device=N
         n_init = 1 if large else 4
     if refine == "auto":        # swap refinement, except for a large layer
         refine = not large
-    if n_init < 1 or max_iter < 1:
-        raise ValueError(f"n_init and max_iter must be >= 1, got {n_init} and {max_iter}")
+    for name, value in (("n_init", n_init), ("max_iter", max_iter)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            extra = " or 'auto'" if name == "n_init" else ""
+            raise ValueError(f"{name} must be a whole number >= 1{extra}, got {value!r}")
+    if not isinstance(refine, bool):
+        raise ValueError(f"refine must be True, False or 'auto', got {refine!r}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < float("inf"):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
     dev = torch.device(device) if device is not None else x.device
     x = x.detach().to(dev, torch.float64)
     if not bool(torch.isfinite(x).all()):

@@ -23,7 +23,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .pruning import select_neurons
+from .pruning import as_mask, select_neurons
 
 METRICS = ("overlap", "jaccard")
 
@@ -37,10 +37,7 @@ def _check_metric(metric: str) -> None:
 
 
 def _as_mask(mask, name: str = "mask") -> torch.Tensor:
-    mask = torch.as_tensor(mask)
-    if mask.dtype != torch.bool:
-        raise ValueError(f"{name} must be a bool tensor (True = selected neuron), got dtype {mask.dtype}: "
-                         "build it with select_neurons(...) or compare scores, e.g. scores > t")
+    mask = as_mask(mask, name)
     if mask.dim() != 2:
         raise ValueError(f"{name} must have shape [n_layers, d_mlp], got {tuple(mask.shape)}")
     return mask

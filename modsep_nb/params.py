@@ -7,6 +7,8 @@ with one error naming the key and what is allowed.
 from __future__ import annotations
 
 import copy
+import math
+import re
 from pathlib import Path
 
 import torch
@@ -74,7 +76,6 @@ DEFAULTS: dict = {
     "overlap": {
         "frac": 0.01,
         "sweep": [0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
-        "metric_modes": ["global", "per_layer"],
     },
     "moefication": {
         "lm_experts": 48,
@@ -120,6 +121,10 @@ FRACTIONS = ("pruning.frac", "pruning.target", "overlap.frac", "lm.eval_frac", "
              "paper_scores.frac", "pruning.tol")
 POSITIVE_LISTS = ("lm.stability_budgets",)
 FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fracs", "random_init.fracs")
+# keys whose default is null, and the type they take otherwise (moefication's are checked in validate)
+NULLABLE = {"cache_dir": str, "lm.data_dir": str, "vit.data_dir": str, "paper_scores.dir": str,
+            "vit.training.n_train": int, "random_init.stats_tokens": int, "random_init.stats_images": int}
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit.stats_images", "vit.eval_images",
             "vit.batch_size", "moefication.lm_experts", "moefication.vit_experts",
             "moefication.coactivation_tokens", "moefication.eval_tasks", "random_init.stats_tokens",
@@ -139,7 +144,10 @@ def load_params(path=None, overrides: dict | None = None) -> dict:
         path = Path(path)
         if not path.is_file():
             raise ParamsError(f"parameter file {str(path)!r} does not exist; the sets shipped are in params/")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = read_yaml(path)
+        if loaded is None:
+            raise ParamsError(f"{path} is empty: write the keys to change (e.g. run_name: mine); "
+                              f"params/default.yaml is the full default set")
         if not isinstance(loaded, dict):
             raise ParamsError(f"{path} must hold a mapping of keys to values, not {type(loaded).__name__}")
         _merge(params, loaded, "")
@@ -148,6 +156,40 @@ def load_params(path=None, overrides: dict | None = None) -> dict:
         _merge(params, overrides, "")
     validate(params)
     return params
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key written twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {seen[key] + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path):
+    """The YAML document in `path`; a ParamsError naming the file and line when it is not valid UTF-8 YAML."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ParamsError(f"{path}, line {line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the file "
+                          f"as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ParamsError(f"{path}{where}: invalid YAML: {problem}") from None
 
 
 def _merge(into: dict, new: dict, prefix: str) -> None:
@@ -176,7 +218,14 @@ def _default_at(name: str):
 
 
 def _typed(name: str, default, value):
-    if value is None or default is None:
+    if value is None:
+        return value
+    if default is None:
+        kind = NULLABLE.get(name)
+        ok = kind is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
+        if not ok:
+            what = {str: "a path (string)", int: "a whole number", bool: "true or false"}[kind]
+            raise ParamsError(f"parameter {name!r} must be {what} or null, got {value!r}")
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -185,6 +234,8 @@ def _typed(name: str, default, value):
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ParamsError(f"parameter {name!r} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ParamsError(f"parameter {name!r} must be a finite number, got {value!r}")
         return float(value)
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
@@ -210,6 +261,17 @@ def _get(params: dict, name: str):
 
 
 def validate(params: dict) -> None:
+    run_name = params["run_name"]
+    if not RUN_NAME.fullmatch(run_name) or ".." in run_name:
+        raise ParamsError(f"parameter 'run_name' is {run_name!r}: it names the run folder under outputs/, so use "
+                          f"letters, digits and - _ . only (e.g. my-run_2)")
+    if params["seed"] < 0:
+        raise ParamsError(f"parameter 'seed' must be a whole number >= 0, got {params['seed']}")
+    seeds = params["random_init"]["seeds"]
+    if (not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
+            or len(set(seeds)) != len(seeds)):
+        raise ParamsError(f"parameter 'random_init.seeds' must be a non-empty list of distinct whole numbers >= 0, "
+                          f"got {seeds!r}")
     for name, choices in CHOICES.items():
         value = _get(params, name)
         if choices is not None and value not in choices:
@@ -224,7 +286,7 @@ def validate(params: dict) -> None:
             raise ParamsError(f"parameter {name!r} must be strictly between 0 and 1, got {value}")
     for name in FRACTION_LISTS:
         values = _get(params, name)
-        bad = [v for v in values if not isinstance(v, (int, float)) or not 0.0 < v <= 1.0]
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0]
         if bad or not values:
             raise ParamsError(f"parameter {name!r} must be a non-empty list of fractions in (0, 1], got {values}")
     for name in POSITIVE_LISTS:
@@ -237,6 +299,9 @@ def validate(params: dict) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ParamsError(f"parameter {name!r} must be a whole number of at least 1, got {value!r}")
+    if params["lm"]["ctx"] < 2:
+        raise ParamsError(f"parameter 'lm.ctx' must be at least 2 (a window needs a token and its next token), "
+                          f"got {params['lm']['ctx']}")
     if params["pruning"]["eps"] < 0:
         raise ParamsError(f"parameter 'pruning.eps' must be >= 0, got {params['pruning']['eps']}")
     seeds = params["pruning"]["random_seeds"]
@@ -254,22 +319,23 @@ def validate(params: dict) -> None:
         raise ParamsError(f"parameter 'notebooks' names {unknown}; available: {', '.join(NOTEBOOKS)}")
     params["notebooks"] = [str(n) for n in params["notebooks"]]
     tasks = params["lm"]["tasks"]
-    if not isinstance(tasks, list) or len(tasks) < 2:
-        raise ParamsError(f"parameter 'lm.tasks' must list at least two tasks, got {tasks!r}")
+    if not isinstance(tasks, list) or len(tasks) < 2 or not all(isinstance(t, str) for t in tasks):
+        raise ParamsError(f"parameter 'lm.tasks' must list at least two tasks by name, got {tasks!r}")
+    repeated = sorted({t for t in tasks if tasks.count(t) > 1})
+    if repeated:
+        raise ParamsError(f"parameter 'lm.tasks' names {repeated} more than once; list each task once")
     if params["lm"]["source"] == "embedded":
         unknown = [t for t in tasks if t not in EMBEDDED_TEXT_DOMAINS]
         if unknown:
             raise ParamsError(f"parameter 'lm.tasks' names unknown tasks {unknown}; embedded domains are "
                               f"{', '.join(EMBEDDED_TEXT_DOMAINS)}")
+        _check_split(tasks, params["lm"]["eval_frac"])
     else:
         unknown = [t for t in tasks if t not in PAPER_TEXT_DOMAINS]
         if unknown:
             raise ParamsError(f"parameter 'lm.tasks' names unknown tasks {unknown}; paper domains are "
                               f"{', '.join(PAPER_TEXT_DOMAINS)}")
-    vit_tasks = params["vit"]["tasks"]
-    if isinstance(vit_tasks, str) and vit_tasks not in ("classes", "groups"):
-        raise ParamsError(f"parameter 'vit.tasks' is {vit_tasks!r}; use classes, groups or a mapping "
-                          f"of task -> list of class names")
+    _check_vit_tasks(params["vit"])
     n_init, refine = params["moefication"]["n_init"], params["moefication"]["refine"]
     if n_init is not None and (isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1):
         raise ParamsError(f"parameter 'moefication.n_init' must be a whole number >= 1 or null (auto), got {n_init!r}")
@@ -281,6 +347,40 @@ def validate(params: dict) -> None:
     for key in ("lm_experts", "vit_experts"):
         if params["moefication"][key] < 1:
             raise ParamsError(f"parameter 'moefication.{key}' must be at least 1")
+
+
+def _check_split(tasks: list, eval_frac: float) -> None:
+    """Every embedded domain keeps documents on both sides of its statistics / evaluation split. Up to
+    eval_frac 0.5 any domain of two or more documents does, so the domains (~2 s to read) are read only above."""
+    from .data import embedded_text_domain, split_sizes
+    if eval_frac <= 0.5:
+        return
+    for name in tasks:
+        n_docs = len(set(embedded_text_domain(name)))
+        n_collect, n_eval = split_sizes(n_docs, eval_frac)
+        if n_collect < 1:
+            raise ParamsError(f"parameter 'lm.eval_frac' is {eval_frac}: domain {name!r} has {n_docs} documents, so "
+                              f"none would be left for statistics; use a smaller eval_frac (e.g. 0.3)")
+
+
+def _check_vit_tasks(vit: dict) -> None:
+    tasks = vit["tasks"]
+    if isinstance(tasks, str):
+        if tasks not in ("classes", "groups"):
+            raise ParamsError(f"parameter 'vit.tasks' is {tasks!r}; use classes, groups or a mapping "
+                              f"of task -> list of class names")
+        if tasks == "groups" and vit["dataset"] != "fashion-mnist":
+            raise ParamsError("parameter 'vit.tasks' is 'groups', which is defined for fashion-mnist only; use "
+                              "classes or a mapping of task -> list of class names")
+        return
+    if not tasks or not all(isinstance(v, list) and v and all(isinstance(c, str) for c in v) for v in tasks.values()):
+        raise ParamsError(f"parameter 'vit.tasks' must map each task to a non-empty list of class names, got {tasks!r}")
+    if vit["dataset"] == "fashion-mnist":
+        from .data import FASHION_MNIST_CLASSES
+        unknown = sorted({c for v in tasks.values() for c in v} - set(FASHION_MNIST_CLASSES))
+        if unknown:
+            raise ParamsError(f"parameter 'vit.tasks' names unknown classes {unknown}; Fashion-MNIST's classes are "
+                              f"{', '.join(FASHION_MNIST_CLASSES)}")
 
 
 def device_of(params: dict) -> str:

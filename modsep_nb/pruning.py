@@ -44,8 +44,8 @@ def prune_scores(forget, retain, importance: str = "abs", eps: float = 1e-3,
     with equal weight per task, SPEC §3 'rest'). eps_relative (if given, `eps` is not used): layer l's
     eps is eps_relative × the median over that layer's neurons of I(retain).
     """
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     if eps_relative is not None and not eps_relative >= 0:
         raise ValueError(f"eps_relative must be >= 0 (a fraction of the layer's median importance) or None, "
                          f"got {eps_relative}")
@@ -95,6 +95,23 @@ def task_scores(stats: dict, *, importance="abs", eps=1e-3, eps_relative=None, r
             raise ValueError(f"unknown retain set {retain!r}: choose 'rest' or 'general'")
         scores[name] = prune_scores(st, ret, importance=importance, eps=eps, eps_relative=eps_relative)
     return scores
+
+
+def as_mask(mask, name: str = "mask") -> torch.Tensor:
+    """A bool neuron mask (True = selected) from a bool tensor/array, or from integers that are all 0 or 1
+    (converted exactly). Anything else is an error: `~` on an integer 0/1 mask gives -1/-2, and a float
+    mask has no exact meaning."""
+    try:
+        mask = torch.as_tensor(mask)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be a bool tensor [n_layers, d_mlp], got {type(mask).__name__}") from err
+    if mask.dtype == torch.bool:
+        return mask
+    if mask.is_floating_point() or mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError(f"{name} must be a bool tensor (True = selected neuron) or integers 0/1, got dtype "
+                         f"{mask.dtype}{'' if mask.is_floating_point() else ' with values other than 0 and 1'}: "
+                         f"build it with select_neurons(...) or compare scores, e.g. scores > t")
+    return mask.bool()
 
 
 def n_selected(n: int, frac: float) -> int:
@@ -148,6 +165,7 @@ def select_neurons(scores: torch.Tensor, frac: float, mode: str = "global") -> t
 
 def ties_at_threshold(scores: torch.Tensor, mask: torch.Tensor) -> int:
     """How many unselected neurons share the lowest selected score (decided by the index tie-break)."""
+    mask = as_mask(mask)
     if not mask.any():
         return 0
     threshold = scores[mask].min()
@@ -190,6 +208,7 @@ def ablate(handle, mask: torch.Tensor, mode: str = "zero", means: torch.Tensor |
     if mode not in ABLATION_MODES:
         raise ValueError(f"unknown ablation mode {mode!r}: choose one of {', '.join(ABLATION_MODES)}")
     expected = (handle.n_layers, handle.d_mlp)
+    mask = as_mask(mask)
     if tuple(mask.shape) != expected:
         raise ValueError(f"mask has shape {tuple(mask.shape)} but the model has [n_layers, d_mlp] = {list(expected)}")
     if mode == "mean":

@@ -9,21 +9,37 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from .files import write_text_atomic
+from .files import respect_umask, write_text_atomic
 from .params import NOTEBOOKS, load_params
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"
 
 
+class RunError(ValueError):
+    """A run that cannot start (a folder that cannot be used, unknown notebooks); the message names the fix."""
+
+
+INCOMPLETE = "INCOMPLETE.md"     # present while a run is under way or after it was interrupted
+
+
 def run_dir_for(params: dict, out: str | None, overwrite: bool) -> Path:
     """outputs/<run_name>, or the next free outputs/<run_name>-N when that exists (unless overwrite)."""
-    base = Path(out) if out else REPO / "outputs" / params["run_name"]
+    if out:
+        base = Path(out).expanduser()
+    else:
+        root = (REPO / "outputs").resolve()
+        base = (root / params["run_name"]).resolve()
+        if root not in base.parents:       # run_name is validated too; this keeps any name inside outputs/
+            raise RunError(f"run_name {params['run_name']!r} leads outside {root}; use letters, digits, - _ .")
+    if base.exists() and not base.is_dir():
+        raise RunError(f"run folder {base} is a file, not a folder; pass --out with a folder path")
     if overwrite or not base.exists() or not any(base.iterdir()):
         return base
     n = 2
@@ -32,51 +48,176 @@ def run_dir_for(params: dict, out: str | None, overwrite: bool) -> Path:
     return Path(f"{base}-{n}")
 
 
+def check_writable(folder: Path, what: str) -> None:
+    """Create `folder` and a probe file in it, so that an unusable folder stops the run before any work
+    (os.access says yes to root even on a read-only mount)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".modsep-probe-", dir=folder)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise RunError(f"{what} {folder} cannot be written ({err.strerror or type(err).__name__}); "
+                             f"choose a writable folder") from None
+
+
 def run(params_path, *, only=None, out=None, overwrite=False, log=print) -> Path:
     import papermill as pm
+    from filelock import FileLock, Timeout
     os.environ["MODSEP_HEADLESS"] = "1"   # the kernels inherit it: widgets are skipped
     params = load_params(params_path)       # validated before any heavy work
     selected = [n.strip() for n in only.split(",")] if isinstance(only, str) else (only or params["notebooks"])
     unknown = [n for n in selected if n not in NOTEBOOKS]
     if unknown:
-        raise SystemExit(f"--only names {unknown}; available: {', '.join(NOTEBOOKS)}")
+        raise RunError(f"--only names {unknown}; available: {', '.join(NOTEBOOKS)}")
     run_dir = run_dir_for(params, out, overwrite).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "params.json", json.dumps(params, indent=1, default=str))
-    log(f"modsep: running notebooks {', '.join(selected)} with {params_path} into {run_dir}")
-    timings = {}
-    for key in selected:
-        name = NOTEBOOKS[key]
-        start = time.time()
-        final = run_dir / f"{name}.ipynb"
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".ipynb", dir=run_dir)
-        os.close(fd)
+    check_writable(_cache_root(params), "cache folder")
+    check_writable(run_dir, "run folder")
+    lock = FileLock(str(run_dir / ".modsep.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise RunError(f"another run is writing into {run_dir}; wait for it or pass another --out") from None
+    try:
+        _prepare(run_dir, params, log)
+        log(f"modsep: running notebooks {', '.join(selected)} with {params_path} into {run_dir}")
+        timings = {}
         try:
-            pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), tmp, cwd=str(NOTEBOOK_DIR),
-                                parameters={"params_file": str(Path(params_path).resolve()), "out_dir": str(run_dir)},
-                                kernel_name="python3", progress_bar=False,
-                                # the kernel's start-up warnings (TCP without encryption on localhost) are noise
-                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
-            os.replace(tmp, final)
+            for key in selected:
+                timings[NOTEBOOKS[key]] = _run_notebook(pm, NOTEBOOKS[key], params_path, run_dir, log)
         except BaseException:
-            failed = run_dir / f"{name}.failed.ipynb"   # kept for reading the traceback; never mistaken for a result
-            if os.path.exists(tmp):
-                shutil.move(tmp, failed)
-            log(f"modsep: {name} failed; the executed notebook is {failed}")
+            write_summary(run_dir, params, timings)     # says which notebooks finished; INCOMPLETE.md stays
             raise
-        timings[name] = round(time.time() - start, 1)
-        log(f"modsep: {name} done in {timings[name]} s")
-    write_summary(run_dir, params, timings)
-    log(f"modsep: summary at {run_dir / 'summary.md'}")
+        (run_dir / INCOMPLETE).unlink()
+        write_summary(run_dir, params, timings)
+        log(f"modsep: summary at {run_dir / 'summary.md'}")
+    finally:
+        lock.release()
     return run_dir
+
+
+def _cache_root(params: dict) -> Path:
+    return Path(params["cache_dir"] or os.environ.get("MODSEP_CACHE") or Path.home() / ".cache" / "modsep")
+
+
+def _same_params(a: dict, b: dict) -> bool:
+    ignore = ("params_file",)       # the same parameters may come from another copy of the file
+    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+
+
+def _prepare(run_dir: Path, params: dict, log) -> None:
+    """One parameter set per folder: results of other parameters are removed (with a message), leftovers of
+    a killed run (hidden partial notebooks) too; then the INCOMPLETE marker and params.json are written."""
+    previous = run_dir / "params.json"
+    if previous.is_file():
+        try:
+            old = json.loads(previous.read_text())
+        except ValueError:
+            old = None
+        if old is None or not _same_params(old, json.loads(json.dumps(params, default=str))):
+            removed = _remove_results(run_dir)
+            log(f"modsep: {run_dir} held results of other parameters; removed them ({', '.join(removed)})")
+    for stale in run_dir.glob(".*.ipynb"):       # a killed run's partial notebook (we hold the folder's lock)
+        stale.unlink()
+    write_text_atomic(run_dir / INCOMPLETE, "This run has not finished (it is running, or it was interrupted). "
+                                            "summary.md lists the notebooks that finished.\n")
+    write_text_atomic(run_dir / "params.json", json.dumps(params, indent=1, default=str))
+
+
+def _remove_results(run_dir: Path) -> list[str]:
+    """Everything a run writes into its folder (and nothing else the folder may hold)."""
+    names = ["params.json", "summary.md", INCOMPLETE, "findings", "figures", "statistics"]
+    names += [f"{n}{ext}" for n in NOTEBOOKS.values() for ext in (".ipynb", ".failed.ipynb")]
+    removed = []
+    for name in names:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
+
+
+def _run_notebook(pm, name: str, params_path, run_dir: Path, log) -> float:
+    """Execute one notebook into run_dir/<name>.ipynb (atomically); on failure keep <name>.failed.ipynb."""
+    start = time.time()
+    final, failed = run_dir / f"{name}.ipynb", run_dir / f"{name}.failed.ipynb"
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".ipynb", dir=run_dir)
+    os.close(fd)
+    respect_umask(tmp, 0o666)
+    try:
+        pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), tmp, cwd=str(NOTEBOOK_DIR),
+                            parameters={"params_file": str(Path(params_path).resolve()), "out_dir": str(run_dir)},
+                            kernel_name="python3", progress_bar=False,
+                            # the kernel's start-up warnings (TCP without encryption on localhost) are noise
+                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        _repeat_warnings(name, tmp, log)
+        os.replace(tmp, final)
+        failed.unlink(missing_ok=True)
+    except BaseException:
+        _repeat_warnings(name, tmp, log)
+        if _readable_notebook(tmp):     # kept for reading the traceback; never mistaken for a result
+            os.replace(tmp, failed)
+            log(f"modsep: {name} failed; the executed notebook is {failed}")
+        else:                           # e.g. a full disk truncated it: keep the previous one, if any
+            log(f"modsep: {name} failed and its executed notebook could not be saved (disk full?)")
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    seconds = round(time.time() - start, 1)
+    log(f"modsep: {name} done in {seconds} s")
+    return seconds
+
+
+def _readable_notebook(path) -> bool:
+    try:
+        return "cells" in json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+
+
+WARNING_LINE = re.compile(r"\b(\w*Warning): (.*)")
+
+
+def _repeat_warnings(name: str, path, log) -> None:
+    """Warnings (e.g. a cache found corrupted and recomputed) are printed inside the executed notebook;
+    repeat them on the terminal, once each."""
+    try:
+        cells = json.loads(Path(path).read_text())["cells"]
+    except (OSError, ValueError, KeyError):
+        return
+    seen = []
+    for cell in cells:
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                text = "".join(output.get("text", ""))
+                for match in WARNING_LINE.finditer(text):
+                    line = f"{match.group(1)}: {match.group(2).strip()}"
+                    if line not in seen:
+                        seen.append(line)
+    for line in seen:
+        log(f"modsep: {name}: {line}")
 
 
 def write_summary(run_dir: Path, params: dict, timings: dict) -> None:
     parts = [f"# modsep run `{params['run_name']}`\n", f"Parameters: `{params.get('params_file')}`; "
              f"seed {params['seed']}; device {params['device']}.\n"]
+    state = []
+    for key, name in NOTEBOOKS.items():
+        if (run_dir / f"{name}.ipynb").is_file():
+            state.append(f"{key} finished")
+        elif (run_dir / f"{name}.failed.ipynb").is_file():
+            state.append(f"{key} failed")
+    parts.append(f"Notebooks in this folder: {', '.join(state) or 'none finished'}"
+                 f"{'; the run did not finish (see ' + INCOMPLETE + ')' if (run_dir / INCOMPLETE).is_file() else ''}."
+                 f"\n")
     for key, name in NOTEBOOKS.items():
         findings = run_dir / "findings" / f"{name}.md"
-        if findings.is_file():
+        if findings.is_file() and (run_dir / f"{name}.ipynb").is_file():
             parts.append(findings.read_text())
             if name in timings:
                 parts.append(f"_{name} ran in {timings[name]} s._\n")

@@ -75,8 +75,9 @@ def test_inputs_are_validated():
     labels = blocks(12, 4)
     with pytest.raises(ValueError, match="no neuron is selected"):
         concentration_auc(torch.zeros(12, dtype=torch.bool), labels)
-    with pytest.raises(ValueError, match="bool mask"):
-        concentration_auc(torch.ones(12), labels)
+    with pytest.raises(ValueError, match="bool tensor"):
+        concentration_auc(torch.ones(12), labels)            # a float mask has no exact meaning
+    assert concentration_auc(mask(12, [1, 5]).long(), labels) == concentration_auc(mask(12, [1, 5]), labels)
     with pytest.raises(ValueError, match="exactly"):
         concentration_auc(mask(12, [1]), torch.tensor([0] * 7 + [1] * 5))
 

@@ -47,8 +47,11 @@ def test_overlap_errors():
         overlap(A, B, metric="dice")
     with pytest.raises(ValueError, match="same model"):
         overlap(A, B[:, :4])
+    assert overlap(A.int(), B) == overlap(A, B)          # 0/1 integers are converted exactly
     with pytest.raises(ValueError, match="bool"):
-        overlap(A.int(), B)
+        overlap(A.float(), B)
+    with pytest.raises(ValueError, match="other than 0 and 1"):
+        overlap(A.int() * 2, B)
 
 
 def test_overlap_random_masks_against_python_sets():

@@ -1,35 +1,111 @@
-"""Reliability (issue 7): one clear error per bad input before heavy work; NaN reported; atomic, resumable,
-cache-validated artifacts; runs never overwrite each other; same seed, same numbers."""
+"""Reliability: nothing wrong passes silently (issues 7 and 18).
+
+An attack on the runner, the caches and the API: every bad input is one clear error before heavy work, and
+no interruption or corruption yields a wrong number. ATTACKS is the table of cases: what was tried, what
+happens, and the test that keeps it so (test_attack_table_is_complete checks that every named test exists).
+Checks that belong to one module stay in that module's tests and are named here with their file.
+
+Write-permission cases: the tests run as root, which chmod and os.access do not stop, so an unusable folder
+is a path under a regular file (mkdir fails for anyone); the runner probes by creating a file.
+"""
+ATTACKS = [
+    ("unknown key, wrong type, value out of range, unknown task / notebook / device",
+     "ParamsError naming the key and the fix", "test_bad_parameters_named"),
+    ("lm.tasks [code, code]; random_init.seeds [] or [1.5]; seed -1; eps .nan; ctx 1; eval_frac 0.999; "
+     "cache_dir 5; an unknown ViT class in vit.tasks; keep_fracs [true]; overlap.metric_modes (read nowhere: "
+     "removed)", "ParamsError", "test_bad_parameters_named"),
+    ("run_name ../../etc", "ParamsError; run folders stay inside outputs/",
+     "test_bad_parameters_named test_run_folder_stays_inside_outputs"),
+    ("empty parameter file, duplicate key, YAML syntax error, non-UTF-8 file",
+     "one line on stderr naming the file and line, exit 2", "test_cli_parameter_file_errors_are_one_line"),
+    ("bad parameters on the command line", "exit 2, nothing created", "test_cli_rejects_bad_params_before_work"),
+    ("the shipped parameter sets", "valid", "test_shipped_params_are_valid"),
+    ("ablate with an integer 0/1 mask (~mask on int64 is -1/-2), a float mask, integers other than 0/1",
+     "0/1 integers give exactly the bool mask's result; anything else one error",
+     "test_ablate_accepts_exact_integer_masks_only test_overlaps.py::test_overlap_errors "
+     "test_correspondence.py::test_inputs_are_validated"),
+    ("image labels or expert labels given as floats", "one error, no silent truncation",
+     "test_float_labels_are_refused"),
+    ("collect_stats(batch_size=0), balanced_kmeans(n_init='many'), prune_scores(eps=nan)", "one error",
+     "test_api_misuse_is_one_clear_error"),
+    ("load_model(device='nope')", "one error before any weights are read", "test_bad_device_fails_before_loading"),
+    ("load_model('/nonexistent/dir')", "'does not exist', no hub advice",
+     "test_missing_local_folder_is_not_a_hub_problem"),
+    ("bytes overwritten in a cached model (NaN weights), truncated weights, garbage config.json, missing "
+     "tokenizer.json, no manifest", "the manifest differs: rebuilt with a warning",
+     "test_corrupted_model_cache_is_rebuilt test_embedded_caches_are_verified_and_rebuilt"),
+    ("the same damage in a user's own model folder", "CorruptModelError naming the folder or the tensor",
+     "test_corrupted_model_folder_is_a_clear_error"),
+    ("4 processes building the same cache folders at once",
+     "each folder built once, no errors, readers never see a half-built folder",
+     "test_concurrent_builds_of_a_cache_folder"),
+    ("kill -9 while a cache folder is built (model conversion, ViT training)",
+     "its temporary folder is removed by the next build", "test_killed_build_leaves_no_temporary_folder"),
+    ("umask 002", "artifacts and cache folders get the umask's permissions, not 0600",
+     "test_artifacts_respect_the_umask"),
+    ("truncated statistics cache; statistics made with other settings", "recomputed with a warning",
+     "test_corrupted_cache_is_recomputed_with_warning"),
+    ("kill -9 during statistics, then resume", "results identical to an uninterrupted run",
+     "test_killed_run_resumes_with_identical_results"),
+    ("a changed parameter", "stale statistics never reused", "test_changed_parameter_never_reuses_stale_stats"),
+    ("a second run with the same name", "a new folder (-2)", "test_run_directory_never_overwritten"),
+    ("--overwrite --only 01 with other parameters into a finished run",
+     "the stale results are removed (with a message); summary.md says which notebooks the folder holds",
+     "test_overwrite_with_other_params_removes_stale_results"),
+    ("--overwrite --only 01 with the same parameters", "the other notebooks' results are kept",
+     "test_overwrite_with_other_params_removes_stale_results"),
+    ("cache-recompute warnings inside a notebook", "repeated on the terminal",
+     "test_overwrite_with_other_params_removes_stale_results"),
+    ("--out under a file, --out a file, a cache folder that cannot be written",
+     "one line, exit 2, before any notebook", "test_unusable_out_or_cache_stops_before_work"),
+    ("SIGINT during a run", "one line, exit 130, INCOMPLETE.md kept, summary.md lists the finished notebooks",
+     "test_sigint_is_one_line_and_marks_the_folder_incomplete"),
+    ("a killed run's hidden partial notebook", "removed by the next run into the folder",
+     "test_sigint_is_one_line_and_marks_the_folder_incomplete"),
+    ("a full disk while a notebook fails", "the previous .failed.ipynb is kept, never invalid JSON",
+     "test_failed_notebook_kept_only_when_valid"),
+    ("NaN activations", "an error naming the layer and the task",
+     "test_statistics.py::test_nan_activations_name_the_layer"),
+]
+import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import modsep_nb as ms
-from modsep_nb.data import DataNotAvailableError, ImageDataset, fashion_mnist, text_tasks
-from modsep_nb.models import ModelNotAvailableError, UnknownArchitectureError
+from modsep_nb import files
+from modsep_nb.models import CorruptModelError, ModelNotAvailableError
 from modsep_nb.params import ParamsError, load_params
-from modsep_nb.runner import run_dir_for
+from modsep_nb.runner import RunError, run_dir_for
 from modsep_nb.statistics import NeuronStats
 from modsep_nb.study import Study, cached_stats
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_params(tmp_path, text: str) -> Path:
-    path = tmp_path / "p.yaml"
-    path.write_text(text)
+def write_params(tmp_path, text, name: str = "p.yaml") -> Path:
+    path = tmp_path / name
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
     return path
 
 
-# -- one error per bad input, naming the problem and the fix ------------------------------------------------
+def test_attack_table_is_complete():
+    for attack, expected, tests in ATTACKS:
+        for name in tests.split():
+            file, _, test = name.rpartition("::")
+            source = (Path(__file__).parent / file).read_text() if file else Path(__file__).read_text()
+            assert f"def {test}(" in source, f"{attack!r}: {name} does not exist"
+
+
+# -- parameters: one error per bad input, naming the problem and the fix ------------------------------------
 @pytest.mark.parametrize("text, words", [
     ("lm: {stats_tokenz: 10}", ["unknown parameter 'lm.stats_tokenz'", "stats_tokens"]),
     ("colour: red", ["unknown parameter 'colour'"]),
@@ -47,12 +123,48 @@ def write_params(tmp_path, text: str) -> Path:
     ("moefication: {max_degree: 0}", ["'moefication.max_degree'", "whole number"]),
     ("moefication: {n_init: some}", ["'moefication.n_init'", "auto"]),
     ("device: gpu", ["'device'", "cuda:N", "sharded"]),
+    # issue 18
+    ("lm: {tasks: [code, code]}", ["'lm.tasks'", "['code'] more than once"]),
+    ("random_init: {seeds: []}", ["'random_init.seeds'", "non-empty"]),
+    ("random_init: {seeds: [1.5]}", ["'random_init.seeds'", "whole numbers"]),
+    ("random_init: {seeds: [true]}", ["'random_init.seeds'", "whole numbers"]),
+    ("seed: -1", ["'seed'", ">= 0"]),
+    ("pruning: {eps: .nan}", ["'pruning.eps'", "finite"]),
+    ("pruning: {target: .inf}", ["'pruning.target'", "finite"]),
+    ("lm: {ctx: 1}", ["'lm.ctx'", "at least 2"]),
+    ("lm: {eval_frac: 0.999}", ["'lm.eval_frac'", "none would be left for statistics"]),
+    ("cache_dir: 5", ["'cache_dir'", "path"]),
+    ("vit: {tasks: {pets: [Cat]}}", ["'vit.tasks'", "unknown classes ['Cat']", "Trouser"]),
+    ("vit: {tasks: {tops: []}}", ["'vit.tasks'", "non-empty list"]),
+    ("overlap: {metric_modes: [global]}", ["unknown parameter 'overlap.metric_modes'"]),
+    ("moefication: {keep_fracs: [true]}", ["'moefication.keep_fracs'", "fractions"]),
+    ("correspondence: {fracs: [0.1, false]}", ["'correspondence.fracs'", "fractions"]),
+    ("run_name: ../../etc", ["'run_name'", "letters, digits"]),
+    ("run_name: 'a/b'", ["'run_name'", "letters, digits"]),
 ])
 def test_bad_parameters_named(tmp_path, text, words):
     with pytest.raises(ParamsError) as err:
         load_params(write_params(tmp_path, text))
     for w in words:
         assert w in str(err.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("", ["is empty"]),
+    ("# nothing but a comment\n", ["is empty"]),
+    ("seed: 1\nrun_name: x\nseed: 2\n", ["line 3", "'seed' appears twice", "line 1"]),
+    ("lm:\n  ctx: 64\n  ctx: 32\n", ["line 3", "'ctx' appears twice"]),
+    ("seed: 1\nlm: [unclosed\n", ["line 3", "invalid YAML"]),
+    (b"run_name: x\ndescription: caf\xe9\n", ["line 2", "not UTF-8"]),
+])
+def test_cli_parameter_file_errors_are_one_line(tmp_path, capsys, text, words):
+    from modsep_nb.__main__ import main
+    path = write_params(tmp_path, text)
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
 
 
 def test_cli_rejects_bad_params_before_work(tmp_path):
@@ -68,62 +180,233 @@ def test_shipped_params_are_valid():
         load_params(path)
 
 
-def test_selection_mode_and_frac_errors():
-    scores = torch.rand(2, 10)
-    with pytest.raises(ValueError, match="unknown selection mode 'sideways'.*global, per_layer"):
-        ms.select_neurons(scores, 0.1, mode="sideways")
-    with pytest.raises(ValueError, match="strictly between 0 and 1"):
-        ms.select_neurons(scores, 1.2)
+def test_run_folder_stays_inside_outputs():
+    # run_name is validated by load_params; run_dir_for refuses on its own too
+    with pytest.raises(RunError, match="outside"):
+        run_dir_for({"run_name": "../../etc"}, None, overwrite=False)
+    assert run_dir_for({"run_name": "ok-1"}, None, overwrite=True) == (REPO / "outputs" / "ok-1").resolve()
 
 
-def test_cluster_count_must_divide(tiny_llama):
-    from modsep_nb.moefication import check_n_experts
-    with pytest.raises(ValueError) as err:
-        check_n_experts(tiny_llama.d_mlp, 7)
-    assert "7" in str(err.value) and "valid" in str(err.value)
+# -- API misuse ------------------------------------------------------------------------------------------
+def test_ablate_accepts_exact_integer_masks_only(tiny_llama, tokenizer):
+    """`~mask` on int64 gives -1/-2: integer masks used to scale neurons instead of zeroing them."""
+    from conftest import random_texts
+    ids = tokenizer(random_texts(3, seed=1, min_len=6, max_len=6), return_tensors="pt")["input_ids"]
+    mask = torch.zeros(tiny_llama.n_layers, tiny_llama.d_mlp, dtype=torch.bool)
+    mask[0, [1, 4, 9]] = True
+    mask[1, :5] = True
 
-
-def test_unknown_task_and_empty_domain():
-    with pytest.raises(ValueError, match="unknown text domain 'cooking'.*code"):
-        text_tasks(["cooking"])
-    from modsep_nb.data import split_documents
-    with pytest.raises(ValueError, match="empty domain"):
-        split_documents([])
-
-
-def test_model_not_available_offline(hub_offline):
-    with pytest.raises(ModelNotAvailableError) as err:
-        ms.load_model("no-such-org/no-such-model-abc")
-    assert "no-such-org/no-such-model-abc" in str(err.value) and "local" in str(err.value)
-
-
-def test_unknown_architecture():
-    class Odd(torch.nn.Module):
-        def forward(self, x):
-            return x
-    with pytest.raises(UnknownArchitectureError) as err:
-        ms.load_model(Odd())
-    assert "'Odd'" in str(err.value) and "ARCHITECTURES" in str(err.value)
-
-
-def test_images_without_labels_and_wrong_shape(tiny_vit):
-    c, h, w = tiny_vit.image_shape
-    with pytest.raises(ValueError, match="needs their labels"):
-        ms.evaluate(tiny_vit, torch.zeros(4, c, h, w))
-    with pytest.raises(ValueError, match=r"expects \[" ):
-        ms.collect_stats(tiny_vit, torch.zeros(4, c, h + 1, w), progress=False)
-    with pytest.raises(DataNotAvailableError, match="apt-get install dataset-fashion-mnist"):
-        fashion_mnist("train", root="/nonexistent")
-
-
-def test_nan_activations_reported_with_layer_and_task(tiny_llama, tokenizer):
+    def logits(m):
+        with ms.ablate(tiny_llama, m):
+            return tiny_llama.model(input_ids=ids).logits
     with torch.no_grad():
-        tiny_llama.blocks[1].mlp.up_proj.weight.fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match=r"layers \[1\].*'planted'"):
-        ms.collect_stats(tiny_llama, ["w01 w02 w03 w04"], task="planted", progress=False)
+        base, expected = tiny_llama.model(input_ids=ids).logits, logits(mask)
+        assert not torch.equal(base, expected)
+        for as_int in (mask.long(), mask.to(torch.uint8), mask.int().numpy()):
+            assert torch.equal(logits(as_int), expected)
+    for bad, words in ((mask.float(), "float32"), (mask.long() * 2, "other than 0 and 1"),
+                       (-mask.long(), "other than 0 and 1")):
+        with pytest.raises(ValueError, match=words):
+            with ms.ablate(tiny_llama, bad):
+                pass
 
 
-# -- caches: atomic, validated, resumable ----------------------------------------------------------------
+def test_float_labels_are_refused(tiny_vit):
+    c, h, w = tiny_vit.image_shape
+    with pytest.raises(ValueError, match="integer class ids"):
+        ms.evaluate(tiny_vit, torch.zeros(4, c, h, w), labels=torch.tensor([0.0, 1.7, 2.0, 0.2]))
+    from modsep_nb.correspondence import expert_counts
+    selected = torch.tensor([True, False, True, False])
+    assert expert_counts(selected, torch.tensor([0, 0, 1, 1])).tolist() == [1, 1]
+    with pytest.raises(ValueError, match="integer tensor of expert ids"):
+        expert_counts(selected, torch.tensor([0.0, 0.4, 1.0, 1.2]))       # .long() used to truncate these
+
+
+def test_api_misuse_is_one_clear_error(tiny_llama):
+    from conftest import random_texts
+    from modsep_nb.moefication import normalize_rows
+    docs = random_texts(4, seed=0)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="batch_size"):
+            ms.collect_stats(tiny_llama, docs, batch_size=bad, progress=False)
+    with pytest.raises(ValueError, match="max_tokens"):
+        ms.collect_stats(tiny_llama, docs, max_tokens=0, progress=False)
+    x = normalize_rows(tiny_llama.w_in(0).float())
+    for name, value in (("n_init", "many"), ("n_init", 0), ("refine", "yes"), ("max_iter", 1.5)):
+        with pytest.raises(ValueError, match=name):
+            ms.balanced_kmeans(x, 4, **{name: value})
+    stats = ms.collect_stats(tiny_llama, docs, progress=False)
+    for eps in (float("nan"), float("inf"), -1e-3, "0.1"):
+        with pytest.raises(ValueError, match="eps"):
+            ms.prune_scores(stats, stats, eps=eps)
+
+
+def test_bad_device_fails_before_loading(llama_dir, monkeypatch):
+    from modsep_nb import models
+    monkeypatch.setattr(models, "_load_hf", lambda *a, **k: pytest.fail("weights were read before the check"))
+    with pytest.raises(ValueError, match="'nope' is not a device"):
+        ms.load_model(llama_dir, device="nope")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            ms.load_model(llama_dir, device="cuda:0")
+
+
+def test_missing_local_folder_is_not_a_hub_problem(tmp_path):
+    for spec in ("/nonexistent/dir", str(tmp_path / "nothing"), "./not/here/either"):
+        with pytest.raises(ModelNotAvailableError) as err:
+            ms.load_model(spec)
+        assert "does not exist" in str(err.value) and "huggingface-cli" not in str(err.value)
+
+
+# -- model caches: checksummed, rebuilt, never silently wrong --------------------------------------------------
+def _copy_files(src: Path, dst: Path) -> None:
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+
+
+def _overwrite_tail(path: Path, n: int = 256) -> None:
+    """Bytes overwritten at the end of a safetensors file: the last tensor's float32 data become NaN."""
+    data = bytearray(path.read_bytes())
+    data[-n:] = b"\xff" * n
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_model_cache_is_rebuilt(tmp_path, llama_dir):
+    target, builds = tmp_path / "cache" / "tiny-lm", []
+
+    def build(tmp):
+        builds.append(1)
+        _copy_files(llama_dir, tmp)
+    files.cached_dir(target, build, what="tiny LM")
+    reference = {k: v.clone() for k, v in ms.load_model(target).model.state_dict().items()}   # not memory-mapped
+    assert files.check_manifest(target) is None and len(builds) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        files.cached_dir(target, lambda tmp: pytest.fail("a valid cache was rebuilt"), what="tiny LM")
+
+    def damaged(change):
+        change()
+        with pytest.warns(UserWarning, match="not valid .* rebuilding"):
+            files.cached_dir(target, build, what="tiny LM")
+        state = ms.load_model(target).model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in reference.items())
+    damaged(lambda: _overwrite_tail(target / "model.safetensors"))                     # NaN weights
+    damaged(lambda: (target / "config.json").write_text("{ garbage"))
+    damaged(lambda: (target / "tokenizer.json").unlink())
+    weights = target / "model.safetensors"
+    damaged(lambda: weights.write_bytes(weights.read_bytes()[:1000]))                  # truncated
+    damaged(lambda: (target / files.MANIFEST).unlink())                                # built by older code
+    assert len(builds) == 6
+
+
+def test_corrupted_model_folder_is_a_clear_error(tmp_path, llama_dir):
+    """A user's own folder (no manifest) cannot be rebuilt: one error that names the folder or the tensor."""
+    def broken(change) -> str:
+        folder = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        folder.mkdir()
+        _copy_files(llama_dir, folder)
+        change(folder)
+        with pytest.raises(CorruptModelError) as err:
+            ms.load_model(folder)
+        msg = str(err.value)
+        assert "hub" not in msg and "huggingface-cli" not in msg
+        return msg
+    nan = broken(lambda f: _overwrite_tail(f / "model.safetensors"))
+    assert "NaN or infinite" in nan and "weight '" in nan
+    assert "config" in broken(lambda f: (f / "config.json").write_text("{ garbage"))
+    assert "weights" in broken(lambda f: (f / "model.safetensors").write_bytes(
+        (f / "model.safetensors").read_bytes()[:1000]))
+    assert "tokenizer" in broken(lambda f: [(f / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")])
+
+
+def test_embedded_caches_are_verified_and_rebuilt(tmp_path, monkeypatch, llama_dir):
+    """The converted SmolLM2 and the trained ViT go through the same verified cache (conversion and training
+    replaced by a copy of a tiny model, so that the test takes seconds)."""
+    from modsep_nb import models, vit_training
+    monkeypatch.setenv("MODSEP_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(models, "_convert_smollm2", lambda pkg, tmp: calls.append("lm") or _copy_files(llama_dir, tmp))
+    monkeypatch.setattr(vit_training, "train_fmnist_vit",
+                        lambda tmp, s: calls.append("vit") or (tmp / "x").write_text("w"))
+    lm = models._smollm2_dir()
+    vit = vit_training.fmnist_vit_dir()
+    assert models._smollm2_dir() == lm and vit_training.fmnist_vit_dir() == vit and calls == ["lm", "vit"]
+    _overwrite_tail(lm / "model.safetensors")
+    (vit / "x").write_text("changed")
+    with pytest.warns(UserWarning, match="SmolLM2 conversion"):
+        models._smollm2_dir()
+    with pytest.warns(UserWarning, match="Fashion-MNIST ViT"):
+        vit_training.fmnist_vit_dir()
+    assert calls == ["lm", "vit", "lm", "vit"] and files.check_manifest(lm) is None
+
+
+CONCURRENT_BUILDS = """
+import os, sys, time
+from pathlib import Path
+from modsep_nb.files import cached_dir
+root, rounds = Path(sys.argv[1]), int(sys.argv[2])
+for i in range(rounds):
+    target = root / f"folder{i}"
+    def build(tmp):
+        with open(root / f"builds{i}.log", "a") as log:
+            log.write(f"{os.getpid()}\\n")
+        (tmp / "a.txt").write_text(str(os.getpid()))
+        time.sleep(0.01)
+        (tmp / "b.bin").write_bytes(b"x" * 100_000)
+    cached_dir(target, build, what="test folder")
+    assert (target / "b.bin").stat().st_size == 100_000 and (target / "a.txt").read_text().isdigit()
+"""
+
+
+def test_concurrent_builds_of_a_cache_folder(tmp_path):
+    rounds = 40
+    procs = [subprocess.Popen([sys.executable, "-c", CONCURRENT_BUILDS, str(tmp_path), str(rounds)],
+                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    for i in range(rounds):               # each folder built exactly once, by whoever came first
+        assert len((tmp_path / f"builds{i}.log").read_text().split()) == 1
+        assert files.check_manifest(tmp_path / f"folder{i}") is None
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+KILLED_BUILD = """
+import sys, time
+from pathlib import Path
+from modsep_nb.files import cached_dir
+def build(tmp):
+    (tmp / "half.bin").write_bytes(b"x" * 1000)
+    time.sleep(120)
+cached_dir(Path(sys.argv[1]), build, what="test folder")
+"""
+
+
+def test_killed_build_leaves_no_temporary_folder(tmp_path):
+    target = tmp_path / "model"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(target)])
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob(".model.tmp-*/half.bin")):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(tmp_path.glob(".model.tmp-*")) and not target.exists()
+    files.cached_dir(target, lambda tmp: (tmp / "w").write_text("ok"), what="test folder")
+    assert (target / "w").read_text() == "ok"
+    assert not list(tmp_path.glob(".model.tmp-*"))
+
+
+def test_artifacts_respect_the_umask(tmp_path):
+    old = os.umask(0o002)
+    try:
+        files.write_text_atomic(tmp_path / "a.txt", "x")
+        folder = files.cached_dir(tmp_path / "d", lambda tmp: (tmp / "f").write_text("y"), what="test folder")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o664
+    assert (folder / "f").stat().st_mode & 0o777 == 0o664 and folder.stat().st_mode & 0o777 == 0o775
+
+
+# -- statistics caches: atomic, validated, resumable ---------------------------------------------------------
 def test_corrupted_cache_is_recomputed_with_warning(tmp_path):
     good = NeuronStats.from_sums(torch.tensor([4.0]), [torch.ones(1, 3)] * 5)
     path = tmp_path / "s.safetensors"
@@ -185,29 +468,6 @@ def test_changed_parameter_never_reuses_stale_stats(tmp_path, smollm):
     assert len(list((tmp_path / "stats").glob("*.safetensors"))) == 4
 
 
-def test_run_directory_never_overwritten(tmp_path):
-    params = {"run_name": "r"}
-    first = run_dir_for(params, str(tmp_path / "r"), overwrite=False)
-    first.mkdir()
-    (first / "summary.md").write_text("earlier run")
-    second = run_dir_for(params, str(tmp_path / "r"), overwrite=False)
-    assert second != first and second.name == "r-2"
-    assert run_dir_for(params, str(tmp_path / "r"), overwrite=True) == first
-
-
-def test_same_seed_same_numbers(tiny_llama):
-    from conftest import random_texts
-    from modsep_nb.moefication import balanced_kmeans, normalize_rows
-    docs = random_texts(20, seed=3)
-    a = ms.collect_stats(tiny_llama, docs, progress=False)
-    b = ms.collect_stats(tiny_llama, docs, progress=False)
-    assert torch.equal(a.mean_abs, b.mean_abs) and torch.equal(a.frac_pos, b.frac_pos)
-    s = ms.prune_scores(a, b)
-    assert torch.equal(ms.select_neurons(s, 0.1), ms.select_neurons(s.clone(), 0.1))
-    x = normalize_rows(tiny_llama.w_in(0).float())
-    assert torch.equal(balanced_kmeans(x, 4, seed=5), balanced_kmeans(x, 4, seed=5))
-
-
 def test_device_sharded_loads_through_device_map(llama_dir, monkeypatch):
     """params device: sharded -> load_model(..., device_map="auto"); here (CPU only) everything lands on the CPU."""
     from modsep_nb import study as study_module
@@ -222,3 +482,140 @@ def test_device_sharded_loads_through_device_map(llama_dir, monkeypatch):
     st = Study.from_params(params, "lm")
     assert seen.get("device_map") == "auto" and "device" not in seen
     assert st.handle.device == torch.device("cpu") and st.handle.n_layers == 2
+
+
+# -- run folders ----------------------------------------------------------------------------------------------
+def test_run_directory_never_overwritten(tmp_path):
+    params = {"run_name": "r"}
+    first = run_dir_for(params, str(tmp_path / "r"), overwrite=False)
+    first.mkdir()
+    (first / "summary.md").write_text("earlier run")
+    second = run_dir_for(params, str(tmp_path / "r"), overwrite=False)
+    assert second != first and second.name == "r-2"
+    assert run_dir_for(params, str(tmp_path / "r"), overwrite=True) == first
+
+
+def fake_notebooks(folder: Path) -> Path:
+    """Small stand-ins for the five notebooks (same names, same parameters cell): each records findings that
+    name its seed, warns like a recomputed cache, and sleeps $MODSEP_TEST_SLEEP_<key> seconds."""
+    import nbformat
+    from modsep_nb.params import NOTEBOOKS
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, name in NOTEBOOKS.items():
+        params_cell = nbformat.v4.new_code_cell("params_file = None\nout_dir = None\noverrides = {}")
+        params_cell.metadata["tags"] = ["parameters"]
+        body = nbformat.v4.new_code_cell(textwrap.dedent(f"""
+            import os, time, warnings
+            from modsep_nb.params import load_params
+            from modsep_nb.report import record_findings
+            p = load_params(params_file)
+            warnings.warn("cached statistics /x/{key}.safetensors are unreadable; recomputing")
+            time.sleep(float(os.environ.get("MODSEP_TEST_SLEEP_{key}", "0")))
+            record_findings(out_dir, "{name}", "notebook {key}", f"ran with seed {{p['seed']}}")
+            """))
+        nb = nbformat.v4.new_notebook(cells=[params_cell, body])
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, str(folder / f"{name}.ipynb"))
+    return folder
+
+
+@pytest.fixture
+def fake_suite(tmp_path, monkeypatch):
+    from modsep_nb import runner
+    monkeypatch.setattr(runner, "NOTEBOOK_DIR", fake_notebooks(tmp_path / "notebooks"))
+    monkeypatch.setenv("PYTHONPATH", f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")   # for the kernels
+    return runner
+
+
+def test_overwrite_with_other_params_removes_stale_results(tmp_path, fake_suite):
+    out, log = tmp_path / "run", []
+    seed0 = write_params(tmp_path, "run_name: r\nseed: 0\ncache_dir: " + str(tmp_path / "c"), "s0.yaml")
+    seed1 = write_params(tmp_path, "run_name: r\nseed: 1\ncache_dir: " + str(tmp_path / "c"), "s1.yaml")
+    fake_suite.run(seed0, only="01,02", out=str(out), log=log.append)
+    summary = (out / "summary.md").read_text()
+    assert "01 finished, 02 finished" in summary and summary.count("ran with seed 0") == 2
+    assert any("02_mistral_pruning: UserWarning: cached statistics /x/02.safetensors are unreadable" in line
+               for line in log), log                                        # repeated on the terminal
+    assert not (out / fake_suite.INCOMPLETE).exists() and "did not finish" not in summary
+
+    # the same parameters, a subset: the other notebook's results stay
+    fake_suite.run(write_params(tmp_path, seed0.read_text(), "copy.yaml"), only="01", out=str(out),
+                   overwrite=True, log=log.append)
+    assert (out / "02_mistral_pruning.ipynb").is_file()
+    assert "01 finished, 02 finished" in (out / "summary.md").read_text()
+
+    # other parameters: the stale 02 results are removed, never shown beside the new 01
+    log.clear()
+    fake_suite.run(seed1, only="01", out=str(out), overwrite=True, log=log.append)
+    summary = (out / "summary.md").read_text()
+    assert "ran with seed 1" in summary and "seed 0" not in summary and "02" not in summary.split("\n## ")[0], summary
+    assert not (out / "02_mistral_pruning.ipynb").exists() and not (out / "findings" / "02_mistral_pruning.md").exists()
+    assert json.loads((out / "params.json").read_text())["seed"] == 1
+    assert any("other parameters" in line for line in log)
+
+
+def test_unusable_out_or_cache_stops_before_work(tmp_path, fake_suite, capsys):
+    """root ignores chmod, so the unusable folders here lie under a regular file (mkdir fails for anyone)."""
+    from modsep_nb.__main__ import main
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    good = write_params(tmp_path, f"cache_dir: {tmp_path / 'c'}", "good.yaml")
+    bad_cache = write_params(tmp_path, f"cache_dir: {blocker / 'cache'}", "bad.yaml")
+    for args, words in (([str(good), "--out", str(blocker / "out")], "run folder"),
+                        ([str(good), "--out", str(blocker)], "is a file"),
+                        ([str(bad_cache), "--out", str(tmp_path / "o")], "cache folder")):
+        assert main(["run", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+SIGINT_RUN = """
+import sys
+from pathlib import Path
+from modsep_nb import runner
+from modsep_nb.__main__ import main
+runner.NOTEBOOK_DIR = Path(sys.argv[1])
+sys.exit(main(["run", sys.argv[2], "--only", "01,02", "--out", sys.argv[3], "--overwrite"]))
+"""
+
+
+def test_sigint_is_one_line_and_marks_the_folder_incomplete(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".01_vit_pruning.k9left.ipynb").write_text('{"cells": [')      # left by a kill -9
+    params = write_params(tmp_path, f"cache_dir: {tmp_path / 'c'}")
+    env = {**os.environ, "MODSEP_TEST_SLEEP_02": "120",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-c", SIGINT_RUN, str(fake_notebooks(tmp_path / "nb")), str(params),
+                             str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob(".02_mistral_pruning.*.ipynb")):
+        time.sleep(0.2)
+    time.sleep(3)                                     # the kernel of 02 is busy sleeping
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr, stderr
+    assert (out / "INCOMPLETE.md").is_file() and "did not finish" in (out / "summary.md").read_text()
+    assert "01 finished" in (out / "summary.md").read_text() and "02 finished" not in (out / "summary.md").read_text()
+    assert not list(out.glob(".*.ipynb")), "no hidden partial notebook is left"
+
+
+def test_failed_notebook_kept_only_when_valid(tmp_path):
+    """A full disk truncates the executed notebook: the previous .failed.ipynb stays, never invalid JSON."""
+    from modsep_nb import runner
+    previous = tmp_path / "01_vit_pruning.failed.ipynb"
+    previous.write_text('{"cells": [], "note": "previous"}')
+
+    class FullDisk:
+        @staticmethod
+        def execute_notebook(src, dest, **kwargs):
+            Path(dest).write_text('{"cells": [{"cell_type": "co')
+            raise OSError(28, "No space left on device")
+    log = []
+    with pytest.raises(OSError):
+        runner._run_notebook(FullDisk, "01_vit_pruning", tmp_path / "p.yaml", tmp_path, log.append)
+    assert json.loads(previous.read_text())["note"] == "previous"
+    assert any("could not be saved" in line for line in log)
+    assert [p.name for p in tmp_path.iterdir()] == [previous.name]
