@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from .files import write_text_atomic
+from .index_page import write_index
 from .params import NOTEBOOKS, load_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -92,6 +93,7 @@ def run(params_path, *, only=None, out=None, overwrite=False, log=print) -> Path
         timings[name] = round(time.time() - start, 1)
         log(f"modsep: {name} done in {timings[name]} s")
     write_summary(run_dir, params, timings)
+    log(f"modsep: report at {write_index(run_dir)}")
     log(f"modsep: summary at {run_dir / 'summary.md'}")
     return run_dir
 
