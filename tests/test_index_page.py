@@ -4,38 +4,15 @@ notebooks must be rendered with their outputs, and headless Chromium must show e
 import base64
 import io
 import json
-from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import nbformat
 import pytest
 
-from browser import browser, save_screenshot  # noqa: F401  (browser is a fixture)
+from browser import (assert_links_resolve, browser, open_and_check_images, parse,  # noqa: F401 (a fixture)
+                     save_screenshot)
 from modsep_nb.index_page import write_index
-
-
-class Links(HTMLParser):
-    """Every href/src and every element id of a page."""
-    def __init__(self):
-        super().__init__()
-        self.links, self.images, self.ids = [], [], set()
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if "id" in attrs:
-            self.ids.add(attrs["id"])
-        for key in ("href", "src"):
-            if attrs.get(key) is not None:
-                self.links.append(attrs[key])
-        if tag == "img":
-            self.images.append(attrs.get("src"))
-
-
-def parse(path: Path) -> Links:
-    parser = Links()
-    parser.feed(path.read_text())
-    return parser
 
 
 def png(color: str) -> bytes:
@@ -78,7 +55,8 @@ def run_dir(tmp_path):
     executed_notebook(d / "02_second.failed.ipynb", png("gray"), error=True)
     executed_notebook(d / ".03_third.abc.ipynb", png("gray"))           # a notebook still being written
     findings = ("## First: overlap is high\n\nOverlap 0.42 against chance 0.05.\n\n"
-                "| claim | value |\n|---|---|\n| overlap above chance | yes |\n\n![01_overlap](figures/01_overlap.png)\n")
+                "| claim | value |\n|---|---|\n| overlap above chance | yes |\n\n"
+                "![01_overlap](figures/01_overlap.png)\n")
     (d / "findings" / "01_first.md").write_text(findings)
     (d / "summary.md").write_text("# modsep run `fake`\n\n" + findings)
     (d / "statistics" / "01_first.json").write_text("{}")
@@ -88,16 +66,7 @@ def run_dir(tmp_path):
 def test_every_link_and_image_resolves(run_dir):
     page = write_index(run_dir)
     assert page == run_dir / "index.html"
-    links = parse(page)
-    assert links.links
-    for target in links.links:
-        parts = urlsplit(target)
-        assert not parts.scheme and not parts.netloc and not parts.path.startswith("/"), \
-            f"{target} is not a relative link"
-        if parts.path:
-            assert (run_dir / unquote(parts.path)).is_file(), f"{target} does not resolve"
-        if parts.fragment:
-            assert parts.fragment in links.ids, f"{target} names no element"
+    links = assert_links_resolve(page)
     # every figure exactly once, whether in the findings or in the figure list
     figures = sorted(p.relative_to(run_dir).as_posix() for p in (run_dir / "figures").glob("*.png"))
     assert sorted(unquote(s) for s in links.images) == figures
@@ -141,15 +110,8 @@ def test_a_run_without_summary_shows_the_findings(run_dir):
 
 
 def test_chromium_shows_every_image(run_dir, browser, capsys):  # noqa: F811
-    page_path = write_index(run_dir)
-    page = browser.new_page()
-    page.goto(page_path.as_uri())
-    page.wait_for_load_state("load")
-    sizes = page.eval_on_selector_all("img", "els => els.map(e => [e.getAttribute('src'), e.complete, "
-                                             "e.naturalWidth])")
-    assert len(sizes) == 3
-    assert all(complete and width > 0 for _, complete, width in sizes), sizes
+    page, n_images = open_and_check_images(browser, write_index(run_dir))
+    assert n_images == 3
     save_screenshot(page, "index_page", capsys)
-    page.goto((run_dir / "html" / "01_first.html").as_uri())
-    widths = page.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
-    assert widths and all(w > 0 for w in widths)
+    _, n_images = open_and_check_images(browser, run_dir / "html" / "01_first.html")
+    assert n_images == 1

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from browser import assert_links_resolve, browser, open_and_check_images, save_screenshot  # noqa: F401
 
 from modsep_nb.params import NOTEBOOKS
 from modsep_nb.runner import NOTEBOOK_DIR, run
@@ -67,3 +68,15 @@ def test_nbval_reproduces_checked_outputs(smoke_run):
                           env={**__import__("os").environ, "MODSEP_HEADLESS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout
+
+
+def test_report_page(smoke_run, browser, capsys):  # noqa: F811
+    """The run's index.html: every link resolves, every figure is on it, and Chromium shows every image."""
+    links = assert_links_resolve(smoke_run / "index.html")
+    figures = {f"figures/{p.name}" for p in (smoke_run / "figures").glob("*.png")}
+    assert figures and figures <= set(links.images)
+    assert {f"html/{NOTEBOOKS[k]}.html" for k in PRESENT} <= set(links.links)
+    page, n_images = open_and_check_images(browser, smoke_run / "index.html")
+    assert n_images >= len(figures)
+    save_screenshot(page, "smoke_run_index", capsys)
+
