@@ -85,6 +85,8 @@ def write_index(run_dir) -> Path:
                                 "(outputs/<run_name>)")
     title = html.escape(_run_title(run_dir))
     summary = markdown_html(_summary_markdown(run_dir))
+    lead = re.match(r"\s*<h1[^>]*>(.*?)</h1>", summary, re.DOTALL)      # summary.md's own title heads the page
+    heading, summary = (lead.group(1), summary[lead.end():]) if lead else (title, summary)
     shown = set(local_links(summary))
     figures = [f"figures/{p.name}" for p in sorted((run_dir / "figures").glob("*.png"))]
     others = [f for f in figures if f not in shown]           # every figure appears once on the page
@@ -103,8 +105,7 @@ def write_index(run_dir) -> Path:
             if p.is_file()]
 
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{title}</title>",
-             f"<style>\n{_CSS}\n</style>\n</head>\n<body>",
-             "" if summary.lstrip().startswith("<h1") else f"<h1>{title}</h1>",      # summary.md has its own
+             f"<style>\n{_CSS}\n</style>\n</head>\n<body>\n<h1>{heading}</h1>",
              '<p><a href="#findings">Findings</a> · <a href="#figures">Figures</a> · '
              '<a href="#notebooks">Notebooks</a> · <a href="#data">Numbers</a></p>',
              f'<section id="findings">\n{summary}\n</section>',
