@@ -1,12 +1,13 @@
-# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`; `make lab` opens the notebooks.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.modsep-installed
 PARAMS ?= params/default.yaml
 DEBIAN_DATA := dataset-fashion-mnist fortunes fortunes-min
+LAB_PORT ?= 8888
 
-.PHONY: setup run test bench gpu-check smoke clean-outputs
+.PHONY: setup debian-data browser run lab test bench gpu-check smoke clean-outputs
 
 setup: $(STAMP) debian-data
 
@@ -34,10 +35,26 @@ debian-data:
 	  fi; \
 	fi
 
+# Headless Chromium for the browser tests (Debian's package; playwright drives it, no browser download).
+browser:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian package: chromium"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else \
+	    echo "missing Debian package: chromium (the browser tests skip) -- run: sudo apt-get install chromium"; \
+	  fi; \
+	fi
+
 run: setup
 	$(PY) -m modsep_nb run $(PARAMS)
 
-test: setup
+# JupyterLab on the notebooks with the project's kernel, on this machine only (open the printed URL).
+lab: setup
+	env -u MODSEP_HEADLESS $(VENV)/bin/jupyter lab --ServerApp.root_dir=notebooks --no-browser --ip=127.0.0.1 \
+	  --port=$(LAB_PORT) $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+
+test: setup browser
 	$(PY) -m pytest -q
 
 bench: setup

@@ -778,3 +778,22 @@ def split_layers(handle, method: str, n_experts: int, *, seed: int = 0, acts: Se
         else:
             out[layer] = random_balanced_split(d, n_experts, seed=seeds[layer])
     return out
+
+
+def split_agreement(labels_a, labels_b) -> "np.ndarray":
+    """Per-layer adjusted Rand index between two splits [n_layers, d_mlp] (e.g. parameter vs
+    co-activation, or one method under two seeds): float64 array [n_layers]. 1 means the same
+    partition up to renaming the experts; about 0 is what two independent random splits give."""
+    import numpy as np
+    from sklearn.metrics import adjusted_rand_score
+
+    a, b = (torch.as_tensor(x) for x in (labels_a, labels_b))
+    for name, x in (("labels_a", a), ("labels_b", b)):
+        if x.dim() != 2 or x.dtype.is_floating_point or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be integer expert ids of shape [n_layers, d_mlp] (as split_layers "
+                             f"returns), got dtype {x.dtype} and shape {tuple(x.shape)}")
+    if a.shape != b.shape:
+        raise ValueError(f"labels_a has shape {tuple(a.shape)} but labels_b has {tuple(b.shape)}: "
+                         "both splits must cover the same layers and neurons")
+    a, b = a.cpu().numpy(), b.cpu().numpy()
+    return np.array([adjusted_rand_score(x, y) for x, y in zip(a, b)], dtype=np.float64)

@@ -22,6 +22,7 @@ from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
+from scipy import stats
 
 from .pruning import as_mask, select_neurons
 
@@ -163,21 +164,11 @@ def _scalar_or_array(x):
 # ----------------------------------------------------------------------------------------------
 # rank correlation of two score tensors
 
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    """Ranks 1..n of a 1-D tensor, tied values sharing their average rank (as scipy's rankdata)."""
-    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
-    last = torch.cumsum(counts, 0).to(torch.float64)        # rank of the last member of each group
-    return (last - (counts.to(torch.float64) - 1) / 2)[inverse]
-
-
-def _pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x - x.mean(), y - y.mean()
-    den = torch.sqrt((x * x).sum() * (y * y).sum())
-    return float((x * y).sum() / den) if den > 0 else float("nan")   # constant input -> nan
-
-
 def _spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    return _pearson(_average_ranks(x), _average_ranks(y))
+    x, y = x.cpu().numpy(), y.cpu().numpy()
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return float("nan")                     # constant input: no ranking at all (scipy would warn)
+    return float(stats.spearmanr(x, y).statistic)
 
 
 def score_spearman(scores_a, scores_b, per_layer: bool = False):
@@ -299,10 +290,6 @@ def _check_square(matrix, name: str) -> np.ndarray:
     return matrix
 
 
-def _rank_vec(x: np.ndarray) -> np.ndarray:
-    return _average_ranks(torch.from_numpy(np.ascontiguousarray(x))).numpy()
-
-
 def pattern_persistence(matrix_a, matrix_b, *, n_perm: int = 1000, seed: int = 0) -> dict:
     """Does the task x task pattern of matrix_a persist in matrix_b (SPEC §6: trained vs random-init)?
 
@@ -331,10 +318,10 @@ def pattern_persistence(matrix_a, matrix_b, *, n_perm: int = 1000, seed: int = 0
     if np.isnan(a[i, j]).any() or np.isnan(b[i, j]).any():
         raise ValueError("the matrices contain nan off the diagonal (a task with no selected neurons?): "
                          "drop that task from both matrices first")
-    rank_a = _rank_vec(a[i, j])
+    rank_a = stats.rankdata(a[i, j])
     # Permuting labels only reorders the off-diagonal entries, so rank b once and gather.
     rank_b = np.zeros_like(b)
-    rank_b[i, j] = _rank_vec(b[i, j])
+    rank_b[i, j] = stats.rankdata(b[i, j])
     if symmetric:
         rank_b[j, i] = rank_b[i, j]
     rng = np.random.default_rng(seed)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .files import respect_umask, write_text_atomic
+from .index_page import write_index
 from .params import NOTEBOOKS, load_params
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,6 +91,7 @@ def run(params_path, *, only=None, out=None, overwrite=False, log=print) -> Path
             raise
         (run_dir / INCOMPLETE).unlink()
         write_summary(run_dir, params, timings)
+        log(f"modsep: report at {write_index(run_dir)}")
         log(f"modsep: summary at {run_dir / 'summary.md'}")
     finally:
         lock.release()

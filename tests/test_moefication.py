@@ -4,14 +4,14 @@ import numpy as np
 import pytest
 import torch
 from scipy.optimize import linear_sum_assignment
-from scipy.special import comb
+from sklearn.metrics import adjusted_rand_score
 
 from conftest import random_texts, windows_of
 from modsep_nb.models import ARCHITECTURES, Architecture, load_model
 from modsep_nb.moefication import (Router, active_matrix, balanced_assignment, balanced_kmeans, check_n_experts,
                                    coactivation_graph, coactivation_split, expert_routing, fit_router, inertia,
                                    normalize_rows, predicted_routing, random_balanced_split, rebalance_partition,
-                                   router_agreement, split_layers, valid_expert_counts)
+                                   router_agreement, split_agreement, split_layers, valid_expert_counts)
 
 DIVISORS_48 = [1, 2, 3, 4, 6, 8, 12, 16, 24, 48]
 
@@ -24,17 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def adjusted_rand_index(a, b) -> float:
-    """ARI from the contingency table (Hubert & Arabie)."""
-    a, b = np.asarray(a), np.asarray(b)
-    table = np.zeros((a.max() + 1, b.max() + 1), dtype=np.int64)
-    np.add.at(table, (a, b), 1)
-    pairs = comb(table, 2).sum()
-    rows, cols, total = comb(table.sum(1), 2).sum(), comb(table.sum(0), 2).sum(), comb(len(a), 2)
-    expected = rows * cols / total
-    return float((pairs - expected) / ((rows + cols) / 2 - expected))
 
 
 def planted_rows(n_clusters=8, per=16, dim=32, noise=0.05, seed=0):
@@ -98,8 +87,8 @@ def test_balanced_assignment_warm_start_gives_the_same_optimum():
 def test_planted_clusters_are_recovered_exactly():
     x, truth = planted_rows()
     labels = balanced_kmeans(x, 8, seed=0)
-    assert adjusted_rand_index(truth, labels) == 1.0
-    assert adjusted_rand_index(truth, random_balanced_split(128, 8, seed=0)) < 0.2   # the measure can fail
+    assert adjusted_rand_score(truth, labels) == 1.0
+    assert adjusted_rand_score(truth, random_balanced_split(128, 8, seed=0)) < 0.2   # the measure can fail
 
 
 @pytest.mark.parametrize("n_clusters", DIVISORS_48)
@@ -121,7 +110,7 @@ def test_same_seed_same_labels_different_seeds_differ():
     a = balanced_kmeans(x, 8, seed=0, n_init=1)
     assert torch.equal(a, balanced_kmeans(x, 8, seed=0, n_init=1))
     others = [balanced_kmeans(x, 8, seed=s, n_init=1) for s in (1, 2, 3)]
-    assert any(adjusted_rand_index(a, o) < 1.0 for o in others)
+    assert any(adjusted_rand_score(a, o) < 1.0 for o in others)
 
 
 def test_inertia_matches_a_direct_computation():
@@ -200,10 +189,10 @@ def test_coactivation_split_recovers_planted_groups():
     acts, truth = planted_coactivations()
     labels = coactivation_split(acts, 8, seed=0, top_k=8)
     assert torch.bincount(labels).tolist() == [8] * 8
-    assert adjusted_rand_index(truth, labels) == 1.0
+    assert adjusted_rand_score(truth, labels) == 1.0
     assert torch.equal(labels, coactivation_split(acts, 8, seed=0, top_k=8))
     sparse = coactivation_split(acts, 8, seed=0, top_k=8, max_degree=7)   # exactly the group's edges
-    assert adjusted_rand_index(truth, sparse) == 1.0
+    assert adjusted_rand_score(truth, sparse) == 1.0
 
 
 def test_coactivation_split_is_balanced_and_deterministic_on_noise():
@@ -487,6 +476,51 @@ def test_split_layers_needs_acts_for_coactivation(stack):
         split_layers(stack, "coactivation", 6, progress=False)
     with pytest.raises(ValueError, match="unknown split method"):
         split_layers(stack, "kmeans", 6, progress=False)
+
+
+def ari_by_pair_counting(a, b) -> float:
+    """ARI from the four pair counts, every pair of neurons enumerated (Hubert & Arabie, pair form)."""
+    both = only_a = only_b = neither = 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            same_a, same_b = a[i] == a[j], b[i] == b[j]
+            both += same_a and same_b
+            only_a += same_a and not same_b
+            only_b += same_b and not same_a
+            neither += not same_a and not same_b
+    return 2 * (both * neither - only_a * only_b) / (
+        (both + only_a) * (only_a + neither) + (both + only_b) * (only_b + neither))
+
+
+def test_split_agreement_per_layer():
+    a = torch.tensor([[0, 0, 0, 1, 1, 1],
+                      [0, 0, 0, 1, 1, 1],
+                      [0, 0, 0, 1, 1, 1]])
+    b = torch.tensor([[1, 1, 1, 0, 0, 0],      # the same partition, experts renamed
+                      [0, 0, 1, 1, 2, 2],      # pairs: 2 together in both, 4 only in a, 1 only in b, 8 in neither
+                      [0, 1, 0, 1, 0, 1]])
+    ari = split_agreement(a, b)
+    assert ari.dtype == np.float64 and ari.shape == (3,)
+    assert ari[0] == 1.0
+    assert ari[1] == pytest.approx(2 * (2 * 8 - 4 * 1) / ((2 + 4) * (4 + 8) + (2 + 1) * (1 + 8)))   # 8/33
+    assert ari[2] == pytest.approx(ari_by_pair_counting(a[2].tolist(), b[2].tolist()))
+    assert ari[2] < 0                                    # worse than chance: each expert split evenly
+    # two seeded random splits of a real-sized layer: agreement ~ 0, and the pair counts agree
+    x = torch.stack([random_balanced_split(48, 6, seed=s) for s in (0, 1)])
+    y = torch.stack([random_balanced_split(48, 6, seed=s) for s in (2, 3)])
+    got = split_agreement(x, y)
+    for layer in range(2):
+        assert got[layer] == pytest.approx(ari_by_pair_counting(x[layer].tolist(), y[layer].tolist()))
+    assert np.all(np.abs(got) < 0.2)
+
+
+def test_split_agreement_validates_inputs():
+    with pytest.raises(ValueError, match="same layers"):
+        split_agreement(torch.zeros(2, 6, dtype=torch.long), torch.zeros(3, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"labels_b must be integer expert ids of shape \[n_layers, d_mlp\]"):
+        split_agreement(torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6))
+    with pytest.raises(ValueError, match="labels_a"):
+        split_agreement(torch.zeros(6, dtype=torch.long), torch.zeros(6, dtype=torch.long))
 
 
 def test_real_smollm2_layer_matches_k_means_constrained(smollm):

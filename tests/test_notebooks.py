@@ -12,6 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from browser import assert_links_resolve, browser, open_and_check_images, save_screenshot  # noqa: F401
 
 from modsep_nb.params import NOTEBOOKS
 from modsep_nb.runner import NOTEBOOK_DIR, run
@@ -119,3 +120,15 @@ def test_results_json_holds_this_runs_numbers(smoke_run):
             np.testing.assert_allclose(saved["overlap_sweep"][key], sweep[key], rtol=1e-12, err_msg=f"{name} {key}")
         assert len(saved["cross_task_fixed"]) == len(stats) and torch.isfinite(
             torch.tensor(saved["cross_task_fixed"], dtype=torch.float64)).all()
+
+
+def test_report_page(smoke_run, browser, capsys):  # noqa: F811
+    """The run's index.html: every link resolves, every figure is on it, and Chromium shows every image."""
+    links = assert_links_resolve(smoke_run / "index.html")
+    figures = {f"figures/{p.name}" for p in (smoke_run / "figures").glob("*.png")}
+    assert figures and figures <= set(links.images)
+    assert {f"html/{NOTEBOOKS[k]}.html" for k in PRESENT} <= set(links.links)
+    page, n_images = open_and_check_images(browser, smoke_run / "index.html")
+    assert n_images >= len(figures)
+    save_screenshot(page, "smoke_run_index", capsys)
+
