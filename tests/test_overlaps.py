@@ -149,8 +149,6 @@ def test_layer_matched_chance_matrix_matches_pairwise():
     assert m[1, 1] == pytest.approx(float((counts ** 2).sum() / 30 / counts.sum()))
 
 
-def test_score_spearman_matches_scipy_with_ties():
-
 def spearman_by_hand(x, y) -> float:
     """Pearson correlation of average ranks, ranks counted in plain Python (independent of scipy)."""
     def ranks(v):
