@@ -154,8 +154,10 @@ def _run_notebook(pm, name: str, params_path, run_dir: Path, log) -> float:
         pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), tmp, cwd=str(NOTEBOOK_DIR),
                             parameters={"params_file": str(Path(params_path).resolve()), "out_dir": str(run_dir)},
                             kernel_name="python3", progress_bar=False,
-                            # the kernel's start-up warnings (TCP without encryption on localhost) are noise
-                            extra_arguments=["--IPKernelApp.log_level=ERROR"])
+                            # the kernel's own log is noise here: start-up warnings (TCP without encryption on
+                            # localhost), and a traceback when Ctrl-C closes its sockets mid-reply. A notebook's
+                            # errors are in the executed notebook, and the runner reports them.
+                            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
         _repeat_warnings(name, tmp, log)
         os.replace(tmp, final)
         failed.unlink(missing_ok=True)
