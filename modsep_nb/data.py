@@ -192,15 +192,17 @@ def _load_hub_rows(path: str, name: str | None, split: str, local_dir: str | Non
 
 
 # -- LM batching -------------------------------------------------------------------------------------
-def lm_windows(tokenizer, texts: list[str], *, ctx: int = 256, max_tokens: int | None = None) -> list[list[int]]:
+def lm_windows(tokenizer, texts: list[str], *, ctx: int = 256, max_tokens: int | None = None,
+               with_documents: bool = False):
     """Each document cut into windows of at most `ctx` tokens, in order, stopping once `max_tokens` real
-    tokens have been produced (exactly that many)."""
+    tokens have been produced (exactly that many). with_documents=True returns (windows, the index in
+    `texts` of each window's document)."""
     if ctx < 2:
         raise ValueError(f"ctx must be at least 2 tokens, got {ctx}")
     if max_tokens is not None and max_tokens < 1:
         raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    windows, total = [], 0
-    for text in texts:
+    windows, documents, total = [], [], 0
+    for doc, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         for start in range(0, len(ids), ctx):
             window = ids[start:start + ctx]
@@ -209,21 +211,28 @@ def lm_windows(tokenizer, texts: list[str], *, ctx: int = 256, max_tokens: int |
             if max_tokens is not None and total + len(window) > max_tokens:
                 window = window[:max_tokens - total]
             windows.append(window)
+            documents.append(doc)
             total += len(window)
             if max_tokens is not None and total >= max_tokens:
-                return windows
-    return windows
+                return (windows, documents) if with_documents else windows
+    return (windows, documents) if with_documents else windows
 
 
 def lm_batches(tokenizer, texts: list[str], *, ctx: int = 256, batch_size: int = 8, max_tokens: int | None = None,
-               shard: tuple[int, int] = (0, 1)):
-    """Yield right-padded (input_ids, attention_mask) batches of the windows of `lm_windows`.
+               shard: tuple[int, int] = (0, 1), with_documents: bool = False):
+    """Yield right-padded (input_ids, attention_mask) batches of the windows of `lm_windows`
+    (with_documents=True: (input_ids, attention_mask, document index of each row [batch])).
     shard=(rank, world_size) takes every world_size-th window, so the shards' union is the whole set."""
     rank, world = shard
-    windows = lm_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens)[rank::world]
+    windows, documents = lm_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens, with_documents=True)
+    windows, documents = windows[rank::world], documents[rank::world]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(windows), batch_size):
-        yield _pad(windows[start:start + batch_size], pad_id)
+        ids, mask = _pad(windows[start:start + batch_size], pad_id)
+        if with_documents:
+            yield ids, mask, torch.tensor(documents[start:start + batch_size], dtype=torch.long)
+        else:
+            yield ids, mask
 
 
 def _pad(windows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
