@@ -145,13 +145,26 @@ class CrossTaskResult:
     def summary(self) -> dict:
         """Per pruned task A: its own relative accuracy M[A, A] and the others' mean M[A, B≠A]; their means over
         tasks, and selectivity = others − own (positive: pruning A's neurons hurts A more than the rest)."""
-        n = len(self.tasks)
-        off = ~np.eye(n, dtype=bool)
-        own = np.diag(self.matrix)
-        others = np.array([self.matrix[i][off[i]].mean() for i in range(n)])
+        own, others = own_and_others(self.matrix)
         return {"own": dict(zip(self.tasks, own.tolist())), "others": dict(zip(self.tasks, others.tolist())),
                 "own_mean": float(own.mean()), "own_min": float(own.min()), "others_mean": float(others.mean()),
-                "selectivity": float(others.mean() - own.mean())}
+                "selectivity": float(selectivity(self.matrix))}
+
+
+def own_and_others(matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Per pruned task A (rows, over any leading axes of [..., T, T]): M[A, A] and the mean of M[A, B≠A]."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    n = matrix.shape[-1]
+    own = np.diagonal(matrix, axis1=-2, axis2=-1)
+    others = (matrix.sum(-1) - own) / (n - 1)
+    return own, others
+
+
+def selectivity(matrix):
+    """Mean over tasks of (others' relative accuracy − own) for a cross-task matrix [..., T, T]: positive when
+    pruning a task's neurons hurts that task more than the rest."""
+    own, others = own_and_others(matrix)
+    return others.mean(-1) - own.mean(-1)
 
 
 def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = None,

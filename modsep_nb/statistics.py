@@ -337,10 +337,26 @@ class BlockStats:
         count = w @ self.count
         if bool((count == 0).any()):
             raise ValueError("the weighted blocks hold no tokens: give at least one non-empty block a weight")
-        sums = torch.einsum("b,bkld->kld", w, self.sums)
+        sums = (w @ self.sums.flatten(1)).view(self.sums.shape[1:])
         meta = dict(self.meta)
         meta["tokens"] = float(count[0])
         return NeuronStats.from_sums(count, list(sums), meta)
+
+    def resamples(self, weights, chunk: int = 16):
+        """Yield merged(w) for each row w of `weights` [K, B], `chunk` rows per matrix product."""
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if weights.dim() != 2 or weights.shape[1] != self.n_blocks or bool((weights < 0).any()):
+            raise ValueError(f"weights must be [K, {self.n_blocks}] non-negative numbers, got {tuple(weights.shape)}")
+        flat = self.sums.flatten(1)
+        for start in range(0, len(weights), chunk):
+            w = weights[start:start + chunk]
+            counts, sums = w @ self.count, (w @ flat).view(len(w), *self.sums.shape[1:])
+            for count, s in zip(counts, sums):
+                if bool((count == 0).any()):
+                    raise ValueError("a resample holds no tokens: give at least one non-empty block a weight")
+                meta = dict(self.meta)
+                meta["tokens"] = float(count[0])
+                yield NeuronStats.from_sums(count, list(s), meta)
 
     def subset(self, blocks) -> "BlockStats":
         """The blocks at the given indices (e.g. a pseudo-task made of some of a domain's blocks)."""
@@ -378,7 +394,8 @@ def block_of_documents(n_documents: int, n_blocks: int) -> torch.Tensor:
 class BlockStatsCollector(StatsCollector):
     """StatsCollector that keeps its sums per block: set `documents` (index of each row's document [batch])
     as well as `positions` before each forward (run_batches(..., documents=True) does). A batch inside one
-    block is reduced exactly as StatsCollector reduces it; a batch spanning blocks once per block."""
+    block is reduced exactly as StatsCollector reduces it; a batch spanning blocks by one matrix product per
+    statistic with the rows' block indicators (float32, like the fused kernel)."""
 
     def __init__(self, handle, block_of: torch.Tensor, *, layers=None, fused: bool = True):
         super().__init__(handle, layers=layers, fused=fused)
@@ -405,17 +422,6 @@ class BlockStatsCollector(StatsCollector):
         self._rows = None if value is None else self.block_of[value.long()]
         self._present = [] if value is None else torch.unique(self._rows).tolist()
 
-    def _keep_block(self, block: int, n_rows: int, device) -> torch.Tensor:
-        """The counted positions of `block` as a flat mask (built on the CPU once per batch and device)."""
-        key = (block, device)
-        if key not in self._block_keep:
-            per_row = n_rows // len(self._rows)
-            keep = (self._rows == block).repeat_interleave(per_row)
-            if self._positions is not None:
-                keep &= self._positions.reshape(-1)
-            self._block_keep[key] = keep.to(device, non_blocking=True)
-        return self._block_keep[key]
-
     def _reader(self, layer: int):
         def read(x):
             if self._rows is None:
@@ -426,15 +432,31 @@ class BlockStatsCollector(StatsCollector):
                 self._device_totals[x.device] = (torch.zeros_like(self.totals, device=x.device),
                                                  torch.zeros_like(self.count, device=x.device))
             totals, count = self._device_totals[x.device]
-            for block in self._present:
-                if len(self._present) == 1:      # the whole batch is one block: as StatsCollector reduces it
-                    keep = None if self._all_counted else self._keep(x.device)
-                else:
-                    keep = self._keep_block(block, x.shape[0], x.device)
-                sums, n = self._sums(x, keep)
+            if len(self._present) == 1:          # the whole batch is one block: as StatsCollector reduces it
+                block = self._present[0]
+                sums, n = self._sums(x, None if self._all_counted else self._keep(x.device))
                 totals[layer, block] += sums.double()
                 count[layer, block] += n
+                return
+            onehot = self._onehot(x.shape[0], x.device)         # [blocks present, rows]
+            x = torch.where(onehot.any(0, keepdim=True).T, x.float(), 0.0)   # padding out (NaN included)
+            a = x.abs()
+            sums = torch.stack([onehot @ v for v in (x, a, x * x, (x > 0).float(), a.sqrt())], 1)
+            present = torch.tensor(self._present, device=x.device)
+            totals[layer].index_add_(0, present, sums.double())
+            count[layer].index_add_(0, present, onehot.sum(1).double())
         return read
+
+    def _onehot(self, n_rows: int, device) -> torch.Tensor:
+        """[blocks present, rows] float 0/1: which counted rows belong to which block (built once per batch)."""
+        key = ("onehot", device)
+        if key not in self._block_keep:
+            per_row = n_rows // len(self._rows)
+            rows = self._rows.repeat_interleave(per_row)
+            keep = torch.ones_like(rows, dtype=torch.bool) if self._positions is None else self._positions.reshape(-1)
+            onehot = (rows[None, :] == torch.tensor(self._present)[:, None]) & keep[None, :]
+            self._block_keep[key] = onehot.float().to(device, non_blocking=True)
+        return self._block_keep[key]
 
     def result(self, meta=None) -> BlockStats:
         self._fold()
