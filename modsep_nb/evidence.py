@@ -165,11 +165,13 @@ def pseudo_task_null(domain: BlockStats, sizes: Sequence[int], n_null: int, seed
     Returns {"pairs" [n_null, n_pairs], "median" [n_null], "layer_matched" [n_null], "masks" (keep_masks:
     one {pseudo-task: mask} per replicate, for pseudo_cross_task)}."""
     pairs, layer_matched, kept = [], [], []
+    indicator = torch.zeros(n_null, len(sizes), domain.n_blocks, dtype=torch.float64)
     for r, child in enumerate(_seeds(seed, n_null)):
-        indicator = torch.zeros(len(sizes), domain.n_blocks, dtype=torch.float64)
         for k, part in enumerate(_partition(domain.n_blocks, sizes, child)):
-            indicator[k, torch.from_numpy(part)] = 1.0
-        masks = pipeline_masks({f"pseudo{k}": st for k, st in enumerate(domain.resamples(indicator))}, **pipeline)
+            indicator[r, k, torch.from_numpy(part)] = 1.0
+    merged = domain.resamples(indicator.flatten(0, 1))          # every replicate's pseudo-tasks, in order
+    for _ in range(n_null):
+        masks = pipeline_masks({f"pseudo{k}": next(merged) for k in range(len(sizes))}, **pipeline)
         pairs.append(_pairs(masks))
         layer_matched.append(layer_matched_chance(masks))
         if keep_masks:

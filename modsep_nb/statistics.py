@@ -342,12 +342,14 @@ class BlockStats:
         meta["tokens"] = float(count[0])
         return NeuronStats.from_sums(count, list(sums), meta)
 
-    def resamples(self, weights, chunk: int = 16):
-        """Yield merged(w) for each row w of `weights` [K, B], `chunk` rows per matrix product."""
+    def resamples(self, weights, chunk: int | None = None):
+        """Yield merged(w) for each row w of `weights` [K, B], `chunk` rows per matrix product (default: as
+        many as fit in about 128 MB, so the block sums are read once per chunk, not once per resample)."""
         weights = torch.as_tensor(weights, dtype=torch.float64)
         if weights.dim() != 2 or weights.shape[1] != self.n_blocks or bool((weights < 0).any()):
             raise ValueError(f"weights must be [K, {self.n_blocks}] non-negative numbers, got {tuple(weights.shape)}")
         flat = self.sums.flatten(1)
+        chunk = chunk or max(1, 2 ** 27 // (8 * flat.shape[1]))
         for start in range(0, len(weights), chunk):
             w = weights[start:start + chunk]
             counts, sums = w @ self.count, (w @ flat).view(len(w), *self.sums.shape[1:])

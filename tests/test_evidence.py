@@ -448,3 +448,39 @@ def test_ground_truth_over_20_seeds(planted_tasks, planted):
     for which in (0, 1):
         supported = sum(r[which].supported for r in results)
         assert (supported >= 18) if planted else (supported <= 2), (which, supported)
+
+
+def test_pseudo_cross_task_null(planted_tasks):
+    """The selectivity of pseudo-tasks of one domain: 0 exactly when nothing is ablated, by hand for one
+    replicate, and near 0 on average (their evaluation documents are exchangeable)."""
+    from modsep_nb.evidence import _partition, pseudo_cross_task
+    rng = random.Random(0)
+    domain = collect_block_stats(planted_tasks, _cycles(TASK_WORDS[0], 128, rng), 64, ctx=32, progress=False,
+                                 fused=False)
+    evals = _cycles(TASK_WORDS[0], 64, rng)
+
+    def hits():
+        return evaluate(planted_tasks, evals, ctx=32, batch_size=64, per_document=True)["documents"]["top1"]
+    null = pseudo_task_null(domain, [16] * 4, 20, seed=1, keep_masks=True, frac=FRAC)
+    values = pseudo_cross_task(planted_tasks, null["masks"], hits, 64, seed=2)
+    assert values.shape == (20,) and abs(values.mean()) < 0.1
+    masks, child = null["masks"][3], _seeds(2, 20)[3]
+    parts, base = _partition(64, [16] * 4, child), hits()
+    matrix = np.empty((4, 4))
+    for i, mask in enumerate(masks.values()):
+        with ablate(planted_tasks, mask):
+            h = hits()
+        matrix[i] = [h[p].sum() / base[p].sum() for p in parts]
+    assert values[3] == pytest.approx(selectivity(matrix))
+    nothing = [{t: torch.zeros_like(m) for t, m in masks.items()}]
+    assert pseudo_cross_task(planted_tasks, nothing, hits, 64, seed=0).tolist() == [0.0]
+
+
+def test_activation_control_mask(tiny_llama):
+    from modsep_nb.evidence import activation_control_mask
+    from modsep_nb import select_neurons
+    a = collect_stats(tiny_llama, random_texts(5, seed=1), ctx=16, progress=False, fused=False)
+    b = collect_stats(tiny_llama, random_texts(5, seed=2), ctx=16, progress=False, fused=False)
+    mask = activation_control_mask([a, b], 0.25)
+    assert torch.equal(mask, select_neurons((a.mean_abs + b.mean_abs) / 2, 0.25, "per_layer"))
+    assert mask.sum(1).tolist() == [6] * tiny_llama.n_layers
