@@ -484,3 +484,42 @@ def test_activation_control_mask(tiny_llama):
     mask = activation_control_mask([a, b], 0.25)
     assert torch.equal(mask, select_neurons((a.mean_abs + b.mean_abs) / 2, 0.25, "per_layer"))
     assert mask.sum(1).tolist() == [6] * tiny_llama.n_layers
+
+
+# -- the study seam ----------------------------------------------------------------------------------------------
+def test_study_block_stats_null_domain_and_document_hits(tmp_path, llama_dir):
+    from modsep_nb.study import Study
+    params = load_params(None, {"cache_dir": str(tmp_path / "cache"), "device": "cpu",
+                                "lm": {"model": str(llama_dir), "tasks": ["docs", "law", "licenses"],
+                                       "stats_tokens": 200, "eval_tokens": 60, "ctx": 16, "batch_size": 4},
+                                "evidence": {"n_blocks": 4}})
+    study = Study.from_params(params, "lm")
+    blocks = study.block_stats(progress=False)
+    stats = study.stats(progress=False)
+    for t in study.task_names:
+        assert_stats_close(blocks[t].merged(), stats[t], rtol=1e-5, atol=1e-6)
+        assert blocks[t].n_blocks == min(4, blocks[t].meta["documents"])
+    again = Study.from_params(params, "lm").block_stats(progress=False)       # from the cache
+    assert torch.equal(again["law"].sums, blocks["law"].sums)
+    null = study.null_block_stats(progress=False)
+    assert null.meta["task"] == "docs" and null.meta["tokens"] == 3 * 200
+    hits = study.document_hits()
+    accuracy = study.evaluate_tasks()
+    for t in study.task_names:
+        assert hits[t]["top1"].sum() / hits[t]["n"].sum() == pytest.approx(accuracy[t])
+
+
+def test_image_study_document_hits(tmp_path):
+    from conftest import save_hf_vit
+    from modsep_nb.study import Study
+    vit_dir = save_hf_vit(tmp_path / "vit", image_size=28, patch_size=7)
+    params = load_params(None, {"cache_dir": str(tmp_path / "cache"), "device": "cpu",
+                                "vit": {"model": str(vit_dir), "tasks": "groups", "stats_images": 12,
+                                        "eval_images": 150, "batch_size": 64}, "evidence": {"n_blocks": 5}})
+    study = Study.from_params(params, "vit")
+    hits, accuracy = study.document_hits(), study.evaluate_tasks()
+    for t in study.task_names:
+        assert hits[t]["top1"].mean() == pytest.approx(accuracy[t])
+    assert sum(len(h["n"]) for h in hits.values()) <= 150
+    blocks = study.block_stats(progress=False)
+    assert_stats_close(blocks["tops"].merged(), study.stats(progress=False)["tops"], rtol=1e-5, atol=1e-6)
