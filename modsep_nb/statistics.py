@@ -463,8 +463,9 @@ class BlockStatsCollector(StatsCollector):
     def result(self, meta=None) -> BlockStats:
         self._fold()
         if self.nonfinite:
+            task = (meta or {}).get("task")
             raise NonFiniteActivationError(f"activations became NaN or inf in layers {sorted(self.nonfinite)}"
-                                           f"{' on task ' + repr(meta.get('task')) if meta and meta.get('task') else ''}")
+                                           f"{' on task ' + repr(task) if task else ''}")
         if (self.count.sum(1) == 0).any():
             raise ValueError("no tokens were counted: the data is empty (or every position was padding)")
         n_documents = torch.bincount(self.block_of, minlength=self.n_blocks)

@@ -182,7 +182,8 @@ def test_claims_table_and_json():
               Claim("overlap_above_null", "tasks share neurons", float("nan"), (float("nan"), 0.1), 0.0)]
     table = claims_table(claims).splitlines()
     assert table[0] == "| claim | estimate | 95% interval | null | p | verdict |"
-    assert table[2] == "| pruning hurts its own task most (`selectivity`) | 0.25 | [0.1, 0.4] | 0 | 0.004 (holm) | supported |"
+    assert table[2] == ("| pruning hurts its own task most (`selectivity`) | 0.25 | [0.1, 0.4] | 0 | 0.004 (holm) "
+                        "| supported |")
     assert table[3].endswith("| n/a | [n/a, 0.1] | 0 | – | not supported |")
     records = json.loads(json.dumps(claims_to_json(claims)))
     assert set(records[0]) >= {"id", "statement", "estimate", "ci", "null", "p", "n", "supported"}
