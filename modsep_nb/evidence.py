@@ -11,6 +11,7 @@ Everything is seeded; the same seed gives the same numbers.
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -37,6 +38,18 @@ def percentile_ci(samples, level: float = LEVEL) -> tuple[float, float]:
     return (float(lo), float(hi))
 
 
+MIN_UNITS = 8      # below this many documents (blocks) a bootstrap cannot show a task's spread
+
+
+def _check_units(task, n: int, what: str = "documents") -> None:
+    """Warn where a task's interval would rest on too few documents to mean anything (a bootstrap of one
+    document has no spread at all)."""
+    if n < MIN_UNITS:
+        warnings.warn(f"task {task!r} rests on {n} {what}: a bootstrap over fewer than {MIN_UNITS} cannot show its "
+                      f"uncertainty (its interval comes out too narrow); read more documents (a larger budget) or "
+                      f"split long documents into pieces", RuntimeWarning, stacklevel=3)
+
+
 def _seeds(seed: int, n: int) -> list[int]:
     """n independent child seeds of `seed` (one per task, so tasks are resampled independently)."""
     return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
@@ -48,6 +61,7 @@ def ratio_of_sums(num, den, n_boot: int, seed: int) -> dict:
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
     if num.shape != den.shape or num.ndim != 1 or num.size == 0:
         raise ValueError(f"num and den must be per-document arrays of the same length, got {num.shape} and {den.shape}")
+    _check_units("ratio", len(num))
     w = bootstrap_weights(len(num), n_boot, seed).numpy()
     with np.errstate(invalid="ignore", divide="ignore"):
         samples = (w @ num) / (w @ den)
@@ -73,6 +87,7 @@ def cross_task_bootstrap(base: Mapping[str, np.ndarray], pruned: Mapping[str, Ma
     matrix = np.empty((T, T))
     for j, (b, child) in enumerate(zip(tasks, _seeds(seed, T))):
         den = np.asarray(base[b], dtype=np.float64)
+        _check_units(b, len(den), "evaluation documents")
         w = bootstrap_weights(len(den), n_boot, child).numpy()
         w_den = w @ den
         for i, a in enumerate(tasks):
@@ -121,6 +136,8 @@ def bootstrap_overlap(task_blocks: Mapping[str, BlockStats], n_boot: int, seed: 
     resampled independently (seeded), merged, and put through pipeline_masks(**pipeline).
     Returns {"pairs" [n_boot, n_pairs], "median" [n_boot], "matrices" [n_boot, T, T]}."""
     names = list(task_blocks)
+    for t in names:
+        _check_units(t, task_blocks[t].n_blocks, "blocks of documents")
     draws = {t: task_blocks[t].resamples(bootstrap_weights(task_blocks[t].n_blocks, n_boot, s))
              for t, s in zip(names, _seeds(seed, len(names)))}
     matrices = []

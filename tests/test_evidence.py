@@ -192,18 +192,26 @@ def test_claims_table_and_json():
 
 # -- intervals and nulls ---------------------------------------------------------------------------------------
 def test_ratio_of_sums_by_hand():
-    num, den = np.array([3, 0, 5, 2]), np.array([4, 2, 5, 4])
+    num, den = np.array([3, 0, 5, 2, 1, 4, 2, 3]), np.array([4, 2, 5, 4, 2, 4, 3, 3])
     out = ratio_of_sums(num, den, 50, seed=7)
-    w = bootstrap_weights(4, 50, 7).numpy()
-    assert out["estimate"] == pytest.approx(10 / 15)
+    w = bootstrap_weights(8, 50, 7).numpy()
+    assert out["estimate"] == pytest.approx(20 / 27)
     np.testing.assert_allclose(out["samples"], (w @ num) / (w @ den))
     assert out["ci"] == pytest.approx(tuple(np.percentile(out["samples"], [2.5, 97.5])))
+
+
+def test_too_few_documents_are_flagged():
+    with pytest.warns(RuntimeWarning, match="rests on 2 documents"):
+        ratio_of_sums([1, 2], [3, 3], 20, seed=0)
+    base = {"a": np.ones(3), "b": np.ones(12)}
+    with pytest.warns(RuntimeWarning, match="task 'a' rests on 3 evaluation documents"):
+        cross_task_bootstrap(base, {"a": dict(base), "b": dict(base)}, 20, seed=0)
 
 
 def test_cross_task_bootstrap_by_hand():
     rng = np.random.default_rng(0)
     tasks = ["a", "b", "c"]
-    base = {t: rng.integers(0, 10, size=5 + k) for k, t in enumerate(tasks)}
+    base = {t: rng.integers(0, 10, size=8 + k) for k, t in enumerate(tasks)}
     pruned = {a: {b: np.minimum(base[b], rng.integers(0, 10, size=len(base[b]))) for b in tasks} for a in tasks}
     out = cross_task_bootstrap(base, pruned, 40, seed=3)
     expected = np.array([[pruned[a][b].sum() / base[b].sum() for b in tasks] for a in tasks])
