@@ -10,9 +10,11 @@ from .data import images_and_labels, lm_batches
 
 @torch.no_grad()
 def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ctx=256, cls_only=False,
-                progress=True, desc="forward", on_logits=None, shard=(0, 1), doc_tokens=None):
+                progress=True, desc="forward", on_logits=None, shard=(0, 1), doc_tokens=None, documents=False):
     """Run `data` through the model in batches, telling `collector` which positions count.
-    shard=(rank, world_size): this process's share (every world_size-th window or image)."""
+    shard=(rank, world_size): this process's share (every world_size-th window or image).
+    documents=True: before each forward `collector.documents` is set to the index in `data` of each row's
+    document (LM) or image [batch], and on_logits gets it as a last argument."""
     for name, value, low in (("batch_size", batch_size, 1), ("max_tokens", max_tokens, 1), ("ctx", ctx, 2)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ValueError(f"{name} must be a whole number >= {low}{'' if name == 'ctx' else ' or None'}, "
@@ -24,15 +26,17 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
         if not data:
             raise ValueError("the text data is empty: pass at least one document")
         batches = lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8, max_tokens=max_tokens,
-                             doc_tokens=doc_tokens, shard=shard)
+                             doc_tokens=doc_tokens, shard=shard, with_documents=True)
         bar = tqdm(total=max_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
-        for ids, mask in batches:
+        for ids, mask, docs in batches:
             if collector is not None:
                 collector.positions = mask.bool()      # set while on the CPU: no device sync
+                if documents:
+                    collector.documents = docs
             ids, mask = ids.to(device), mask.to(device)
             logits = handle.lm_logits(ids, mask)
             if on_logits is not None:
-                on_logits(logits, ids, mask)
+                on_logits(logits, ids, mask, *([docs] if documents else []))
             bar.update(int(mask.sum()))
         bar.close()
         return
@@ -40,12 +44,16 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
     check_images(handle, images)
     if max_tokens is not None:   # for images the budget counts images
         images = images[:max_tokens]
+    index = torch.arange(len(images))[shard[0]::shard[1]]
     images = images[shard[0]::shard[1]]
     bs = batch_size or 64
     for start in tqdm(range(0, len(images), bs), desc=desc, unit="batch", disable=not progress, leave=False):
         x = images[start:start + bs].to(device=device, dtype=handle.dtype)
+        docs = index[start:start + bs]
         if collector is not None:
             collector.positions = None
+            if documents:
+                collector.documents = docs
             if cls_only:
                 n_tok = _n_image_tokens(handle)
                 pos = torch.zeros(x.shape[0], n_tok, dtype=torch.bool)
@@ -53,7 +61,7 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
                 collector.positions = pos
         logits = handle.image_logits(x)
         if on_logits is not None:
-            on_logits(logits, start)
+            on_logits(logits, start, *([docs] if documents else []))
 
 
 def _n_image_tokens(handle) -> int:

@@ -18,6 +18,7 @@ import torch
 from scipy.stats import hypergeom
 from tqdm.auto import tqdm
 
+from .claims import benjamini_hochberg
 from .moefication import _check_labels, check_n_experts, layer_seeds
 from .pruning import as_mask, select_neurons
 
@@ -99,18 +100,6 @@ def concentration_auc(selected: torch.Tensor, labels: torch.Tensor) -> float | t
 
 
 # ----------------------------------------------------------------------------- enrichment
-
-def benjamini_hochberg(p: torch.Tensor | np.ndarray) -> torch.Tensor:
-    """Benjamini-Hochberg adjusted p-values (q-values) along the last axis.
-
-    q_(i) = min_{j >= i} min(1, p_(j) * n / j) for the ascending order p_(1) <= ... <= p_(n)."""
-    p = torch.as_tensor(p, dtype=torch.float64)
-    n = p.shape[-1]
-    order = torch.argsort(p, dim=-1, stable=True)
-    ranked = p.gather(-1, order) * n / torch.arange(1, n + 1, dtype=torch.float64)
-    q_sorted = torch.flip(torch.cummin(torch.flip(ranked, [-1]), -1).values, [-1]).clamp(max=1.0)
-    return torch.empty_like(p).scatter_(-1, order, q_sorted)
-
 
 def _hypergeom_upper(counts: torch.Tensor, d_mlp: int, n_selected: int, size: int) -> torch.Tensor:
     """P(X >= c) for X ~ hypergeometric(population d_mlp, n_selected successes, size draws).

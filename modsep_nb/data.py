@@ -320,9 +320,12 @@ def _load_hub_rows(path: str, name: str | None, split: str, local_dir: str | Non
 
 # -- LM batching -------------------------------------------------------------------------------------
 def lm_windows(tokenizer, texts: list[str], *, ctx: int = 256, max_tokens: int | None = None,
-               doc_tokens: int | None = None) -> list[list[int]]:
+               doc_tokens: int | None = None, with_documents: bool = False):
     """The windows of at most `ctx` tokens that a budget of `max_tokens` real tokens takes (see
-    document_windows)."""
+    document_windows). with_documents=True returns (windows, the index in `texts` of each window's document)."""
+    if with_documents:
+        pairs = document_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens, doc_tokens=doc_tokens)
+        return [w for _, w in pairs], [d for d, _ in pairs]
     return [window for _, window in document_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens,
                                                      doc_tokens=doc_tokens)]
 
@@ -395,14 +398,21 @@ def tasks_record(tasks: dict, tokenizer, stats_tokens: int | None, eval_tokens: 
 
 
 def lm_batches(tokenizer, texts: list[str], *, ctx: int = 256, batch_size: int = 8, max_tokens: int | None = None,
-               doc_tokens: int | None = None, shard: tuple[int, int] = (0, 1)):
-    """Yield right-padded (input_ids, attention_mask) batches of the windows of `lm_windows`.
+               doc_tokens: int | None = None, shard: tuple[int, int] = (0, 1), with_documents: bool = False):
+    """Yield right-padded (input_ids, attention_mask) batches of the windows of `lm_windows`
+    (with_documents=True: (input_ids, attention_mask, document index of each row [batch])).
     shard=(rank, world_size) takes every world_size-th window, so the shards' union is the whole set."""
     rank, world = shard
-    windows = lm_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens, doc_tokens=doc_tokens)[rank::world]
+    windows, documents = lm_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens, doc_tokens=doc_tokens,
+                                    with_documents=True)
+    windows, documents = windows[rank::world], documents[rank::world]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(windows), batch_size):
-        yield _pad(windows[start:start + batch_size], pad_id)
+        ids, mask = _pad(windows[start:start + batch_size], pad_id)
+        if with_documents:
+            yield ids, mask, torch.tensor(documents[start:start + batch_size], dtype=torch.long)
+        else:
+            yield ids, mask
 
 
 def _pad(windows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,8 +19,10 @@ from .data import images_and_labels, lm_batches
 
 
 def lm_token_metrics(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                     bos_token_id=None, skip_tokens: torch.Tensor | None = None, topk: int = 10) -> dict:
-    """Sums over one batch: counted targets, top-1 hits, top-k hits, summed cross-entropy (float64)."""
+                     bos_token_id=None, skip_tokens: torch.Tensor | None = None, topk: int = 10,
+                     per_row: bool = False) -> dict:
+    """Sums over one batch: counted targets, top-1 hits, top-k hits, summed cross-entropy (float64).
+    per_row=True adds "rows": counted targets and top-1 hits of each row (window) [batch], int64."""
     logits = logits[:, :-1].float()
     targets = input_ids[:, 1:]
     counted = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
@@ -32,7 +34,12 @@ def lm_token_metrics(logits: torch.Tensor, input_ids: torch.Tensor, attention_ma
     ce = F.cross_entropy(logits, targets, reduction="sum") if len(targets) else logits.new_zeros(())
     top = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices if len(targets) else targets[:, None]
     hits = top == targets[:, None]
-    return {"n": int(len(targets)), "top1": int(hits[:, 0].sum()) if len(targets) else 0,
+    out = {}
+    if per_row:
+        row = torch.nonzero(counted)[:, 0]
+        out["rows"] = {"n": torch.bincount(row, minlength=len(counted)).cpu(),
+                       "top1": torch.bincount(row, weights=hits[:, 0].double(), minlength=len(counted)).long().cpu()}
+    return out | {"n": int(len(targets)), "top1": int(hits[:, 0].sum()) if len(targets) else 0,
             f"top{topk}": int(hits.any(-1).sum()) if len(targets) else 0, "ce": float(ce.double())}
 
 
@@ -50,36 +57,51 @@ def frequent_targets(tokenizer, texts, n: int, *, ctx=256, max_tokens=None, doc_
 
 @torch.no_grad()
 def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx=256, skip_top: int = 0,
-             classes=None, progress=False, doc_tokens=None) -> dict:
+             classes=None, progress=False, doc_tokens=None, per_document: bool = False) -> dict:
     """Metrics of the model on `data` (SPEC §4, §11).
 
     LM (data: list[str]): top1, top10, loss (mean cross-entropy), perplexity = exp(loss), n targets; the
     windows of collect_stats (at most `max_tokens` real tokens, `doc_tokens` per document per round).
     Image (data: ImageDataset, a dataset of (image, label) items, or a tensor with `labels`): top1, top5,
     per_class top1, and, when `classes` is given, accuracy restricted to images of those classes.
+    per_document=True adds "documents": {"n", "top1"} int64 arrays, one entry per document read (LM:
+    counted targets and top-1 hits; images: 1 and the top-1 hit of each image, plus "labels"), so the
+    accuracy over any resample of documents is a ratio of sums (evidence.py) without another pass.
     """
     if handle.kind == "lm":
         skip = (frequent_targets(handle.tokenizer, data, skip_top, ctx=ctx, max_tokens=max_tokens,
                                  doc_tokens=doc_tokens) if skip_top else None)
         totals = {"n": 0, "top1": 0, "top10": 0, "ce": 0.0}
         bos = handle.tokenizer.bos_token_id
+        per_doc = {"n": np.zeros(len(data), dtype=np.int64), "top1": np.zeros(len(data), dtype=np.int64)}
 
-        def add(logits, ids, mask):
-            m = lm_token_metrics(logits, ids, mask, bos_token_id=bos, skip_tokens=skip, topk=10)
+        def add(logits, ids, mask, docs=None):
+            m = lm_token_metrics(logits, ids, mask, bos_token_id=bos, skip_tokens=skip, topk=10,
+                                 per_row=per_document)
             for k in totals:
                 totals[k] += m[k]
+            if per_document:
+                for k in per_doc:
+                    np.add.at(per_doc[k], docs.numpy(), m["rows"][k].numpy())
         run_batches(handle, data, None, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
-                    progress=progress, desc="evaluate", on_logits=add, doc_tokens=doc_tokens)
+                    progress=progress, desc="evaluate", on_logits=add, doc_tokens=doc_tokens,
+                    documents=per_document)
         n = totals["n"]
         if n == 0:
             raise ValueError("no target tokens to evaluate: the data is empty or too short")
         loss = totals["ce"] / n
-        return {"top1": totals["top1"] / n, "top10": totals["top10"] / n, "loss": loss,
-                "perplexity": math.exp(loss), "n": n}
-    return _evaluate_images(handle, data, labels=labels, batch_size=batch_size, classes=classes, progress=progress)
+        out = {"top1": totals["top1"] / n, "top10": totals["top10"] / n, "loss": loss,
+               "perplexity": math.exp(loss), "n": n}
+        if per_document:
+            read = int(np.flatnonzero(per_doc["n"]).max()) + 1     # documents past the budget were not read
+            out["documents"] = {k: v[:read] for k, v in per_doc.items()}
+        return out
+    return _evaluate_images(handle, data, labels=labels, batch_size=batch_size, classes=classes, progress=progress,
+                            per_document=per_document)
 
 
-def _evaluate_images(handle, data, *, labels=None, batch_size=None, classes=None, progress=False) -> dict:
+def _evaluate_images(handle, data, *, labels=None, batch_size=None, classes=None, progress=False,
+                     per_document=False) -> dict:
     images, own_labels, class_names = images_and_labels(data)
     if labels is not None:
         labels = torch.as_tensor(labels)
@@ -111,8 +133,12 @@ def _evaluate_images(handle, data, *, labels=None, batch_size=None, classes=None
     for c in labels.unique().tolist():
         name = class_names[c] if class_names else c
         per_class[name] = float(hit1[labels == c].float().mean())
-    return {"top1": float(hit1.float().mean()), "top5": float(hit5.float().mean()), "per_class": per_class,
-            "n": len(labels)}
+    out = {"top1": float(hit1.float().mean()), "top5": float(hit5.float().mean()), "per_class": per_class,
+           "n": len(labels)}
+    if per_document:
+        out["documents"] = {"n": np.ones(len(labels), dtype=np.int64), "top1": hit1.long().numpy(),
+                            "labels": labels.numpy()}
+    return out
 
 
 # -- the cross-task matrix ---------------------------------------------------------------------------
@@ -156,11 +182,9 @@ class CrossTaskResult:
         if n < 2:
             raise ValueError("selectivity needs at least two tasks (own vs others)")
         off = ~np.eye(n, dtype=bool)
-        own = np.diag(self.matrix).copy()
-        others = np.array([self.matrix[i, off[i]].mean() for i in range(n)])
+        own, others = own_and_others(self.matrix)
         rand = self.random_matrix if self.random_matrix is not None else np.full((n, n), np.nan)
-        random_own = np.diag(rand).copy()
-        random_others = np.array([rand[i, off[i]].mean() for i in range(n)])
+        random_own, random_others = own_and_others(rand)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = self.matrix / rand
         return {"tasks": list(self.tasks), "own": own, "others": others, "selectivity": others - own,
@@ -184,6 +208,22 @@ def matched_random_mask(mask: torch.Tensor, seed: int) -> torch.Tensor:
     for layer, k in enumerate(counts):
         out[layer, torch.randperm(mask.shape[1], generator=gen)[:k]] = True
     return out.to(mask.device)
+
+
+def own_and_others(matrix) -> tuple[np.ndarray, np.ndarray]:
+    """Per pruned task A (rows, over any leading axes of [..., T, T]): M[A, A] and the mean of M[A, B≠A]."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    n = matrix.shape[-1]
+    own = np.diagonal(matrix, axis1=-2, axis2=-1)
+    others = (matrix.sum(-1) - own) / (n - 1)
+    return own, others
+
+
+def selectivity(matrix):
+    """Mean over tasks of (others' relative accuracy − own) for a cross-task matrix [..., T, T]: positive when
+    pruning a task's neurons hurts that task more than the rest."""
+    own, others = own_and_others(matrix)
+    return others.mean(-1) - own.mean(-1)
 
 
 def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = None,

@@ -101,6 +101,13 @@ DEFAULTS: dict = {
         "z_clear": 2.0,          # findings: mean z above this reads "clearly more", above z_some "somewhat more"
         "z_some": 0.5,
     },
+    "evidence": {                # intervals, nulls and tests (SPEC §5 Evidence); resamples reuse collected sums
+        "n_boot": 200,           # bootstrap resamples over documents (images)
+        "n_blocks": 32,          # statistics kept per block of documents, per task
+        "n_null": 200,           # pseudo-task partitions of one domain (the pipeline's own null)
+        "n_null_ablation": 20,   # of those, how many also go through the cross-task ablation (forward passes)
+        "n_perm": 1000,          # label permutations (related vs unrelated tasks)
+    },
     "paper_scores": {
         "dir": None,             # None: ../shared/paper_scores if present, else $MODSEP_PAPER_SCORES
         "frac": 0.01,
@@ -129,7 +136,8 @@ POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit
             "vit.batch_size", "moefication.lm_experts", "moefication.vit_experts",
             "moefication.coactivation_tokens", "moefication.eval_tasks", "random_init.stats_tokens",
             "random_init.stats_images", "random_init.n_perm", "correspondence.n_null", "pruning.max_steps",
-            "vit.training.epochs")
+            "vit.training.epochs", "evidence.n_boot", "evidence.n_blocks", "evidence.n_null",
+            "evidence.n_null_ablation", "evidence.n_perm")
 OPTIONAL = ("random_init.stats_tokens", "random_init.stats_images")     # None: the trained model's value
 
 
@@ -336,6 +344,14 @@ def validate(params: dict) -> None:
             raise ParamsError(f"parameter 'lm.tasks' names unknown tasks {unknown}; paper domains are "
                               f"{', '.join(PAPER_TEXT_DOMAINS)}")
     _check_vit_tasks(params["vit"])
+    for key in ("n_boot", "n_null", "n_perm"):
+        # a p-value of (1 + #) / (1 + n) or a 95% percentile interval needs at least ~20 resamples to go below 0.05
+        if params["evidence"][key] < 20:
+            raise ParamsError(f"parameter 'evidence.{key}' is {params['evidence'][key]}; use at least 20 (200 or more "
+                              f"for stable 95% intervals), or no p-value can fall below 0.05")
+    if params["evidence"]["n_null_ablation"] > params["evidence"]["n_null"]:
+        raise ParamsError("parameter 'evidence.n_null_ablation' cannot exceed 'evidence.n_null' (the ablated "
+                          "replicates are some of the null's partitions)")
     n_init, refine = params["moefication"]["n_init"], params["moefication"]["refine"]
     if n_init is not None and (isinstance(n_init, bool) or not isinstance(n_init, int) or n_init < 1):
         raise ParamsError(f"parameter 'moefication.n_init' must be a whole number >= 1 or null (auto), got {n_init!r}")

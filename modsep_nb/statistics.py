@@ -10,10 +10,12 @@ import json
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .batches import run_batches
+from .data import images_and_labels, lm_windows
 from .files import atomic_file
 
 MEANS = ("mean", "mean_abs", "mean_sq", "frac_pos", "mean_sqrt")
@@ -308,3 +310,214 @@ def weighted_pool(stats_list) -> NeuronStats:
     means = [torch.stack([getattr(s, m) for s in stats_list]).mean(0) for m in MEANS]
     count = torch.stack([s.count for s in stats_list]).sum(0)
     return NeuronStats(count, *means, meta={"pooled": [s.meta.get("task") for s in stats_list]})
+
+
+# -- statistics per block of documents (SPEC §5 Evidence: intervals without re-running the model) ---------
+@dataclass
+class BlockStats:
+    """One task's statistics kept per block of documents (or images): a document's tokens all fall into one
+    block, so a resample of blocks is a resample of documents. count [B, L]; sums [B, 5, L, d_mlp] (float64)
+    of x, |x|, x², 1(x>0), sqrt|x| in the order of MEANS; n_documents [B]."""
+    count: torch.Tensor
+    sums: torch.Tensor
+    n_documents: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.count.shape[0]
+
+    def merged(self, weights=None) -> NeuronStats:
+        """NeuronStats of the blocks taken `weights` [B] times each (default: once each, which is
+        collect_stats on the same data). Weighted sums, then means: a resample costs no forward pass."""
+        w = torch.ones(self.n_blocks, dtype=torch.float64) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (self.n_blocks,) or bool((w < 0).any()):
+            raise ValueError(f"weights must be {self.n_blocks} non-negative numbers (one per block), got shape "
+                             f"{tuple(w.shape)}")
+        count = w @ self.count
+        if bool((count == 0).any()):
+            raise ValueError("the weighted blocks hold no tokens: give at least one non-empty block a weight")
+        sums = (w @ self.sums.flatten(1)).view(self.sums.shape[1:])
+        meta = dict(self.meta)
+        meta["tokens"] = float(count[0])
+        return NeuronStats.from_sums(count, list(sums), meta)
+
+    def resamples(self, weights, chunk: int | None = None):
+        """Yield merged(w) for each row w of `weights` [K, B], `chunk` rows per matrix product (default: as
+        many as fit in about 128 MB, so the block sums are read once per chunk, not once per resample)."""
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if weights.dim() != 2 or weights.shape[1] != self.n_blocks or bool((weights < 0).any()):
+            raise ValueError(f"weights must be [K, {self.n_blocks}] non-negative numbers, got {tuple(weights.shape)}")
+        flat = self.sums.flatten(1)
+        chunk = chunk or max(1, 2 ** 27 // (8 * flat.shape[1]))
+        for start in range(0, len(weights), chunk):
+            w = weights[start:start + chunk]
+            counts, sums = w @ self.count, (w @ flat).view(len(w), *self.sums.shape[1:])
+            for count, s in zip(counts, sums):
+                if bool((count == 0).any()):
+                    raise ValueError("a resample holds no tokens: give at least one non-empty block a weight")
+                meta = dict(self.meta)
+                meta["tokens"] = float(count[0])
+                yield NeuronStats.from_sums(count, list(s), meta)
+
+    def subset(self, blocks) -> "BlockStats":
+        """The blocks at the given indices (e.g. a pseudo-task made of some of a domain's blocks)."""
+        idx = torch.as_tensor(blocks, dtype=torch.long)
+        return BlockStats(self.count[idx], self.sums[idx], self.n_documents[idx], dict(self.meta))
+
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+        tensors = {"count": self.count.contiguous(), "sums": self.sums.contiguous(),
+                   "n_documents": self.n_documents.contiguous()}
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"modsep": json.dumps(self.meta, default=str)})
+
+    @classmethod
+    def load(cls, path) -> "BlockStats":
+        from safetensors import safe_open
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {}).get("modsep", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if {"count", "sums", "n_documents"} - set(tensors):
+            raise ValueError(f"{path} is not a BlockStats file: it lacks count, sums or n_documents")
+        return cls(tensors["count"], tensors["sums"], tensors["n_documents"], meta=meta)
+
+
+def block_of_documents(n_documents: int, n_blocks: int) -> torch.Tensor:
+    """Block [n_documents] of each document: contiguous runs of (almost) equal numbers of documents, into
+    min(n_blocks, n_documents) blocks. Task documents are a seeded shuffle already, so runs are random."""
+    if n_blocks < 1 or n_documents < 1:
+        raise ValueError(f"need at least one block and one document, got n_blocks={n_blocks}, "
+                         f"n_documents={n_documents}")
+    used = min(n_blocks, n_documents)
+    return torch.arange(n_documents) * used // n_documents
+
+
+class BlockStatsCollector(StatsCollector):
+    """StatsCollector that keeps its sums per block: set `documents` (index of each row's document [batch])
+    as well as `positions` before each forward (run_batches(..., documents=True) does). A batch inside one
+    block is reduced exactly as StatsCollector reduces it; a batch spanning blocks by one matrix product per
+    statistic with the rows' block indicators (float32, like the fused kernel)."""
+
+    def __init__(self, handle, block_of: torch.Tensor, *, layers=None, fused: bool = True):
+        super().__init__(handle, layers=layers, fused=fused)
+        self.block_of = block_of.long()
+        self.n_blocks = int(block_of.max()) + 1
+        L, d = handle.n_layers, handle.d_mlp
+        self.totals = torch.zeros(L, self.n_blocks, 5, d, dtype=torch.float64)   # layer first: _fold flags layers
+        self.count = torch.zeros(L, self.n_blocks, dtype=torch.float64)
+        self.documents = None
+
+    @StatsCollector.positions.setter
+    def positions(self, value):
+        StatsCollector.positions.fset(self, value)
+        self._block_keep = {}
+
+    @property
+    def documents(self):
+        return self._documents
+
+    @documents.setter
+    def documents(self, value):
+        self._documents = value
+        self._block_keep = {}
+        self._rows = None if value is None else self.block_of[value.long()]
+        self._present = [] if value is None else torch.unique(self._rows).tolist()
+
+    def _reader(self, layer: int):
+        def read(x):
+            if self._rows is None:
+                raise RuntimeError("BlockStatsCollector needs `documents` set before each forward "
+                                   "(run_batches(..., documents=True))")
+            x = x.reshape(-1, x.shape[-1])
+            if x.device not in self._device_totals:
+                self._device_totals[x.device] = (torch.zeros_like(self.totals, device=x.device),
+                                                 torch.zeros_like(self.count, device=x.device))
+            totals, count = self._device_totals[x.device]
+            if len(self._present) == 1:          # the whole batch is one block: as StatsCollector reduces it
+                block = self._present[0]
+                sums, n = self._sums(x, None if self._all_counted else self._keep(x.device))
+                totals[layer, block] += sums.double()
+                count[layer, block] += n
+                return
+            onehot = self._onehot(x.shape[0], x.device)         # [blocks present, rows]
+            x = torch.where(onehot.any(0, keepdim=True).T, x.float(), 0.0)   # padding out (NaN included)
+            a = x.abs()
+            sums = torch.stack([onehot @ v for v in (x, a, x * x, (x > 0).float(), a.sqrt())], 1)
+            present = torch.tensor(self._present, device=x.device)
+            totals[layer].index_add_(0, present, sums.double())
+            count[layer].index_add_(0, present, onehot.sum(1).double())
+        return read
+
+    def _onehot(self, n_rows: int, device) -> torch.Tensor:
+        """[blocks present, rows] float 0/1: which counted rows belong to which block (built once per batch)."""
+        key = ("onehot", device)
+        if key not in self._block_keep:
+            per_row = n_rows // len(self._rows)
+            rows = self._rows.repeat_interleave(per_row)
+            keep = torch.ones_like(rows, dtype=torch.bool) if self._positions is None else self._positions.reshape(-1)
+            onehot = (rows[None, :] == torch.tensor(self._present)[:, None]) & keep[None, :]
+            self._block_keep[key] = onehot.float().to(device, non_blocking=True)
+        return self._block_keep[key]
+
+    def result(self, meta=None) -> BlockStats:
+        self._fold()
+        if self.nonfinite:
+            task = (meta or {}).get("task")
+            raise NonFiniteActivationError(f"activations became NaN or inf in layers {sorted(self.nonfinite)}"
+                                           f"{' on task ' + repr(task) if task else ''}")
+        if (self.count.sum(1) == 0).any():
+            raise ValueError("no tokens were counted: the data is empty (or every position was padding)")
+        n_documents = torch.bincount(self.block_of, minlength=self.n_blocks)
+        return BlockStats(self.count.T.clone(), self.totals.permute(1, 2, 0, 3).clone(), n_documents,
+                          dict(meta or {}))
+
+
+def collect_block_stats(handle, data, n_blocks: int = 32, *, max_tokens: int | None = None,
+                        batch_size: int | None = None, ctx: int = 256, cls_only: bool = False,
+                        task: str | None = None, progress: bool = True, distributed: bool | None = None,
+                        fused: bool = True) -> BlockStats:
+    """collect_stats, keeping the sums per block of documents (images): the documents read within the budget
+    are cut into min(n_blocks, documents) contiguous runs (block_of_documents). One forward pass, as
+    collect_stats; `.merged()` gives collect_stats's result (to float32 rounding of batches that span
+    blocks), and bootstrap_stats resamples it."""
+    if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
+        raise ValueError(f"n_blocks must be a whole number >= 1, got {n_blocks!r}")
+    n_docs = _documents_read(handle, data, max_tokens=max_tokens, ctx=ctx)
+    shard = _shard(distributed)
+    meta = {"model": handle.label, "task": task, "max_tokens": max_tokens, "ctx": ctx, "cls_only": cls_only,
+            "random_init": handle.random_init, "seed": handle.seed}
+    with BlockStatsCollector(handle, block_of_documents(n_docs, n_blocks), fused=fused) as collector:
+        run_batches(handle, data, collector, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
+                    cls_only=cls_only, progress=progress and shard[0] == 0, desc=f"stats {task or ''}".strip(),
+                    shard=shard, documents=True)
+    if shard[1] > 1:
+        collector.all_reduce()
+    meta["tokens"] = float(collector.count[0].sum())
+    meta["world_size"] = shard[1]
+    meta["documents"] = n_docs
+    return collector.result(meta)
+
+
+def _documents_read(handle, data, *, max_tokens, ctx) -> int:
+    """How many documents (images) of `data` a pass with this budget reads."""
+    if handle.kind == "lm":
+        if isinstance(data, str) or not all(isinstance(t, str) for t in data) or not data:
+            raise TypeError("a language model takes a non-empty list of documents (list[str]) as data")
+        _, docs = lm_windows(handle.tokenizer, data, ctx=ctx, max_tokens=max_tokens, with_documents=True)
+        return docs[-1] + 1
+    n = len(images_and_labels(data)[0])
+    return n if max_tokens is None else min(n, max_tokens)
+
+
+def bootstrap_weights(n_blocks: int, n_boot: int, seed: int) -> torch.Tensor:
+    """[n_boot, n_blocks] multiplicities of a resample with replacement of n_blocks blocks (seeded)."""
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_blocks, size=(n_boot, n_blocks))
+    return torch.from_numpy(np.stack([np.bincount(d, minlength=n_blocks) for d in draws])).to(torch.float64)
+
+
+def bootstrap_stats(blocks: BlockStats, seed: int) -> NeuronStats:
+    """One bootstrap resample of a task's statistics: its blocks drawn with replacement (seeded), merged."""
+    return blocks.merged(bootstrap_weights(blocks.n_blocks, 1, seed)[0])

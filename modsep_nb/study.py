@@ -21,11 +21,11 @@ from .moefication import Router, check_n_experts, expert_routing, fit_router, pr
 from .overlaps import overlap
 from .params import device_of
 from .pruning import select_neurons, task_scores
-from .statistics import NeuronStats, StatsCollector, collect_stats, weighted_pool
+from .statistics import BlockStats, NeuronStats, StatsCollector, collect_block_stats, collect_stats, weighted_pool
 from .tasks import ImageTasks, TextTasks, data_hash
 
 # bump when the way statistics or splits are computed changes, so no cache from older code is reused
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SECTIONS = {"lm": TextTasks, "vit": ImageTasks}
 
 
@@ -128,6 +128,48 @@ class Study:
             later = self.masks(frac, scores=self.scores(stats=self.stats(budget=4 * budget, progress=False)))
             out[budget] = {t: float(overlap(now[t], later[t])) for t in self.task_names}
         return out
+
+    def block_stats(self, *, budget: int | None = None, progress: bool = True) -> dict[str, BlockStats]:
+        """Per-task statistics kept per block of documents (images) for intervals (evidence.py), cached on disk;
+        `.merged()` of a task's blocks is its statistics."""
+        budget = self.stats_budget if budget is None else budget
+        n_blocks = self.params["evidence"]["n_blocks"]
+        return {name: self._block_stats(name, budget, n_blocks, progress) for name in self.task_names}
+
+    def null_block_stats(self, domain: str | None = None, *, progress: bool = True) -> BlockStats:
+        """The null domain of the pseudo-task null (evidence.pseudo_task_null): `domain` (default: the first
+        task) read with the budget and blocks of all tasks together, so pseudo-tasks of one task's number of
+        blocks have the real tasks' size."""
+        domain = domain or self.task_names[0]
+        n = len(self.task_names)
+        return self._block_stats(domain, n * self.stats_budget, n * self.params["evidence"]["n_blocks"], progress)
+
+    def _block_stats(self, name: str, budget: int, n_blocks: int, progress: bool) -> BlockStats:
+        p = self.settings
+        task_data = self.tasks.statistics_data(name, budget)
+        key = {"version": CACHE_VERSION, "model": self.handle.identity()["fingerprint"], "task": name,
+               "data": data_hash(task_data), "budget": budget, "blocks": n_blocks, "ctx": p.get("ctx"),
+               "cls_only": p.get("cls_only", False), "dtype": self.params["dtype"]}
+        expect = data_hash(key)
+        path = Path(self.params.get("cache_dir") or cache_dir()) / "blocks" / f"{self.kind}-{expect}.safetensors"
+
+        def load(path):
+            blocks = BlockStats.load(path)
+            if blocks.meta.get("cache_key") != expect:
+                raise LookupError("made with other settings")
+            return blocks
+
+        def compute():
+            blocks = collect_block_stats(self.handle, task_data, n_blocks, batch_size=p["batch_size"], task=name,
+                                         progress=progress, **self.tasks.collect_options(budget))
+            blocks.meta["cache_key"] = expect
+            return blocks
+        return cached(path, compute, load=load, save=lambda blocks, tmp: blocks.save(tmp), what="block statistics")
+
+    def document_hits(self, tasks=None) -> dict[str, dict]:
+        """Per task the top-1 hits per evaluation document (image) of the model as it is now: {"n", "top1"}
+        arrays, so accuracies and relative accuracies over resampled documents are ratios of sums."""
+        return self.tasks.document_hits(self.handle, list(tasks or self.task_names))
 
     def save_stats(self, out_dir) -> Path:
         """Write each task's statistics into out_dir/statistics/<kind>-<task>.safetensors (a run's record)."""

@@ -12,6 +12,7 @@ import hashlib
 import json
 from itertools import chain, zip_longest
 
+import numpy as np
 import torch
 
 from . import data as D
@@ -69,6 +70,13 @@ class TextTasks:
         p = self.settings
         return {t: evaluate(handle, self.tasks[t].evaluate, max_tokens=p["eval_tokens"], ctx=p["ctx"],
                             batch_size=p["batch_size"], skip_top=p["skip_top"])["top1"]
+                for t in (names or self.names)}
+
+    def document_hits(self, handle, names=None) -> dict[str, dict]:
+        """Per task {"n", "top1"}: counted targets and top-1 hits of each evaluation document read."""
+        p = self.settings
+        return {t: evaluate(handle, self.tasks[t].evaluate, max_tokens=p["eval_tokens"], ctx=p["ctx"],
+                            batch_size=p["batch_size"], skip_top=p["skip_top"], per_document=True)["documents"]
                 for t in (names or self.names)}
 
     def evaluators(self, handle):
@@ -137,6 +145,16 @@ class ImageTasks:
             classes = self.tasks[t]
             n = sum(counts[c] for c in classes)
             out[t] = sum(per_class.get(c, 0.0) * counts[c] for c in classes) / max(n, 1)
+        return out
+
+    def document_hits(self, handle, names=None) -> dict[str, dict]:
+        """Per task {"n", "top1"}: 1 and the top-1 hit of each test image of its classes (one pass for all)."""
+        docs = evaluate(handle, self.test, batch_size=self.settings["batch_size"], per_document=True)["documents"]
+        out = {}
+        for t in (names or self.names):
+            ids = [self.test.class_names.index(c) for c in self.tasks[t]]
+            keep = np.isin(docs["labels"], ids)
+            out[t] = {"n": docs["n"][keep], "top1": docs["top1"][keep]}
         return out
 
     def evaluators(self, handle):

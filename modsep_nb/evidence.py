@@ -1,0 +1,362 @@
+"""Intervals, nulls and tests for the claims the notebooks make (SPEC §5 Evidence), from sums already collected.
+
+- Bootstrap over documents: statistics are kept per block of documents (statistics.BlockStats) and evaluation
+  per document (evaluate(..., per_document=True)), so a resample is a weighted sum: no forward pass.
+- The pipeline's own null: pseudo-tasks that are random, document-disjoint parts of one domain, put through
+  the same scores, selection and overlap (and cross-task ablation) as the real tasks.
+- Tests where a claim is a comparison: a label permutation for related vs unrelated tasks, a sign-flip test
+  for paired values across tasks, seeds combined with Holm.
+Everything is seeded; the same seed gives the same numbers.
+"""
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .claims import Claim, holm
+from .evaluation import selectivity
+from .overlaps import chance_overlap, layer_matched_chance_matrix, overlap_matrix, related_vs_unrelated
+from .pruning import ablate, select_neurons, task_scores
+from .statistics import BlockStats, bootstrap_weights, weighted_pool
+
+LEVEL = 0.95
+
+
+# -- intervals ----------------------------------------------------------------------------------------------
+def percentile_ci(samples, level: float = LEVEL) -> tuple[float, float]:
+    """Percentile interval of bootstrap samples (NaN samples dropped; (nan, nan) if none is left)."""
+    x = np.asarray(samples, dtype=np.float64).ravel()
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return (float("nan"), float("nan"))
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(x, [tail, 100 - tail])
+    return (float(lo), float(hi))
+
+
+MIN_UNITS = 8      # below this many documents (blocks) a bootstrap cannot show a task's spread
+
+
+def _check_units(task, n: int, what: str = "documents") -> None:
+    """Warn where a task's interval would rest on too few documents to mean anything (a bootstrap of one
+    document has no spread at all)."""
+    if n < MIN_UNITS:
+        warnings.warn(f"task {task!r} rests on {n} {what}: a bootstrap over fewer than {MIN_UNITS} cannot show its "
+                      f"uncertainty (its interval comes out too narrow); read more documents (a larger budget) or "
+                      f"split long documents into pieces", RuntimeWarning, stacklevel=3)
+
+
+def _seeds(seed: int, n: int) -> list[int]:
+    """n independent child seeds of `seed` (one per task, so tasks are resampled independently)."""
+    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
+
+
+def ratio_of_sums(num, den, n_boot: int, seed: int) -> dict:
+    """Σnum / Σden over documents (accuracy: hits / targets; a relative accuracy: pruned hits / unpruned hits
+    on the same documents) with a bootstrap over documents: {"estimate", "ci", "samples", "n"}."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 1 or num.size == 0:
+        raise ValueError(f"num and den must be per-document arrays of the same length, got {num.shape} and {den.shape}")
+    _check_units("ratio", len(num))
+    w = bootstrap_weights(len(num), n_boot, seed).numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        samples = (w @ num) / (w @ den)
+        estimate = num.sum() / den.sum()
+    return {"estimate": float(estimate), "ci": percentile_ci(samples), "samples": samples, "n": int(len(num))}
+
+
+def cross_task_bootstrap(base: Mapping[str, np.ndarray], pruned: Mapping[str, Mapping[str, np.ndarray]],
+                         n_boot: int, seed: int) -> dict:
+    """Intervals on the cross-task matrix and its selectivity from per-document top-1 hits.
+
+    base: task B -> hits [D_B] of the unpruned model on B's evaluation documents; pruned: task A -> {B: hits
+    [D_B]} with A's neurons ablated. M[A, B] = Σ pruned[A][B] / Σ base[B]; each resample draws every task's
+    documents independently and uses the same draw in every row and in the base, so an entry is a ratio on the
+    same documents. Returns {"tasks", "matrix", "samples" [n_boot, T, T], "ci" [T, T, 2], "selectivity",
+    "selectivity_samples" [n_boot], "selectivity_ci", "n_documents"}."""
+    tasks = list(base)
+    missing = [a for a in tasks if a not in pruned or any(b not in pruned[a] for b in tasks)]
+    if missing:
+        raise ValueError(f"pruned lacks rows or entries for tasks {missing}: give pruned[A][B] for every A, B")
+    T = len(tasks)
+    samples = np.empty((n_boot, T, T))
+    matrix = np.empty((T, T))
+    for j, (b, child) in enumerate(zip(tasks, _seeds(seed, T))):
+        den = np.asarray(base[b], dtype=np.float64)
+        _check_units(b, len(den), "evaluation documents")
+        w = bootstrap_weights(len(den), n_boot, child).numpy()
+        w_den = w @ den
+        for i, a in enumerate(tasks):
+            num = np.asarray(pruned[a][b], dtype=np.float64)
+            if num.shape != den.shape:
+                raise ValueError(f"pruned[{a!r}][{b!r}] has {num.shape} documents but base[{b!r}] has {den.shape}")
+            with np.errstate(invalid="ignore", divide="ignore"):
+                samples[:, i, j] = (w @ num) / w_den
+                matrix[i, j] = num.sum() / den.sum()
+    sel = selectivity(samples)
+    ci = np.stack([np.array([percentile_ci(samples[:, i, j]) for j in range(T)]) for i in range(T)])
+    return {"tasks": tasks, "matrix": matrix, "samples": samples, "ci": ci, "selectivity": float(selectivity(matrix)),
+            "selectivity_samples": sel, "selectivity_ci": percentile_ci(sel),
+            "n_documents": {b: len(base[b]) for b in tasks}}
+
+
+# -- the same pipeline on any statistics ------------------------------------------------------------------
+def pipeline_masks(stats: Mapping, *, frac: float, mode: str = "global", importance: str = "abs",
+                   eps: float = 1e-3, retain: str = "rest") -> dict[str, torch.Tensor]:
+    """Scores with the retain rule of Study.scores ('rest': the other tasks pooled; 'general': every task
+    pooled) and the top-`frac` selection: one function for the real tasks, their resamples and the null."""
+    general = weighted_pool(list(stats.values())) if retain == "general" else None
+    scores = task_scores(dict(stats), importance=importance, eps=eps, retain=retain, general=general)
+    return {t: select_neurons(s, frac, mode) for t, s in scores.items()}
+
+
+def _pairs(masks: Mapping[str, torch.Tensor]) -> np.ndarray:
+    _, matrix = overlap_matrix(masks)
+    i, j = np.triu_indices(len(matrix), k=1)
+    return matrix[i, j]
+
+
+def layer_matched_chance(masks: Mapping[str, torch.Tensor]) -> float:
+    """Mean over task pairs of the layer-matched chance overlap (overlaps.layer_matched_chance_matrix)."""
+    _, matrix = layer_matched_chance_matrix(masks, metric="overlap")
+    i, j = np.triu_indices(len(matrix), 1)
+    return float(matrix[i, j].mean())
+
+
+def bootstrap_overlap(task_blocks: Mapping[str, BlockStats], n_boot: int, seed: int, **pipeline) -> dict:
+    """The pairwise overlaps of the tasks' selections under a bootstrap over documents: each task's blocks are
+    resampled independently (seeded), merged, and put through pipeline_masks(**pipeline).
+    Returns {"pairs" [n_boot, n_pairs], "median" [n_boot], "matrices" [n_boot, T, T]}."""
+    names = list(task_blocks)
+    for t in names:
+        _check_units(t, task_blocks[t].n_blocks, "blocks of documents")
+    draws = {t: task_blocks[t].resamples(bootstrap_weights(task_blocks[t].n_blocks, n_boot, s))
+             for t, s in zip(names, _seeds(seed, len(names)))}
+    matrices = []
+    for _ in range(n_boot):
+        masks = pipeline_masks({t: next(draws[t]) for t in names}, **pipeline)
+        matrices.append(overlap_matrix(masks)[1])
+    matrices = np.stack(matrices)
+    i, j = np.triu_indices(len(names), k=1)
+    pairs = matrices[:, i, j]
+    return {"pairs": pairs, "median": np.median(pairs, axis=1), "matrices": matrices}
+
+
+# -- the pseudo-task null -------------------------------------------------------------------------------------
+def pseudo_tasks(documents, sizes: Sequence[int], seed: int) -> list:
+    """Random, disjoint parts of one domain with the given sizes (seeded). documents: a list of documents, a
+    tensor of images [N, ...], or a BlockStats (parts are then BlockStats of some of its blocks, so a
+    pseudo-task's statistics cost no forward pass). Sizes count documents, images or blocks."""
+    n = documents.n_blocks if isinstance(documents, BlockStats) else len(documents)
+    parts = _partition(n, sizes, seed)
+    if isinstance(documents, BlockStats):
+        return [documents.subset(p) for p in parts]
+    if isinstance(documents, torch.Tensor):
+        return [documents[torch.from_numpy(p)] for p in parts]
+    return [[documents[k] for k in p] for p in parts]
+
+
+def _partition(n: int, sizes: Sequence[int], seed: int) -> list[np.ndarray]:
+    """Disjoint random parts (sorted indices) of range(n) with the given sizes."""
+    sizes = [int(s) for s in sizes]
+    if any(s < 1 for s in sizes) or sum(sizes) > n:
+        raise ValueError(f"pseudo-task sizes {sizes} need {sum(sizes)} units but the domain has {n}: collect more "
+                         f"of the null domain (the real tasks' budget times the number of tasks) or use fewer blocks")
+    order = np.random.default_rng(seed).permutation(n)
+    bounds = np.cumsum([0] + sizes)
+    return [np.sort(order[bounds[k]:bounds[k + 1]]) for k in range(len(sizes))]
+
+
+def pseudo_task_null(domain: BlockStats, sizes: Sequence[int], n_null: int, seed: int, *,
+                     keep_masks: bool = False, **pipeline) -> dict:
+    """The pipeline's own null for overlap: n_null times, the domain's blocks are split at random into
+    pseudo-tasks of `sizes` blocks (the real tasks' sizes), each merged and put through pipeline_masks.
+    Returns {"pairs" [n_null, n_pairs], "median" [n_null], "layer_matched" [n_null], "masks" (keep_masks:
+    one {pseudo-task: mask} per replicate, for pseudo_cross_task)}."""
+    pairs, layer_matched, kept = [], [], []
+    indicator = torch.zeros(n_null, len(sizes), domain.n_blocks, dtype=torch.float64)
+    for r, child in enumerate(_seeds(seed, n_null)):
+        for k, part in enumerate(_partition(domain.n_blocks, sizes, child)):
+            indicator[r, k, torch.from_numpy(part)] = 1.0
+    merged = domain.resamples(indicator.flatten(0, 1))          # every replicate's pseudo-tasks, in order
+    for _ in range(n_null):
+        masks = pipeline_masks({f"pseudo{k}": next(merged) for k in range(len(sizes))}, **pipeline)
+        pairs.append(_pairs(masks))
+        layer_matched.append(layer_matched_chance(masks))
+        if keep_masks:
+            kept.append(masks)
+    pairs = np.stack(pairs)
+    return {"pairs": pairs, "median": np.median(pairs, axis=1), "layer_matched": np.array(layer_matched),
+            "masks": kept if keep_masks else None}
+
+
+def pseudo_cross_task(handle, null_masks: Sequence[Mapping[str, torch.Tensor]], evaluate_documents, n_documents: int,
+                      seed: int, *, ablation: str = "zero", means=None) -> np.ndarray:
+    """The selectivity of pseudo-tasks (the null of `selectivity`): for each replicate's masks (from
+    pseudo_task_null(..., keep_masks=True)), the domain's evaluation documents are split at random into as
+    many parts as pseudo-tasks, and each pseudo-task's neurons are ablated once over all of them.
+    evaluate_documents: callable() -> top-1 hits per evaluation document [n_documents] of the model as it is
+    (e.g. lambda: evaluate(handle, docs, per_document=True)["documents"]["top1"]). Returns [replicates]."""
+    base = np.asarray(evaluate_documents(), dtype=np.float64)
+    if base.shape != (n_documents,):
+        raise ValueError(f"evaluate_documents returned {base.shape} hits but n_documents is {n_documents}")
+    out = []
+    for masks, child in zip(null_masks, _seeds(seed, len(null_masks))):
+        names = list(masks)
+        parts = _partition(n_documents, [n_documents // len(names)] * len(names), child)
+        matrix = np.empty((len(names), len(names)))
+        for i, a in enumerate(names):
+            with ablate(handle, masks[a], ablation, means):
+                hits = np.asarray(evaluate_documents(), dtype=np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                matrix[i] = [hits[p].sum() / base[p].sum() for p in parts]
+        out.append(float(selectivity(matrix)))
+    return np.array(out)
+
+
+# -- claims against a null --------------------------------------------------------------------------------------
+def excess_claim(claim_id: str, statement: str, observed: float, boot, null=None, *, n: int | None = None,
+                 direction: str = "greater", seed: int = 0) -> Claim:
+    """A claim that `observed` exceeds the pipeline's null, reported as the excess observed − mean(null).
+
+    boot: bootstrap samples of the statistic (over documents); null: its values on pseudo-tasks (None: the
+    null is 0 by exchangeability, e.g. the selectivity of same-distribution tasks). Interval: percentile of
+    boot − (a bootstrap of the null's mean), so it carries the uncertainty of both. p: with a null, the
+    share of null values at least as extreme as observed, (1 + #) / (1 + n_null); without, the bootstrap's
+    one-sided share on the wrong side of 0."""
+    boot = np.asarray(boot, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    if null is None:
+        excess, ci = float(observed), percentile_ci(boot)
+        wrong = boot <= 0 if direction == "greater" else boot >= 0
+        p = (1 + int(np.sum(wrong))) / (1 + len(boot))
+    else:
+        null = np.asarray(null, dtype=np.float64)
+        null_means = null[rng.integers(0, len(null), size=(len(boot), len(null)))].mean(1)
+        excess, ci = float(observed - null.mean()), percentile_ci(boot - null_means)
+        beyond = null >= observed if direction == "greater" else null <= observed
+        p = (1 + int(np.sum(beyond))) / (1 + len(null))
+    return Claim(claim_id, statement, excess, ci, 0.0, p=p, n=n, direction=direction)
+
+
+# -- tests of comparisons -----------------------------------------------------------------------------------------
+def permutation_related_vs_unrelated(matrix, names: Sequence[str], groups: Mapping[str, Sequence[str]],
+                                     n_perm: int, seed: int) -> dict:
+    """Do related tasks (the same group) overlap more than unrelated ones? Statistic: mean within-group minus
+    mean across-group overlap (overlaps.related_vs_unrelated). Null: the group labels shuffled over the
+    grouped tasks (group sizes kept), n_perm times; one-sided p = (1 + #{perm >= observed}) / (1 + n_perm).
+    Returns {"within", "across", "difference", "p", "null" [n_perm], "n_within", "n_across"}."""
+    names = list(names)
+    observed = related_vs_unrelated(matrix, names, groups)
+    diff = observed["within"] - observed["across"]
+    grouped = [t for t in names if any(t in v for v in groups.values())]
+    labels = [g for t in grouped for g, v in groups.items() if t in v]
+    rng = np.random.default_rng(seed)
+    null = np.empty(n_perm)
+    for k in range(n_perm):
+        shuffled = rng.permutation(labels)
+        perm_groups: dict[str, list[str]] = {}
+        for t, g in zip(grouped, shuffled):
+            perm_groups.setdefault(g, []).append(t)
+        r = related_vs_unrelated(matrix, names, perm_groups)
+        null[k] = r["within"] - r["across"]
+    p = (1 + int(np.sum(null >= diff - 1e-12))) / (1 + n_perm)
+    return {"within": observed["within"], "across": observed["across"], "difference": float(diff), "p": float(p),
+            "null": null, "n_within": observed["n_within"], "n_across": observed["n_across"]}
+
+
+def paired_difference_ci(a, b, n_boot: int, seed: int, *, alternative: str = "greater") -> dict:
+    """Mean of the paired differences a − b across units (e.g. tasks: ends vs middle), NaN pairs dropped, with a
+    bootstrap interval over units and a sign-flip test (exact over all 2^n flips up to n = 16 units, else
+    n_boot random flips). alternative: "greater" (mean > 0), "less" or "two-sided".
+    Returns {"estimate", "ci", "p", "n", "differences"}."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    d = d[~np.isnan(d)]
+    if d.size < 2:
+        raise ValueError(f"a paired comparison needs at least 2 pairs without NaN, got {d.size}")
+    rng = np.random.default_rng(seed)
+    boot = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(1)
+    if len(d) <= 16:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(d))))
+    else:
+        signs = rng.choice((1.0, -1.0), size=(n_boot, len(d)))
+    flipped = (signs * d).mean(1)
+    observed = d.mean()
+    tol = 1e-12
+    if alternative == "greater":
+        extreme = flipped >= observed - tol
+    elif alternative == "less":
+        extreme = flipped <= observed + tol
+    elif alternative == "two-sided":
+        extreme = np.abs(flipped) >= abs(observed) - tol
+    else:
+        raise ValueError(f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}")
+    exact = len(d) <= 16
+    p = extreme.mean() if exact else (1 + extreme.sum()) / (1 + len(flipped))
+    return {"estimate": float(observed), "ci": percentile_ci(boot), "p": float(p), "n": int(len(d)),
+            "differences": d}
+
+
+def combine_seeds(results: Sequence[Mapping], n_boot: int, seed: int) -> dict:
+    """Pattern persistence over random-init seeds, every seed reported: per seed rho, p and its Holm-adjusted
+    p; combined, the median rho (interval: bootstrap over seeds) and the largest Holm-adjusted p (the pattern
+    persists in every seed), never the best seed."""
+    rho = np.array([r["rho"] for r in results], dtype=np.float64)
+    p = np.array([r["p_value"] for r in results], dtype=np.float64)
+    if rho.size == 0:
+        raise ValueError("no seeds to combine")
+    adjusted = holm(p)
+    rng = np.random.default_rng(seed)
+    boot = np.median(rho[rng.integers(0, len(rho), size=(n_boot, len(rho)))], axis=1)
+    return {"rho": rho.tolist(), "p": p.tolist(), "p_holm": adjusted.tolist(), "median_rho": float(np.median(rho)),
+            "ci": percentile_ci(boot), "p_combined": float(np.nanmax(adjusted)), "n": int(len(rho))}
+
+
+def activation_control_mask(stats_list, frac: float, mode: str = "per_layer") -> torch.Tensor:
+    """Neurons chosen by activation alone, not by task: the top `frac` by mean |activation| on the tasks pooled
+    (the control for activation-based selections clustering under a parameter split, SPEC §8)."""
+    return select_neurons(weighted_pool(list(stats_list)).mean_abs, frac, mode)
+
+
+# -- the two headline claims of notebooks 01/02 -----------------------------------------------------------------
+def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockStats, *, frac: float, n_boot: int,
+                     n_null: int, seed: int, mode: str = "global", importance: str = "abs", eps: float = 1e-3,
+                     retain: str = "rest") -> dict:
+    """Median pairwise overlap of the tasks' selections against the pipeline's own null (pseudo-tasks of
+    `null_domain` with the tasks' sizes in blocks), uniform and layer-matched chance, with bootstrap intervals
+    on every pair and on the median; and the claim `overlap_above_null`."""
+    pipeline = dict(frac=frac, mode=mode, importance=importance, eps=eps, retain=retain)
+    names = list(task_blocks)
+    if len(names) < 2:
+        raise ValueError("overlap needs at least two tasks")
+    masks = pipeline_masks({t: b.merged() for t, b in task_blocks.items()}, **pipeline)
+    pairs = _pairs(masks)
+    observed = float(np.median(pairs))
+    boot = bootstrap_overlap(task_blocks, n_boot, seed, **pipeline)
+    null = pseudo_task_null(null_domain, [task_blocks[t].n_blocks for t in names], n_null, seed + 1, **pipeline)
+    sizes = np.array([float(m.sum()) for m in masks.values()])
+    n_all = masks[names[0]].numel()
+    i, j = np.triu_indices(len(names), k=1)
+    claim = excess_claim("overlap_above_null", "tasks' neuron sets overlap more than same-distribution "
+                         "pseudo-tasks' do (median pairwise overlap, excess over the null)", observed,
+                         boot["median"], null["median"], n=len(pairs), seed=seed)
+    return {"names": names, "masks": masks, "pairs": pairs, "pairs_ci": [percentile_ci(boot["pairs"][:, k])
+                                                                        for k in range(len(pairs))],
+            "median": observed, "median_ci": percentile_ci(boot["median"]),
+            "null_median": float(np.mean(null["median"])), "null_band": percentile_ci(null["median"]),
+            "uniform_chance": float(np.mean(chance_overlap(sizes[i], sizes[j], n_all))),
+            "layer_matched_chance": layer_matched_chance(masks), "boot": boot, "null": null, "claim": claim}
+
+
+def selectivity_claim(bootstrap: dict, *, seed: int = 0) -> Claim:
+    """`selectivity` from cross_task_bootstrap: others' relative accuracy minus own, against 0 (the
+    selectivity of same-distribution pseudo-tasks is 0 in expectation, as their evaluation documents are
+    exchangeable; pseudo_cross_task measures its spread)."""
+    n = int(sum(bootstrap["n_documents"].values()))
+    return excess_claim("selectivity", "pruning a task's neurons hurts that task more than the others "
+                        "(mean over tasks of others' minus own relative accuracy)", bootstrap["selectivity"],
+                        bootstrap["selectivity_samples"], None, n=n, seed=seed)
