@@ -106,11 +106,12 @@ def cross_task_bootstrap(base: Mapping[str, np.ndarray], pruned: Mapping[str, Ma
 
 # -- the same pipeline on any statistics ------------------------------------------------------------------
 def pipeline_masks(stats: Mapping, *, frac: float, mode: str = "global", importance: str = "abs",
-                   eps: float = 1e-3, retain: str = "rest") -> dict[str, torch.Tensor]:
+                   eps: float = 1e-3, eps_relative: float | None = None, retain: str = "rest") -> dict[str, torch.Tensor]:
     """Scores with the retain rule of Study.scores ('rest': the other tasks pooled; 'general': every task
     pooled) and the top-`frac` selection: one function for the real tasks, their resamples and the null."""
     general = weighted_pool(list(stats.values())) if retain == "general" else None
-    scores = task_scores(dict(stats), importance=importance, eps=eps, retain=retain, general=general)
+    scores = task_scores(dict(stats), importance=importance, eps=eps, eps_relative=eps_relative, retain=retain,
+                         general=general)
     return {t: select_neurons(s, frac, mode) for t, s in scores.items()}
 
 
@@ -325,11 +326,11 @@ def activation_control_mask(stats_list, frac: float, mode: str = "per_layer") ->
 # -- the two headline claims of notebooks 01/02 -----------------------------------------------------------------
 def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockStats, *, frac: float, n_boot: int,
                      n_null: int, seed: int, mode: str = "global", importance: str = "abs", eps: float = 1e-3,
-                     retain: str = "rest") -> dict:
+                     eps_relative: float | None = None, retain: str = "rest") -> dict:
     """Median pairwise overlap of the tasks' selections against the pipeline's own null (pseudo-tasks of
     `null_domain` with the tasks' sizes in blocks), uniform and layer-matched chance, with bootstrap intervals
     on every pair and on the median; and the claim `overlap_above_null`."""
-    pipeline = dict(frac=frac, mode=mode, importance=importance, eps=eps, retain=retain)
+    pipeline = dict(frac=frac, mode=mode, importance=importance, eps=eps, eps_relative=eps_relative, retain=retain)
     names = list(task_blocks)
     if len(names) < 2:
         raise ValueError("overlap needs at least two tasks")

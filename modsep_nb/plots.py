@@ -205,6 +205,24 @@ def grouped_bars(groups: dict, *, title: str, ylabel: str):
     return fig
 
 
+def claims(claim_list):
+    """Each claim's estimate with its 95% interval against its null (a forest plot): supported claims in colour."""
+    fig, ax = plt.subplots(figsize=(7, 0.7 * len(claim_list) + 1.5))
+    for i, c in enumerate(claim_list):
+        color = "tab:green" if c.supported else "tab:gray"
+        ax.plot(c.ci, [i, i], color=color, lw=3)
+        ax.plot([c.estimate], [i], "o", color=color)
+        ax.plot([c.null, c.null], [i - 0.35, i + 0.35], "k--", lw=1)
+    ax.set_yticks(range(len(claim_list)), [f"{c.id}{'' if c.supported else ' (not supported)'}" for c in claim_list])
+    ax.set_ylim(-0.7, len(claim_list) - 0.3)
+    ax.invert_yaxis()
+    ax.set_xlabel("estimate (excess over the null) with its 95% interval")
+    ax.set_title("Claims of this notebook")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return fig
+
+
 def interactive() -> bool:
     """True in JupyterLab; False in headless runs (the runner sets MODSEP_HEADLESS)."""
     return not os.environ.get("MODSEP_HEADLESS")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import plots
+from .claims import claims_table, claims_to_json
 from .files import write_text_atomic
 from .params import load_params
 
@@ -24,6 +25,7 @@ class Report:
         torch.manual_seed(self.params["seed"])
         self.figures: list[Path] = []
         self.captions: dict[str, str] = {}
+        self.claims: list = []
 
     def show(self, fig, name: str, caption: str = ""):
         """Save `fig` as figures/<name>.png; `caption` says what a modular result looks like on it."""
@@ -33,11 +35,17 @@ class Report:
         self.figures.append(plots.save(fig, self.out_dir, name))
         return fig
 
+    def claim(self, *claims) -> None:
+        """Record claims (claims.Claim): the findings open with their table and the results JSON lists them."""
+        self.claims.extend(claims)
+
     def findings(self, title: str, text: str) -> None:
-        record_findings(self.out_dir, self.notebook, title, text, self.figures)
+        table = ("**Claims** (supported: the 95% interval excludes the null, and p < 0.05 where there is a test)\n\n"
+                 + claims_table(self.claims) + "\n\n") if self.claims else ""
+        record_findings(self.out_dir, self.notebook, title, table + text, self.figures)
 
     def save(self, results: dict) -> Path:
-        return save_results(self.out_dir, self.notebook, results)
+        return save_results(self.out_dir, self.notebook, {"claims": claims_to_json(self.claims), **results})
 
     def save_tasks(self, study) -> Path:
         """Add `study`'s tasks to the run's tasks.json: {"lm" | "vit": {task: {"source", "statistics": [ids],

@@ -506,7 +506,7 @@ def _documents_read(handle, data, *, max_tokens, ctx) -> int:
         if isinstance(data, str) or not all(isinstance(t, str) for t in data) or not data:
             raise TypeError("a language model takes a non-empty list of documents (list[str]) as data")
         _, docs = lm_windows(handle.tokenizer, data, ctx=ctx, max_tokens=max_tokens, with_documents=True)
-        return docs[-1] + 1
+        return max(docs) + 1      # read in rounds: the last window need not be the last document
     n = len(images_and_labels(data)[0])
     return n if max_tokens is None else min(n, max_tokens)
 

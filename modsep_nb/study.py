@@ -11,16 +11,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .batches import run_batches
-from .evaluation import CrossTaskResult, cross_task_matrix
+from .claims import Claim
+from .evaluation import CrossTaskResult, cross_task_matrix, matched_random_mask
+from .evidence import cross_task_bootstrap, excess_claim, overlap_evidence, permutation_related_vs_unrelated
 from .files import cache_dir, cached
 from .models import ModelHandle, load_model
 from .moefication import Router, check_n_experts, expert_routing, fit_router, predicted_routing, split_layers
-from .overlaps import overlap
+from .overlaps import overlap, overlap_matrix
 from .params import device_of
-from .pruning import select_neurons, task_scores
+from .pruning import ablate, select_neurons, task_scores
 from .statistics import BlockStats, NeuronStats, StatsCollector, collect_block_stats, collect_stats, weighted_pool
 from .tasks import ImageTasks, TextTasks, data_hash
 
@@ -224,6 +227,56 @@ class Study:
         return cross_task_matrix(self.handle, scores or self.scores(), self.evaluators(), frac=frac, target=target,
                                  mode=pr["mode"], ablation=pr["ablation"], means=means, base=base,
                                  progress=progress, **extra)
+
+    def claims(self, frac: float, groups: dict | None = None, *, seed: int | None = None) -> dict:
+        """The evidence behind notebook 01/02's headline claims (issue #15), from per-document evaluation and
+        per-block statistics, so intervals and nulls are resamples of sums already collected:
+
+        selectivity: (others' − own relative accuracy) after pruning each task's top-`frac` neurons, minus the
+            same after pruning as many random neurons with the same count per layer; bootstrap over evaluation
+            documents (the same resampled documents for both), against 0.
+        overlap_above_null: the median pairwise overlap of the top-overlap.frac sets minus that of
+            same-distribution pseudo-tasks (the pipeline's own null), bootstrap over statistics blocks.
+        related_share_more: within-group minus across-group overlap, group labels permuted over tasks (only
+            when `groups` put at least two tasks together).
+        Returns {"claims": [Claim], "selectivity": ..., "overlap": ..., "related": ...}."""
+        ev, pr = self.params["evidence"], self.params["pruning"]
+        seed = self.params["seed"] if seed is None else seed
+        means = self.retain_stats() if pr["ablation"] == "mean" else None
+        base = self.document_hits()
+        pruned, random = {}, {}
+        for a, mask in self.masks(frac).items():
+            fill = None if means is None else means[a].mean
+            with ablate(self.handle, mask, pr["ablation"], fill):
+                pruned[a] = self.document_hits()
+            with ablate(self.handle, matched_random_mask(mask, pr["random_seeds"][0]), pr["ablation"], fill):
+                random[a] = self.document_hits()
+        hits = lambda rows: {b: rows[b]["top1"] for b in rows}  # noqa: E731
+        selected = cross_task_bootstrap(hits(base), {a: hits(r) for a, r in pruned.items()}, ev["n_boot"], seed)
+        matched = cross_task_bootstrap(hits(base), {a: hits(r) for a, r in random.items()}, ev["n_boot"], seed)
+        beyond = selected["selectivity_samples"] - matched["selectivity_samples"]     # the same documents
+        claims = [excess_claim("selectivity", "pruning a task's selected neurons hurts it more than the other "
+                               "tasks, beyond what as many random neurons in the same layers do (others' minus own "
+                               "relative accuracy, selected minus random)", selected["selectivity"] -
+                               matched["selectivity"], beyond, None, n=int(sum(selected["n_documents"].values())),
+                               seed=seed)]
+        overlap_ev = overlap_evidence(self.block_stats(progress=False), self.null_block_stats(progress=False),
+                                      frac=self.params["overlap"]["frac"], n_boot=ev["n_boot"], n_null=ev["n_null"],
+                                      seed=seed, mode=pr["mode"], importance=pr["importance"], eps=pr["eps"],
+                                      eps_relative=pr["eps_relative"], retain=pr["retain"])
+        claims.append(overlap_ev["claim"])
+        related = None
+        if groups and any(len([t for t in ts if t in self.task_names]) > 1 for ts in groups.values()):
+            names, matrix = overlap_ev["names"], overlap_matrix(overlap_ev["masks"])[1]
+            related = permutation_related_vs_unrelated(matrix, names, groups, ev["n_perm"], seed)
+            null = np.asarray(related["null"], dtype=np.float64)
+            excess = related["difference"] - null            # where the observed difference sits in the null
+            claims.append(Claim("related_share_more", "related tasks (the same group) share more neurons than "
+                                "unrelated ones (within-group minus across-group overlap, excess over the same "
+                                "with group labels permuted)", float(related["difference"] - null.mean()),
+                                tuple(np.quantile(excess, [0.025, 0.975])), 0.0, p=related["p"], n=len(names)))
+        return {"claims": claims, "selectivity": {"selected": selected, "random": matched}, "overlap": overlap_ev,
+                "related": related}
 
     def record(self) -> dict:
         """What each task is in this study: {task: {"source", "statistics": [ids], "evaluation": [ids]}}."""
