@@ -266,3 +266,23 @@ def test_stability_compares_the_sets_at_b_and_4b(tmp_path, llama_dir):
         large = study.masks(0.1, scores=study.scores(stats=study.stats(budget=4 * b, progress=False)))
         for t in study.task_names:
             assert got[b][t] == pytest.approx(float((small[t] & large[t]).sum()) / float(small[t].sum()))
+
+
+def test_claims_of_a_study_carry_interval_null_and_test(tmp_path, llama_dir):
+    params = _params(tmp_path, llama_dir)
+    params["evidence"].update({"n_boot": 40, "n_null": 20, "n_perm": 50, "n_blocks": 4})
+    study = Study.from_params(params, "lm")
+    groups = {"legal": ["law", "licenses"], "other": ["docs"]}
+    result = study.claims(0.1, groups)
+    ids = [c.id for c in result["claims"]]
+    assert ids == ["selectivity", "overlap_above_null", "related_share_more"]
+    for c in result["claims"]:
+        assert c.null == 0.0 and len(c.ci) == 2 and (c.p is None or 0 < c.p <= 1)
+        if c.supported:
+            assert c.ci[0] > 0 and (c.p is None or c.p < 0.05)
+    sel = result["selectivity"]
+    assert sel["selected"]["n_documents"] == sel["random"]["n_documents"]       # the same documents
+    related = result["related"]
+    assert related["p"] == pytest.approx((1 + (related["null"] >= related["difference"] - 1e-12).sum()) / 51)
+    overlap_claim = result["claims"][1]
+    assert overlap_claim.estimate == pytest.approx(result["overlap"]["median"] - result["overlap"]["null_median"])
