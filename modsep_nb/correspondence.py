@@ -18,7 +18,8 @@ import torch
 from scipy.stats import hypergeom
 from tqdm.auto import tqdm
 
-from .claims import benjamini_hochberg
+from .claims import Claim, benjamini_hochberg
+from .evidence import paired_difference_ci
 from .moefication import _check_labels, check_n_experts, layer_seeds
 from .pruning import as_mask, select_neurons
 
@@ -275,3 +276,26 @@ def layer_correspondence(selected_mask: torch.Tensor, labels: torch.Tensor, *, n
                      n_sel))
     cols = [torch.tensor(c, dtype=torch.float64) for c in zip(*rows)]
     return LayerCorrespondence(*cols[:9], n_selected=cols[9].long(), n_experts=n_experts, n_null=n_null)
+
+
+def correspondence_claims(kind: str, by_frac: dict, control_by_frac: dict, *, n_boot: int, seed: int) -> list[Claim]:
+    """Notebook 05's claims for one model, with tasks as the unit (not layer x task x fraction cells):
+    correspondence_above_control: each task's mean z (over layers and fractions) minus the mean z of a
+        selection by activation alone (top neurons by mean |activation| on the pooled data, the same fraction),
+        paired across tasks; the control takes out what any activation-based selection shows under a
+        parameter split (neurons with similar W_in rows have correlated activations).
+    ends_stronger_than_middle: each task's mean z in the first and last thirds of the layers minus the middle
+        third, paired across tasks.
+    by_frac: {frac: {task: LayerCorrespondence}}; control_by_frac: {frac: LayerCorrespondence}."""
+    tasks = list(next(iter(by_frac.values())))
+    task_z = np.array([np.nanmean([np.nanmean(by_frac[f][t].z.numpy()) for f in by_frac]) for t in tasks])
+    control_z = float(np.nanmean([np.nanmean(control_by_frac[f].z.numpy()) for f in by_frac]))
+    above = paired_difference_ci(task_z, np.full(len(tasks), control_z), n_boot, seed)
+    ends, middle = zip(*[np.nanmean([ends_vs_middle(by_frac[f][t].z.numpy()) for f in by_frac], 0) for t in tasks])
+    ends_test = paired_difference_ci(np.array(ends), np.array(middle), n_boot, seed + 1)
+    return [Claim(f"correspondence_above_control[{kind}]", f"{kind}: tasks' selected neurons concentrate in "
+                  f"parameter-split experts more than neurons selected by activation alone (mean z, task minus "
+                  f"control, tasks as units)", above["estimate"], above["ci"], 0.0, p=above["p"], n=above["n"]),
+            Claim(f"ends_stronger_than_middle[{kind}]", f"{kind}: correspondence is stronger in the first and last "
+                  f"thirds of the layers than in the middle third (mean z, ends minus middle, tasks as units)",
+                  ends_test["estimate"], ends_test["ci"], 0.0, p=ends_test["p"], n=ends_test["n"])]

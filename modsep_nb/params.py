@@ -98,8 +98,6 @@ DEFAULTS: dict = {
         "fracs": [0.01, 0.02, 0.05, 0.1, 0.2],
         "n_null": 100,
         "band_sd": 2.0,          # figures: the null band is mean ± band_sd × sd of the random partitions
-        "z_clear": 2.0,          # findings: mean z above this reads "clearly more", above z_some "somewhat more"
-        "z_some": 0.5,
     },
     "evidence": {                # intervals, nulls and tests (SPEC §5 Evidence); resamples reuse collected sums
         "n_boot": 200,           # bootstrap resamples over documents (images)

@@ -17,7 +17,8 @@ import torch
 from .batches import run_batches
 from .claims import Claim
 from .evaluation import CrossTaskResult, cross_task_matrix, matched_random_mask
-from .evidence import cross_task_bootstrap, excess_claim, overlap_evidence, permutation_related_vs_unrelated
+from .evidence import (bootstrap_overlap, combine_seeds, cross_task_bootstrap, excess_claim, overlap_evidence,
+                       permutation_related_vs_unrelated, pipeline_masks)
 from .files import cache_dir, cached
 from .models import ModelHandle, load_model
 from .moefication import Router, check_n_experts, expert_routing, fit_router, predicted_routing, split_layers
@@ -228,6 +229,12 @@ class Study:
                                  mode=pr["mode"], ablation=pr["ablation"], means=means, base=base,
                                  progress=progress, **extra)
 
+    def pipeline(self, frac: float, mode: str | None = None) -> dict:
+        """The selection settings of this study as evidence.pipeline_masks takes them."""
+        pr = self.params["pruning"]
+        return dict(frac=frac, mode=mode or pr["mode"], importance=pr["importance"], eps=pr["eps"],
+                    eps_relative=pr["eps_relative"], retain=pr["retain"])
+
     def claims(self, frac: float, groups: dict | None = None, *, seed: int | None = None) -> dict:
         """The evidence behind notebook 01/02's headline claims (issue #15), from per-document evaluation and
         per-block statistics, so intervals and nulls are resamples of sums already collected:
@@ -261,9 +268,8 @@ class Study:
                                matched["selectivity"], beyond, None, n=int(sum(selected["n_documents"].values())),
                                seed=seed)]
         overlap_ev = overlap_evidence(self.block_stats(progress=False), self.null_block_stats(progress=False),
-                                      frac=self.params["overlap"]["frac"], n_boot=ev["n_boot"], n_null=ev["n_null"],
-                                      seed=seed, mode=pr["mode"], importance=pr["importance"], eps=pr["eps"],
-                                      eps_relative=pr["eps_relative"], retain=pr["retain"])
+                                      n_boot=ev["n_boot"], n_null=ev["n_null"], seed=seed,
+                                      **self.pipeline(self.params["overlap"]["frac"]))
         claims.append(overlap_ev["claim"])
         related = None
         if groups and any(len([t for t in ts if t in self.task_names]) > 1 for ts in groups.values()):
@@ -363,3 +369,41 @@ def load_random(handle: ModelHandle, seed: int) -> ModelHandle:
                         random_init=True, seed=seed)
     random.name = handle.name
     return random
+
+
+def random_init_claims(kind: str, trained: Study, randoms: list[Study], persistence: list, frac: float, *,
+                       mode: str | None = None) -> list[Claim]:
+    """Notebook 04's claims for one model (`kind` names it in the ids):
+    trained_overlap_differs_from_random: median pairwise overlap of the top-`frac` sets, trained minus random
+        init (all seeds pooled), bootstrap over statistics blocks of both, two-sided, against 0;
+    pattern_persists: every seed's pattern-persistence rho combined (median rho, interval over seeds, the
+        largest Holm-adjusted p: the pattern must persist in every seed)."""
+    ev, seed = trained.params["evidence"], trained.params["seed"]
+    pipeline = trained.pipeline(frac, mode)
+    observed_trained = float(np.median(_pairs_of(trained, pipeline)))
+    observed_random = float(np.median(np.concatenate([_pairs_of(r, pipeline) for r in randoms])))
+    boot_trained = bootstrap_overlap(trained.block_stats(progress=False), ev["n_boot"], seed, **pipeline)["median"]
+    boot_random = np.median(np.stack([bootstrap_overlap(r.block_stats(progress=False), ev["n_boot"], seed + 1 + i,
+                                                        **pipeline)["pairs"] for i, r in enumerate(randoms)], 1)
+                            .reshape(ev["n_boot"], -1), axis=1)
+    diff = boot_trained - boot_random
+    p = min(1.0, 2 * (1 + min(int(np.sum(diff <= 0)), int(np.sum(diff >= 0)))) / (1 + len(diff)))
+    claims = [Claim(f"trained_overlap_differs_from_random[{kind}]", f"{kind}: the trained model's tasks overlap "
+                    f"differently from the random-init model's (median pairwise overlap, trained minus random, "
+                    f"{pipeline['mode']} selection)", observed_trained - observed_random,
+                    tuple(np.quantile(diff, [0.025, 0.975])), 0.0, p=p, n=len(randoms) + 1, direction="two-sided")]
+    usable = [r for r in persistence if r]
+    if usable:
+        combined = combine_seeds(usable, ev["n_boot"], seed)
+        claims.append(Claim(f"pattern_persists[{kind}]", f"{kind}: the trained task x task overlap pattern persists "
+                            f"at random init in every seed (median Spearman rho over {combined['n']} seeds, "
+                            f"largest Holm-adjusted permutation p)", combined["median_rho"], combined["ci"], 0.0,
+                            p=combined["p_combined"], n=combined["n"], correction="holm"))
+    return claims
+
+
+def _pairs_of(study: Study, pipeline: dict) -> np.ndarray:
+    masks = pipeline_masks(study.stats(progress=False), **pipeline)
+    _, matrix = overlap_matrix(masks)
+    i, j = np.triu_indices(len(matrix), 1)
+    return matrix[i, j]

@@ -194,3 +194,29 @@ def _layer_seed(seed, layer, n_layers):
 def test_expert_counts_shape_check():
     with pytest.raises(ValueError, match="d_mlp"):
         expert_counts(mask(12, [0]), blocks(24, 4))
+
+
+def test_correspondence_claims_use_tasks_as_units():
+    from types import SimpleNamespace
+
+    from modsep_nb.correspondence import correspondence_claims
+    rng = np.random.default_rng(0)
+    n_layers, tasks = 9, [f"t{i}" for i in range(6)]
+
+    def z_curve(ends, middle):
+        z = np.full(n_layers, middle) + rng.normal(0, 0.01, n_layers)
+        z[:3] += ends - middle
+        z[6:] += ends - middle
+        return SimpleNamespace(z=torch.tensor(z))
+    by_frac = {f: {t: z_curve(4.0 + i, 1.0) for i, t in enumerate(tasks)} for f in (0.05, 0.1)}
+    control = {f: SimpleNamespace(z=torch.full((n_layers,), 0.5, dtype=torch.float64)) for f in (0.05, 0.1)}
+    above, ends = correspondence_claims("lm", by_frac, control, n_boot=200, seed=0)
+    assert above.id == "correspondence_above_control[lm]" and ends.id == "ends_stronger_than_middle[lm]"
+    task_z = [np.mean([by_frac[f][t].z.mean().item() for f in by_frac]) for t in tasks]
+    assert above.estimate == pytest.approx(np.mean(task_z) - 0.5)
+    assert ends.estimate == pytest.approx(np.mean([3.0 + i for i in range(6)]), abs=0.02)
+    assert above.n == ends.n == 6                      # tasks are the unit
+    assert above.supported and ends.supported and ends.p == pytest.approx(1 / 64)   # exact sign-flip over 2^6
+    flat = {f: {t: z_curve(1.0, 1.0) for t in tasks} for f in (0.05, 0.1)}
+    _, no_ends = correspondence_claims("lm", flat, control, n_boot=200, seed=0)
+    assert not no_ends.supported

@@ -6,6 +6,7 @@ import ast
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -286,3 +287,23 @@ def test_claims_of_a_study_carry_interval_null_and_test(tmp_path, llama_dir):
     assert related["p"] == pytest.approx((1 + (related["null"] >= related["difference"] - 1e-12).sum()) / 51)
     overlap_claim = result["claims"][1]
     assert overlap_claim.estimate == pytest.approx(result["overlap"]["median"] - result["overlap"]["null_median"])
+
+
+def test_random_init_claims(tmp_path, llama_dir):
+    from modsep_nb import overlaps
+    from modsep_nb.study import random_init_claims
+    params = _params(tmp_path, llama_dir)
+    params["lm"]["tasks"] = ["docs", "law", "licenses", "science"]
+    params["evidence"].update({"n_boot": 40, "n_blocks": 4})
+    trained = Study.from_params(params, "lm")
+    randoms = [trained.with_random_init(s) for s in (1, 2)]
+    comparison = overlaps.random_init_comparison(trained.masks(0.1), [r.masks(0.1) for r in randoms], n_perm=50)
+    differs, persists = random_init_claims("lm", trained, randoms, comparison["persistence"], 0.1)
+    assert differs.id == "trained_overlap_differs_from_random[lm]" and differs.direction == "two-sided"
+    assert differs.estimate == pytest.approx(float(np.median(comparison["trained"]) - np.median(comparison["random"])),
+                                             nan_ok=True)
+    assert persists.id == "pattern_persists[lm]" and persists.n == 2 and persists.correction == "holm"
+    rhos = sorted(p["rho"] for p in comparison["persistence"])
+    assert persists.estimate == pytest.approx(float(np.median(rhos)), nan_ok=True)
+    assert persists.p == pytest.approx(max(min(1.0, 2 * min(p["p_value"] for p in comparison["persistence"])),
+                                           max(p["p_value"] for p in comparison["persistence"])), nan_ok=True)
