@@ -44,6 +44,18 @@ def _as_mask(mask, name: str = "mask") -> torch.Tensor:
     return mask
 
 
+def _stack_masks(masks: Mapping[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+    """(task names, their checked masks) for a dict of masks that must all come from one model."""
+    names = list(masks)
+    if not names:
+        raise ValueError("masks is empty: pass {task: bool mask [n_layers, d_mlp]} for at least one task")
+    stacked = [_as_mask(masks[t], f"masks[{t!r}]") for t in names]
+    shapes = {tuple(m.shape) for m in stacked}
+    if len(shapes) > 1:
+        raise ValueError(f"masks have different shapes {sorted(shapes)}: all must come from the same model")
+    return names, stacked
+
+
 def _check_pair(mask_a, mask_b) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = _as_mask(mask_a, "mask_a"), _as_mask(mask_b, "mask_b")
     if a.shape != b.shape:
@@ -135,13 +147,7 @@ def layer_matched_chance_matrix(masks: Mapping[str, torch.Tensor], metric: str =
     sets with that task's counts (not 1).
     """
     _check_metric(metric)
-    names = list(masks)
-    if not names:
-        raise ValueError("masks is empty: pass {task: bool mask [n_layers, d_mlp]} for at least one task")
-    stacked = [_as_mask(masks[t], f"masks[{t!r}]") for t in names]
-    shapes = {tuple(m.shape) for m in stacked}
-    if len(shapes) > 1:
-        raise ValueError(f"masks have different shapes {sorted(shapes)}: all must come from the same model")
+    names, stacked = _stack_masks(masks)
     counts = torch.stack([m.sum(1).cpu() for m in stacked]).to(torch.float64)     # [T, L]
     inter = counts @ counts.T / stacked[0].shape[1]
     size = counts.sum(1)
@@ -197,13 +203,7 @@ def overlap_matrix(masks: Mapping[str, torch.Tensor], metric: str = "overlap", p
     1 for non-empty sets; entries involving an empty set are nan.
     """
     _check_metric(metric)
-    names = list(masks)
-    if not names:
-        raise ValueError("masks is empty: pass {task: bool mask [n_layers, d_mlp]} for at least one task")
-    stacked = [_as_mask(masks[t], f"masks[{t!r}]") for t in names]
-    shapes = {tuple(m.shape) for m in stacked}
-    if len(shapes) > 1:
-        raise ValueError(f"masks have different shapes {sorted(shapes)}: all must come from the same model")
+    names, stacked = _stack_masks(masks)
     m = torch.stack([x.to(stacked[0].device) for x in stacked]).to(torch.float64)   # [T, L, D]
     if per_layer:
         inter = torch.einsum("tld,sld->tsl", m, m)                   # [T, T, L]

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .batches import run_batches
@@ -19,6 +21,18 @@ from .data import images_and_labels, lm_windows
 from .files import atomic_file
 
 MEANS = ("mean", "mean_abs", "mean_sq", "frac_pos", "mean_sqrt")
+
+
+def _save_tensors(path, tensors: dict, meta: dict) -> None:
+    """safetensors with `meta` as JSON in its header, written atomically."""
+    with atomic_file(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"modsep": json.dumps(meta, default=str)})
+
+
+def _load_tensors(path) -> tuple[dict, dict]:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("modsep", "{}"))
 
 
 class NonFiniteActivationError(FloatingPointError):
@@ -80,18 +94,11 @@ class NeuronStats:
 
     def save(self, path) -> None:
         """safetensors with the metadata as JSON in its header; written atomically."""
-        from safetensors.torch import save_file
-        tensors = {"count": self.count.contiguous()}
-        tensors.update({m: getattr(self, m).contiguous() for m in MEANS})
-        with atomic_file(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"modsep": json.dumps(self.meta, default=str)})
+        _save_tensors(path, {"count": self.count, **{m: getattr(self, m) for m in MEANS}}, self.meta)
 
     @classmethod
     def load(cls, path) -> "NeuronStats":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("modsep", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, meta = _load_tensors(path)
         missing = {"count", *MEANS} - set(tensors)
         if missing:
             raise ValueError(f"{path} is not a NeuronStats file: it lacks {sorted(missing)}")
@@ -367,18 +374,11 @@ class BlockStats:
         return BlockStats(self.count[idx], self.sums[idx], self.n_documents[idx], dict(self.meta))
 
     def save(self, path) -> None:
-        from safetensors.torch import save_file
-        tensors = {"count": self.count.contiguous(), "sums": self.sums.contiguous(),
-                   "n_documents": self.n_documents.contiguous()}
-        with atomic_file(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"modsep": json.dumps(self.meta, default=str)})
+        _save_tensors(path, {"count": self.count, "sums": self.sums, "n_documents": self.n_documents}, self.meta)
 
     @classmethod
     def load(cls, path) -> "BlockStats":
-        from safetensors import safe_open
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("modsep", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, meta = _load_tensors(path)
         if {"count", "sums", "n_documents"} - set(tensors):
             raise ValueError(f"{path} is not a BlockStats file: it lacks count, sums or n_documents")
         return cls(tensors["count"], tensors["sums"], tensors["n_documents"], meta=meta)
