@@ -25,7 +25,8 @@ from .moefication import Router, check_n_experts, expert_routing, fit_router, pr
 from .overlaps import overlap, overlap_matrix
 from .params import device_of
 from .pruning import ablate, select_neurons, task_scores
-from .statistics import BlockStats, NeuronStats, StatsCollector, collect_block_stats, collect_stats, weighted_pool
+from .statistics import (BlockStats, NeuronStats, StatsCollector, bootstrap_weights, collect_block_stats, collect_stats,
+                         weighted_pool)
 from .tasks import ImageTasks, TextTasks, data_hash
 
 # bump when the way statistics or splits are computed changes, so no cache from older code is reused
@@ -334,6 +335,48 @@ class Study:
                                 progress=progress, **kwargs)
         return cached(path, compute, load=lambda p: torch.load(p, weights_only=True), save=torch.save,
                       what="split")
+
+    def routing_evidence(self, splits: dict, keep_fracs, tasks=None) -> dict:
+        """MoEfication's oracle routing for each split in `splits` ({method: labels}, with "random" among them),
+        from per-document hits: "curve" {method: {keep_frac: {task: accuracy relative to dense}}} (as
+        routing_curve), and the claims `<method>_routing_beats_random[<kind>]`: the relative accuracy averaged
+        over tasks and over the kept fractions below 1, method minus random, with a bootstrap over evaluation
+        documents (the same resampled documents for every method), against 0."""
+        if "random" not in splits:
+            raise ValueError("routing_evidence compares each split with the random one: include 'random' in splits")
+        ev, seed = self.params["evidence"], self.params["seed"]
+        tasks = list(tasks or self.task_names)
+        dense = {t: h["top1"] for t, h in self.document_hits(tasks).items()}
+        curve, hits = {}, {}
+        for method, labels in splits.items():
+            curve[method], hits[method] = {}, {}
+            for frac in keep_fracs:
+                k = max(1, int(round(frac * self.n_experts)))
+                if k >= self.n_experts:
+                    curve[method][frac] = {t: 1.0 for t in tasks}
+                    continue
+                with expert_routing(self.handle, labels, k):
+                    hits[method][frac] = {t: h["top1"] for t, h in self.document_hits(tasks).items()}
+                curve[method][frac] = {t: hits[method][frac][t].sum() / dense[t].sum() if dense[t].sum() > 0
+                                       else float("nan") for t in tasks}
+        weights = {t: bootstrap_weights(len(dense[t]), ev["n_boot"], seed + i).numpy() for i, t in enumerate(tasks)}
+
+        def mean_relative(method, w=None):
+            values = [((w[t] if w else np.ones((1, len(dense[t])))) @ hits[method][f][t]) /
+                      ((w[t] if w else np.ones((1, len(dense[t])))) @ dense[t]) for f in hits[method] for t in tasks]
+            return np.mean(values, axis=0)
+        claims = []
+        for method in splits:
+            if method == "random" or not hits[method]:
+                continue
+            diff = mean_relative(method, weights) - mean_relative("random", weights)
+            observed = float(mean_relative(method)[0] - mean_relative("random")[0])
+            claims.append(excess_claim(f"{method}_routing_beats_random[{self.kind}]", f"{self.kind}: with {method}-split "
+                                       f"experts, oracle top-k routing keeps more of the dense accuracy than with random "
+                                       f"experts (relative accuracy, mean over tasks and kept fractions < 1, {method} "
+                                       f"minus random)", observed, diff, None,
+                                       n=int(sum(len(dense[t]) for t in tasks)), seed=seed))
+        return {"curve": curve, "claims": claims}
 
     def fit_router(self, labels: torch.Tensor, *, progress: bool = False) -> Router:
         """A learned router for split `labels`: per layer a linear predictor of each expert's score from the

@@ -307,3 +307,25 @@ def test_random_init_claims(tmp_path, llama_dir):
     assert persists.estimate == pytest.approx(float(np.median(rhos)), nan_ok=True)
     assert persists.p == pytest.approx(max(min(1.0, 2 * min(p["p_value"] for p in comparison["persistence"])),
                                            max(p["p_value"] for p in comparison["persistence"])), nan_ok=True)
+
+
+def test_routing_evidence_matches_the_routing_curve(tmp_path, llama_dir):
+    from modsep_nb.moefication import random_balanced_split
+    params = _params(tmp_path, llama_dir)
+    params["moefication"]["lm_experts"] = 4
+    params["evidence"]["n_boot"] = 40
+    study = Study.from_params(params, "lm")
+    d = study.handle.d_mlp
+    splits = {"param": torch.stack([random_balanced_split(d, 4, seed=10 + i) for i in range(study.handle.n_layers)]),
+              "random": torch.stack([random_balanced_split(d, 4, seed=20 + i) for i in range(study.handle.n_layers)])}
+    result = study.routing_evidence(splits, [0.25, 0.5, 1.0], ["docs", "law"])
+    for method, labels in splits.items():
+        expected = study.routing_curve(labels, [0.25, 0.5, 1.0], ["docs", "law"])
+        for frac in (0.25, 0.5, 1.0):
+            assert result["curve"][method][frac] == pytest.approx(expected[frac], nan_ok=True)
+    (claim,) = result["claims"]
+    assert claim.id == "param_routing_beats_random[lm]" and claim.null == 0.0
+    means = {m: np.nanmean([result["curve"][m][f][t] for f in (0.25, 0.5) for t in ("docs", "law")]) for m in splits}
+    assert claim.estimate == pytest.approx(means["param"] - means["random"], nan_ok=True)
+    with pytest.raises(ValueError, match="random"):
+        study.routing_evidence({"param": splits["param"]}, [0.5])
