@@ -324,6 +324,24 @@ def activation_control_mask(stats_list, frac: float, mode: str = "per_layer") ->
 
 
 # -- the two headline claims of notebooks 01/02 -----------------------------------------------------------------
+def null_sizes(sizes: Sequence[int], available: int) -> list[int]:
+    """Pseudo-task sizes (in blocks): the real tasks' sizes, or, where the null domain has fewer blocks than
+    they need together, the same proportions scaled down to fit (at least one block each; a warning says so:
+    smaller pseudo-tasks are noisier, so the null is then conservative for overlap)."""
+    sizes = [int(s) for s in sizes]
+    if sum(sizes) <= available:
+        return sizes
+    if available < len(sizes):
+        raise ValueError(f"the null domain has {available} blocks, fewer than the {len(sizes)} pseudo-tasks: choose a "
+                         f"larger domain for the null")
+    scaled = [max(1, s * available // sum(sizes)) for s in sizes]
+    while sum(scaled) > available:
+        scaled[int(np.argmax(scaled))] -= 1
+    warnings.warn(f"the null domain has {available} blocks but the tasks use {sum(sizes)}: pseudo-task sizes scaled "
+                  f"from {sizes} to {scaled}", RuntimeWarning, stacklevel=2)
+    return scaled
+
+
 def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockStats, *, frac: float, n_boot: int,
                      n_null: int, seed: int, mode: str = "global", importance: str = "abs", eps: float = 1e-3,
                      eps_relative: float | None = None, retain: str = "rest") -> dict:
@@ -338,7 +356,8 @@ def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockSt
     pairs = _pairs(masks)
     observed = float(np.median(pairs))
     boot = bootstrap_overlap(task_blocks, n_boot, seed, **pipeline)
-    null = pseudo_task_null(null_domain, [task_blocks[t].n_blocks for t in names], n_null, seed + 1, **pipeline)
+    null = pseudo_task_null(null_domain, null_sizes([task_blocks[t].n_blocks for t in names], null_domain.n_blocks),
+                            n_null, seed + 1, **pipeline)
     sizes = np.array([float(m.sum()) for m in masks.values()])
     n_all = masks[names[0]].numel()
     i, j = np.triu_indices(len(names), k=1)

@@ -142,10 +142,10 @@ class Study:
         return {name: self._block_stats(name, budget, n_blocks, progress) for name in self.task_names}
 
     def null_block_stats(self, domain: str | None = None, *, progress: bool = True) -> BlockStats:
-        """The null domain of the pseudo-task null (evidence.pseudo_task_null): `domain` (default: the first
-        task) read with the budget and blocks of all tasks together, so pseudo-tasks of one task's number of
-        blocks have the real tasks' size."""
-        domain = domain or self.task_names[0]
+        """The null domain of the pseudo-task null (evidence.pseudo_task_null): `domain` (default: the task
+        with the most statistics documents or images) read with the budget and blocks of all tasks together, so
+        pseudo-tasks of one task's number of blocks have the real tasks' size where the domain is large enough."""
+        domain = domain or max(self.task_names, key=lambda t: len(self.tasks.statistics_data(t, self.stats_budget)))
         n = len(self.task_names)
         return self._block_stats(domain, n * self.stats_budget, n * self.params["evidence"]["n_blocks"], progress)
 

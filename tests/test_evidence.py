@@ -511,7 +511,8 @@ def test_study_block_stats_null_domain_and_document_hits(tmp_path, llama_dir):
     again = Study.from_params(params, "lm").block_stats(progress=False)       # from the cache
     assert torch.equal(again["law"].sums, blocks["law"].sums)
     null = study.null_block_stats(progress=False)
-    assert null.meta["task"] == "docs" and null.meta["tokens"] == 3 * 200
+    largest = max(study.task_names, key=lambda t: len(study.tasks[t].collect))     # the most documents
+    assert null.meta["task"] == largest and null.meta["tokens"] == 3 * 200
     hits = study.document_hits()
     accuracy = study.evaluate_tasks()
     for t in study.task_names:
@@ -532,3 +533,13 @@ def test_image_study_document_hits(tmp_path):
     assert sum(len(h["n"]) for h in hits.values()) <= 150
     blocks = study.block_stats(progress=False)
     assert_stats_close(blocks["tops"].merged(), study.stats(progress=False)["tops"], rtol=1e-5, atol=1e-6)
+
+
+def test_null_sizes_fit_the_null_domain():
+    from modsep_nb.evidence import null_sizes
+    assert null_sizes([3, 4], 10) == [3, 4]
+    with pytest.warns(RuntimeWarning, match="scaled"):
+        scaled = null_sizes([17, 17, 10, 32, 32, 32, 27, 32], 118)
+    assert sum(scaled) <= 118 and all(s >= 1 for s in scaled) and scaled[2] < scaled[0] < scaled[3]
+    with pytest.raises(ValueError, match="larger domain"):
+        null_sizes([1, 1, 1], 2)
