@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from .params import ParamsError, load_params
@@ -30,6 +31,8 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        # the notebook client's pending tasks die with the kernel; asyncio would print their tracebacks at exit
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         print("modsep: interrupted; the run folder is marked incomplete (INCOMPLETE.md) and summary.md lists "
               "the notebooks that finished", file=sys.stderr)
         return 130
