@@ -164,6 +164,7 @@ class CrossTaskResult:
     reached: dict = field(default_factory=dict)
     random_pruned: np.ndarray | None = None
     random_matrix: np.ndarray | None = None
+    documents: dict | None = None       # fixed frac, evaluators giving hits: {"base", "pruned", "random"} hits
 
     def not_converged(self) -> list[str]:
         """Tasks whose bisection never reached the target (empty with a fixed frac)."""
@@ -252,16 +253,20 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
         raise ValueError(f"random_seeds must be distinct, got {random_seeds}")
     tasks = list(scores)
     if callable(evaluators):
-        evaluate_all, evaluate_one = evaluators, (lambda t: evaluators()[t])
+        raw_all = evaluators
     else:
         missing = sorted(set(tasks) - set(evaluators))
         if missing:
             raise ValueError(f"no evaluator for tasks {missing}")
-        evaluate_all = lambda: {t: evaluators[t]() for t in tasks}  # noqa: E731
-        evaluate_one = lambda t: evaluators[t]()  # noqa: E731
-    base = dict(base) if base else {}
+        raw_all = lambda: {t: evaluators[t]() for t in tasks}  # noqa: E731
+    raw_one = (lambda t: raw_all()[t]) if callable(evaluators) else (lambda t: evaluators[t]())  # noqa: E731
+    evaluate_one = lambda t: accuracy_of(raw_one(t))  # noqa: E731
+    base = dict(base) if base else {}       # accuracies, or per-document hits as the evaluators give them
     if any(t not in base for t in tasks):
-        base.update({t: v for t, v in evaluate_all().items() if t not in base})
+        base.update({t: v for t, v in raw_all().items() if t not in base})
+    keep = frac is not None and all(_is_hits(base[t]) for t in tasks)
+    documents = {"base": {t: base[t] for t in tasks}, "pruned": {}, "random": [{} for _ in random_seeds]} if keep else None
+    base = {t: accuracy_of(v) for t, v in base.items()}
     pruned = np.zeros((len(tasks), len(tasks)))
     random_pruned = np.zeros((len(random_seeds), len(tasks), len(tasks)))
     fracs, converged, reached = {}, {}, {}
@@ -277,16 +282,21 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
         fracs[a] = f
         mask = select_neurons(scores[a], f, mode)
         with ablate(handle, mask, ablation, means_a):
-            accs = evaluate_all()
-        pruned[i] = [accs[b] for b in tasks]
+            raw = raw_all()
+        if documents:
+            documents["pruned"][a] = raw
+        pruned[i] = [accuracy_of(raw[b]) for b in tasks]
+        accs = dict(zip(tasks, pruned[i]))
         if frac is not None:
             reached[a] = accs[a] / base[a] if base[a] else float("nan")
         for s, seed in enumerate(random_seeds):
             key = (seed, tuple(mask.sum(1).tolist()), a if isinstance(means, dict) else None)
             if key not in seen_random:
                 with ablate(handle, matched_random_mask(mask, seed), ablation, means_a):
-                    seen_random[key] = evaluate_all()
-            random_pruned[s, i] = [seen_random[key][b] for b in tasks]
+                    seen_random[key] = raw_all()
+            if documents:
+                documents["random"][s][a] = seen_random[key]
+            random_pruned[s, i] = [accuracy_of(seen_random[key][b]) for b in tasks]
     base_row = np.array([base[t] for t in tasks])
     with np.errstate(divide="ignore", invalid="ignore"):
         matrix = pruned / base_row[None, :]
@@ -294,7 +304,19 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
     return CrossTaskResult(tasks, matrix, base, pruned, fracs,
                            {"frac": frac, "target": target, "mode": mode, "ablation": ablation,
                             "random_seeds": random_seeds},
-                           converged, reached, random_pruned if random_seeds else None, random_matrix)
+                           converged, reached, random_pruned if random_seeds else None, random_matrix, documents)
+
+
+def _is_hits(value) -> bool:
+    return isinstance(value, dict) and "top1" in value and "n" in value
+
+
+def accuracy_of(value) -> float:
+    """An evaluator's answer as an accuracy: a number as it is, per-document hits as Σtop1 / Σn."""
+    if _is_hits(value):
+        n = float(np.sum(value["n"]))
+        return float(np.sum(value["top1"])) / n if n else float("nan")
+    return float(value)
 
 
 def _means_for(means, task):

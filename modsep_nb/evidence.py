@@ -104,6 +104,27 @@ def cross_task_bootstrap(base: Mapping[str, np.ndarray], pruned: Mapping[str, Ma
             "n_documents": {b: len(base[b]) for b in tasks}}
 
 
+def cross_task_intervals(result, n_boot: int, seed: int) -> dict:
+    """Intervals on a fixed-frac cross-task result (evaluation.CrossTaskResult) from the per-document hits it kept:
+    the selected ablation's and each random seed's cross_task_bootstrap, resampling the same documents for all;
+    "random" averages the seeds (matrix, samples, selectivity). {"selected": ..., "random": ... | None}."""
+    if result.documents is None:
+        raise ValueError("this cross-task result kept no per-document hits: compute it with a fixed frac and "
+                         "evaluators that return {'n', 'top1'} per document (Study.cross_task does)")
+    top1 = lambda rows: {b: rows[b]["top1"] for b in result.tasks}  # noqa: E731
+    docs = result.documents
+    base = top1(docs["base"])
+    selected = cross_task_bootstrap(base, {a: top1(docs["pruned"][a]) for a in result.tasks}, n_boot, seed)
+    per_seed = [cross_task_bootstrap(base, {a: top1(rows[a]) for a in result.tasks}, n_boot, seed)
+                for rows in docs["random"]]
+    random = None
+    if per_seed:
+        random = {k: np.mean([r[k] for r in per_seed], axis=0) for k in ("matrix", "samples", "selectivity_samples")}
+        random["selectivity"] = float(np.mean([r["selectivity"] for r in per_seed]))
+        random["n_documents"] = per_seed[0]["n_documents"]
+    return {"selected": selected, "random": random}
+
+
 # -- the same pipeline on any statistics ------------------------------------------------------------------
 def pipeline_masks(stats: Mapping, *, frac: float, mode: str = "global", importance: str = "abs",
                    eps: float = 1e-3, eps_relative: float | None = None, retain: str = "rest") -> dict[str, torch.Tensor]:

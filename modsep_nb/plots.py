@@ -12,6 +12,7 @@ import numpy as np
 
 from . import overlaps as ov
 from .files import atomic_file
+from .evaluation import own_and_others
 from .pruning import select_neurons
 
 
@@ -26,8 +27,9 @@ def save(fig, out_dir, name: str) -> Path:
 
 
 def heatmap(matrix, rows, cols=None, *, title: str, cbar_label: str, vmin: float = 0.0, vmax=None,
-            cmap: str = "viridis", annotate: bool | None = None, fmt: str = ".2f", xlabel="", ylabel=""):
-    """A task × task matrix; the colour scale starts at 0 unless told otherwise."""
+            cmap: str = "viridis", annotate: bool | None = None, fmt: str = ".2f", xlabel="", ylabel="", ci=None):
+    """A task × task matrix; the colour scale starts at 0 unless told otherwise. ci [R, C, 2]: each cell's 95%
+    interval, written under its value as ± half its width."""
     matrix = np.asarray(matrix, dtype=float)
     cols = rows if cols is None else cols
     size = max(4.0, 0.45 * len(cols) + 2.5)
@@ -46,7 +48,10 @@ def heatmap(matrix, rows, cols=None, *, title: str, cbar_label: str, vmin: float
         for i in range(matrix.shape[0]):
             for j in range(matrix.shape[1]):
                 if np.isfinite(matrix[i, j]):
-                    ax.text(j, i, format(matrix[i, j], fmt), ha="center", va="center", fontsize=7,
+                    label = format(matrix[i, j], fmt)
+                    if ci is not None and np.isfinite(ci[i][j]).all():
+                        label += f"\n±{(ci[i][j][1] - ci[i][j][0]) / 2:{fmt}}"
+                    ax.text(j, i, label, ha="center", va="center", fontsize=7 if ci is None else 6,
                             color="white" if matrix[i, j] < mid else "black")
     fig.tight_layout()
     return fig
@@ -124,20 +129,22 @@ def mean_abs_per_layer(stats: dict, label: str):
                        title=f"Mean |activation| per layer — {label}", ylabel="mean |activation| (averaged over neurons)")
 
 
-def cross_task(result, *, measure: str = "accuracy"):
+def cross_task(result, *, measure: str = "accuracy", intervals: dict | None = None):
     """The cross-task matrix M[A, B] (evaluation.CrossTaskResult) as a heatmap; in target mode the row labels
-    carry the fraction found for each A (and "not reached" where bisection never reached the target)."""
+    carry the fraction found for each A (and "not reached" where bisection never reached the target). With
+    `intervals` (evidence.cross_task_intervals) each entry carries its 95% interval over documents."""
     s = result.settings
     if s.get("target") is None:
         rows = result.tasks
-        title = f"{measure} after pruning {s['frac']:.1%} of neurons ({s['mode']})"
+        title = f"{measure} after pruning {s['frac']:.1%} of neurons ({s['mode']})" + (
+            "\n± half the 95% interval, bootstrap over evaluation documents" if intervals is not None else "")
     else:
         rows = [f"{t} ({result.fracs[t]:.2%}{'' if result.converged.get(t) is not False else ', not reached'})"
                 for t in result.tasks]
         title = f"Pruned until own {measure} ≈ {s['target']:.0%} of unpruned (fraction found in brackets)"
     return heatmap(result.matrix, rows, result.tasks, title=title, cbar_label=f"{measure} / unpruned {measure}",
                    vmax=max(1.0, float(np.nanmax(result.matrix))), ylabel="pruned for task A",
-                   xlabel="evaluated on task B")
+                   xlabel="evaluated on task B", ci=None if intervals is None else intervals["selected"]["ci"])
 
 
 def overlap_heatmap(summary: dict, metric: str, frac: float):
@@ -159,25 +166,61 @@ def overlap_sweep(sw: dict, *, what: str = "task pairs", title: str | None = Non
     return fig
 
 
-def selectivity(result, *, measure: str = "accuracy"):
+def selectivity(result, *, measure: str = "accuracy", intervals: dict | None = None):
     """Per pruned task: own and others' relative accuracy after pruning its selected neurons, beside the same
-    after pruning as many random neurons in the same layers (evaluation.CrossTaskResult.selectivity)."""
+    after pruning as many random neurons in the same layers (evaluation.CrossTaskResult.selectivity); with
+    `intervals` (evidence.cross_task_intervals) each bar carries its 95% bootstrap interval over documents."""
     sel = result.selectivity()
     x = np.arange(len(sel["tasks"]))
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(x) + 2), 4))
+    errors = [None] * 4
+    if intervals is not None:
+        errors = []
+        for which in ("selected", "random"):
+            samples = intervals[which]["samples"] if intervals.get(which) is not None else None
+            parts = own_and_others(samples) if samples is not None else (None, None)
+            errors += [None if p is None else np.nanquantile(p, [0.025, 0.975], axis=0) for p in parts]
     bars = [("own, selected neurons", sel["own"], "tab:red", 1.0), ("others, selected neurons", sel["others"], "tab:blue", 1.0),
             ("own, random neurons", sel["random_own"], "tab:red", 0.35),
             ("others, random neurons", sel["random_others"], "tab:blue", 0.35)]
     width = 0.2
-    for i, (label, values, color, alpha) in enumerate(bars):
-        ax.bar(x + (i - 1.5) * width, values, width, color=color, alpha=alpha, label=label)
+    for i, ((label, values, color, alpha), band) in enumerate(zip(bars, errors)):
+        yerr = None if band is None else np.clip(np.stack([values - band[0], band[1] - values]), 0, None)
+        ax.bar(x + (i - 1.5) * width, values, width, color=color, alpha=alpha, label=label, yerr=yerr,
+               error_kw={"elinewidth": 0.8, "capsize": 2, "ecolor": "0.2"})
     ax.set_xticks(x, sel["tasks"], rotation=45, ha="right")
     ax.axhline(1.0, color="k", lw=0.5)
     ax.set_ylabel(f"{measure} / unpruned {measure}")
     ax.set_title(f"Selectivity: others − own = {np.nanmean(sel['selectivity']):.2f} (selected) vs "
-                 f"{np.nanmean(sel['random_selectivity']):.2f} (random, same count per layer)")
+                 f"{np.nanmean(sel['random_selectivity']):.2f} (random, same count per layer)"
+                 + ("\nbars: 95% intervals, bootstrap over evaluation documents" if intervals is not None else ""))
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    return fig
+
+
+def overlap_pairs(evidence: dict, *, what: str = "task pairs", top: int = 40):
+    """Each pair's overlap coefficient with its 95% interval (bootstrap over statistics blocks), largest first,
+    against the pseudo-task null (its median's mean and 95% band) and both chances (evidence.overlap_evidence)."""
+    names, pairs, ci = evidence["names"], np.asarray(evidence["pairs"]), np.asarray(evidence["pairs_ci"])
+    i, j = np.triu_indices(len(names), k=1)
+    order = np.argsort(-pairs, kind="stable")[:top]
+    fig, ax = plt.subplots(figsize=(7, 0.22 * len(order) + 1.8))
+    y = np.arange(len(order))
+    ax.axvspan(*evidence["null_band"], color="0.85", label="pseudo-task null: 95% of medians")
+    ax.axvline(evidence["null_median"], color="0.4", lw=1, label="pseudo-task null (median)")
+    ax.axvline(evidence["uniform_chance"], color="k", ls="--", lw=1, label="uniform chance")
+    ax.axvline(evidence["layer_matched_chance"], color="k", ls=":", lw=1, label="layer-matched chance")
+    ax.errorbar(pairs[order], y, xerr=np.clip(np.stack([pairs[order] - ci[order, 0], ci[order, 1] - pairs[order]]), 0, None),
+                fmt="o", ms=3, color="tab:purple", elinewidth=1, label="pair (95% interval)")
+    ax.set_yticks(y, [f"{names[i[k]]} · {names[j[k]]}" for k in order], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlim(left=0)
+    ax.set_xlabel("overlap coefficient of the top sets")
+    ax.set_title(f"Pairwise overlap over {what}" + (f" (the {top} largest)" if len(pairs) > top else ""))
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
 

@@ -16,15 +16,15 @@ import torch
 
 from .batches import run_batches
 from .claims import Claim
-from .evaluation import CrossTaskResult, cross_task_matrix, matched_random_mask
-from .evidence import (bootstrap_overlap, combine_seeds, cross_task_bootstrap, excess_claim, overlap_evidence,
-                       permutation_related_vs_unrelated, pipeline_masks)
+from .evaluation import CrossTaskResult, cross_task_matrix
+from .evidence import (bootstrap_overlap, combine_seeds, cross_task_intervals, excess_claim, null_sizes, overlap_evidence,
+                       permutation_related_vs_unrelated, pipeline_masks, pseudo_cross_task, pseudo_task_null)
 from .files import cache_dir, cached
 from .models import ModelHandle, load_model
 from .moefication import Router, check_n_experts, expert_routing, fit_router, predicted_routing, split_layers
 from .overlaps import overlap, overlap_matrix
 from .params import device_of
-from .pruning import ablate, select_neurons, task_scores
+from .pruning import select_neurons, task_scores
 from .statistics import (BlockStats, NeuronStats, StatsCollector, bootstrap_weights, collect_block_stats, collect_stats,
                          weighted_pool)
 from .tasks import ImageTasks, TextTasks, data_hash
@@ -145,7 +145,7 @@ class Study:
         """The null domain of the pseudo-task null (evidence.pseudo_task_null): `domain` (default: the task
         with the most statistics documents or images) read with the budget and blocks of all tasks together, so
         pseudo-tasks of one task's number of blocks have the real tasks' size where the domain is large enough."""
-        domain = domain or max(self.task_names, key=lambda t: len(self.tasks.statistics_data(t, self.stats_budget)))
+        domain = domain or self.null_domain()
         n = len(self.task_names)
         return self._block_stats(domain, n * self.stats_budget, n * self.params["evidence"]["n_blocks"], progress)
 
@@ -219,7 +219,9 @@ class Study:
     def cross_task(self, *, frac: float | None = None, target: float | None = None, scores=None,
                    base: dict | None = None, progress: bool = True) -> CrossTaskResult:
         """The cross-task matrix (SPEC §4) with the params' selection and ablation settings: a fixed `frac`,
-        or the fraction found by bisection that brings each task to `target` × its unpruned accuracy."""
+        or the fraction found by bisection that brings each task to `target` × its unpruned accuracy. A
+        fixed-`frac` result keeps every ablation's per-document hits (evidence.cross_task_intervals, `claims`
+        reuses them). base: unpruned accuracies (e.g. an earlier result's `.base`) to skip that pass."""
         pr = self.params["pruning"]
         means = None
         if pr["ablation"] == "mean":          # each task's neurons are replaced by its retain set's mean
@@ -236,37 +238,39 @@ class Study:
         return dict(frac=frac, mode=mode or pr["mode"], importance=pr["importance"], eps=pr["eps"],
                     eps_relative=pr["eps_relative"], retain=pr["retain"])
 
-    def claims(self, frac: float, groups: dict | None = None, *, seed: int | None = None) -> dict:
+    def claims(self, frac: float, groups: dict | None = None, *, seed: int | None = None,
+               fixed: CrossTaskResult | None = None) -> dict:
         """The evidence behind notebook 01/02's headline claims (issue #15), from per-document evaluation and
         per-block statistics, so intervals and nulls are resamples of sums already collected:
 
         selectivity: (others' − own relative accuracy) after pruning each task's top-`frac` neurons, minus the
-            same after pruning as many random neurons with the same count per layer; bootstrap over evaluation
-            documents (the same resampled documents for both), against 0.
+            same after pruning as many random neurons with the same count per layer (mean over
+            pruning.random_seeds); bootstrap over evaluation documents (the same resampled documents for
+            both); against the selectivity of same-distribution pseudo-tasks (evidence.n_null_ablation of
+            them) where the params' <kind>.selectivity_null says so, else against 0 (exchangeability).
         overlap_above_null: the median pairwise overlap of the top-overlap.frac sets minus that of
             same-distribution pseudo-tasks (the pipeline's own null), bootstrap over statistics blocks.
         related_share_more: within-group minus across-group overlap, group labels permuted over tasks (only
             when `groups` put at least two tasks together).
-        Returns {"claims": [Claim], "selectivity": ..., "overlap": ..., "related": ...}."""
-        ev, pr = self.params["evidence"], self.params["pruning"]
+        fixed: this study's cross_task(frac=frac) result, whose per-document hits are reused (no second pass).
+        Returns {"claims": [Claim], "selectivity": {"selected", "random", "null"}, "overlap": ..., "related": ...}."""
+        ev = self.params["evidence"]
         seed = self.params["seed"] if seed is None else seed
-        means = self.retain_stats() if pr["ablation"] == "mean" else None
-        base = self.document_hits()
-        pruned, random = {}, {}
-        for a, mask in self.masks(frac).items():
-            fill = None if means is None else means[a].mean
-            with ablate(self.handle, mask, pr["ablation"], fill):
-                pruned[a] = self.document_hits()
-            with ablate(self.handle, matched_random_mask(mask, pr["random_seeds"][0]), pr["ablation"], fill):
-                random[a] = self.document_hits()
-        hits = lambda rows: {b: rows[b]["top1"] for b in rows}  # noqa: E731
-        selected = cross_task_bootstrap(hits(base), {a: hits(r) for a, r in pruned.items()}, ev["n_boot"], seed)
-        matched = cross_task_bootstrap(hits(base), {a: hits(r) for a, r in random.items()}, ev["n_boot"], seed)
+        if fixed is None or fixed.documents is None or fixed.settings.get("frac") != frac:
+            fixed = self.cross_task(frac=frac, progress=False)
+        boot = cross_task_intervals(fixed, ev["n_boot"], seed)
+        selected, matched = boot["selected"], boot["random"]
+        if matched is None:
+            raise ValueError("the selectivity claim compares with matched random ablations: set pruning.random_seeds "
+                             "(e.g. [0, 1, 2])")
         beyond = selected["selectivity_samples"] - matched["selectivity_samples"]     # the same documents
+        null = (self.selectivity_null(frac, ev["n_null_ablation"], seed=seed + 2)
+                if self.settings["selectivity_null"] else None)
         claims = [excess_claim("selectivity", "pruning a task's selected neurons hurts it more than the other "
                                "tasks, beyond what as many random neurons in the same layers do (others' minus own "
-                               "relative accuracy, selected minus random)", selected["selectivity"] -
-                               matched["selectivity"], beyond, None, n=int(sum(selected["n_documents"].values())),
+                               "relative accuracy, selected minus random" + (", excess over same-distribution "
+                               "pseudo-tasks)" if null is not None else ")"), selected["selectivity"] -
+                               matched["selectivity"], beyond, null, n=int(sum(selected["n_documents"].values())),
                                seed=seed)]
         overlap_ev = overlap_evidence(self.block_stats(progress=False), self.null_block_stats(progress=False),
                                       n_boot=ev["n_boot"], n_null=ev["n_null"], seed=seed,
@@ -282,8 +286,31 @@ class Study:
                                 "unrelated ones (within-group minus across-group overlap, excess over the same "
                                 "with group labels permuted)", float(related["difference"] - null.mean()),
                                 tuple(np.quantile(excess, [0.025, 0.975])), 0.0, p=related["p"], n=len(names)))
-        return {"claims": claims, "selectivity": {"selected": selected, "random": matched}, "overlap": overlap_ev,
+        return {"claims": claims, "selectivity": {"selected": selected, "random": matched, "null": null}, "overlap": overlap_ev,
                 "related": related}
+
+    def null_domain(self) -> str:
+        """The task whose data the pseudo-task nulls split: the one with the most statistics documents (images)."""
+        return max(self.task_names, key=lambda t: len(self.tasks.statistics_data(t, self.stats_budget)))
+
+    def selectivity_null(self, frac: float, n_null: int, *, seed: int | None = None) -> np.ndarray:
+        """The selectivity of same-distribution pseudo-tasks (the null of the `selectivity` claim): n_null times,
+        the null domain's statistics blocks are split into pseudo-tasks of the real tasks' sizes, put through the
+        same scores and selection, and each pseudo-task's neurons are ablated on the domain's evaluation
+        documents (read with all tasks' budget together, split at random into one part per pseudo-task).
+        Random ablation of as many neurons has selectivity 0 on exchangeable parts, so these values are directly
+        comparable with the claim's selected-minus-random estimate. Returns [n_null]."""
+        seed = self.params["seed"] if seed is None else seed
+        domain, n = self.null_domain(), len(self.task_names)
+        blocks = self.null_block_stats(domain, progress=False)
+        sizes = null_sizes([b.n_blocks for b in self.block_stats(progress=False).values()], blocks.n_blocks)
+        null = pseudo_task_null(blocks, sizes, n_null, seed, keep_masks=True, **self.pipeline(frac))
+        fill = blocks.merged().mean if self.params["pruning"]["ablation"] == "mean" else None
+
+        def hits():
+            return self.tasks.document_hits(self.handle, [domain], scale=n)[domain]["top1"]
+        return pseudo_cross_task(self.handle, null["masks"], hits, len(hits()), seed,
+                                 ablation=self.params["pruning"]["ablation"], means=fill)
 
     def record(self) -> dict:
         """What each task is in this study: {task: {"source", "statistics": [ids], "evaluation": [ids]}}."""

@@ -72,16 +72,18 @@ class TextTasks:
                             batch_size=p["batch_size"], skip_top=p["skip_top"])["top1"]
                 for t in (names or self.names)}
 
-    def document_hits(self, handle, names=None) -> dict[str, dict]:
-        """Per task {"n", "top1"}: counted targets and top-1 hits of each evaluation document read."""
+    def document_hits(self, handle, names=None, *, scale: int = 1) -> dict[str, dict]:
+        """Per task {"n", "top1"}: counted targets and top-1 hits of each evaluation document read (`scale` ×
+        the evaluation budget: the pseudo-task null reads one domain for all tasks)."""
         p = self.settings
-        return {t: evaluate(handle, self.tasks[t].evaluate, max_tokens=p["eval_tokens"], ctx=p["ctx"],
+        return {t: evaluate(handle, self.tasks[t].evaluate, max_tokens=scale * p["eval_tokens"], ctx=p["ctx"],
                             batch_size=p["batch_size"], skip_top=p["skip_top"], per_document=True)["documents"]
                 for t in (names or self.names)}
 
     def evaluators(self, handle):
-        """For cross_task_matrix: one callable per task (each task is its own evaluation pass)."""
-        return {t: (lambda t=t: self.accuracy(handle, [t])[t]) for t in self.names}
+        """For cross_task_matrix: one callable per task (each task is its own evaluation pass), giving its
+        per-document hits (so the result keeps them for intervals)."""
+        return {t: (lambda t=t: self.document_hits(handle, [t])[t]) for t in self.names}
 
     def describe(self) -> dict:
         return {t: {"statistics documents": len(task.collect), "evaluation documents": len(task.evaluate)}
@@ -147,8 +149,9 @@ class ImageTasks:
             out[t] = sum(per_class.get(c, 0.0) * counts[c] for c in classes) / max(n, 1)
         return out
 
-    def document_hits(self, handle, names=None) -> dict[str, dict]:
-        """Per task {"n", "top1"}: 1 and the top-1 hit of each test image of its classes (one pass for all)."""
+    def document_hits(self, handle, names=None, *, scale: int = 1) -> dict[str, dict]:
+        """Per task {"n", "top1"}: 1 and the top-1 hit of each test image of its classes (one pass for all; every
+        test image of the task is read, whatever `scale`)."""
         docs = evaluate(handle, self.test, batch_size=self.settings["batch_size"], per_document=True)["documents"]
         out = {}
         for t in (names or self.names):
@@ -158,8 +161,8 @@ class ImageTasks:
         return out
 
     def evaluators(self, handle):
-        """For cross_task_matrix: one callable giving every task's accuracy from one pass."""
-        return lambda: self.accuracy(handle)
+        """For cross_task_matrix: one callable giving every task's per-image hits from one pass."""
+        return lambda: self.document_hits(handle)
 
     def describe(self) -> dict:
         return {t: {"classes": classes} for t, classes in self.tasks.items()}

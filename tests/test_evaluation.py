@@ -413,3 +413,35 @@ def test_cross_task_matrix_arguments(toy):
 
 def _n_hooks(handle):
     return [len(handle.neuron_module(l)._forward_pre_hooks) for l in range(handle.n_layers)]
+
+
+def test_cross_task_matrix_keeps_per_document_hits(toy):
+    """Evaluators that give per-document hits produce the same matrix as accuracies, and the result keeps every
+    ablation's hits, from which evidence.cross_task_intervals recovers the matrices without another pass."""
+    from modsep_nb.evidence import cross_task_intervals
+    handle, tasks, weights, scale, scores, evaluators = toy
+    sizes = np.array([300.0, 500.0, 200.0])       # three documents of unequal length; the same accuracy in each
+
+    def as_hits(t):
+        acc = evaluators[t]()
+        return {"n": sizes, "top1": acc * sizes}
+    by_accuracy = cross_task_matrix(handle, scores, evaluators, frac=0.1, random_seeds=(0, 1), progress=False)
+    by_hits = cross_task_matrix(handle, scores, {t: (lambda t=t: as_hits(t)) for t in tasks}, frac=0.1,
+                                random_seeds=(0, 1), progress=False)
+    np.testing.assert_allclose(by_hits.matrix, by_accuracy.matrix, rtol=1e-12)
+    np.testing.assert_allclose(by_hits.random_matrix, by_accuracy.random_matrix, rtol=1e-12)
+    assert by_accuracy.documents is None
+    docs = by_hits.documents
+    assert set(docs["pruned"]) == set(tasks) and len(docs["random"]) == 2
+    np.testing.assert_allclose(docs["base"]["b"]["top1"], scale["b"] * sizes)
+    intervals = cross_task_intervals(by_hits, n_boot=50, seed=0)
+    np.testing.assert_allclose(intervals["selected"]["matrix"], by_hits.matrix, rtol=1e-12)
+    np.testing.assert_allclose(intervals["random"]["matrix"], by_hits.random_matrix, rtol=1e-12)
+    assert intervals["selected"]["samples"].shape == (50, 3, 3)
+    with pytest.raises(ValueError, match="per-document hits"):
+        cross_task_intervals(by_accuracy, n_boot=10, seed=0)
+    # a bisection with hits evaluators finds the same fractions as with accuracies
+    target_acc = cross_task_matrix(handle, scores, evaluators, target=0.8, max_frac=0.5, progress=False)
+    target_hits = cross_task_matrix(handle, scores, {t: (lambda t=t: as_hits(t)) for t in tasks}, target=0.8,
+                                    max_frac=0.5, progress=False)
+    assert target_hits.fracs == pytest.approx(target_acc.fracs) and target_hits.documents is None

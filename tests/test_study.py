@@ -283,10 +283,52 @@ def test_claims_of_a_study_carry_interval_null_and_test(tmp_path, llama_dir):
             assert c.ci[0] > 0 and (c.p is None or c.p < 0.05)
     sel = result["selectivity"]
     assert sel["selected"]["n_documents"] == sel["random"]["n_documents"]       # the same documents
+    # the claim reuses a fixed cross-task result's hits: its estimate is that matrix's selectivity beyond random
+    fixed = study.cross_task(frac=0.1, progress=False)
+    by_hand = fixed.selectivity()
+    assert result["claims"][0].estimate == pytest.approx(np.mean(by_hand["selectivity"]) -
+                                                         np.mean(by_hand["random_selectivity"]), nan_ok=True)
+    again = study.claims(0.1, groups, fixed=fixed)
+    assert again["claims"][0].estimate == pytest.approx(result["claims"][0].estimate, nan_ok=True)
+    assert again["claims"][0].ci == pytest.approx(result["claims"][0].ci, nan_ok=True)
     related = result["related"]
     assert related["p"] == pytest.approx((1 + (related["null"] >= related["difference"] - 1e-12).sum()) / 51)
     overlap_claim = result["claims"][1]
     assert overlap_claim.estimate == pytest.approx(result["overlap"]["median"] - result["overlap"]["null_median"])
+
+
+def _predicting_unk(study):
+    """Real text under the toy word vocabulary is mostly [UNK]: a bias on [UNK] in the tiny random model's head,
+    set (by bisection) so that it is predicted about half the time, makes accuracies move with what is ablated."""
+    head = study.handle.model.lm_head
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    biased.weight.data, biased.bias.data = head.weight.data.clone(), torch.zeros(head.out_features)
+    study.handle.model.lm_head = biased
+    unk, domain, lo, hi = study.handle.tokenizer.unk_token_id, study.null_domain(), -50.0, 50.0
+    for _ in range(20):
+        biased.bias.data[unk] = (lo + hi) / 2
+        hits = study.tasks.document_hits(study.handle, [domain])[domain]
+        lo, hi = ((lo + hi) / 2, hi) if hits["top1"].sum() < 0.5 * hits["n"].sum() else (lo, (lo + hi) / 2)
+    return study
+
+
+def test_selectivity_claim_against_pseudo_tasks(tmp_path, llama_dir):
+    params = _params(tmp_path, llama_dir)
+    params["evidence"].update({"n_boot": 40, "n_null": 6, "n_null_ablation": 5, "n_blocks": 4})
+    params["lm"].update({"eval_tokens": 200, "selectivity_null": True})
+    study = _predicting_unk(Study.from_params(params, "lm"))
+    null = study.selectivity_null(0.1, 5, seed=3)
+    assert null.shape == (5,) and np.isfinite(null).all()
+    assert np.array_equal(null, study.selectivity_null(0.1, 5, seed=3))            # seeded
+    claim = study.claims(0.1, seed=1)["claims"][0]
+    fixed = study.cross_task(frac=0.1, progress=False).selectivity()
+    observed = np.mean(fixed["selectivity"]) - np.mean(fixed["random_selectivity"])
+    null = study.selectivity_null(0.1, 5, seed=3)            # what claims uses: seed + 2
+    assert claim.estimate == pytest.approx(observed - null.mean())
+    assert claim.p == pytest.approx((1 + int(np.sum(null >= observed))) / 6)
+    params["lm"]["selectivity_null"] = False           # off: the null is 0 (exchangeability), no pseudo-task pass
+    plain = Study(study.handle, params, "lm", study.tasks).claims(0.1, seed=1)["claims"][0]
+    assert plain.estimate == pytest.approx(observed) and "pseudo-tasks" not in plain.statement
 
 
 def test_random_init_claims(tmp_path, llama_dir):
