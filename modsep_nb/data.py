@@ -1,4 +1,5 @@
-"""Task data (SPEC §9): embedded text domains and Fashion-MNIST, the paper's hub datasets, and batching.
+"""Task data (SPEC §9): embedded text domains and Fashion-MNIST, the paper's hub datasets, your own text files,
+datasets and image folders, and batching.
 
 A *task* is a named set of examples. Text tasks are lists of documents, split by document into
 disjoint collection and evaluation parts; image tasks are classes or groups of classes, collected
@@ -722,7 +723,7 @@ def image_folder_files(root: str | Path) -> dict[str, dict[str, list[str]]]:
                                  f"add images or remove the folder")
             out[split][c] = files
     if "test" in out and set(out["test"]) != set(out["train"]):
-        only_train, only_test = sorted(set(out["train"]) - set(out["test"])), sorted(set(out["test"]) - set(out["train"]))
+        only_train, only_test = sorted(out["train"].keys() - out["test"]), sorted(out["test"].keys() - out["train"])
         raise ValueError(f"image folder {str(root)!r}: train/ and test/ must hold the same classes; only in train: "
                          f"{only_train}, only in test: {only_test}")
     if "all" in out:

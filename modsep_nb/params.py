@@ -482,8 +482,8 @@ def _check_image_folder(vit: dict, root: Path) -> None:
             raise ParamsError(f"parameter 'vit.tasks' names unknown classes {unknown}; the image folder's classes "
                               f"(its subfolders) are {', '.join(classes)}")
     elif tasks == "classes" and len(classes) < 2:
-        raise ParamsError(f"parameter 'vit.data_dir': the image folder has {len(classes)} class; tasks are its classes, "
-                          f"so it needs at least two class subfolders")
+        raise ParamsError(f"parameter 'vit.data_dir': the image folder has {len(classes)} class; tasks are its "
+                          f"classes, so it needs at least two class subfolders")
 
 
 def device_of(params: dict) -> str:

@@ -114,8 +114,8 @@ class ImageTasks:
         if p["dataset"] == "fashion-mnist":
             train, test = D.fashion_mnist("train"), D.fashion_mnist("test")
         elif p["dataset"] == "image-folder":
-            train, test = D.image_folder(base_dir(params) / p["data_dir"], seed=params["seed"], eval_frac=p["eval_frac"],
-                                         processor=processor, image_shape=image_shape)
+            train, test = D.image_folder(base_dir(params) / p["data_dir"], seed=params["seed"],
+                                         eval_frac=p["eval_frac"], processor=processor, image_shape=image_shape)
         else:
             train = D.cifar100("train", processor=processor, local_dir=p["data_dir"])
             test = D.cifar100("test", processor=processor, local_dir=p["data_dir"])
@@ -174,8 +174,9 @@ class ImageTasks:
         """{task: {"source", "statistics": ["train:i", ...], "evaluation": ["test:i", ...]}}: the images used."""
         out = {}
         for t, classes in self.tasks.items():
+            used = self._indices(self.train, classes)[:budget]
             out[t] = {"source": self.train.name.split("/")[0],
-                      "statistics": [self._id(self.train, "train", i) for i in self._indices(self.train, classes)[:budget]],
+                      "statistics": [self._id(self.train, "train", i) for i in used],
                       "evaluation": [self._id(self.test, "test", i) for i in self._indices(self.test, classes)]}
         return out
 

@@ -136,7 +136,8 @@ TEXT_ERRORS = [
                                                   r"text_column"),
     ({"dataset": "../ds", "where": {"language": "en"}}, r"has no column 'language'.*set where"),
     ({"dataset": "../ds", "where": {"lang": "de"}}, r"has no row with text in 'text' where \{'lang': 'de'\}"),
-    ({"dataset": "../ds", "where": {"label": "neutral"}}, r"column 'label' has no label 'neutral'; its labels are neg, pos"),
+    ({"dataset": "../ds", "where": {"label": "neutral"}},
+     r"column 'label' has no label 'neutral'; its labels are neg, pos"),
     ({"dataset": "../ds", "text_column": "label"}, r"column 'label' holds int, not text"),
     ({"dataset": "../ds", "where": {"lang": {"in": "en"}}}, r"where' must map column names to a value"),
 ]
@@ -228,8 +229,8 @@ def test_image_folder_with_train_and_test_and_a_processor(tmp_path):
     assert sorted(study.tasks.train.ids) == sorted(k for k in levels if k.startswith("train/"))
     assert sorted(study.tasks.test.ids) == sorted(k for k in levels if k.startswith("test/"))
     for i, name in enumerate(study.tasks.test.ids):
-        torch.testing.assert_close(study.tasks.test.images[i], torch.full((3, 16, 16), (levels[name] / 255 - 0.2) / 0.4),
-                                   atol=1e-5, rtol=0)
+        expected = torch.full((3, 16, 16), (levels[name] / 255 - 0.2) / 0.4)      # the processor's normalisation
+        torch.testing.assert_close(study.tasks.test.images[i], expected, atol=1e-5, rtol=0)
     assert study.record()["b"]["evaluation"] == [i for i in study.tasks.test.ids if i.startswith("test/b/")]
 
 
