@@ -1,4 +1,5 @@
-"""Task data (SPEC §9): embedded text domains and Fashion-MNIST, the paper's hub datasets, and batching.
+"""Task data (SPEC §9): embedded text domains and Fashion-MNIST, the paper's hub datasets, your own text files,
+datasets and image folders, and batching.
 
 A *task* is a named set of examples. Text tasks are lists of documents, split by document into
 disjoint collection and evaluation parts; image tasks are classes or groups of classes, collected
@@ -7,6 +8,7 @@ on the train split and evaluated on the test split, so statistics never see eval
 from __future__ import annotations
 
 import collections
+import glob
 import gzip
 import random
 import re
@@ -246,22 +248,157 @@ class TextTask:
 
 
 def text_tasks(names, *, eval_frac: float = 0.3, seed: int = 0, source: str = "embedded",
-               data_dir: str | None = None) -> dict[str, TextTask]:
-    """Text tasks by name, each split into disjoint collection/evaluation documents (split_documents).
+               data_dir: str | None = None, root: str | Path = ".") -> dict[str, TextTask]:
+    """Text tasks, each split into disjoint collection/evaluation documents (split_documents).
+
+    names: a list of domain names of `source`, or a mapping {task: spec} where a spec is None (the domain of
+    that name), {"files": [glob, ...]} or {"dataset": ID or save_to_disk folder, "split", "text_column",
+    "where", "max_docs"} (task_documents). Relative paths are read from `root`.
     source="hub": the paper's domains through datasets.load_dataset, or, offline, from data_dir/<name>
     (a `save_to_disk` copy per domain); their ids are positions in the order read (0-based)."""
     if source not in ("embedded", "hub"):
         raise ValueError(f"source must be 'embedded' or 'hub', got {source!r}")
+    specs = names if isinstance(names, dict) else dict.fromkeys(names)
     tasks = {}
-    for name in names:
-        local = str(Path(data_dir) / name) if data_dir else None
-        docs = embedded_documents(name) if source == "embedded" else hub_text_domain(name, local_dir=local)
+    for name, spec in specs.items():
+        docs, kind = task_documents(name, spec, source=source, data_dir=data_dir, root=root)
         if not docs:
             raise ValueError(f"text domain {name!r} is empty: it has no documents")
         collect, evaluate = split_documents(docs, eval_frac, seed)
-        tasks[name] = TextTask(name, [d.text for d in collect], [d.text for d in evaluate], source,
+        tasks[name] = TextTask(name, [d.text for d in collect], [d.text for d in evaluate], kind,
                                [d.id for d in collect], [d.id for d in evaluate])
     return tasks
+
+
+def task_documents(name: str, spec: dict | None, *, source: str = "embedded", data_dir: str | None = None,
+                   root: str | Path = ".") -> tuple[list[Document], str]:
+    """(documents, source label) of one text task: spec None is the domain `name` of `source`;
+    {"files": [...]} reads files (file_documents); {"dataset": ...} reads rows (dataset_documents)."""
+    if spec is None:
+        if source == "embedded":
+            return embedded_documents(name), source
+        local = str(Path(data_dir) / name) if data_dir else None
+        texts = hub_text_domain(name, local_dir=local)
+        return [Document(str(i), t) for i, t in enumerate(texts)], source
+    if "files" in spec:
+        patterns = [spec["files"]] if isinstance(spec["files"], str) else spec["files"]
+        return file_documents(patterns, root=root), "files"
+    if "dataset" in spec:
+        options = {k: spec[k] for k in ("split", "text_column", "where", "max_docs") if spec.get(k) is not None}
+        return dataset_documents(spec["dataset"], root=root, **options), "dataset"
+    raise ValueError(f"task {name!r}: a task is given by files (files: [glob, ...]) or a dataset (dataset: ID or "
+                     f"folder), got keys {sorted(spec)}")
+
+
+def file_documents(patterns, *, root: str | Path = ".") -> list[Document]:
+    """One document per text file matching any of `patterns` (globs; `**` matches folders at any depth),
+    relative patterns read from `root`. A document's id is its path as matched (relative to root for a
+    relative pattern), documents in the order of their ids; files of only whitespace are left out."""
+    root = Path(root)
+    found: dict[str, Path] = {}
+    for pattern in patterns:
+        matches = [m for m in sorted(glob.glob(pattern, root_dir=root, recursive=True)) if (root / m).is_file()]
+        if not matches:
+            where = "" if Path(pattern).is_absolute() else f" in {root}"
+            raise ValueError(f"no file matches {pattern!r}{where}: check the pattern (relative patterns are read "
+                             f"from the folder of the params file; ** matches subfolders)")
+        for m in matches:
+            found.setdefault(Path(m).as_posix(), root / m)
+    docs = [Document(name, path.read_text(encoding="utf-8", errors="replace")) for name, path in sorted(found.items())]
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise ValueError(f"the {len(found)} file(s) matching {list(patterns)} hold no text: point the globs at text "
+                         f"files")
+    return docs
+
+
+def dataset_folder(source: str, root: str | Path = ".") -> Path | None:
+    """The folder a dataset source names (relative to `root`), or None for a hub id: a source is a folder when
+    it exists there or starts with . / or ~."""
+    path = Path(source).expanduser()
+    path = path if path.is_absolute() else Path(root) / path
+    return path if path.exists() or source.startswith((".", "/", "~")) else None
+
+
+def open_dataset(source: str, *, split: str = "train", root: str | Path = "."):
+    """One split of a dataset: a `save_to_disk` folder (relative to `root`) or, otherwise, a hub id streamed
+    with datasets.load_dataset. ValueError / DataNotAvailableError say what is wrong and how to fix it."""
+    import datasets
+    path = dataset_folder(source, root)
+    if path is not None:
+        if not path.is_dir():
+            raise ValueError(f"dataset folder {str(path)!r} does not exist: give a folder written by "
+                             f"Dataset.save_to_disk / DatasetDict.save_to_disk, or a hub id")
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (OSError, ValueError, FileNotFoundError) as err:
+            raise ValueError(f"dataset folder {str(path)!r} does not load ({type(err).__name__}): give a folder "
+                             f"written by Dataset.save_to_disk / DatasetDict.save_to_disk") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise ValueError(f"dataset {str(path)!r} has no split {split!r}; its splits are {', '.join(ds)}")
+            ds = ds[split]
+        return ds
+    try:
+        return datasets.load_dataset(source, split=split, streaming=True)
+    except (OSError, ConnectionError, ValueError, FileNotFoundError) as err:
+        raise DataNotAvailableError(
+            f"dataset {source!r} could not be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]}). "
+            f"Offline, save it on a machine with network (datasets.load_dataset({source!r}).save_to_disk(DIR)), "
+            f"copy DIR here and give its path as dataset") from err
+
+
+def dataset_columns(ds) -> list[str]:
+    """Column names of a dataset (for a streamed one without known features: the keys of its first row)."""
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    return list(next(iter(ds), {}))
+
+
+def dataset_documents(source: str, *, split: str = "train", text_column: str = "text", where: dict | None = None,
+                      max_docs: int = 2000, root: str | Path = ".") -> list[Document]:
+    """One document per row of a dataset split (open_dataset) whose `where` columns hold the given values
+    (a list: any of them; a class label by name or id), from `text_column`, up to `max_docs` rows in the
+    order read. A document's id is "<split>:<row number in the split>"; empty texts are left out."""
+    ds = open_dataset(source, split=split, root=root)
+    where = dict(where or {})
+    columns = dataset_columns(ds)
+    for column in (text_column, *where):
+        if column not in columns:
+            key = "text_column" if column == text_column else "where"
+            raise ValueError(f"dataset {source!r} ({split}) has no column {column!r}; its columns are "
+                             f"{', '.join(columns)}: set {key} to one of them")
+    wanted = {k: _column_values(ds, k, v) for k, v in where.items()}
+    docs = []
+    for i, row in enumerate(ds.select_columns([text_column, *where])):
+        if any(row[k] not in values for k, values in wanted.items()):
+            continue
+        text = row[text_column]
+        if not isinstance(text, str):
+            raise ValueError(f"dataset {source!r}: column {text_column!r} holds {type(text).__name__}, not text; "
+                             f"set text_column to a column of strings")
+        if text.strip():
+            docs.append(Document(f"{split}:{i}", text))
+            if len(docs) >= max_docs:
+                break
+    if not docs:
+        condition = f" where {where}" if where else ""
+        raise ValueError(f"dataset {source!r} ({split}) has no row with text in {text_column!r}{condition}: "
+                         f"check the where values")
+    return docs
+
+
+def _column_values(ds, column: str, value) -> list:
+    """The values a `where` condition accepts; class-label names become their ids."""
+    values = value if isinstance(value, list) else [value]
+    feature = (ds.features or {}).get(column)
+    if feature is not None and hasattr(feature, "str2int"):
+        names = list(feature.names)
+        unknown = [v for v in values if isinstance(v, str) and v not in names]
+        if unknown:
+            raise ValueError(f"column {column!r} has no label {unknown[0]!r}; its labels are {', '.join(names)}")
+        values = [names.index(v) if isinstance(v, str) else v for v in values]
+    return values
 
 
 # -- the paper's text domains, through datasets.load_dataset -------------------------------------------
@@ -428,11 +565,13 @@ def _pad(windows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 # -- images ------------------------------------------------------------------------------------------
 @dataclass
 class ImageDataset:
-    """Normalised images [N, C, H, W] float32 with integer labels, one split."""
+    """Normalised images [N, C, H, W] float32 with integer labels, one split. ids: a name per image (an image
+    folder's file paths); None: "<split>:<index>"."""
     images: torch.Tensor
     labels: torch.Tensor
     class_names: list[str]
     name: str
+    ids: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -552,3 +691,92 @@ def cifar100(split: str = "train", *, processor=None, local_dir: str | None = No
         arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in pil])
         images = torch.from_numpy(arr).permute(0, 3, 1, 2).sub(0.5).div(0.5)
     return ImageDataset(images.float(), torch.tensor(part["coarse_label"]), list(names), f"cifar100/{split}")
+
+
+# -- an image folder: one subfolder of images per class ----------------------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_folder_files(root: str | Path) -> dict[str, dict[str, list[str]]]:
+    """{split: {class: [image paths relative to root, sorted]}} of an image folder: root/train/<class>/...
+    (and root/test/<class>/... when there is one), or root/<class>/... (split "all"). Classes are the
+    sorted subfolder names; images are found at any depth below a class folder. ValueError says what is
+    missing."""
+    root = Path(root)
+    layout = "root/train/<class>/<image> (and root/test/<class>/<image>), or root/<class>/<image>"
+    if not root.is_dir():
+        raise ValueError(f"image folder {str(root)!r} does not exist: make a folder laid out as {layout}")
+    parts = {"train": root / "train", "test": root / "test"} if (root / "train").is_dir() else {"all": root}
+    out = {}
+    for split, folder in parts.items():
+        if not folder.is_dir():
+            continue
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise ValueError(f"image folder {str(folder)!r} has no class subfolders: lay it out as {layout}")
+        out[split] = {}
+        for c in classes:
+            files = sorted(p.relative_to(root).as_posix() for p in (folder / c).rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise ValueError(f"class folder {str(folder / c)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
+                                 f"add images or remove the folder")
+            out[split][c] = files
+    if "test" in out and set(out["test"]) != set(out["train"]):
+        only_train, only_test = sorted(out["train"].keys() - out["test"]), sorted(out["test"].keys() - out["train"])
+        raise ValueError(f"image folder {str(root)!r}: train/ and test/ must hold the same classes; only in train: "
+                         f"{only_train}, only in test: {only_test}")
+    if "all" in out:
+        small = [c for c, files in out["all"].items() if len(files) < 2]
+        if small:
+            raise ValueError(f"image folder {str(root)!r} has no test/ folder, so each class is split into train and "
+                             f"test images, but classes {small} have fewer than 2 images: add images")
+    return out
+
+
+def image_folder(root: str | Path, *, seed: int = 0, eval_frac: float = 0.3, processor=None,
+                 image_shape: tuple[int, int, int] | None = None) -> tuple[ImageDataset, ImageDataset]:
+    """(train, test) ImageDatasets of an image folder (image_folder_files), each in a seeded shuffled order.
+
+    Label i is the i-th class in sorted order (as torchvision's ImageFolder and datasets' imagefolder number
+    them), so the model's output i must be that class. Without test/, each class's images are split with a
+    seeded shuffle, round(eval_frac * n) (at least 1) for test. Images go through the model's `processor`,
+    or without one are resized to `image_shape` (C, H, W) and scaled to [-1, 1]. All are held in memory."""
+    files = image_folder_files(root)
+    if "all" in files:
+        rng = random.Random(seed)
+        parts = {"train": {}, "test": {}}
+        for c, paths in files["all"].items():
+            paths = list(paths)
+            rng.shuffle(paths)
+            n_eval = min(len(paths) - 1, max(1, int(round(eval_frac * len(paths)))))
+            parts["test"][c], parts["train"][c] = paths[:n_eval], paths[n_eval:]
+        files = parts
+    classes = sorted(files["train"])
+    name = Path(root).resolve().name
+    out = []
+    for split in ("train", "test"):
+        items = [(path, i) for i, c in enumerate(classes) for path in sorted(files[split][c])]
+        random.Random(seed).shuffle(items)
+        images = _load_images([Path(root) / path for path, _ in items], processor, image_shape)
+        out.append(ImageDataset(images, torch.tensor([i for _, i in items], dtype=torch.long), classes,
+                                f"{name}/{split}", [path for path, _ in items]))
+    return out[0], out[1]
+
+
+def _load_images(paths: list[Path], processor, image_shape) -> torch.Tensor:
+    from PIL import Image
+    if processor is None and image_shape is None:
+        raise ValueError("loading an image folder needs the model's image processor or its image_shape (C, H, W)")
+    mode = "L" if processor is None and image_shape[0] == 1 else "RGB"
+    pil = []
+    for path in paths:
+        with Image.open(path) as im:
+            pil.append(im.convert(mode))
+    if processor is not None:
+        return processor(images=pil, return_tensors="pt")["pixel_values"].float()
+    _, height, width = image_shape
+    arr = np.stack([np.asarray(im.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0 for im in pil])
+    images = torch.from_numpy(arr)
+    images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
+    return images.sub(0.5).div(0.5)

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from .data import EMBEDDED_TEXT_DOMAINS, PAPER_TEXT_DOMAINS
+from .data import (EMBEDDED_TEXT_DOMAINS, PAPER_TEXT_DOMAINS, dataset_folder, image_folder_files, split_sizes,
+                   task_documents)
 
 NOTEBOOKS = {"01": "01_vit_pruning", "02": "02_mistral_pruning", "03": "03_moefication",
              "04": "04_random_init_control", "05": "05_layerwise_correspondence"}
@@ -31,6 +32,9 @@ DEFAULTS: dict = {
         "model": "smollm2-135m",
         "source": "embedded",    # embedded (local text domains) | hub (the paper's datasets)
         "data_dir": None,        # folder of save_to_disk copies for source: hub, offline
+        # a list of domains of `source`, or {task: spec}: spec null (the domain of that name), {files: [glob, ...]}
+        # or {dataset: hub id or save_to_disk folder, split, text_column, where: {column: value}, max_docs};
+        # relative paths are read from the params file's folder (see README, "Your own tasks")
         "tasks": ["code", "docs", "licenses", "computers", "science", "medicine", "songs-poems", "law"],
         "stats_tokens": 2048,
         "eval_tokens": 512,
@@ -50,9 +54,10 @@ DEFAULTS: dict = {
         # only for fmnist-vit (trained here): see modsep_nb/vit_training.py
         "training": {"epochs": 2, "n_train": None, "hidden_size": 64, "num_hidden_layers": 6,
                      "intermediate_size": 256, "patch_size": 4, "lr": 2e-3},
-        "dataset": "fashion-mnist",   # fashion-mnist | cifar100
+        "dataset": "fashion-mnist",   # fashion-mnist | cifar100 | image-folder (data_dir: one subfolder per class)
         "data_dir": None,
-        "tasks": "classes",      # classes | groups
+        "tasks": "classes",      # classes | groups | {task: [class, ...]}
+        "eval_frac": 0.3,        # image-folder without test/: each class's share of test images
         "stats_images": 500,     # per task, from the train split
         "eval_images": 2000,     # from the test split (all tasks together)
         "batch_size": 128,
@@ -122,14 +127,14 @@ CHOICES = {
     "device": None,   # checked by _check_device
     "dtype": ("float32", "bfloat16", "float16"),
     "lm.source": ("embedded", "hub"),
-    "vit.dataset": ("fashion-mnist", "cifar100"),
+    "vit.dataset": ("fashion-mnist", "cifar100", "image-folder"),
     "pruning.importance": ("abs", "rms", "std", "freq", "sqrt"),
     "pruning.retain": ("rest", "general"),
     "pruning.mode": ("global", "per_layer"),
     "pruning.ablation": ("zero", "mean"),
 }
 FRACTIONS = ("pruning.frac", "pruning.target", "overlap.frac", "lm.eval_frac", "lm.max_frac", "vit.max_frac",
-             "paper_scores.frac", "pruning.tol")
+             "paper_scores.frac", "pruning.tol", "vit.eval_frac")
 POSITIVE_LISTS = ("lm.stability_budgets",)
 FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fracs", "random_init.fracs")
 # keys whose default is null, and the type they take otherwise (moefication's are checked in validate)
@@ -254,6 +259,8 @@ def _typed(name: str, default, value):
             raise ParamsError(f"parameter {name!r} must be a whole number, got {value!r}")
         return value
     if isinstance(default, list):
+        if name == "lm.tasks" and isinstance(value, dict):     # {task: spec}: checked in validate
+            return value
         if not isinstance(value, list):
             raise ParamsError(f"parameter {name!r} must be a list, got {value!r}")
         return value
@@ -331,7 +338,14 @@ def validate(params: dict) -> None:
         raise ParamsError(f"parameter 'notebooks' names {unknown}; available: {', '.join(NOTEBOOKS)}")
     params["notebooks"] = [str(n) for n in params["notebooks"]]
     tasks = params["lm"]["tasks"]
-    if not isinstance(tasks, list) or len(tasks) < 2 or not all(isinstance(t, str) for t in tasks):
+    if isinstance(tasks, dict):
+        if len(tasks) < 2 or not all(isinstance(t, str) for t in tasks):
+            raise ParamsError(f"parameter 'lm.tasks' must name at least two tasks, got {list(tasks)!r}")
+        for name, spec in tasks.items():
+            if spec is not None:
+                _check_text_spec(name, spec, base_dir(params), params["lm"]["eval_frac"])
+        tasks = [t for t, spec in tasks.items() if spec is None]      # the domains of lm.source, checked below
+    elif not isinstance(tasks, list) or len(tasks) < 2 or not all(isinstance(t, str) for t in tasks):
         raise ParamsError(f"parameter 'lm.tasks' must list at least two tasks by name, got {tasks!r}")
     repeated = sorted({t for t in tasks if tasks.count(t) > 1})
     if repeated:
@@ -348,6 +362,8 @@ def validate(params: dict) -> None:
             raise ParamsError(f"parameter 'lm.tasks' names unknown tasks {unknown}; paper domains are "
                               f"{', '.join(PAPER_TEXT_DOMAINS)}")
     _check_vit_tasks(params["vit"])
+    if params["vit"]["dataset"] == "image-folder":
+        _check_image_folder(params["vit"], base_dir(params))
     for key in ("n_boot", "n_null", "n_perm"):
         # a p-value of (1 + #) / (1 + n) or a 95% percentile interval needs at least ~20 resamples to go below 0.05
         if params["evidence"][key] < 20:
@@ -383,6 +399,58 @@ def _check_split(tasks: list, eval_frac: float) -> None:
                               f"none would be left for statistics; use a smaller eval_frac (e.g. 0.3)")
 
 
+TEXT_SPECS = {"files": ("files",), "dataset": ("dataset", "split", "text_column", "where", "max_docs")}
+TEXT_SPEC_HELP = ("null (the domain of that name), {files: [glob, ...]} or {dataset: hub id or save_to_disk folder, "
+                  "split: train, text_column: text, where: {column: value}}")
+
+
+def base_dir(params: dict) -> Path:
+    """The folder relative paths of own tasks are read from: the params file's, else the current one."""
+    return Path(params["params_file"]).resolve().parent if params.get("params_file") else Path.cwd()
+
+
+def _check_text_spec(name: str, spec, root: Path, eval_frac: float) -> None:
+    """One own text task: its keys and their types, then its documents (files read, a local dataset opened;
+    a hub id is only opened by the run), at least two distinct ones with some for statistics."""
+    key = f"lm.tasks.{name}"
+    kinds = [k for k in TEXT_SPECS if k in spec] if isinstance(spec, dict) else []
+    if len(kinds) != 1:
+        raise ParamsError(f"parameter {key!r} must be {TEXT_SPEC_HELP}; got {spec!r}")
+    unknown = sorted(set(spec) - set(TEXT_SPECS[kinds[0]]))
+    if unknown:
+        raise ParamsError(f"parameter {key!r} has unknown keys {unknown}; a {kinds[0]} task takes "
+                          f"{', '.join(TEXT_SPECS[kinds[0]])}")
+    files = spec.get("files")
+    if kinds[0] == "files" and not (isinstance(files, str) or (isinstance(files, list) and files and
+                                                               all(isinstance(f, str) for f in files))):
+        raise ParamsError(f"parameter '{key}.files' must be a glob or a non-empty list of globs, got {files!r}")
+    for option in ("dataset", "split", "text_column"):
+        if option in spec and not isinstance(spec[option], str):
+            raise ParamsError(f"parameter '{key}.{option}' must be a string, got {spec[option]!r}")
+    where = spec.get("where")
+    scalar = (str, int, float, bool)
+    if where is not None and not (isinstance(where, dict) and all(
+            isinstance(k, str) and (isinstance(v, scalar) or (isinstance(v, list) and v and
+                                                              all(isinstance(x, scalar) for x in v)))
+            for k, v in where.items())):
+        raise ParamsError(f"parameter '{key}.where' must map column names to a value or a list of values, "
+                          f"got {where!r}")
+    max_docs = spec.get("max_docs")
+    if max_docs is not None and (isinstance(max_docs, bool) or not isinstance(max_docs, int) or max_docs < 1):
+        raise ParamsError(f"parameter '{key}.max_docs' must be a whole number >= 1, got {max_docs!r}")
+    if kinds[0] == "dataset" and dataset_folder(spec["dataset"], root) is None:
+        return              # a hub id: opening it needs the network, so the run reports what is missing
+    try:
+        docs, _ = task_documents(name, spec, root=root)
+    except ValueError as err:
+        raise ParamsError(f"parameter {key!r}: {err}") from None
+    n_docs = len({d.text for d in docs})
+    if split_sizes(n_docs, eval_frac)[0] < 1 or n_docs < 2:
+        raise ParamsError(f"parameter {key!r}: the task has {n_docs} distinct document(s), too few to split into "
+                          f"statistics and evaluation documents at eval_frac {eval_frac}: give more "
+                          f"{'files' if kinds[0] == 'files' else 'rows'}")
+
+
 def _check_vit_tasks(vit: dict) -> None:
     tasks = vit["tasks"]
     if isinstance(tasks, str):
@@ -401,6 +469,27 @@ def _check_vit_tasks(vit: dict) -> None:
         if unknown:
             raise ParamsError(f"parameter 'vit.tasks' names unknown classes {unknown}; Fashion-MNIST's classes are "
                               f"{', '.join(FASHION_MNIST_CLASSES)}")
+
+
+def _check_image_folder(vit: dict, root: Path) -> None:
+    """An image folder's layout (image_folder_files), and the classes vit.tasks names."""
+    if vit["data_dir"] is None:
+        raise ParamsError("parameter 'vit.dataset' is 'image-folder', so 'vit.data_dir' must name the folder "
+                          "(train/<class>/<image> and test/<class>/<image>, or <class>/<image>)")
+    try:
+        files = image_folder_files(root / vit["data_dir"])
+    except ValueError as err:
+        raise ParamsError(f"parameter 'vit.data_dir': {err}") from None
+    classes = sorted(files.get("train") or files["all"])
+    tasks = vit["tasks"]
+    if isinstance(tasks, dict):
+        unknown = sorted({c for v in tasks.values() for c in v} - set(classes))
+        if unknown:
+            raise ParamsError(f"parameter 'vit.tasks' names unknown classes {unknown}; the image folder's classes "
+                              f"(its subfolders) are {', '.join(classes)}")
+    elif tasks == "classes" and len(classes) < 2:
+        raise ParamsError(f"parameter 'vit.data_dir': the image folder has {len(classes)} class; tasks are its "
+                          f"classes, so it needs at least two class subfolders")
 
 
 def device_of(params: dict) -> str:

@@ -76,7 +76,9 @@ class Study:
             handle = load_model(p["model"], dtype=params["dtype"], **placement, **options)
         if random_seed is not None:
             handle = load_random(handle, random_seed)
-        return cls(handle, params, kind, SECTIONS[kind].from_params(params, processor=handle.processor))
+        # an image folder without a processor is resized to what the model takes
+        shape = {"image_shape": handle.image_shape} if p.get("dataset") == "image-folder" else {}
+        return cls(handle, params, kind, SECTIONS[kind].from_params(params, processor=handle.processor, **shape))
 
     def with_random_init(self, seed: int) -> "Study":
         """The same tasks (the same documents and images) on a freshly initialised model."""
@@ -344,11 +346,14 @@ class Study:
             samples = layer_samples if samples is None else [torch.cat([a, b]) for a, b in zip(samples, layer_samples)]
         return samples
 
-    def splits(self, method: str, *, progress: bool = True) -> torch.Tensor:
-        """Expert labels [n_layers, d_mlp] by `method` ("param", "coactivation", "random"), cached on disk."""
+    def splits(self, method: str, *, seed: int | None = None, progress: bool = True) -> torch.Tensor:
+        """Expert labels [n_layers, d_mlp] by `method` ("param", "coactivation", "random"), cached on disk.
+        seed: None for the params' seed; another one re-runs the method's seeded steps on the same data (the
+        co-activation sample is the same), to see how stable the split is."""
         mo = self.params["moefication"]
+        seed = self.params["seed"] if seed is None else seed
         key = {"version": CACHE_VERSION, "model": self.handle.identity()["fingerprint"], "method": method,
-               "n_experts": self.n_experts, "seed": self.params["seed"], "n_init": mo["n_init"], "refine": mo["refine"],
+               "n_experts": self.n_experts, "seed": seed, "n_init": mo["n_init"], "refine": mo["refine"],
                "tokens": mo["coactivation_tokens"] if method == "coactivation" else None,
                "max_degree": mo["max_degree"] if method == "coactivation" else None,
                "tasks": self.task_names if method == "coactivation" else None}
@@ -358,7 +363,7 @@ class Study:
 
         def compute():
             acts = self.activation_sample() if method == "coactivation" else None
-            return split_layers(self.handle, method, self.n_experts, seed=self.params["seed"], acts=acts,
+            return split_layers(self.handle, method, self.n_experts, seed=seed, acts=acts,
                                 progress=progress, **kwargs)
         return cached(path, compute, load=lambda p: torch.load(p, weights_only=True), save=torch.save,
                       what="split")

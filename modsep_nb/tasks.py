@@ -17,6 +17,7 @@ import torch
 
 from . import data as D
 from .evaluation import evaluate
+from .params import base_dir
 
 
 def data_hash(obj) -> str:
@@ -44,7 +45,7 @@ class TextTasks:
     def from_params(cls, params: dict, processor=None) -> "TextTasks":
         p = params["lm"]
         return cls(D.text_tasks(p["tasks"], eval_frac=p["eval_frac"], seed=params["seed"], source=p["source"],
-                                data_dir=p["data_dir"]), p)
+                                data_dir=p["data_dir"], root=base_dir(params)), p)
 
     @property
     def names(self) -> list[str]:
@@ -109,15 +110,20 @@ class ImageTasks:
         self.tasks, self.train, self.test, self.settings = tasks, train, test, settings
 
     @classmethod
-    def from_params(cls, params: dict, processor=None) -> "ImageTasks":
+    def from_params(cls, params: dict, processor=None, image_shape=None) -> "ImageTasks":
+        """image_shape (C, H, W): the size an image folder's images are resized to when there is no processor."""
         p = params["vit"]
         if p["dataset"] == "fashion-mnist":
             train, test = D.fashion_mnist("train"), D.fashion_mnist("test")
+        elif p["dataset"] == "image-folder":
+            train, test = D.image_folder(base_dir(params) / p["data_dir"], seed=params["seed"],
+                                         eval_frac=p["eval_frac"], processor=processor, image_shape=image_shape)
         else:
             train = D.cifar100("train", processor=processor, local_dir=p["data_dir"])
             test = D.cifar100("test", processor=processor, local_dir=p["data_dir"])
-        test = D.ImageDataset(test.images[: p["eval_images"]], test.labels[: p["eval_images"]],
-                              test.class_names, test.name)
+        n = p["eval_images"]
+        test = D.ImageDataset(test.images[:n], test.labels[:n], test.class_names, test.name,
+                              None if test.ids is None else test.ids[:n])
         return cls(D.image_tasks(train, p["tasks"]), train, test, p)
 
     @property
@@ -171,10 +177,15 @@ class ImageTasks:
         """{task: {"source", "statistics": ["train:i", ...], "evaluation": ["test:i", ...]}}: the images used."""
         out = {}
         for t, classes in self.tasks.items():
+            used = self._indices(self.train, classes)[:budget]
             out[t] = {"source": self.train.name.split("/")[0],
-                      "statistics": [f"train:{i}" for i in self._indices(self.train, classes)[:budget]],
-                      "evaluation": [f"test:{i}" for i in self._indices(self.test, classes)]}
+                      "statistics": [self._id(self.train, "train", i) for i in used],
+                      "evaluation": [self._id(self.test, "test", i) for i in self._indices(self.test, classes)]}
         return out
+
+    @staticmethod
+    def _id(dataset, split: str, i: int) -> str:
+        return f"{split}:{i}" if dataset.ids is None else dataset.ids[i]
 
     @staticmethod
     def _indices(dataset, classes) -> list[int]:

@@ -371,3 +371,17 @@ def test_routing_evidence_matches_the_routing_curve(tmp_path, llama_dir):
     assert claim.estimate == pytest.approx(means["param"] - means["random"], nan_ok=True)
     with pytest.raises(ValueError, match="random"):
         study.routing_evidence({"param": splits["param"]}, [0.5])
+
+
+def test_splits_under_another_seed(tmp_path, llama_dir):
+    """splits(method, seed=s) is split_layers with seed s (default: the params' seed), cached apart per seed."""
+    from modsep_nb.moefication import split_layers
+    params = _params(tmp_path, llama_dir)
+    params["moefication"]["lm_experts"] = 4
+    study = Study.from_params(params, "lm")
+    for method in ("param", "random"):
+        default, other = study.splits(method, progress=False), study.splits(method, seed=7, progress=False)
+        torch.testing.assert_close(default, split_layers(study.handle, method, 4, seed=params["seed"], progress=False))
+        torch.testing.assert_close(other, split_layers(study.handle, method, 4, seed=7, progress=False))
+        assert not torch.equal(default, other)
+        torch.testing.assert_close(study.splits(method, seed=params["seed"], progress=False), default)
