@@ -52,19 +52,19 @@ def pick_neurons(scores: dict, masks: dict, n: int = 4) -> dict[str, list[tuple[
     return picked
 
 
-def histogram_edges(stats: dict, neurons, bins: int = 60, spread: float = 5.0) -> torch.Tensor:
-    """[n, bins + 1] equal-width bin edges per neuron covering mean ± `spread` std of every task (statistics
-    as Study.stats() gives them); values outside fall into the under- and overflow counts."""
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-        raise ValueError(f"bins must be a whole number >= 1, got {bins!r}")
+def histogram_edges(stats: dict, neurons, bins: int = 200, reach: float = 200.0) -> torch.Tensor:
+    """[n, bins + 1] bin edges per neuron, equal steps in asinh(x / r) from -`reach` r to +`reach` r, where r
+    is the neuron's largest root-mean-square activation over the tasks (statistics as Study.stats() gives
+    them): fine bins where most activations are, and heavy tails still inside the range (at the defaults
+    bins are 0.06 r wide near 0, 0.6 r at 10 r). Values outside fall into the under- and overflow counts."""
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
+        raise ValueError(f"bins must be a whole number >= 2, got {bins!r}")
     layers = torch.tensor([l for l, _ in neurons], dtype=torch.long)
     units = torch.tensor([u for _, u in neurons], dtype=torch.long)
-    lows = torch.stack([(s.mean - spread * s.std)[layers, units] for s in stats.values()]).min(0).values
-    highs = torch.stack([(s.mean + spread * s.std)[layers, units] for s in stats.values()]).max(0).values
-    flat = highs - lows <= 1e-12                               # a constant neuron: one unit around its value
-    lows, highs = torch.where(flat, lows - 0.5, lows), torch.where(flat, highs + 0.5, highs)
-    steps = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    return lows[:, None].double() + (highs - lows)[:, None].double() * steps[None, :]
+    rms = torch.stack([s.rms[layers, units] for s in stats.values()]).max(0).values.double()
+    rms = torch.where(rms > 0, rms, 1.0)                        # a neuron that never fires: unit scale
+    steps = torch.linspace(-math.asinh(reach), math.asinh(reach), bins + 1, dtype=torch.float64)
+    return rms[:, None] * torch.sinh(steps)[None, :]
 
 
 # -- the collected examples ------------------------------------------------------------------------------
@@ -369,26 +369,32 @@ def contexts_html(ex: NeuronExamples, neuron, tasks=None, limit: int | None = No
 
 
 def distribution_figure(ex: NeuronExamples, neuron):
-    """The neuron's activation histogram on every task (fraction of the task's positions per bin, log scale);
+    """The neuron's activation density on every task (log scale, over the range where any task has values);
     the tasks it was picked for drawn thick."""
     i = ex.index(neuron)
     edges = ex.edges[i].numpy()
     owners = set(ex.owners(neuron))
+    occupied = np.zeros(len(edges) - 1, dtype=bool)
     fig, ax = plt.subplots(figsize=(7, 3.6))
     for task in ex.tasks:
         counts = ex.hist[task][i].numpy().astype(float)
         total = counts.sum()
         if total == 0:
             continue
+        occupied |= counts[1:-1] > 0
         outside = (counts[0] + counts[-1]) / total
-        label = task + (f" ({outside:.1%} outside the axis)" if outside > 0 else "")
-        ax.stairs(counts[1:-1] / total, edges, lw=2.5 if task in owners else 1.0, label=label,
+        label = task + (f" ({outside:.1%} beyond the bins)" if outside > 0 else "")
+        ax.stairs(counts[1:-1] / total / np.diff(edges), edges, lw=2.5 if task in owners else 1.0, label=label,
                   alpha=1.0 if task in owners else 0.7)
+    if occupied.any():
+        first, last = np.flatnonzero(occupied)[[0, -1]]
+        pad = 0.03 * (edges[last + 1] - edges[first])
+        ax.set_xlim(edges[first] - pad, edges[last + 1] + pad)
     ax.set_yscale("log")
     ax.set_xlabel("activation")
-    ax.set_ylabel("fraction of the task's positions")
+    ax.set_ylabel("density (fraction of positions\nper unit activation)")
     ax.set_title(f"Layer {neuron[0]}, neuron {neuron[1]}: activation on each task"
-                 + (f" (picked for {', '.join(sorted(owners))})" if owners else ""))
+                 + (f" (picked for {', '.join(sorted(owners))})" if owners else ""), fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -412,7 +418,7 @@ def images_figure(ex: NeuronExamples, neuron, rows: dict):
     prefix, n_rows, n_cols = ex.grid_shape
     scale = _scale(ex, neuron)
     width = max(1, max(len(r) for r in rows.values()))
-    fig, axes = plt.subplots(len(rows), width, figsize=(1.7 * width, 2.0 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), width, figsize=(1.7 * width, 2.3 * len(rows)), squeeze=False)
     for r, (title, examples) in enumerate(rows.items()):
         axes[r, 0].set_ylabel(title, fontsize=8)
         for c in range(width):
@@ -426,8 +432,10 @@ def images_figure(ex: NeuronExamples, neuron, rows: dict):
             picture = _image_rgb(e["image"])
             h, w = picture.shape[:2]
             ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None, extent=(0, w, h, 0))
-            ax.imshow(e["grid"][prefix:].reshape(n_rows, n_cols), cmap="RdBu_r", vmin=-scale, vmax=scale,
-                      alpha=0.55, extent=(0, w, h, 0), interpolation="nearest")
+            grid = e["grid"][prefix:].reshape(n_rows, n_cols)
+            overlay = plt.get_cmap("RdBu_r")((grid / scale + 1) / 2)
+            overlay[..., 3] = 0.8 * np.clip(np.abs(grid) / scale, 0, 1)    # quiet patches leave the image visible
+            ax.imshow(overlay, extent=(0, w, h, 0), interpolation="nearest")
             where = "CLS" if e["position"] < prefix else ""
             if not where:
                 p = e["position"] - prefix

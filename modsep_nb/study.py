@@ -209,7 +209,7 @@ class Study:
         return {t: select_neurons(s, frac, mode) for t, s in (scores or self.scores()).items()}
 
     def neuron_examples(self, masks: dict, *, scores=None, n: int = 4, k: int = 8, window: int = 8,
-                        bins: int = 60, progress: bool = True) -> NeuronExamples:
+                        bins: int = 200, progress: bool = True) -> NeuronExamples:
         """Neurons to look at (neurons.py): each task's `n` selected neurons (masks) with the highest scores,
         and for them only, one more pass over every task's statistics data keeping the top-`k` positions per
         task (`window` tokens either side, or the image) and a histogram of `bins` bins per task."""

@@ -103,16 +103,18 @@ def test_text_top_k_and_histograms_equal_a_brute_force_over_every_activation(tin
             np.testing.assert_array_equal(hist, expected_histogram(values[i], edges[i].numpy()))
 
 
-def test_image_top_k_grids_and_kept_images_equal_a_brute_force(vit_dir):
-    handle = load_model(vit_dir)
+@pytest.mark.parametrize("family", ["hf", "timm"])
+def test_image_top_k_grids_and_kept_images_equal_a_brute_force(family, vit_dir, timm_dir):
+    handle = load_model(vit_dir if family == "hf" else timm_dir)
     gen = torch.Generator().manual_seed(0)
-    data = {"x": torch.randn(11, 1, 16, 16, generator=gen), "y": torch.randn(6, 1, 16, 16, generator=gen)}
+    shape = handle.image_shape
+    data = {"x": torch.randn(11, *shape, generator=gen), "y": torch.randn(6, *shape, generator=gen)}
     k = 4
     for cls_only in (False, True):
         edges, stats = _edges(handle, data, NEURONS, cls_only=cls_only)
         ex = N.collect_examples(handle, data, NEURONS, edges=edges, k=k, cls_only=cls_only, batch_size=4,
                                 progress=False)
-        assert ex.grid_shape == (1, 4, 4)                       # CLS, then 4 x 4 patches of 4 x 4 pixels
+        assert ex.grid_shape == (1, 4, 4)                       # CLS, then 4 x 4 patches (16/4 or 32/8 pixels)
         for task, images in data.items():
             top, values = brute_force(handle, list(images), NEURONS, k,
                                       counted=(lambda p: p == 0) if cls_only else None)
