@@ -183,10 +183,9 @@ class ExampleCollector:
         self.task = None
         self.positions = self.documents = None
         self._batch: dict[int, torch.Tensor] = {}
-        self._rows = 0
 
     def start(self, task: str) -> None:
-        self.task, self._rows = task, 0
+        self.task = task
         self.tasks[task] = _TaskTopK(len(self.neurons), self.k, 2 * self.window + 1, self.edges.shape[1] - 1,
                                      self.grid_tokens)
 
@@ -218,7 +217,8 @@ class ExampleCollector:
                                             minlength=state.hist.shape[1])
         score = (acts.abs() if self.rank == "abs" else acts).masked_fill(~counted[..., None], -math.inf)
         flat = score.reshape(B * T, n)
-        top = torch.sort(flat, dim=0, descending=True, stable=True).indices[:self.k]        # [k', n], row order
+        # stable: equal scores stay in reading order, so the earlier position wins, here and in merge
+        top = torch.sort(flat, dim=0, descending=True, stable=True).indices[:self.k]        # [k', n]
         row, pos = top // T, top % T
         columns = torch.arange(n)[None, :].expand_as(top)
         fields = {"value": flat.gather(0, top), "signed": acts[row, pos, columns],
@@ -236,7 +236,6 @@ class ExampleCollector:
             fields["ids"] = torch.where(inside, ids.cpu()[rows, cols], -1)
             fields["context"] = torch.where(inside, acts[rows, cols, columns[..., None].expand_as(cols)], math.nan)
         state.merge(fields)
-        self._rows += B
 
 
 def collect_examples(handle, data: dict, neurons, *, picked: dict | None = None, edges: torch.Tensor,
@@ -246,7 +245,8 @@ def collect_examples(handle, data: dict, neurons, *, picked: dict | None = None,
     """One pass over each task's data ({task: documents or images}, as collect_stats takes them, with the
     same max_tokens/ctx/cls_only) that keeps, for the (layer, neuron) pairs in `neurons` only, the top-`k`
     counted positions per task with `window` tokens either side (LM) or the image's activation grid, and
-    a histogram over `edges` [n, bins + 1] (histogram_edges). Deterministic for the same inputs."""
+    a histogram over `edges` [n, bins + 1] (histogram_edges). picked: {task: the neurons shown for it} for
+    the pages (default: all of them under "chosen"). Deterministic for the same inputs."""
     neurons = list(dict.fromkeys((int(l), int(u)) for l, u in neurons))
     if not neurons:
         raise ValueError("no neurons to collect: pass at least one (layer, neuron) pair")
@@ -265,8 +265,8 @@ def collect_examples(handle, data: dict, neurons, *, picked: dict | None = None,
                          f"{tuple(edges.shape)}")
     if not data:
         raise ValueError("no tasks: pass {task: statistics data}")
-    result = NeuronExamples(handle.kind, neurons, dict(picked or {"": neurons}), list(data), k, window, rank, edges,
-                            model=handle.label)
+    result = NeuronExamples(handle.kind, neurons, dict(picked or {"chosen": neurons}), list(data), k, window, rank,
+                            edges, model=handle.label)
     with ExampleCollector(handle, neurons, k=k, window=window, rank=rank, edges=edges) as collector:
         for task, task_data in data.items():
             collector.start(task)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from browser import assert_links_resolve
-from conftest import VOCAB, encode, random_texts, save_hf_vit
+from conftest import VOCAB, encode, random_texts
 from modsep_nb import collect_stats, load_model
 from modsep_nb import neurons as N
 from modsep_nb.index_page import write_index
