@@ -2,8 +2,8 @@
 for a language model, patches over the image for a ViT) and their activation distribution on every task.
 
 One more pass over each task's statistics data, reading only the chosen neurons: per (neuron, task) a running
-top-k of the counted positions (ties broken by position: the earlier wins), each kept with its context, and a
-histogram with fixed bins. Memory is O(neurons x tasks x k), whatever the amount of data.
+top-k of the counted positions (of the images, each at its best token, for a ViT; ties broken by position: the
+earlier wins), each kept with its context, and a histogram with fixed bins. Memory is O(neurons x tasks x k), whatever the amount of data.
 
     shown = study.neuron_examples(masks, scores=scores)     # pick_neurons + collect_examples
     neurons.export(shown, out_dir)                          # neurons/<kind>-<task>.html and PNGs
@@ -216,11 +216,15 @@ class ExampleCollector:
             state.hist[j] += torch.bincount(torch.bucketize(column, self.edges[j], right=True),
                                             minlength=state.hist.shape[1])
         score = (acts.abs() if self.rank == "abs" else acts).masked_fill(~counted[..., None], -math.inf)
-        flat = score.reshape(B * T, n)
+        if ids is None:              # images: each image once, at its best token (the first of equal ones)
+            best = score.argmax(1)                                                             # [B, n]
+            flat = score.gather(1, best[:, None, :]).squeeze(1)
+        else:
+            flat = score.reshape(B * T, n)
         # stable: equal scores stay in reading order, so the earlier position wins, here and in merge
         top = torch.sort(flat, dim=0, descending=True, stable=True).indices[:self.k]        # [k', n]
-        row, pos = top // T, top % T
         columns = torch.arange(n)[None, :].expand_as(top)
+        row, pos = (top, best[top, columns]) if ids is None else (top // T, top % T)
         fields = {"value": flat.gather(0, top), "signed": acts[row, pos, columns],
                   "document": self.documents.long().cpu()[row], "position": pos}
         if ids is None:                               # this neuron at every token of the image
@@ -244,7 +248,8 @@ def collect_examples(handle, data: dict, neurons, *, picked: dict | None = None,
                      progress: bool = True) -> NeuronExamples:
     """One pass over each task's data ({task: documents or images}, as collect_stats takes them, with the
     same max_tokens/ctx/cls_only) that keeps, for the (layer, neuron) pairs in `neurons` only, the top-`k`
-    counted positions per task with `window` tokens either side (LM) or the image's activation grid, and
+    counted positions per task with `window` tokens either side (LM), or the top-`k` images, each at its
+    best counted token, with the image's activation grid, and
     a histogram over `edges` [n, bins + 1] (histogram_edges). picked: {task: the neurons shown for it} for
     the pages (default: all of them under "chosen"). Deterministic for the same inputs."""
     neurons = list(dict.fromkeys((int(l), int(u)) for l, u in neurons))

@@ -40,7 +40,7 @@ def windows_with_documents(texts, ctx):
 def brute_force(handle, items, neurons, k, rank="abs", counted=None):
     """Every activation of every (layer, neuron), one item per forward (no padding); items are LM windows
     (ids lists) or images [C, H, W]. Returns per neuron the top k (item, position, value, activations of the
-    whole item) sorted by (-score, item, position), and all counted values."""
+    whole item) sorted by (-score, item, position), an image only at its best token, and all counted values."""
     acts = []
     with torch.no_grad():
         for item in items:
@@ -58,8 +58,11 @@ def brute_force(handle, items, neurons, k, rank="abs", counted=None):
                 if counted is None or counted(p):
                     rows.append((-(abs(v) if rank == "abs" else v), i, p, v))
         rows.sort()
-        top.append([(i, p, v, acts[i][l][:, u]) for _, i, p, v in rows[:k]])
         values.append(np.array([r[3] for r in rows]))
+        if handle.kind == "image":           # each image once, at its best token
+            seen = set()
+            rows = [r for r in rows if not (r[1] in seen or seen.add(r[1]))]
+        top.append([(i, p, v, acts[i][l][:, u]) for _, i, p, v in rows[:k]])
     return top, values
 
 
@@ -120,6 +123,7 @@ def test_image_top_k_grids_and_kept_images_equal_a_brute_force(family, vit_dir, 
                                       counted=(lambda p: p == 0) if cls_only else None)
             for i in range(len(NEURONS)):
                 assert ex.document[task][i].tolist() == [item for item, *_ in top[i]]
+                assert len(set(ex.document[task][i].tolist())) == k         # k different images
                 assert ex.position[task][i].tolist() == [p for _, p, _, _ in top[i]]
                 np.testing.assert_allclose(ex.value[task][i].numpy(), [v for _, _, v, _ in top[i]], rtol=1e-5,
                                            atol=1e-6)
