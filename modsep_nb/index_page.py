@@ -1,9 +1,9 @@
 """A run's report for reading without running anything: `write_index(run_dir)` writes run_dir/index.html.
 
 The page holds the summary of findings (summary.md, or else each notebook's findings/*.md, rendered from
-Markdown), every figure in figures/, and links to each executed notebook rendered to HTML with nbconvert
-(html/<name>.html, images embedded). Every link is relative and nothing is fetched from the network, so
-the folder can be zipped and sent.
+Markdown), every figure in figures/, links to each executed notebook rendered to HTML with nbconvert
+(html/<name>.html, images embedded) and to the pages of neurons to look at (neurons/*.html). Every link is
+relative and nothing is fetched from the network, so the folder can be zipped and sent.
 """
 from __future__ import annotations
 
@@ -100,6 +100,8 @@ def write_index(run_dir) -> Path:
         state = " (failed: read its traceback)" if stem.endswith(".failed") else ""
         notebooks.append(f'<li><a href="html/{quote(stem)}.html">{html.escape(stem)}</a>{state} '
                          f'(<a href="{quote(nb.name)}">.ipynb</a>)</li>')
+    neurons = [f'<li><a href="{quote(p.relative_to(run_dir).as_posix())}">{html.escape(p.stem)}</a></li>'
+               for p in sorted((run_dir / "neurons").glob("*.html"))]
     data = [p.relative_to(run_dir).as_posix() for p in [run_dir / "params.json",
                                                         *sorted((run_dir / "statistics").glob("*.json"))]
             if p.is_file()]
@@ -107,7 +109,8 @@ def write_index(run_dir) -> Path:
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{title}</title>",
              f"<style>\n{_CSS}\n</style>\n</head>\n<body>\n<h1>{heading}</h1>",
              '<p><a href="#findings">Findings</a> · <a href="#figures">Figures</a> · '
-             '<a href="#notebooks">Notebooks</a> · <a href="#data">Numbers</a></p>',
+             '<a href="#notebooks">Notebooks</a> · ' + ('<a href="#neurons">Neurons</a> · ' if neurons else "") +
+             '<a href="#data">Numbers</a></p>',
              f'<section id="findings">\n{summary}\n</section>',
              '<section id="figures">\n<h2>Figures</h2>',
              "<p>Every figure of the run; those in the findings above are not repeated.</p>" if shown else ""]
@@ -115,7 +118,11 @@ def write_index(run_dir) -> Path:
               f"<figcaption>{html.escape(Path(f).name)}</figcaption></figure>" for f in others]
     parts += ["</section>", '<section id="notebooks">\n<h2>Executed notebooks</h2>',
               "<ul>\n" + "\n".join(notebooks) + "\n</ul>" if notebooks else "<p>No executed notebooks.</p>",
-              "</section>", '<section id="data">\n<h2>Numbers</h2>\n<ul>',
+              "</section>",
+              ('<section id="neurons">\n<h2>Neurons you can look at</h2>\n<p>Per task, its top selected neurons: '
+               "the inputs that activate them most and their activation on every task.</p>\n<ul>\n"
+               + "\n".join(neurons) + "\n</ul>\n</section>") if neurons else "",
+              '<section id="data">\n<h2>Numbers</h2>\n<ul>',
               *[f'<li><a href="{quote(d)}">{html.escape(d)}</a></li>' for d in data],
               "</ul>\n</section>\n</body>\n</html>\n"]
     page = "\n".join(p for p in parts if p)

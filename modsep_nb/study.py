@@ -22,6 +22,7 @@ from .evidence import (bootstrap_overlap, combine_seeds, cross_task_intervals, e
 from .files import cache_dir, cached
 from .models import ModelHandle, load_model
 from .moefication import Router, check_n_experts, expert_routing, fit_router, predicted_routing, split_layers
+from .neurons import NeuronExamples, collect_examples, histogram_edges, pick_neurons
 from .overlaps import overlap, overlap_matrix
 from .params import device_of
 from .pruning import select_neurons, task_scores
@@ -208,6 +209,20 @@ class Study:
         """Each task's top-`frac` neurons (bool [L, d_mlp]) by the params' selection mode unless `mode`."""
         mode = mode or self.params["pruning"]["mode"]
         return {t: select_neurons(s, frac, mode) for t, s in (scores or self.scores()).items()}
+
+    def neuron_examples(self, masks: dict, *, scores=None, n: int = 4, k: int = 8, window: int = 8,
+                        bins: int = 200, progress: bool = True) -> NeuronExamples:
+        """Neurons to look at (neurons.py): each task's `n` selected neurons (masks) with the highest scores,
+        and for them only, one more pass over every task's statistics data keeping the top-`k` positions per
+        task (`window` tokens either side, or the image) and a histogram of `bins` bins per task."""
+        stats = self.stats(progress=False)
+        picked = pick_neurons(scores or self.scores(stats=stats), masks, n)
+        neurons = list(dict.fromkeys(nr for ns in picked.values() for nr in ns))
+        budget = self.stats_budget
+        data = {t: self.tasks.statistics_data(t, budget) for t in self.task_names}
+        return collect_examples(self.handle, data, neurons, picked=picked, k=k, window=window,
+                                edges=histogram_edges(stats, neurons, bins), batch_size=self.settings["batch_size"],
+                                progress=progress, **self.tasks.collect_options(budget))
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate_tasks(self, tasks=None) -> dict[str, float]:

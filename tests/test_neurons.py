@@ -1,0 +1,312 @@
+"""Neurons you can look at (neurons.py): the running top-k equals sorting every activation captured by hand
+(text and images), contexts stop at window and document edges and never show padding, histograms count every
+position, the running state stays k per neuron whatever the data length, HTML is escaped, and the static
+pages' links resolve."""
+from __future__ import annotations
+
+import math
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from browser import assert_links_resolve
+from conftest import VOCAB, encode, random_texts
+from modsep_nb import collect_stats, load_model
+from modsep_nb import neurons as N
+from modsep_nb.index_page import write_index
+from modsep_nb.params import load_params
+from modsep_nb.study import Study
+
+ID_TO_TOKEN = {i: t for t, i in VOCAB.items()}
+NEURONS = [(1, 3), (0, 5), (1, 0), (0, 23)]
+
+
+def windows_with_documents(texts, ctx):
+    """(document, window ids) in the order the statistics read them: round r takes tokens [r*ctx, (r+1)*ctx)
+    of every document in turn (a one-token piece after a document's start dropped). Independent of data.py."""
+    encoded = [encode(t) for t in texts]
+    out = []
+    for r in range(max(math.ceil(len(e) / ctx) for e in encoded)):
+        for d, ids in enumerate(encoded):
+            piece = ids[r * ctx:(r + 1) * ctx]
+            if len(piece) >= 2 or (r == 0 and piece):
+                out.append((d, piece))
+    return out
+
+
+def brute_force(handle, items, neurons, k, rank="abs", counted=None):
+    """Every activation of every (layer, neuron), one item per forward (no padding); items are LM windows
+    (ids lists) or images [C, H, W]. Returns per neuron the top k (item, position, value, activations of the
+    whole item) sorted by (-score, item, position), an image only at its best token, and all counted values."""
+    acts = []
+    with torch.no_grad():
+        for item in items:
+            with handle.capture() as cap:
+                if handle.kind == "lm":
+                    handle.model(input_ids=torch.tensor([item]))
+                else:
+                    handle.image_logits(item[None])
+            acts.append({l: cap[l][0][0].double() for l, _ in neurons})
+    top, values = [], []
+    for l, u in neurons:
+        rows = []
+        for i, a in enumerate(acts):
+            for p, v in enumerate(a[l][:, u].tolist()):
+                if counted is None or counted(p):
+                    rows.append((-(abs(v) if rank == "abs" else v), i, p, v))
+        rows.sort()
+        values.append(np.array([r[3] for r in rows]))
+        if handle.kind == "image":           # each image once, at its best token
+            seen = set()
+            rows = [r for r in rows if not (r[1] in seen or seen.add(r[1]))]
+        top.append([(i, p, v, acts[i][l][:, u]) for _, i, p, v in rows[:k]])
+    return top, values
+
+
+def expected_histogram(values, edges):
+    """Positions below edges[0], per bin [edges[i], edges[i+1]), at or above edges[-1] (numpy)."""
+    return np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+
+
+@pytest.fixture
+def text_tasks():
+    return {"a": random_texts(9, seed=0, max_len=20), "b": random_texts(6, seed=1, max_len=20)}
+
+
+def _edges(handle, data, neurons, bins=12, **options):
+    stats = {t: collect_stats(handle, d, progress=False, **options) for t, d in data.items()}
+    return N.histogram_edges(stats, neurons, bins), stats
+
+
+@pytest.mark.parametrize("rank", ["abs", "value"])
+def test_text_top_k_and_histograms_equal_a_brute_force_over_every_activation(tiny_llama, text_tasks, rank):
+    ctx, k, w = 8, 5, 2
+    edges, stats = _edges(tiny_llama, text_tasks, NEURONS, ctx=ctx)
+    ex = N.collect_examples(tiny_llama, text_tasks, NEURONS, edges=edges, k=k, window=w, rank=rank, ctx=ctx,
+                            batch_size=3, progress=False)
+    for task, texts in text_tasks.items():
+        windows = windows_with_documents(texts, ctx)
+        top, values = brute_force(tiny_llama, [ids for _, ids in windows], NEURONS, k, rank)
+        for i in range(len(NEURONS)):
+            assert ex.document[task][i].tolist() == [windows[item][0] for item, *_ in top[i]]
+            assert ex.position[task][i].tolist() == [p for _, p, _, _ in top[i]]
+            np.testing.assert_allclose(ex.value[task][i].numpy(), [v for _, _, v, _ in top[i]], rtol=1e-5,
+                                       atol=1e-6)
+            for j, (item, p, _, acts) in enumerate(top[i]):
+                ids = windows[item][1]
+                cols = range(p - w, p + w + 1)
+                assert ex.tokens[task][i][j] == [ID_TO_TOKEN[ids[c]] if 0 <= c < len(ids) else None for c in cols]
+                want = [float(acts[c]) if 0 <= c < len(ids) else math.nan for c in cols]
+                np.testing.assert_allclose(ex.context[task][i, j].numpy(), want, rtol=1e-5, atol=1e-6)
+            hist = ex.hist[task][i].numpy()
+            assert hist.sum() == len(values[i]) == int(stats[task].count[0])       # every real token, once
+            np.testing.assert_array_equal(hist, expected_histogram(values[i], edges[i].numpy()))
+
+
+@pytest.mark.parametrize("family", ["hf", "timm"])
+def test_image_top_k_grids_and_kept_images_equal_a_brute_force(family, vit_dir, timm_dir):
+    handle = load_model(vit_dir if family == "hf" else timm_dir)
+    gen = torch.Generator().manual_seed(0)
+    shape = handle.image_shape
+    data = {"x": torch.randn(11, *shape, generator=gen), "y": torch.randn(6, *shape, generator=gen)}
+    k = 4
+    for cls_only in (False, True):
+        edges, stats = _edges(handle, data, NEURONS, cls_only=cls_only)
+        ex = N.collect_examples(handle, data, NEURONS, edges=edges, k=k, cls_only=cls_only, batch_size=4,
+                                progress=False)
+        assert ex.grid_shape == (1, 4, 4)                       # CLS, then 4 x 4 patches (16/4 or 32/8 pixels)
+        for task, images in data.items():
+            top, values = brute_force(handle, list(images), NEURONS, k,
+                                      counted=(lambda p: p == 0) if cls_only else None)
+            for i in range(len(NEURONS)):
+                assert ex.document[task][i].tolist() == [item for item, *_ in top[i]]
+                assert len(set(ex.document[task][i].tolist())) == k         # k different images
+                assert ex.position[task][i].tolist() == [p for _, p, _, _ in top[i]]
+                np.testing.assert_allclose(ex.value[task][i].numpy(), [v for _, _, v, _ in top[i]], rtol=1e-5,
+                                           atol=1e-6)
+                for j, (item, _, _, acts) in enumerate(top[i]):
+                    np.testing.assert_allclose(ex.grid[task][i, j].numpy(), acts.numpy(), rtol=1e-5, atol=1e-6)
+                    assert torch.equal(ex.images[task][item], images[item])
+                hist = ex.hist[task][i].numpy()
+                assert hist.sum() == len(values[i]) == int(stats[task].count[0])
+                np.testing.assert_array_equal(hist, expected_histogram(values[i], edges[i].numpy()))
+            kept = set(ex.document[task][ex.document[task] >= 0].tolist())
+            assert set(ex.images[task]) == kept                  # only the images shown are copied
+
+
+def test_contexts_stop_at_document_edges_and_never_show_padding(tiny_llama):
+    texts = ["w01 w02", "w03 w04 w05 w06 w07 w08 w09 w10 w11 w12 w13 w14", "w15"]
+    lengths = [len(encode(t)) for t in texts]                  # 3, 13, 2: one window each at ctx 16
+    w = 3
+    edges, _ = _edges(tiny_llama, {"t": texts}, NEURONS, ctx=16)
+    ex = N.collect_examples(tiny_llama, {"t": texts}, NEURONS, edges=edges, k=sum(lengths), window=w, ctx=16,
+                            batch_size=3, progress=False)
+    for i in range(len(NEURONS)):
+        seen = set()
+        for j in range(sum(lengths)):                          # every position is kept, so every edge is seen
+            d, p = int(ex.document["t"][i, j]), int(ex.position["t"][i, j])
+            ids = encode(texts[d])
+            want = [ID_TO_TOKEN[ids[c]] if 0 <= c < len(ids) else None for c in range(p - w, p + w + 1)]
+            assert ex.tokens["t"][i][j] == want
+            assert np.isnan(ex.context["t"][i, j].numpy()[[c is None for c in want]]).all()
+            seen.add((d, p))
+        assert seen == {(d, p) for d, n in enumerate(lengths) for p in range(n)}
+        assert "[PAD]" not in str(ex.tokens["t"][i])
+
+
+def test_ties_go_to_the_earlier_position_and_the_same_input_gives_the_same_result(tiny_llama):
+    texts = ["w05 w06 w07", "w05 w06 w07", "w08 w09"]       # 0 and 1 tie at every position, all three at BOS
+    edges, _ = _edges(tiny_llama, {"t": texts}, NEURONS, ctx=16)
+    run = lambda: N.collect_examples(tiny_llama, {"t": texts}, NEURONS, edges=edges, k=6, window=1,  # noqa: E731
+                                     ctx=16, batch_size=1, progress=False)
+    ex, again = run(), run()
+    ties = 0
+    for i in range(len(NEURONS)):
+        values, docs, positions = ex.value["t"][i].tolist(), ex.document["t"][i].tolist(), ex.position["t"][i].tolist()
+        for j in range(len(values) - 1):
+            if values[j] == values[j + 1]:
+                ties += 1
+                assert (docs[j], positions[j]) < (docs[j + 1], positions[j + 1])
+    assert ties >= len(NEURONS)                               # the tie-break was exercised
+    for name in ("value", "document", "position", "hist", "context"):
+        for task in ex.tasks:
+            assert torch.equal(torch.nan_to_num(getattr(ex, name)[task]), torch.nan_to_num(getattr(again, name)[task]))
+    assert ex.tokens == again.tokens
+
+
+def test_running_state_is_k_per_neuron_whatever_the_data_length(tiny_llama, monkeypatch):
+    sizes = []
+    real = N._TaskTopK.merge
+
+    def spy(self, fields):
+        real(self, fields)
+        sizes.append(tuple(tuple(getattr(self, name).shape) for name in ("value", "signed", "document", "position",
+                                                                          "ids", "context", "hist")))
+    monkeypatch.setattr(N._TaskTopK, "merge", spy)
+    k, w = 3, 2
+    for n_docs in (4, 40):
+        texts = random_texts(n_docs, seed=n_docs, min_len=5)
+        edges, _ = _edges(tiny_llama, {"t": texts}, NEURONS, ctx=8)
+        ex = N.collect_examples(tiny_llama, {"t": texts}, NEURONS, edges=edges, k=k, window=w, ctx=8, batch_size=2,
+                                progress=False)
+        assert ex.value["t"].shape == (len(NEURONS), k) and len(ex.tokens["t"][0]) == k
+    n = len(NEURONS)
+    assert len(sizes) > 40 and set(sizes) == {((k, n), (k, n), (k, n), (k, n), (k, n, 2 * w + 1),
+                                               (k, n, 2 * w + 1), (n, 14))}
+
+
+def test_pick_neurons_takes_the_top_scored_selected_neurons_per_task():
+    gen = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(3, 10, generator=gen), "b": torch.rand(3, 10, generator=gen)}
+    scores["b"][2, 7] = scores["b"][0, 4] = 5.0                  # a tie: the lower (layer, neuron) first
+    masks = {t: s > 0.5 for t, s in scores.items()}
+    picked = N.pick_neurons(scores, masks, n=3)
+    for t, s in scores.items():
+        by_hand = sorted(((-float(s[l, u]), l, u) for l in range(3) for u in range(10) if masks[t][l, u]))[:3]
+        assert picked[t] == [(l, u) for _, l, u in by_hand]
+    assert picked["b"][:2] == [(0, 4), (2, 7)]
+    with pytest.raises(ValueError, match="n .neurons per task"):
+        N.pick_neurons(scores, masks, n=0)
+    with pytest.raises(ValueError, match="without scores"):
+        N.pick_neurons({"a": scores["a"]}, masks)
+
+
+def test_bad_input_is_named(tiny_llama, text_tasks):
+    edges, _ = _edges(tiny_llama, text_tasks, NEURONS, ctx=8)
+    call = lambda **kw: N.collect_examples(tiny_llama, text_tasks, **{"neurons": NEURONS, "edges": edges,  # noqa
+                                                                       "progress": False, **kw})
+    with pytest.raises(ValueError, match="k must be"):
+        call(k=0)
+    with pytest.raises(ValueError, match="rank must be"):
+        call(rank="max")
+    with pytest.raises(IndexError, match="layer 5, neuron 0"):
+        call(neurons=[(5, 0)], edges=edges[:1])
+    with pytest.raises(ValueError, match="edges must be"):
+        call(edges=edges[:2])
+    with pytest.raises(ValueError, match="at least one"):
+        call(neurons=[])
+
+
+class _Text(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text, self.titles = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.titles += [v for k, v in attrs if k == "title"]
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_html_escapes_tokens_and_task_names():
+    row = {"task": "<i>t</i>", "document": 3, "value": 2.0, "tokens": [None, "<script>", "a&b", '"q"', "\n"],
+           "context": np.array([math.nan, 0.5, -2.0, 2.0, 0.0])}
+    page = N.context_html(row, scale=2.0, window=2)
+    parsed = _Text()
+    parsed.feed(page)
+    assert set(parsed.tags) == {"div", "span"}                 # no tag from a token or a task name
+    assert "".join(parsed.text) == "<i>t</i> · doc 3 · +2.000" + "<script>a&b\"q\"↵"
+    assert parsed.titles == ["+0.500", "-2.000", "+2.000", "+0.000"]
+    assert "rgba(31,119,180,1.000)" in page and "rgba(214,39,40,0.250)" in page   # blue negative, red positive
+
+
+def test_static_export_writes_pages_whose_links_resolve(tmp_path, tiny_llama, text_tasks, vit_dir):
+    edges, _ = _edges(tiny_llama, text_tasks, NEURONS, ctx=8)
+    picked = {"a": NEURONS[:2], "b&<c>": NEURONS[1:]}         # a shared neuron; a name that needs escaping
+    data = {"a": text_tasks["a"], "b&<c>": text_tasks["b"]}
+    ex = N.collect_examples(tiny_llama, data, NEURONS, picked=picked, edges=edges, k=3, ctx=8, progress=False)
+    handle = load_model(vit_dir)
+    images = {"x": torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(1)),
+              "y": torch.randn(5, 1, 16, 16, generator=torch.Generator().manual_seed(2))}
+    image_edges, _ = _edges(handle, images, NEURONS)
+    image_ex = N.collect_examples(handle, images, NEURONS, picked={"x": NEURONS[:1], "y": NEURONS[2:]},
+                                  edges=image_edges, k=3, progress=False)
+    pages = N.export(ex, tmp_path, "lm") + N.export(image_ex, tmp_path, "vit")
+    assert sorted(p.name for p in pages) == ["lm-a.html", "lm-b__c_.html", "vit-x.html", "vit-y.html"]
+    for page in pages:
+        links = assert_links_resolve(page)
+        assert links.images, page
+        for src in links.images:
+            with Image.open(page.parent / src) as im:
+                assert im.size[0] > 100
+    text = (tmp_path / "neurons" / "lm-b__c_.html").read_text()
+    assert "Neurons of b&amp;&lt;c&gt;" in text and "<c>" not in text
+    assert text.count("<section") == 3 and 'class="tok hit"' in text
+    index = write_index(tmp_path)
+    links = assert_links_resolve(index)
+    assert {"neurons/lm-a.html", "neurons/vit-y.html"} <= set(links.links)
+
+
+def test_study_shows_each_tasks_top_selected_neurons(tmp_path, llama_dir):
+    params = load_params(None, {"cache_dir": str(tmp_path / "cache"), "device": "cpu",
+                                "lm": {"model": str(llama_dir), "tasks": ["docs", "law"], "stats_tokens": 40,
+                                       "eval_tokens": 24, "ctx": 16, "batch_size": 4}})
+    study = Study.from_params(params, "lm")
+    scores = study.scores()
+    masks = study.masks(0.1, scores=scores)
+    ex = study.neuron_examples(masks, scores=scores, n=2, k=3, window=2, bins=10, progress=False)
+    assert ex.picked == N.pick_neurons(scores, masks, 2)
+    assert ex.tasks == ["docs", "law"] and len(ex.neurons) == len({n for ns in ex.picked.values() for n in ns})
+    for task in ex.tasks:                                     # the statistics data: as many tokens as statistics
+        assert (ex.hist[task].sum(1) == int(study.stats()[task].count[0])).all()
+
+
+def test_explorer_is_skipped_headless_and_follows_its_controls(tiny_llama, text_tasks, monkeypatch):
+    edges, _ = _edges(tiny_llama, text_tasks, NEURONS, ctx=8)
+    ex = N.collect_examples(tiny_llama, text_tasks, NEURONS, picked={"a": [(1, 3), (0, 5), (1, 0)], "b": [(0, 23)]},
+                            edges=edges, k=2, ctx=8, progress=False)
+    monkeypatch.setenv("MODSEP_HEADLESS", "1")
+    assert N.explorer(ex) is None
+    monkeypatch.delenv("MODSEP_HEADLESS")
+    box = N.explorer(ex)
+    task, layer, neuron = box.children[0].children
+    assert list(layer.options) == [0, 1] and list(neuron.options) == [5]
+    layer.value = 1
+    assert list(neuron.options) == [3, 0]
+    task.value = "b"
+    assert list(layer.options) == [0] and list(neuron.options) == [23]
