@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import overlaps, plots
+from . import neurons, overlaps, plots
 from .evidence import cross_task_intervals
 
 WORDS = {"lm": {"unit": "domain", "measure": "top-1", "counted": "tokens"},
@@ -89,6 +89,14 @@ class SelectivePruning:
                                                               f"neurons per layer ({self.pr['mode']} selection)"),
                    "layer_distribution", f"{unit.capitalize()}-specific neurons can sit anywhere; {unit}s that share "
                    f"layers are not thereby sharing neurons.")
+
+    def neurons(self, n: int = 3, k: int = 8):
+        """Neurons to look at: each task's `n` top-scored selected neurons (of the overlap sets), their top-`k`
+        contexts (or images) and activation distributions, saved as neurons/<kind>-<task>.html in the run's
+        folder; in JupyterLab an explorer (neurons.explorer) picks task, layer and neuron."""
+        shown = self.study.neuron_examples(self.masks, n=n, k=k)     # one more pass, only these neurons
+        neurons.export(shown, self.report.out_dir, self.study.kind)
+        return shown
 
     def evidence(self, groups: dict | None) -> dict:
         """The notebook's claims (Study.claims, reusing the fixed matrix's hits), recorded in the report, with the

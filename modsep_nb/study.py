@@ -281,13 +281,13 @@ class Study:
             raise ValueError("the selectivity claim compares with matched random ablations: set pruning.random_seeds "
                              "(e.g. [0, 1, 2])")
         beyond = selected["selectivity_samples"] - matched["selectivity_samples"]     # the same documents
-        null = (self.selectivity_null(frac, ev["n_null_ablation"], seed=seed + 2)
-                if self.settings["selectivity_null"] else None)
+        pseudo = (self.selectivity_null(frac, ev["n_null_ablation"], seed=seed + 2)
+                  if self.settings["selectivity_null"] else None)
         claims = [excess_claim("selectivity", "pruning a task's selected neurons hurts it more than the other "
                                "tasks, beyond what as many random neurons in the same layers do (others' minus own "
                                "relative accuracy, selected minus random" + (", excess over same-distribution "
-                               "pseudo-tasks)" if null is not None else ")"), selected["selectivity"] -
-                               matched["selectivity"], beyond, null, n=int(sum(selected["n_documents"].values())),
+                               "pseudo-tasks)" if pseudo is not None else ")"), selected["selectivity"] -
+                               matched["selectivity"], beyond, pseudo, n=int(sum(selected["n_documents"].values())),
                                seed=seed)]
         overlap_ev = overlap_evidence(self.block_stats(progress=False), self.null_block_stats(progress=False),
                                       n_boot=ev["n_boot"], n_null=ev["n_null"], seed=seed,
@@ -303,7 +303,7 @@ class Study:
                                 "unrelated ones (within-group minus across-group overlap, excess over the same "
                                 "with group labels permuted)", float(related["difference"] - null.mean()),
                                 tuple(np.quantile(excess, [0.025, 0.975])), 0.0, p=related["p"], n=len(names)))
-        return {"claims": claims, "selectivity": {"selected": selected, "random": matched, "null": null}, "overlap": overlap_ev,
+        return {"claims": claims, "selectivity": {"selected": selected, "random": matched, "null": pseudo}, "overlap": overlap_ev,
                 "related": related}
 
     def null_domain(self) -> str:

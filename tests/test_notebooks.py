@@ -120,6 +120,19 @@ def test_results_json_holds_this_runs_numbers(smoke_run):
             np.testing.assert_allclose(saved["overlap_sweep"][key], sweep[key], rtol=1e-12, err_msg=f"{name} {key}")
         assert len(saved["cross_task_fixed"]) == len(stats) and torch.isfinite(
             torch.tensor(saved["cross_task_fixed"], dtype=torch.float64)).all()
+        # the selectivity claim's pseudo-task null is there exactly where the params ask for it, with its size
+        findings = (smoke_run / "findings" / f"{name}.md").read_text()
+        claim = next(c for c in saved["claims"] if c["id"] == "selectivity")
+        if params[prefix]["selectivity_null"]:
+            assert len(saved["selectivity_null"]) == params["evidence"]["n_null_ablation"]
+            assert f"({params['evidence']['n_null_ablation']} partitions)" in findings and "pseudo-tasks" in claim["statement"]
+        else:
+            assert saved["selectivity_null"] is None and "partitions" not in findings
+            assert "pseudo-tasks" not in claim["statement"]
+        # every fixed-matrix entry has its interval, and the interval holds the entry
+        ci = np.array(saved["cross_task_fixed_ci"], dtype=float)
+        fixed = np.array(saved["cross_task_fixed"], dtype=float)
+        assert ci.shape == fixed.shape + (2,) and (ci[..., 0] <= fixed + 1e-12).all() and (fixed <= ci[..., 1] + 1e-12).all()
 
 
 def test_report_page(smoke_run, browser, capsys):  # noqa: F811

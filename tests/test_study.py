@@ -320,14 +320,18 @@ def test_selectivity_claim_against_pseudo_tasks(tmp_path, llama_dir):
     null = study.selectivity_null(0.1, 5, seed=3)
     assert null.shape == (5,) and np.isfinite(null).all()
     assert np.array_equal(null, study.selectivity_null(0.1, 5, seed=3))            # seeded
-    claim = study.claims(0.1, seed=1)["claims"][0]
+    result = study.claims(0.1, {"legal": ["law", "licenses"], "other": ["docs"]}, seed=1)
+    claim = result["claims"][0]
     fixed = study.cross_task(frac=0.1, progress=False).selectivity()
     observed = np.mean(fixed["selectivity"]) - np.mean(fixed["random_selectivity"])
     null = study.selectivity_null(0.1, 5, seed=3)            # what claims uses: seed + 2
     assert claim.estimate == pytest.approx(observed - null.mean())
     assert claim.p == pytest.approx((1 + int(np.sum(null >= observed))) / 6)
+    np.testing.assert_array_equal(result["selectivity"]["null"], null)       # not the related test's null
     params["lm"]["selectivity_null"] = False           # off: the null is 0 (exchangeability), no pseudo-task pass
-    plain = Study(study.handle, params, "lm", study.tasks).claims(0.1, seed=1)["claims"][0]
+    plain_result = Study(study.handle, params, "lm", study.tasks).claims(0.1, seed=1)
+    plain = plain_result["claims"][0]
+    assert plain_result["selectivity"]["null"] is None
     assert plain.estimate == pytest.approx(observed) and "pseudo-tasks" not in plain.statement
 
 
