@@ -37,7 +37,7 @@ DEFAULTS: dict = {
         # relative paths are read from the params file's folder (see README, "Your own tasks")
         "tasks": ["code", "docs", "licenses", "computers", "science", "medicine", "songs-poems", "law"],
         "stats_tokens": 2048,
-        "eval_tokens": 512,
+        "eval_tokens": 1024,     # one ctx window per document per round: 1024 tokens read >= 8 documents per domain
         "ctx": 128,
         "batch_size": 8,
         "eval_frac": 0.3,
