@@ -124,7 +124,7 @@ def measure(study: Study, *, frac: float, groups: dict | None = None, seed: int 
     masks = study.masks(frac, mode=pipeline["mode"], scores=scores)
     boot_masks = list(bootstrap_masks(blocks, ev_p["n_boot"], seed, **pipeline))
     corr = correspondence_z(scores, study.splits("param", progress=False), frac,
-                            n_null=params["correspondence"]["n_null"], n_splits=params["dynamics"]["n_null"],
+                            n_null=params["correspondence"]["n_null"], n_splits=params["dynamics"]["n_splits"],
                             n_boot=ev_p["n_boot"], seed=seed)
     selected, random = evidence["selectivity"]["selected"], evidence["selectivity"]["random"]
     return {"evidence": evidence, "claims": evidence["claims"], "accuracy": accuracy,

@@ -112,11 +112,12 @@ DEFAULTS: dict = {
         "n_perm": 1000,          # label permutations (related vs unrelated tasks)
     },
     "dynamics": {                # notebook 06: 01's pipeline and claims at every training checkpoint, kept cheap
-        "stats_images": 200,     # per task and checkpoint: the first of the images 01 reads (at most vit.stats_images)
-        "eval_images": 500,      # test images per checkpoint, the first of 01's (at most vit.eval_images)
+        "stats_images": 100,     # per task and checkpoint: the first of the images 01 reads (at most vit.stats_images)
+        "eval_images": 200,      # test images per checkpoint, the first of 01's (at most vit.eval_images)
         "frac": 0.05,            # top sets followed over training (overlap with the final set, pattern, W_in split)
         "n_boot": 100,           # bootstrap resamples at each checkpoint (documents or statistics blocks)
-        "n_null": 100,           # pseudo-task partitions (overlap null) and random splits (correspondence null)
+        "n_null": 100,           # pseudo-task partitions of the overlap null at each checkpoint
+        "n_splits": 20,          # random balanced splits standing in for W_in's split (the correspondence null band)
     },
     "paper_scores": {
         "dir": None,             # None: ../shared/paper_scores if present, else $MODSEP_PAPER_SCORES
@@ -148,7 +149,7 @@ POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit
             "moefication.coactivation_tokens", "moefication.eval_tasks", "random_init.stats_tokens",
             "random_init.stats_images", "random_init.n_perm", "correspondence.n_null", "pruning.max_steps",
             "vit.training.epochs", "vit.training.checkpoints", "dynamics.stats_images", "dynamics.eval_images",
-            "dynamics.n_boot", "dynamics.n_null", "evidence.n_boot", "evidence.n_blocks", "evidence.n_null",
+            "dynamics.n_boot", "dynamics.n_null", "dynamics.n_splits", "evidence.n_boot", "evidence.n_blocks", "evidence.n_null",
             "evidence.n_null_ablation", "evidence.n_perm")
 OPTIONAL = ("random_init.stats_tokens", "random_init.stats_images")     # None: the trained model's value
 
