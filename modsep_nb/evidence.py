@@ -149,20 +149,25 @@ def layer_matched_chance(masks: Mapping[str, torch.Tensor]) -> float:
     return float(matrix[i, j].mean())
 
 
-def bootstrap_overlap(task_blocks: Mapping[str, BlockStats], n_boot: int, seed: int, **pipeline) -> dict:
-    """The pairwise overlaps of the tasks' selections under a bootstrap over documents: each task's blocks are
-    resampled independently (seeded), merged, and put through pipeline_masks(**pipeline).
-    Returns {"pairs" [n_boot, n_pairs], "median" [n_boot], "matrices" [n_boot, T, T]}."""
+def bootstrap_masks(task_blocks: Mapping[str, BlockStats], n_boot: int, seed: int, **pipeline):
+    """Yield the tasks' selections {task: mask} under each of n_boot resamples of their statistics blocks (each
+    task's blocks drawn independently, seeded; the same seed draws the same blocks of blocks that hold the same
+    documents, e.g. of one model at two training checkpoints), merged and put through pipeline_masks."""
     names = list(task_blocks)
     for t in names:
         _check_units(t, task_blocks[t].n_blocks, "blocks of documents")
     draws = {t: task_blocks[t].resamples(bootstrap_weights(task_blocks[t].n_blocks, n_boot, s))
              for t, s in zip(names, _seeds(seed, len(names)))}
-    matrices = []
     for _ in range(n_boot):
-        masks = pipeline_masks({t: next(draws[t]) for t in names}, **pipeline)
-        matrices.append(overlap_matrix(masks)[1])
-    matrices = np.stack(matrices)
+        yield pipeline_masks({t: next(draws[t]) for t in names}, **pipeline)
+
+
+def bootstrap_overlap(task_blocks: Mapping[str, BlockStats], n_boot: int, seed: int, **pipeline) -> dict:
+    """The pairwise overlaps of the tasks' selections under a bootstrap over documents: each task's blocks are
+    resampled independently (seeded), merged, and put through pipeline_masks(**pipeline).
+    Returns {"pairs" [n_boot, n_pairs], "median" [n_boot], "matrices" [n_boot, T, T]}."""
+    names = list(task_blocks)
+    matrices = np.stack([overlap_matrix(masks)[1] for masks in bootstrap_masks(task_blocks, n_boot, seed, **pipeline)])
     i, j = np.triu_indices(len(names), k=1)
     pairs = matrices[:, i, j]
     return {"pairs": pairs, "median": np.median(pairs, axis=1), "matrices": matrices}

@@ -40,6 +40,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Gemma2ForCausalLM": Architecture("lm", "model.layers", **_GATED),
     # GELU MLPs
     "GPT2LMHeadModel": Architecture("lm", "transformer.h", "mlp.c_proj", "mlp.c_fc", True),
+    # GPT-NeoX (Pythia, with public training checkpoints as hub revisions)
+    "GPTNeoXForCausalLM": Architecture("lm", "gpt_neox.layers", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"),
     "BertForMaskedLM": Architecture("lm", "bert.encoder.layer", "output.dense", "intermediate.dense"),
     "BertModel": Architecture("lm", "encoder.layer", "output.dense", "intermediate.dense"),
     "RobertaForMaskedLM": Architecture("lm", "roberta.encoder.layer", "output.dense", "intermediate.dense"),
@@ -271,22 +273,30 @@ def weights_fingerprint(model: nn.Module) -> str:
 
 # -- loading ---------------------------------------------------------------------------------------
 def load_model(spec, *, device=None, dtype=None, random_init: bool = False, seed: int = 0,
-               tokenizer=None, processor=None, device_map=None, **embedded_options) -> ModelHandle:
+               tokenizer=None, processor=None, device_map=None, revision: str | None = None,
+               **embedded_options) -> ModelHandle:
     """Load a model and return a ModelHandle (SPEC §11).
 
     spec: a hub id or local folder (transformers or timm), a .gguf path, "smollm2-135m" (the embedded
-    LM), "fmnist-vit" (the project's Fashion-MNIST ViT; `embedded_options` go to its trainer), or an
+    LM), "fmnist-vit" (the project's Fashion-MNIST ViT; `embedded_options` and, without random_init, `seed`
+    go to its trainer), or an
     nn.Module (pass its tokenizer/processor). random_init=True gives the same architecture freshly
-    initialised by its own initialiser, seeded.
+    initialised by its own initialiser, seeded. revision: a hub id's branch, tag or commit (e.g. Pythia's
+    training checkpoints "step1000"), passed to from_pretrained; for hub ids only.
     """
     _check_device(device)       # before any weights are read
+    if revision is not None and (not isinstance(spec, (str, Path)) or str(spec) in (EMBEDDED_LM, EMBEDDED_VIT)
+                                 or str(spec).endswith(".gguf") or _looks_local(str(spec))):
+        raise ValueError(f"revision={revision!r} names a version of a hub model, but {spec!r} is not a hub id: "
+                         f"pass the folder of that version itself (without revision)")
     if isinstance(spec, nn.Module):
         handle = ModelHandle(spec, architecture_of(spec), type(spec).__name__, tokenizer, processor)
     elif spec == EMBEDDED_LM:
         handle = _load_hf(_smollm2_dir(), name=EMBEDDED_LM, dtype=dtype, device_map=device_map)
     elif spec == EMBEDDED_VIT:
-        handle = _load_hf(fmnist_vit_dir(**embedded_options), name=EMBEDDED_VIT, dtype=dtype,
-                          device_map=device_map)
+        # without random_init, `seed` is the training seed of the model trained here (part of its cache key)
+        options = embedded_options if random_init else {"seed": seed, **embedded_options}
+        handle = _load_hf(fmnist_vit_dir(**options), name=EMBEDDED_VIT, dtype=dtype, device_map=device_map)
     elif isinstance(spec, (str, Path)) and str(spec).endswith(".gguf"):
         path = Path(spec)
         if not path.is_file():
@@ -299,9 +309,12 @@ def load_model(spec, *, device=None, dtype=None, random_init: bool = False, seed
                                          f"config.json and the weights, or a hub id such as org/name")
         spec = str(Path(spec).expanduser()) if Path(spec).expanduser().is_dir() else spec
         if spec.startswith("timm:") or _is_timm_dir(spec):
+            if revision is not None:
+                raise ValueError(f"revision={revision!r}: revisions are read for transformers hub models only")
             handle = _load_timm(spec, dtype=dtype)
         else:
-            handle = _load_hf(spec, name=spec, dtype=dtype, device_map=device_map)
+            handle = _load_hf(spec, name=spec if revision is None else f"{spec}@{revision}", dtype=dtype,
+                              device_map=device_map, revision=revision)
     else:
         raise TypeError(f"load_model takes a hub id, a local folder, a .gguf path, {EMBEDDED_LM!r}, "
                         f"{EMBEDDED_VIT!r} or an nn.Module; got {type(spec).__name__}")
@@ -349,11 +362,12 @@ def _dtype(dtype):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[str(dtype)]
 
 
-def _offline_error(spec: str, err: Exception) -> ModelNotAvailableError:
+def _offline_error(spec: str, err: Exception, revision: str | None = None) -> ModelNotAvailableError:
+    at, flag = ("", "") if revision is None else (f" at revision {revision!r}", f" --revision {revision}")
     return ModelNotAvailableError(
-        f"could not load model {spec!r}: it is neither a local folder nor in the local Hugging Face cache, "
+        f"could not load model {spec!r}{at}: it is neither a local folder nor in the local Hugging Face cache, "
         f"and the hub cannot be reached ({type(err).__name__}: {str(err).splitlines()[0][:200]}). On a machine "
-        f"with network run `huggingface-cli download {spec} --local-dir DIR`, copy DIR here and pass "
+        f"with network run `huggingface-cli download {spec}{flag} --local-dir DIR`, copy DIR here and pass "
         f"model: DIR (or set HF_HOME to a cache that has it).")
 
 
@@ -365,9 +379,11 @@ def _local_error(path, part: str, err: Exception) -> CorruptModelError:
         f"files).")
 
 
-def _load_hf(path, *, name: str, gguf_file=None, dtype=None, device_map=None) -> ModelHandle:
+def _load_hf(path, *, name: str, gguf_file=None, dtype=None, device_map=None, revision=None) -> ModelHandle:
     import transformers
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if revision is not None:                  # config, weights and tokenizer all of that revision
+        kwargs["revision"] = revision
     local = Path(str(path)).is_dir()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), **kwargs)
@@ -375,7 +391,7 @@ def _load_hf(path, *, name: str, gguf_file=None, dtype=None, device_map=None) ->
         if local:
             raise _local_error(path, "its config", err) from err
         if isinstance(err, (OSError, ValueError)):
-            raise _offline_error(str(path), err) from err
+            raise _offline_error(str(path), err, revision) from err
         raise
     class_name = (config.architectures or [None])[0]
     if class_name not in ARCHITECTURES:
@@ -395,7 +411,7 @@ def _load_hf(path, *, name: str, gguf_file=None, dtype=None, device_map=None) ->
         if local:
             raise _local_error(path, "its weights", err) from err
         if isinstance(err, OSError):
-            raise _offline_error(str(path), err) from err
+            raise _offline_error(str(path), err, revision) from err
         raise
     check_finite(model, name)
     arch = ARCHITECTURES[class_name]

@@ -290,7 +290,7 @@ def _check_square(matrix, name: str) -> np.ndarray:
     return matrix
 
 
-def pattern_persistence(matrix_a, matrix_b, *, n_perm: int = 1000, seed: int = 0) -> dict:
+def pattern_persistence(matrix_a, matrix_b, *, n_perm: int = 1000, seed: int = 0, keep_null: bool = False) -> dict:
     """Does the task x task pattern of matrix_a persist in matrix_b (SPEC §6: trained vs random-init)?
 
     rho: Spearman correlation between the off-diagonal entries of the two matrices (the upper
@@ -300,7 +300,7 @@ def pattern_persistence(matrix_a, matrix_b, *, n_perm: int = 1000, seed: int = 0
     p_value: one-sided permutation test of rho > 0 (the pattern persists): the task labels of
     matrix_b are permuted (rows and columns together) n_perm times with a seeded generator, and
     p = (1 + #{rho_perm >= rho}) / (1 + n_perm), so it is never 0 and its floor is 1/(1+n_perm).
-    Returns {"rho", "p_value", "n_perm", "n_pairs"}.
+    Returns {"rho", "p_value", "n_perm", "n_pairs"}, and with keep_null the permuted rhos ("null" [n_perm]).
     """
     a, b = _check_square(matrix_a, "matrix_a"), _check_square(matrix_b, "matrix_b")
     if a.shape != b.shape:
@@ -330,7 +330,10 @@ def pattern_persistence(matrix_a, matrix_b, *, n_perm: int = 1000, seed: int = 0
     rho = _corr_rows(rank_a[None, :], rank_b[i, j][None, :])[0]
     rho_perm = _corr_rows(rank_a[None, :], permuted)
     p_value = (1 + np.sum(rho_perm >= rho - 1e-12)) / (1 + n_perm)
-    return {"rho": float(rho), "p_value": float(p_value), "n_perm": int(n_perm), "n_pairs": int(len(i))}
+    out = {"rho": float(rho), "p_value": float(p_value), "n_perm": int(n_perm), "n_pairs": int(len(i))}
+    if keep_null:
+        out["null"] = rho_perm
+    return out
 
 
 def random_init_comparison(trained: Mapping[str, torch.Tensor], randoms: Sequence[Mapping[str, torch.Tensor]], *,

@@ -18,7 +18,7 @@ from .data import (EMBEDDED_TEXT_DOMAINS, PAPER_TEXT_DOMAINS, dataset_folder, im
                    task_documents)
 
 NOTEBOOKS = {"01": "01_vit_pruning", "02": "02_mistral_pruning", "03": "03_moefication",
-             "04": "04_random_init_control", "05": "05_layerwise_correspondence"}
+             "04": "04_random_init_control", "05": "05_layerwise_correspondence", "06": "06_training_dynamics"}
 
 DEFAULTS: dict = {
     "run_name": "default",
@@ -26,7 +26,7 @@ DEFAULTS: dict = {
     "seed": 0,
     "device": "auto",            # auto | cpu | cuda | cuda:N | sharded (device_map="auto": over GPUs, then CPU)
     "dtype": "float32",          # float32 | bfloat16 | float16
-    "notebooks": ["01", "02", "03", "04", "05"],
+    "notebooks": ["01", "02", "03", "04", "05", "06"],
     "cache_dir": None,           # None: $MODSEP_CACHE or ~/.cache/modsep
     "lm": {
         "model": "smollm2-135m",
@@ -48,12 +48,17 @@ DEFAULTS: dict = {
         "selectivity_null": False,
         # notebook 02: overlap of each domain's top set at budget B with the set at 4B, for these B (empty: skip)
         "stability_budgets": [512, 1024, 2048],
+        # notebook 06: training checkpoints of `model` to follow, oldest first, the last being the final model:
+        # hub revisions (e.g. Pythia's [step1000, ..., step143000], loaded with from_pretrained(revision=...)) or
+        # local model folders; null: 06 follows the ViT only
+        "revisions": None,
     },
     "vit": {
         "model": "fmnist-vit",
         # only for fmnist-vit (trained here): see modsep_nb/vit_training.py
+        # checkpoints: weights saved at that many log-spaced steps from the initialisation to the end (06)
         "training": {"epochs": 2, "n_train": None, "hidden_size": 64, "num_hidden_layers": 6,
-                     "intermediate_size": 256, "patch_size": 4, "lr": 2e-3},
+                     "intermediate_size": 256, "patch_size": 4, "lr": 2e-3, "checkpoints": 10},
         "dataset": "fashion-mnist",   # fashion-mnist | cifar100 | image-folder (data_dir: one subfolder per class)
         "data_dir": None,
         "tasks": "classes",      # classes | groups | {task: [class, ...]}
@@ -117,6 +122,14 @@ DEFAULTS: dict = {
         "n_null_ablation": 20,   # of those, how many also go through the cross-task ablation (forward passes)
         "n_perm": 1000,          # label permutations (related vs unrelated tasks)
     },
+    "dynamics": {                # notebook 06: 01's pipeline and claims at every training checkpoint, kept cheap
+        "stats_images": 100,     # per task and checkpoint: the first of the images 01 reads (at most vit.stats_images)
+        "eval_images": 200,      # test images per checkpoint, the first of 01's (at most vit.eval_images)
+        "frac": 0.05,            # top sets followed over training (overlap with the final set, pattern, W_in split)
+        "n_boot": 100,           # bootstrap resamples at each checkpoint (documents or statistics blocks)
+        "n_null": 100,           # pseudo-task partitions of the overlap null at each checkpoint
+        "n_splits": 20,          # random balanced splits standing in for W_in's split (the correspondence null band)
+    },
     "paper_scores": {
         "dir": None,             # None: ../shared/paper_scores if present, else $MODSEP_PAPER_SCORES
         "frac": 0.01,
@@ -133,19 +146,21 @@ CHOICES = {
     "pruning.mode": ("global", "per_layer"),
     "pruning.ablation": ("zero", "mean"),
 }
-FRACTIONS = ("pruning.frac", "pruning.target", "overlap.frac", "lm.eval_frac", "lm.max_frac", "vit.max_frac",
-             "paper_scores.frac", "pruning.tol", "vit.eval_frac")
+FRACTIONS = ("pruning.frac", "pruning.target", "overlap.frac", "dynamics.frac", "lm.eval_frac", "lm.max_frac",
+             "vit.max_frac", "paper_scores.frac", "pruning.tol", "vit.eval_frac")
 POSITIVE_LISTS = ("lm.stability_budgets",)
 FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fracs", "random_init.fracs")
 # keys whose default is null, and the type they take otherwise (moefication's are checked in validate)
 NULLABLE = {"cache_dir": str, "lm.data_dir": str, "vit.data_dir": str, "paper_scores.dir": str,
-            "vit.training.n_train": int, "random_init.stats_tokens": int, "random_init.stats_images": int}
+            "vit.training.n_train": int, "random_init.stats_tokens": int, "random_init.stats_images": int,
+            "lm.revisions": list}
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit.stats_images", "vit.eval_images",
             "vit.batch_size", "moefication.lm_experts", "moefication.vit_experts",
             "moefication.coactivation_tokens", "moefication.eval_tasks", "random_init.stats_tokens",
             "random_init.stats_images", "random_init.n_perm", "correspondence.n_null", "pruning.max_steps",
-            "vit.training.epochs", "evidence.n_boot", "evidence.n_blocks", "evidence.n_null",
+            "vit.training.epochs", "vit.training.checkpoints", "dynamics.stats_images", "dynamics.eval_images",
+            "dynamics.n_boot", "dynamics.n_null", "dynamics.n_splits", "evidence.n_boot", "evidence.n_blocks", "evidence.n_null",
             "evidence.n_null_ablation", "evidence.n_perm")
 OPTIONAL = ("random_init.stats_tokens", "random_init.stats_images")     # None: the trained model's value
 
@@ -241,7 +256,7 @@ def _typed(name: str, default, value):
         kind = NULLABLE.get(name)
         ok = kind is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
         if not ok:
-            what = {str: "a path (string)", int: "a whole number", bool: "true or false"}[kind]
+            what = {str: "a path (string)", int: "a whole number", bool: "true or false", list: "a list"}[kind]
             raise ParamsError(f"parameter {name!r} must be {what} or null, got {value!r}")
         return value
     if isinstance(default, bool):
@@ -369,6 +384,18 @@ def validate(params: dict) -> None:
         if params["evidence"][key] < 20:
             raise ParamsError(f"parameter 'evidence.{key}' is {params['evidence'][key]}; use at least 20 (200 or more "
                               f"for stable 95% intervals), or no p-value can fall below 0.05")
+    for key in ("n_boot", "n_null"):
+        if params["dynamics"][key] < 20:
+            raise ParamsError(f"parameter 'dynamics.{key}' is {params['dynamics'][key]}; use at least 20, or no "
+                              f"interval or p-value at a checkpoint means anything")
+    if params["vit"]["training"]["checkpoints"] < 3:
+        raise ParamsError(f"parameter 'vit.training.checkpoints' is {params['vit']['training']['checkpoints']}; use "
+                          f"at least 3 (the initialisation, the end and one between; notebook 06 wants 8 or more)")
+    revisions = params["lm"]["revisions"]
+    if revisions is not None and (len(revisions) < 2 or not all(isinstance(r, str) and r for r in revisions)
+                                  or len(set(revisions)) != len(revisions)):
+        raise ParamsError(f"parameter 'lm.revisions' must be null or a list of at least two distinct revision names "
+                          f"or model folders (oldest first, the final model last), got {revisions!r}")
     if params["evidence"]["n_null_ablation"] > params["evidence"]["n_null"]:
         raise ParamsError("parameter 'evidence.n_null_ablation' cannot exceed 'evidence.n_null' (the ablated "
                           "replicates are some of the null's partitions)")

@@ -105,6 +105,36 @@ def layer_lines(curves: dict, *, title: str, ylabel: str, xlabel: str = "layer",
     return fig
 
 
+def over_steps(steps, curves: dict, *, title: str, ylabel: str, null=None, null_label: str = "null",
+               thin: dict | None = None, xlabel: str = "training step (log scale; 0 = initialisation)"):
+    """Measures against training step on a symmetric-log axis (step 0, the initialisation, stays on it).
+    curves: name -> (estimate [C], low [C], high [C]) drawn as a line with its 95% interval; null: a number,
+    values [C], or (low [C], high [C]) drawn as a grey band; thin: name -> values [C], faint lines (e.g. per task)."""
+    steps = np.asarray(steps, dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in (thin or {}).items():
+        ax.plot(steps, np.asarray(values, dtype=float), color="0.6", lw=0.7, alpha=0.6)
+    if null is not None:
+        if isinstance(null, tuple) and len(null) == 2:
+            low, high = (np.broadcast_to(np.asarray(v, dtype=float), steps.shape) for v in null)
+            ax.fill_between(steps, low, high, color="0.8", alpha=0.7, label=null_label)
+        else:
+            ax.plot(steps, np.broadcast_to(np.asarray(null, dtype=float), steps.shape), "k--", lw=1, label=null_label)
+    for name, (mid, low, high) in curves.items():
+        line, = ax.plot(steps, np.asarray(mid, dtype=float), marker="o", label=name)
+        ax.fill_between(steps, np.asarray(low, dtype=float), np.asarray(high, dtype=float), color=line.get_color(),
+                        alpha=0.2)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def cdfs(samples: dict, *, title: str, xlabel: str):
     """Empirical CDFs, one per name (e.g. pairwise overlaps of the trained vs random models)."""
     fig, ax = plt.subplots(figsize=(6, 4))

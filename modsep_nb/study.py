@@ -68,10 +68,7 @@ class Study:
             raise ValueError(f"kind must be one of {', '.join(SECTIONS)} (a section of the params), got {kind!r}")
         p = params[kind]
         if handle is None:
-            options = {}
-            if p["model"] == "fmnist-vit":      # training settings apply to the model trained here only
-                options = {k: v for k, v in p["training"].items() if v is not None}
-                options["seed"] = params["seed"]
+            options = training_options(params, kind)
             device = device_of(params)
             placement = {"device_map": "auto"} if device == "sharded" else {"device": device}
             handle = load_model(p["model"], dtype=params["dtype"], **placement, **options)
@@ -126,6 +123,12 @@ class Study:
                 **self.tasks.collect_options(budget)), expect={"cache_key": data_hash(key)})
         self._stats[budget] = result
         return result
+
+    def stats_from_blocks(self) -> dict[str, NeuronStats]:
+        """Take each task's statistics as its merged block statistics (the same sums; SPEC §5): for a study
+        that needs both, one pass over the statistics data instead of two."""
+        self._stats[self.stats_budget] = {t: b.merged() for t, b in self.block_stats(progress=False).items()}
+        return self._stats[self.stats_budget]
 
     def stability(self, budgets, frac: float) -> dict:
         """How settled each task's top-`frac` set is at budget B: its overlap coefficient with the set found at
@@ -451,6 +454,15 @@ class Study:
                 acc = self.evaluate_tasks(tasks)
             curve[frac] = {t: acc[t] / dense[t] if dense[t] > 0 else float("nan") for t in tasks}
         return curve
+
+
+def training_options(params: dict, kind: str) -> dict:
+    """The options load_model passes to the trainer of the model trained here (fmnist-vit: its training settings
+    and the run's seed); {} for any other model."""
+    p = params[kind]
+    if p["model"] != "fmnist-vit":             # training settings apply to the model trained here only
+        return {}
+    return {**{k: v for k, v in p["training"].items() if v is not None}, "seed": params["seed"]}
 
 
 def load_random(handle: ModelHandle, seed: int) -> ModelHandle:

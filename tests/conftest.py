@@ -68,6 +68,7 @@ def _hf_lm_configs():
         "GPT2LMHeadModel": lambda: transformers.GPT2Config(vocab_size=VOCAB_SIZE, n_embd=16, n_layer=2, n_head=2,
                                                            n_inner=24, n_positions=64, bos_token_id=BOS_ID,
                                                            eos_token_id=VOCAB["[EOS]"]),
+        "GPTNeoXForCausalLM": lambda: transformers.GPTNeoXConfig(**base, max_position_embeddings=64),
         "BertForMaskedLM": lambda: transformers.BertConfig(**base, max_position_embeddings=64),
         "BertModel": lambda: transformers.BertConfig(**base, max_position_embeddings=64),
         "RobertaForMaskedLM": lambda: transformers.RobertaConfig(**base, max_position_embeddings=70),

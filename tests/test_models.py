@@ -20,7 +20,7 @@ ALL_CLASSES = (*HF_LM_CLASSES, "ViTForImageClassification", *TIMM_CLASSES)
 MLP_PARTS = {
     "MistralForCausalLM": ("mlp.act_fn", "mlp.gate_proj"), "LlamaForCausalLM": ("mlp.act_fn", "mlp.gate_proj"),
     "Qwen2ForCausalLM": ("mlp.act_fn", "mlp.gate_proj"), "GemmaForCausalLM": ("mlp.act_fn", "mlp.gate_proj"),
-    "Gemma2ForCausalLM": ("mlp.act_fn", "mlp.gate_proj"), "GPT2LMHeadModel": ("mlp.act", None),
+    "Gemma2ForCausalLM": ("mlp.act_fn", "mlp.gate_proj"), "GPT2LMHeadModel": ("mlp.act", None), "GPTNeoXForCausalLM": ("mlp.act", None),
     "BertForMaskedLM": ("intermediate.intermediate_act_fn", None), "BertModel": ("intermediate.intermediate_act_fn",
                                                                                   None),
     "RobertaForMaskedLM": ("intermediate.intermediate_act_fn", None),
@@ -109,13 +109,13 @@ def test_unknown_architecture_module_names_class_and_fix():
 
 def test_unknown_architecture_folder_names_class(tmp_path):
     import transformers
-    config = transformers.GPTNeoXConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                        num_attention_heads=2)
-    transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp_path)
+    config = transformers.OPTConfig(vocab_size=64, hidden_size=16, ffn_dim=24, num_hidden_layers=1,
+                                    num_attention_heads=2, word_embed_proj_dim=16)
+    transformers.OPTForCausalLM(config).save_pretrained(tmp_path)
     with pytest.raises(UnknownArchitectureError) as err:
         load_model(tmp_path)
     msg = str(err.value)
-    assert "GPTNeoXForCausalLM" in msg and "ARCHITECTURES" in msg and "Add an entry" in msg
+    assert "OPTForCausalLM" in msg and "ARCHITECTURES" in msg and "Add an entry" in msg
 
 
 def test_unreachable_hub_id_names_it_and_how_to_provide_it(hub_offline):
@@ -125,6 +125,41 @@ def test_unreachable_hub_id_names_it_and_how_to_provide_it(hub_offline):
     msg = str(err.value)
     assert spec in msg
     assert "download" in msg and "local" in msg.lower()
+
+
+def test_hub_revisions_are_loaded_through_from_pretrained(tmp_path, monkeypatch):
+    """Two local folders stand in for two training checkpoints of a hub model (Pythia's step1000, ...): every
+    from_pretrained (config, weights, tokenizer) is answered from the folder of the revision it is asked for,
+    so the handle must hold that revision's weights, and a revision that was not asked for is never read."""
+    import transformers
+    folders = {f"step{k}": save_hf_lm(tmp_path / f"step{k}", "GPTNeoXForCausalLM", seed=k) for k in (1, 2)}
+    asked = []
+
+    def from_folders(original):
+        def load(spec, *args, revision=None, **kwargs):
+            if spec != "org/pythia-tiny":       # transformers' own inner calls, on the folder already chosen
+                return original(spec, *args, revision=revision, **kwargs)
+            asked.append(revision)
+            return original(str(folders[revision]), *args, **kwargs)
+        return load
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.GPTNeoXForCausalLM):
+        monkeypatch.setattr(cls, "from_pretrained", from_folders(cls.from_pretrained))
+    for revision, folder in folders.items():
+        asked.clear()
+        handle = load_model("org/pythia-tiny", revision=revision)
+        assert asked == [revision] * 3 and handle.name == f"org/pythia-tiny@{revision}"
+        expected = load_model(folder)
+        for layer in range(handle.n_layers):
+            torch.testing.assert_close(handle.w_in(layer), expected.w_in(layer), rtol=0, atol=0)
+    assert not torch.equal(load_model(folders["step1"]).w_in(0), load_model(folders["step2"]).w_in(0))
+
+
+def test_revision_of_a_local_folder_is_refused(tmp_path, hub_offline):
+    folder = save_hf_lm(tmp_path / "m", "GPTNeoXForCausalLM")
+    with pytest.raises(ValueError, match="not a hub id"):
+        load_model(folder, revision="step1000")
+    with pytest.raises(ModelNotAvailableError, match="revision 'step1000'"):
+        load_model("nonexistent-org/nonexistent-model-xyz", revision="step1000")
 
 
 def test_missing_gguf_file(tmp_path):
