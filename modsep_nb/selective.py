@@ -138,11 +138,16 @@ Model: {self.study.describe()}.
         if null is not None:
             text += (f"  Same-distribution pseudo-tasks put through the same pipeline reach a selectivity of "
                      f"{np.mean(null):.2f} on average ({len(null)} partitions): the null of the claim `selectivity`.\n")
-        text += (f"* Bringing each {unit} to {pr['target']:.0%} of its {measure} took between {min(target.fracs.values()):.2%} "
-                 f"and {max(target.fracs.values()):.2%} of the neurons; the other {unit}s then kept "
-                 f"{target.selectivity()['others'].mean():.2f} of theirs on average. "
-                 + (f"Never reached the target within {max_frac:.1%}: {', '.join(missed)}.\n" if missed else
-                    f"Every {unit} reached the target.\n"))
+        reached = [t for t in target.tasks if target.converged.get(t)]
+        if reached:
+            fracs = [target.fracs[t] for t in reached]
+            text += (f"* Bringing a {unit} to {pr['target']:.0%} of its {measure} took between {min(fracs):.2%} and "
+                     f"{max(fracs):.2%} of the neurons ({len(reached)} of {len(target.tasks)} {unit}s reached it); the "
+                     f"other {unit}s then kept {target.selectivity()['others'].mean():.2f} of theirs on average. "
+                     + (f"Never reached the target within {max_frac:.1%}: {', '.join(missed)}.\n" if missed else "\n"))
+        else:
+            text += (f"* No {unit} came down to {pr['target']:.0%} of its {measure} within {max_frac:.1%} of the neurons "
+                     f"(at that fraction they kept {np.mean(list(target.reached.values())):.2f} of it on average).\n")
         text += (f"* At {self.params['overlap']['frac']:.1%} the median pairwise overlap coefficient is "
                  f"{overlap['median']:.3f}; chance is {overlap['chance']['overlap']:.3f} (uniform) and "
                  f"{overlap['layer_chance']['overlap']:.3f} (random sets with the same count per layer).\n")
