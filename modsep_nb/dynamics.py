@@ -7,7 +7,8 @@ checkpoint: the documents are the same, so resamples are paired across checkpoin
 where a curve settles gets an interval too.
 
 - accuracy: top-1 over the evaluation images or tokens (bootstrap over documents; null band: chance level).
-- 01's claims at each checkpoint: selectivity (selected minus matched random neurons), overlap_above_null
+- 01's claims at each checkpoint: selectivity (selected minus matched random neurons: the first of
+  pruning.random_seeds; no pseudo-task ablations, to keep ten checkpoints affordable), overlap_above_null
   (against pseudo-tasks), related_share_more (with groups); with the cross-task matrix and its random baseline.
 - settling: each task's top-`frac` set's overlap with the final model's set (bootstrap over statistics blocks,
   the same draw at the checkpoint and at the end; null: layer-matched chance).
@@ -112,7 +113,11 @@ def measure(study: Study, *, frac: float, groups: dict | None = None, seed: int 
     ev_p = params["evidence"]
     seed = params["seed"] if seed is None else seed
     study.stats_from_blocks()                   # one pass over the statistics images serves stats and blocks
-    evidence = study.claims(params["pruning"]["frac"], groups, seed=seed)
+    # per checkpoint: one matched random seed and no pseudo-task ablations (06's claims are trends across
+    # checkpoints, paired by seed; the full baseline and null are 01's, on the final model)
+    fixed = study.cross_task(frac=params["pruning"]["frac"], random_seeds=params["pruning"]["random_seeds"][:1],
+                             progress=False)
+    evidence = study.claims(params["pruning"]["frac"], groups, seed=seed, fixed=fixed, selectivity_null=False)
     hits = study.document_hits()
     top1 = np.concatenate([h["top1"] for h in hits.values()]).astype(np.float64)
     n = np.concatenate([h["n"] for h in hits.values()]).astype(np.float64)

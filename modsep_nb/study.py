@@ -237,16 +237,18 @@ class Study:
         return self.tasks.evaluators(self.handle)
 
     def cross_task(self, *, frac: float | None = None, target: float | None = None, scores=None,
-                   base: dict | None = None, progress: bool = True) -> CrossTaskResult:
+                   base: dict | None = None, random_seeds=None, progress: bool = True) -> CrossTaskResult:
         """The cross-task matrix (SPEC §4) with the params' selection and ablation settings: a fixed `frac`,
         or the fraction found by bisection that brings each task to `target` × its unpruned accuracy. A
         fixed-`frac` result keeps every ablation's per-document hits (evidence.cross_task_intervals, `claims`
-        reuses them). base: unpruned accuracies (e.g. an earlier result's `.base`) to skip that pass."""
+        reuses them). base: unpruned accuracies (e.g. an earlier result's `.base`) to skip that pass.
+        random_seeds: the matched random ablations' seeds (default pruning.random_seeds)."""
         pr = self.params["pruning"]
         means = None
         if pr["ablation"] == "mean":          # each task's neurons are replaced by its retain set's mean
             means = {t: s.mean for t, s in self.retain_stats().items()}
-        extra = ({"random_seeds": pr["random_seeds"]} if target is None else
+        seeds = pr["random_seeds"] if random_seeds is None else random_seeds
+        extra = ({"random_seeds": seeds} if target is None else
                  {"max_frac": self.settings["max_frac"], "tol": pr["tol"], "max_steps": pr["max_steps"]})
         return cross_task_matrix(self.handle, scores or self.scores(), self.evaluators(), frac=frac, target=target,
                                  mode=pr["mode"], ablation=pr["ablation"], means=means, base=base,
@@ -259,7 +261,7 @@ class Study:
                     eps_relative=pr["eps_relative"], retain=pr["retain"])
 
     def claims(self, frac: float, groups: dict | None = None, *, seed: int | None = None,
-               fixed: CrossTaskResult | None = None) -> dict:
+               fixed: CrossTaskResult | None = None, selectivity_null: bool | None = None) -> dict:
         """The evidence behind notebook 01/02's headline claims (issue #15), from per-document evaluation and
         per-block statistics, so intervals and nulls are resamples of sums already collected:
 
@@ -273,6 +275,7 @@ class Study:
         related_share_more: within-group minus across-group overlap, group labels permuted over tasks (only
             when `groups` put at least two tasks together).
         fixed: this study's cross_task(frac=frac) result, whose per-document hits are reused (no second pass).
+        selectivity_null: whether to ablate pseudo-tasks for the selectivity null (default: <kind>.selectivity_null).
         Returns {"claims": [Claim], "selectivity": {"selected", "random", "null"}, "overlap": ..., "related": ...}."""
         ev = self.params["evidence"]
         seed = self.params["seed"] if seed is None else seed
@@ -285,7 +288,7 @@ class Study:
                              "(e.g. [0, 1, 2])")
         beyond = selected["selectivity_samples"] - matched["selectivity_samples"]     # the same documents
         pseudo = (self.selectivity_null(frac, ev["n_null_ablation"], seed=seed + 2)
-                  if self.settings["selectivity_null"] else None)
+                  if (self.settings["selectivity_null"] if selectivity_null is None else selectivity_null) else None)
         claims = [excess_claim("selectivity", "pruning a task's selected neurons hurts it more than the other "
                                "tasks, beyond what as many random neurons in the same layers do (others' minus own "
                                "relative accuracy, selected minus random" + (", excess over same-distribution "
