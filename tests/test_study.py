@@ -332,6 +332,10 @@ def test_selectivity_claim_against_pseudo_tasks(tmp_path, llama_dir):
     plain_result = Study(study.handle, params, "lm", study.tasks).claims(0.1, seed=1)
     plain = plain_result["claims"][0]
     assert plain_result["selectivity"]["null"] is None
+    forced = Study(study.handle, params, "lm", study.tasks).claims(0.1, seed=1, selectivity_null=True)
+    np.testing.assert_array_equal(forced["selectivity"]["null"], null)            # the argument overrides params
+    one_seed = study.cross_task(frac=0.1, random_seeds=[7], progress=False)
+    assert one_seed.random_pruned.shape[0] == 1 and one_seed.settings["random_seeds"] == [7]
     assert plain.estimate == pytest.approx(observed) and "pseudo-tasks" not in plain.statement
 
 
