@@ -156,19 +156,24 @@ class ImageTasks:
         return out
 
     def document_hits(self, handle, names=None, *, scale: int = 1) -> dict[str, dict]:
-        """Per task {"n", "top1"}: 1 and the top-1 hit of each test image of its classes (one pass for all; every
-        test image of the task is read, whatever `scale`)."""
-        docs = evaluate(handle, self.test, batch_size=self.settings["batch_size"], per_document=True)["documents"]
+        """Per task {"n", "top1"}: 1 and the top-1 hit of each test image of its classes, from one pass over the
+        test images of the tasks asked for only (every test image of a task is read, whatever `scale`)."""
+        names = list(names or self.names)
+        wanted = {c for t in names for c in self.tasks[t]}
+        classes = [c for c in self.test.class_names if c in wanted]
+        docs = evaluate(handle, self.test, batch_size=self.settings["batch_size"], per_document=True,
+                        classes=None if len(classes) == len(self.test.class_names) else classes)["documents"]
         out = {}
-        for t in (names or self.names):
+        for t in names:
             ids = [self.test.class_names.index(c) for c in self.tasks[t]]
             keep = np.isin(docs["labels"], ids)
             out[t] = {"n": docs["n"][keep], "top1": docs["top1"][keep]}
         return out
 
     def evaluators(self, handle):
-        """For cross_task_matrix: one callable giving every task's per-image hits from one pass."""
-        return lambda: self.document_hits(handle)
+        """For cross_task_matrix: one callable per task giving its per-image hits from a pass over its own test
+        images (a bisection step then reads one task's images, not all)."""
+        return {t: (lambda t=t: self.document_hits(handle, [t])[t]) for t in self.names}
 
     def describe(self) -> dict:
         return {t: {"classes": classes} for t, classes in self.tasks.items()}

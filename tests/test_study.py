@@ -159,6 +159,9 @@ def test_image_tasks_budget_and_accuracy_per_task(tmp_path):
         ids = torch.tensor([names.index(c) for c in classes])
         keep = torch.isin(study.tasks.test.labels, ids)
         assert study.evaluate_tasks([task])[task] == pytest.approx(float(per_image[keep].float().mean()))
+        # per-image hits from a pass over this task's own images, and from one pass over all of them
+        assert study.tasks.document_hits(study.handle, [task])[task]["top1"].tolist() == per_image[keep].long().tolist()
+        assert study.document_hits()[task]["top1"].tolist() == per_image[keep].long().tolist()
     assert study.stats(progress=False)["tops"].count[0] == 12 * 17      # 16 patches + CLS per image
 
 
