@@ -112,7 +112,6 @@ def measure(study: Study, *, frac: float, groups: dict | None = None, seed: int 
     params = study.params
     ev_p = params["evidence"]
     seed = params["seed"] if seed is None else seed
-    study.stats_from_blocks()                   # one pass over the statistics images serves stats and blocks
     # per checkpoint: one matched random seed and no pseudo-task ablations (06's claims are trends across
     # checkpoints, paired by seed; the full baseline and null are 01's, on the final model)
     fixed = study.cross_task(frac=params["pruning"]["frac"], random_seeds=params["pruning"]["random_seeds"][:1],

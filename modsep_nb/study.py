@@ -26,28 +26,13 @@ from .neurons import NeuronExamples, collect_examples, histogram_edges, pick_neu
 from .overlaps import overlap, overlap_matrix
 from .params import device_of
 from .pruning import select_neurons, task_scores
-from .statistics import (BlockStats, NeuronStats, StatsCollector, bootstrap_weights, collect_block_stats, collect_stats,
+from .statistics import (BlockStats, NeuronStats, StatsCollector, bootstrap_weights, collect_block_stats,
                          weighted_pool)
 from .tasks import ImageTasks, TextTasks, data_hash
 
 # bump when the way statistics or splits are computed changes, so no cache from older code is reused
 CACHE_VERSION = 2
 SECTIONS = {"lm": TextTasks, "vit": ImageTasks}
-
-
-def cached_stats(path: Path, compute, *, expect: dict | None = None) -> NeuronStats:
-    """Statistics from `path`, or computed and saved (atomically). A file that cannot be read, or whose
-    recorded key differs from `expect`, is recomputed with a warning, never used."""
-    def load(p):
-        stats = NeuronStats.load(p)
-        if expect and any(stats.meta.get(k) != v for k, v in expect.items()):
-            raise LookupError("made with other settings")
-        return stats
-
-    def save(stats, p):
-        stats.meta.update(expect or {})
-        stats.save(p)
-    return cached(path, compute, load=load, save=save, what="statistics")
 
 
 @dataclass
@@ -105,30 +90,12 @@ class Study:
         return self.settings[key]
 
     def stats(self, *, budget: int | None = None, progress: bool = True) -> dict[str, NeuronStats]:
-        """Per-task statistics, computed once per (model, data, settings) and cached on disk."""
+        """Per-task statistics: each task's block statistics merged (the same sums, SPEC §5), so one forward pass
+        serves the statistics and their intervals; computed once per (model, data, settings), cached on disk."""
         budget = self.stats_budget if budget is None else budget
-        if budget in self._stats:
-            return self._stats[budget]
-        p = self.settings
-        root = Path(self.params.get("cache_dir") or cache_dir()) / "stats"
-        fingerprint = self.handle.identity()["fingerprint"]
-        result = {}
-        for name in self.task_names:
-            task_data = self.tasks.statistics_data(name, budget)
-            key = {"version": CACHE_VERSION, "model": fingerprint, "model_label": self.handle.label, "task": name,
-                   "data": data_hash(task_data), "budget": budget, "ctx": p.get("ctx"),
-                   "cls_only": p.get("cls_only", False), "dtype": self.params["dtype"]}
-            result[name] = cached_stats(root / f"{self.kind}-{data_hash(key)}.safetensors", lambda: collect_stats(
-                self.handle, task_data, batch_size=p["batch_size"], task=name, progress=progress,
-                **self.tasks.collect_options(budget)), expect={"cache_key": data_hash(key)})
-        self._stats[budget] = result
-        return result
-
-    def stats_from_blocks(self) -> dict[str, NeuronStats]:
-        """Take each task's statistics as its merged block statistics (the same sums; SPEC §5): for a study
-        that needs both, one pass over the statistics data instead of two."""
-        self._stats[self.stats_budget] = {t: b.merged() for t, b in self.block_stats(progress=False).items()}
-        return self._stats[self.stats_budget]
+        if budget not in self._stats:
+            self._stats[budget] = {t: b.merged() for t, b in self.block_stats(budget=budget, progress=progress).items()}
+        return self._stats[budget]
 
     def stability(self, budgets, frac: float) -> dict:
         """How settled each task's top-`frac` set is at budget B: its overlap coefficient with the set found at
@@ -162,7 +129,7 @@ class Study:
                "data": data_hash(task_data), "budget": budget, "blocks": n_blocks, "ctx": p.get("ctx"),
                "cls_only": p.get("cls_only", False), "dtype": self.params["dtype"]}
         expect = data_hash(key)
-        path = Path(self.params.get("cache_dir") or cache_dir()) / "blocks" / f"{self.kind}-{expect}.safetensors"
+        path = Path(self.params.get("cache_dir") or cache_dir()) / "stats" / f"{self.kind}-{expect}.safetensors"
 
         def load(path):
             blocks = BlockStats.load(path)
