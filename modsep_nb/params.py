@@ -46,8 +46,9 @@ DEFAULTS: dict = {
         # the selectivity claim's pseudo-task null (evidence.n_null_ablation ablations of T pseudo-tasks on T x
         # eval_tokens each: several times the cross-task matrix's cost); false: the null is 0 by exchangeability
         "selectivity_null": False,
-        # notebook 02: overlap of each domain's top set at budget B with the set at 4B, for these B (empty: skip)
-        "stability_budgets": [512, 1024, 2048],
+        # notebook 02: each domain's top set from this share of its statistics documents against the set from all
+        # of them (from the block sums: no extra pass)
+        "stability_fractions": [0.125, 0.25, 0.5],
         # notebook 06: training checkpoints of `model` to follow, oldest first, the last being the final model:
         # hub revisions (e.g. Pythia's [step1000, ..., step143000], loaded with from_pretrained(revision=...)) or
         # local model folders; null: 06 follows the ViT only
@@ -148,8 +149,8 @@ CHOICES = {
 }
 FRACTIONS = ("pruning.frac", "pruning.target", "overlap.frac", "dynamics.frac", "lm.eval_frac", "lm.max_frac",
              "vit.max_frac", "paper_scores.frac", "pruning.tol", "vit.eval_frac")
-POSITIVE_LISTS = ("lm.stability_budgets",)
-FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fracs", "random_init.fracs")
+FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fracs", "random_init.fracs",
+                  "lm.stability_fractions")
 # keys whose default is null, and the type they take otherwise (moefication's are checked in validate)
 NULLABLE = {"cache_dir": str, "lm.data_dir": str, "vit.data_dir": str, "paper_scores.dir": str,
             "vit.training.n_train": int, "random_init.stats_tokens": int, "random_init.stats_images": int,
@@ -323,10 +324,6 @@ def validate(params: dict) -> None:
         bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 < v <= 1.0]
         if bad or not values:
             raise ParamsError(f"parameter {name!r} must be a non-empty list of fractions in (0, 1], got {values}")
-    for name in POSITIVE_LISTS:
-        values = _get(params, name)
-        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-            raise ParamsError(f"parameter {name!r} must be a list of whole numbers >= 1, got {values!r}")
     for name in POSITIVE:
         value = _get(params, name)
         if value is None and name in OPTIONAL:

@@ -262,15 +262,21 @@ def test_image_record_lists_the_images_used(tmp_path):
         assert sorted(test_ids) == [i for i in range(len(test)) if test.class_names[int(test.labels[i])] in study.tasks[t]]
 
 
-def test_stability_compares_the_sets_at_b_and_4b(tmp_path, llama_dir):
-    study = Study.from_params(_params(tmp_path, llama_dir), "lm")
-    got = study.stability([8, 16], 0.1)
-    for b in (8, 16):
-        small = study.masks(0.1, scores=study.scores(stats=study.stats(budget=b, progress=False)))
-        large = study.masks(0.1, scores=study.scores(stats=study.stats(budget=4 * b, progress=False)))
+def test_stability_compares_part_of_the_documents_with_all(tmp_path, llama_dir):
+    from modsep_nb.statistics import NeuronStats
+    params = _params(tmp_path, llama_dir)
+    params["evidence"]["n_blocks"] = 4
+    study = Study.from_params(params, "lm")
+    got = study.stability([0.25, 0.5, 1.0], 0.1)
+    blocks = study.block_stats(progress=False)
+    full = study.masks(0.1)
+    for q in (0.25, 0.5):
+        k = round(q * 4)           # by hand: the sums of the first k blocks (the first documents read)
+        part = {t: NeuronStats.from_sums(b.count[:k].sum(0), list(b.sums[:k].sum(0)), {}) for t, b in blocks.items()}
+        masks = study.masks(0.1, scores=study.scores(stats=part))
         for t in study.task_names:
-            assert got[b][t] == pytest.approx(float((small[t] & large[t]).sum()) / float(small[t].sum()))
-
+            assert got[q][t] == pytest.approx(float((masks[t] & full[t]).sum()) / float(masks[t].sum()))
+    assert all(v == 1.0 for v in got[1.0].values())
 
 def test_claims_of_a_study_carry_interval_null_and_test(tmp_path, llama_dir):
     params = _params(tmp_path, llama_dir)
