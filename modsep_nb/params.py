@@ -37,8 +37,11 @@ DEFAULTS: dict = {
         # relative paths are read from the params file's folder (see README, "Your own tasks")
         "tasks": ["code", "docs", "licenses", "computers", "science", "medicine", "songs-poems", "law"],
         "stats_tokens": 2048,
-        "eval_tokens": 1024,     # one ctx window per document per round: 1024 tokens read >= 8 documents per domain
-        "ctx": 128,
+        # budgets are read one ctx window per document per round, so 512 tokens at ctx 64 are >= 8 evaluation
+        # documents per domain (the bootstrap's unit) and 2048 statistics tokens >= 32 documents; the cross-task
+        # matrix costs T x T x (1 + random seeds) evaluations of eval_tokens: the default's largest cost on a CPU
+        "eval_tokens": 512,
+        "ctx": 64,
         "batch_size": 8,
         "eval_frac": 0.3,
         "skip_top": 0,
@@ -85,7 +88,7 @@ DEFAULTS: dict = {
         "frac": 0.02,
         "target": 0.8,
         "tol": 0.03,
-        "max_steps": 8,
+        "max_steps": 6,
         # the fixed-fraction cross-task matrix also ablates, per task, as many random neurons with the same
         # count per layer, once per seed: the baseline for "damage beyond chance"
         "random_seeds": [0, 1, 2],
