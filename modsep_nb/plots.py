@@ -57,14 +57,16 @@ def heatmap(matrix, rows, cols=None, *, title: str, cbar_label: str, vmin: float
     return fig
 
 
-def sweep(fracs, curves: dict, *, title: str, ylabel: str, chance=None, xlabel="fraction of neurons selected"):
-    """Lines against frac (log x); `curves` name -> values or name -> (low, mid, high) for a band."""
+def sweep(fracs, curves: dict, *, title: str, ylabel: str, chance=None, xlabel="fraction of neurons selected",
+          line_label: str = "median", band_label: str = "min–max"):
+    """Lines against frac (log x); `curves` name -> values or name -> (low, mid, high) for a band (labelled
+    `line_label` and `band_label`)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in curves.items():
         if isinstance(values, tuple) and len(values) == 3:
             low, mid, high = (np.asarray(v, dtype=float) for v in values)
-            line, = ax.plot(fracs, mid, marker="o", label=f"{name} (median)")
-            ax.fill_between(fracs, low, high, alpha=0.2, color=line.get_color(), label=f"{name} (min–max)")
+            line, = ax.plot(fracs, mid, marker="o", label=f"{name} ({line_label})")
+            ax.fill_between(fracs, low, high, alpha=0.2, color=line.get_color(), label=f"{name} ({band_label})")
         else:
             ax.plot(fracs, values, marker="o", label=name)
     if chance is not None:

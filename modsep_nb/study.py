@@ -17,7 +17,7 @@ import torch
 from .batches import run_batches
 from .claims import Claim
 from .evaluation import CrossTaskResult, cross_task_matrix
-from .evidence import (bootstrap_overlap, combine_seeds, cross_task_intervals, excess_claim, null_sizes, overlap_evidence,
+from .evidence import (bootstrap_overlap, combine_seeds, cross_task_intervals, excess_claim, percentile_ci, null_sizes, overlap_evidence,
                        permutation_related_vs_unrelated, pipeline_masks, pseudo_cross_task, pseudo_task_null)
 from .files import cache_dir, cached
 from .models import ModelHandle, load_model
@@ -363,7 +363,8 @@ class Study:
     def routing_evidence(self, splits: dict, keep_fracs, tasks=None) -> dict:
         """MoEfication's oracle routing for each split in `splits` ({method: labels}, with "random" among them),
         from per-document hits: "curve" {method: {keep_frac: {task: accuracy relative to dense}}} (as
-        routing_curve), and the claims `<method>_routing_beats_random[<kind>]`: the relative accuracy averaged
+        routing_curve), "bands" {method: {keep_frac: 95% interval of the mean over tasks}}, and the claims
+        `<method>_routing_beats_random[<kind>]`: the relative accuracy averaged
         over tasks and over the kept fractions below 1, method minus random, with a bootstrap over evaluation
         documents (the same resampled documents for every method), against 0."""
         if "random" not in splits:
@@ -389,6 +390,12 @@ class Study:
             values = [((w[t] if w else np.ones((1, len(dense[t])))) @ hits[method][f][t]) /
                       ((w[t] if w else np.ones((1, len(dense[t])))) @ dense[t]) for f in hits[method] for t in tasks]
             return np.mean(values, axis=0)
+        bands = {}          # 95% interval of each curve point (mean over tasks), the same resamples as the claims
+        for method in splits:
+            bands[method] = {f: (1.0, 1.0) for f in keep_fracs if f not in hits[method]}   # every expert kept
+            for f in hits[method]:
+                bands[method][f] = percentile_ci(np.nanmean(
+                    [(weights[t] @ hits[method][f][t]) / (weights[t] @ dense[t]) for t in tasks], axis=0))
         claims = []
         for method in splits:
             if method == "random" or not hits[method]:
@@ -400,7 +407,7 @@ class Study:
                                        f"experts (relative accuracy, mean over tasks and kept fractions < 1, {method} "
                                        f"minus random)", observed, diff, None,
                                        n=int(sum(len(dense[t]) for t in tasks)), seed=seed))
-        return {"curve": curve, "claims": claims}
+        return {"curve": curve, "bands": bands, "claims": claims}
 
     def fit_router(self, labels: torch.Tensor, *, progress: bool = False) -> Router:
         """A learned router for split `labels`: per layer a linear predictor of each expert's score from the

@@ -388,6 +388,15 @@ def test_routing_evidence_matches_the_routing_curve(tmp_path, llama_dir):
     assert claim.estimate == pytest.approx(means["param"] - means["random"], nan_ok=True)
     with pytest.raises(ValueError, match="random"):
         study.routing_evidence({"param": splits["param"]}, [0.5])
+    # each curve point's band: a 95% interval that holds it, (1, 1) where every expert is kept
+    study = _predicting_unk(study)
+    result = study.routing_evidence(splits, [0.25, 0.5, 1.0], ["docs", "law"])
+    for method in splits:
+        assert result["bands"][method][1.0] == (1.0, 1.0)
+        for frac in (0.25, 0.5):
+            point = np.mean(list(result["curve"][method][frac].values()))
+            lo, hi = result["bands"][method][frac]
+            assert np.isfinite(point) and lo <= point + 1e-9 and point <= hi + 1e-9
 
 
 def test_splits_under_another_seed(tmp_path, llama_dir):
