@@ -26,6 +26,17 @@ def save(fig, out_dir, name: str) -> Path:
     return path
 
 
+def _finish(fig, ax, *, title: str, xlabel: str, ylabel: str):
+    """The line figures' common ending: labels, title, legend, grid, tight layout."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def heatmap(matrix, rows, cols=None, *, title: str, cbar_label: str, vmin: float = 0.0, vmax=None,
             cmap: str = "viridis", annotate: bool | None = None, fmt: str = ".2f", xlabel="", ylabel="", ci=None):
     """A task × task matrix; the colour scale starts at 0 unless told otherwise. ci [R, C, 2]: each cell's 95%
@@ -75,13 +86,7 @@ def sweep(fracs, curves: dict, *, title: str, ylabel: str, chance=None, xlabel="
     ax.set_xticks(list(fracs), [f"{f:.1%}" if f < 0.1 else f"{f:.0%}" for f in fracs])
     ax.minorticks_off()
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
 def layer_lines(curves: dict, *, title: str, ylabel: str, xlabel: str = "layer", bands: dict | None = None,
@@ -94,17 +99,11 @@ def layer_lines(curves: dict, *, title: str, ylabel: str, xlabel: str = "layer",
         if bands and name in bands:
             low, high = bands[name]
             ax.fill_between(range(len(values)), low, high, color=line.get_color(), alpha=0.15)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
     if ylim is not None:
         ax.set_ylim(*ylim)
     else:
         ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
 def over_steps(steps, curves: dict, *, title: str, ylabel: str, null=None, null_label: str = "null",
@@ -128,13 +127,7 @@ def over_steps(steps, curves: dict, *, title: str, ylabel: str, null=None, null_
                         alpha=0.2)
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlim(left=0)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
 def cdfs(samples: dict, *, title: str, xlabel: str):
