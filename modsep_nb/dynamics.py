@@ -32,7 +32,7 @@ from .correspondence import random_balanced_splits, task_correspondence
 from .evidence import _seeds, bootstrap_masks, paired_difference_ci, percentile_ci, ratio_of_sums
 from .models import load_model
 from .overlaps import layer_matched_chance, overlap, overlap_matrix, pattern_persistence
-from .params import device_of
+from .params import device_of, dtype_of
 from .study import Study, training_options
 from .vit_training import fmnist_vit_checkpoints
 
@@ -85,23 +85,23 @@ def checkpoint_studies(params: dict, kind: str = "vit") -> list[tuple[int, Study
         found = [revision_step(r) for r in revisions]
         steps = found if None not in found and found == sorted(set(found)) else list(range(len(revisions)))
         local = [Path(r).expanduser().is_dir() for r in revisions]
-        final = Study.from_params(p, kind, handle=_load(p, *((revisions[-1], None) if local[-1] else
-                                                              (p["lm"]["model"], revisions[-1])), device))
+        final = Study.from_params(p, kind, handle=_load(p, kind, *((revisions[-1], None) if local[-1] else
+                                                                    (p["lm"]["model"], revisions[-1])), device))
         last = steps[-1]
         specs = [(s, r, None) if is_dir else (s, p["lm"]["model"], r)
                  for s, r, is_dir in zip(steps[:-1], revisions[:-1], local[:-1])]
         labels = {s: f"{p['lm']['model']}@{r}" for s, r in zip(steps, revisions)}
     out = []
     for step, spec, revision in specs:
-        handle = _load(p, spec, revision, device)
+        handle = _load(p, kind, spec, revision, device)
         handle.name = labels[step]
         out.append((step, Study(handle, p, kind, final.tasks)))
     final.handle.name = labels[last]
     return out + [(last, final)]
 
 
-def _load(params: dict, spec: str, revision: str | None, device: str):
-    return load_model(spec, revision=revision, dtype=params["dtype"], device=device)
+def _load(params: dict, kind: str, spec: str, revision: str | None, device: str):
+    return load_model(spec, revision=revision, dtype=dtype_of(params, kind), device=device)
 
 
 # -- measures at one checkpoint ---------------------------------------------------------------------------------

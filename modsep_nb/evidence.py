@@ -94,9 +94,9 @@ def cross_task_bootstrap(base: Mapping[str, np.ndarray], pruned: Mapping[str, Ma
             num = np.asarray(pruned[a][b], dtype=np.float64)
             if num.shape != den.shape:
                 raise ValueError(f"pruned[{a!r}][{b!r}] has {num.shape} documents but base[{b!r}] has {den.shape}")
-            with np.errstate(invalid="ignore", divide="ignore"):
-                samples[:, i, j] = (w @ num) / w_den
-                matrix[i, j] = num.sum() / den.sum()
+            with np.errstate(invalid="ignore", divide="ignore"):      # no unpruned hit: undefined, not inf
+                samples[:, i, j] = np.where(w_den > 0, (w @ num) / w_den, np.nan)
+                matrix[i, j] = num.sum() / den.sum() if den.sum() > 0 else np.nan
     sel = selectivity(samples)
     ci = np.stack([np.array([percentile_ci(samples[:, i, j]) for j in range(T)]) for i in range(T)])
     return {"tasks": tasks, "matrix": matrix, "samples": samples, "ci": ci, "selectivity": float(selectivity(matrix)),

@@ -332,6 +332,12 @@ def replay_overlap(name: str, *, frac: float = 0.01, sweep=(0.005, 0.01, 0.02, 0
     }
 
 
+def pair_overlap(replay: dict, a: str, b: str) -> float:
+    """The overlap of tasks `a` and `b` in a replay_overlap result; NaN where the score set lacks either."""
+    names = replay["tasks"]
+    return float(replay["matrix"][names.index(a), names.index(b)]) if a in names and b in names else float("nan")
+
+
 def replay_random_control(trained: str, *, fracs=(0.01, 0.05), root=None, n_perm: int = 1000,
                           seed: int = 0) -> dict:
     """Trained vs random-init on a released pair of score sets (SPEC §6), over the tasks both have:

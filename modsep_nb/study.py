@@ -24,7 +24,7 @@ from .models import ModelHandle, load_model
 from .moefication import Router, check_n_experts, expert_routing, fit_router, predicted_routing, split_layers
 from .neurons import NeuronExamples, collect_examples, histogram_edges, pick_neurons
 from .overlaps import overlap, overlap_matrix
-from .params import device_of
+from .params import device_of, dtype_of
 from .pruning import select_neurons, task_scores
 from .statistics import (BlockStats, NeuronStats, StatsCollector, bootstrap_weights, collect_block_stats,
                          weighted_pool)
@@ -56,7 +56,7 @@ class Study:
             options = training_options(params, kind)
             device = device_of(params)
             placement = {"device_map": "auto"} if device == "sharded" else {"device": device}
-            handle = load_model(p["model"], dtype=params["dtype"], **placement, **options)
+            handle = load_model(p["model"], dtype=dtype_of(params, kind), **placement, **options)
         if random_seed is not None:
             handle = load_random(handle, random_seed)
         # an image folder without a processor is resized to what the model takes
@@ -78,6 +78,11 @@ class Study:
     @property
     def label(self) -> str:
         return self.handle.label
+
+    @property
+    def dtype(self) -> str:
+        """The dtype the model runs in, e.g. "float32" (params: <kind>.dtype, or dtype)."""
+        return str(self.handle.dtype).removeprefix("torch.")
 
     # -- statistics ----------------------------------------------------------------------------------
     @property
@@ -131,7 +136,7 @@ class Study:
         task_data = self.tasks.statistics_data(name, budget)
         key = {"version": CACHE_VERSION, "model": self.handle.identity()["fingerprint"], "task": name,
                "data": data_hash(task_data), "budget": budget, "blocks": n_blocks, "ctx": p.get("ctx"),
-               "cls_only": p.get("cls_only", False), "dtype": self.params["dtype"]}
+               "cls_only": p.get("cls_only", False), "dtype": self.dtype}
         expect = data_hash(key)
         path = Path(self.params.get("cache_dir") or cache_dir()) / "stats" / f"{self.kind}-{expect}.safetensors"
 
@@ -311,7 +316,7 @@ class Study:
         return self.tasks.record(self.handle, self.stats_budget)
 
     def describe(self) -> str:
-        return (f"{self.label}: {self.handle.n_layers} layers x {self.handle.d_mlp} neurons; "
+        return (f"{self.label} ({self.dtype}): {self.handle.n_layers} layers x {self.handle.d_mlp} neurons; "
                 f"{len(self.task_names)} tasks; statistics on {self.stats_budget} {self.tasks.unit} per task")
 
     # -- MoEfication ---------------------------------------------------------------------------------

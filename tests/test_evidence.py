@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -224,6 +225,23 @@ def test_cross_task_bootstrap_by_hand():
     np.testing.assert_allclose(out["selectivity_samples"], selectivity(out["samples"]))
     same = cross_task_bootstrap(base, {a: dict(base) for a in tasks}, 40, seed=3)
     assert same["selectivity"] == 0 and same["selectivity_ci"] == (0.0, 0.0)
+
+
+def test_cross_task_bootstrap_resample_without_unpruned_hits_is_undefined_not_infinite():
+    # a model near chance (06's first checkpoints): a task whose documents rarely have a hit, so some resamples
+    # hold none; its relative accuracy there is undefined (NaN, left out of the interval), never inf
+    base = {"a": np.array([1] + [0] * 9), "b": np.arange(10) % 3}
+    pruned = {"a": {"a": np.zeros(10, int), "b": np.ones(10, int)}, "b": {"a": base["a"].copy(), "b": np.zeros(10, int)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # no "invalid value" warning from inf - inf in the percentiles
+        out = cross_task_bootstrap(base, pruned, 200, seed=0)
+    w = bootstrap_weights(10, 200, _seeds(0, 2)[0]).numpy()
+    empty = (w @ base["a"]) == 0
+    assert empty.any() and not empty.all()
+    assert np.isnan(out["samples"][empty, :, 0]).all() and np.isfinite(out["samples"][~empty, :, 0]).all()
+    assert not np.isinf(out["samples"]).any() and np.isfinite(out["ci"]).all()
+    no_hits = cross_task_bootstrap({"a": np.zeros(10, int), "b": base["b"]}, pruned, 20, seed=0)
+    assert np.isnan(no_hits["matrix"][:, 0]).all() and np.isfinite(no_hits["matrix"][:, 1]).all()
 
 
 def test_pseudo_tasks_are_disjoint_random_parts():

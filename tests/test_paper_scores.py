@@ -1,5 +1,6 @@
 """The authors' released 7B scores: loading, checksums, downloads (with a fake network) and the
 overlaps of the paper's figure, recomputed from the scores."""
+import math
 import shutil
 from pathlib import Path
 
@@ -70,6 +71,17 @@ def test_llama_overlaps_match_the_paper_figure(llama):
              ("code", "pile_Github", "pile_PubMed_Abstracts", "pile_PubMed_Central")}
     assert overlap(masks["code"], masks["pile_Github"]) == pytest.approx(0.83, abs=0.01)
     assert overlap(masks["pile_PubMed_Abstracts"], masks["pile_PubMed_Central"]) == pytest.approx(0.63, abs=0.01)
+
+
+def test_pair_overlap_reads_the_replay_matrix():
+    masks = {"a": torch.tensor([[1, 1, 0, 0]], dtype=torch.bool), "b": torch.tensor([[1, 0, 1, 0]], dtype=torch.bool),
+             "c": torch.tensor([[0, 0, 1, 1]], dtype=torch.bool)}
+    from modsep_nb.overlaps import overlap_matrix
+    names, matrix = overlap_matrix(masks)
+    replay = {"tasks": names, "matrix": matrix}
+    assert ps.pair_overlap(replay, "a", "b") == pytest.approx(overlap(masks["a"], masks["b"])) == 0.5
+    assert ps.pair_overlap(replay, "c", "a") == 0.0
+    assert math.isnan(ps.pair_overlap(replay, "a", "pile_Github"))      # a task the score set lacks
 
 
 def test_tie_report_counts_ties(llama):

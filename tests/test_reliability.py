@@ -123,6 +123,7 @@ def test_attack_table_is_complete():
     ("moefication: {max_degree: 0}", ["'moefication.max_degree'", "whole number"]),
     ("moefication: {n_init: some}", ["'moefication.n_init'", "auto"]),
     ("device: gpu", ["'device'", "cuda:N", "sharded"]),
+    ("lm: {dtype: half}", ["'lm.dtype'", "bfloat16", "auto", "null"]),
     # issue 18
     ("lm: {tasks: [code, code]}", ["'lm.tasks'", "['code'] more than once"]),
     ("random_init: {seeds: []}", ["'random_init.seeds'", "non-empty"]),

@@ -411,3 +411,23 @@ def test_splits_under_another_seed(tmp_path, llama_dir):
         torch.testing.assert_close(other, split_layers(study.handle, method, 4, seed=7, progress=False))
         assert not torch.equal(default, other)
         torch.testing.assert_close(study.splits(method, seed=params["seed"], progress=False), default)
+
+
+def test_dtype_per_section_and_auto(tmp_path, llama_dir, monkeypatch):
+    from modsep_nb import params as P
+    params = _params(tmp_path, llama_dir)
+    assert P.dtype_of(params, "lm") == "float32"              # lm.dtype null: the top-level dtype
+    params["lm"]["dtype"] = "bfloat16"
+    assert P.dtype_of(params, "lm") == "bfloat16" and P.dtype_of(params, "vit") == "float32"
+    study = Study.from_params(params, "lm")
+    assert study.handle.dtype == torch.bfloat16 and study.dtype == "bfloat16" and "(bfloat16)" in study.describe()
+    stats = study.stats(progress=False)                      # sums stay float64 whatever the model's dtype
+    assert stats["docs"].mean.dtype == torch.float64 and torch.isfinite(stats["docs"].mean).all()
+    params["lm"]["dtype"] = "float32"                          # another dtype is another cache entry
+    again = Study.from_params(params, "lm").stats(progress=False)
+    assert not torch.equal(again["docs"].mean, stats["docs"].mean)
+    params["lm"]["dtype"] = "auto"                             # auto: bfloat16 only where computed natively
+    for native, expected in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+        assert P.dtype_of({**params, "device": "cpu"}, "lm") == expected
