@@ -62,11 +62,21 @@ def ratio_of_sums(num, den, n_boot: int, seed: int) -> dict:
     if num.shape != den.shape or num.ndim != 1 or num.size == 0:
         raise ValueError(f"num and den must be per-document arrays of the same length, got {num.shape} and {den.shape}")
     _check_units("ratio", len(num))
-    w = bootstrap_weights(len(num), n_boot, seed).numpy()
+    samples = resampled_ratio(num, den, bootstrap_weights(len(num), n_boot, seed).numpy())
+    return {"estimate": float(resampled_ratio(num, den)), "ci": percentile_ci(samples), "samples": samples,
+            "n": int(len(num))}
+
+
+def resampled_ratio(num, den, weights=None):
+    """Σnum / Σden over documents, or with `weights` [n_boot, D] (bootstrap_weights) one ratio per resample
+    [n_boot]. Where the denominator's sum is 0 (e.g. no unpruned hit: a model at chance) the ratio is undefined:
+    NaN, which percentile_ci leaves out, never inf."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if weights is None:
+        return num.sum() / den.sum() if den.sum() > 0 else np.nan
+    w_den = weights @ den
     with np.errstate(invalid="ignore", divide="ignore"):
-        samples = (w @ num) / (w @ den)
-        estimate = num.sum() / den.sum()
-    return {"estimate": float(estimate), "ci": percentile_ci(samples), "samples": samples, "n": int(len(num))}
+        return np.where(w_den > 0, (weights @ num) / w_den, np.nan)
 
 
 def cross_task_bootstrap(base: Mapping[str, np.ndarray], pruned: Mapping[str, Mapping[str, np.ndarray]],
@@ -89,14 +99,12 @@ def cross_task_bootstrap(base: Mapping[str, np.ndarray], pruned: Mapping[str, Ma
         den = np.asarray(base[b], dtype=np.float64)
         _check_units(b, len(den), "evaluation documents")
         w = bootstrap_weights(len(den), n_boot, child).numpy()
-        w_den = w @ den
         for i, a in enumerate(tasks):
             num = np.asarray(pruned[a][b], dtype=np.float64)
             if num.shape != den.shape:
                 raise ValueError(f"pruned[{a!r}][{b!r}] has {num.shape} documents but base[{b!r}] has {den.shape}")
-            with np.errstate(invalid="ignore", divide="ignore"):      # no unpruned hit: undefined, not inf
-                samples[:, i, j] = np.where(w_den > 0, (w @ num) / w_den, np.nan)
-                matrix[i, j] = num.sum() / den.sum() if den.sum() > 0 else np.nan
+            samples[:, i, j] = resampled_ratio(num, den, w)
+            matrix[i, j] = resampled_ratio(num, den)
     sel = selectivity(samples)
     ci = np.stack([np.array([percentile_ci(samples[:, i, j]) for j in range(T)]) for i in range(T)])
     return {"tasks": tasks, "matrix": matrix, "samples": samples, "ci": ci, "selectivity": float(selectivity(matrix)),

@@ -17,8 +17,9 @@ import torch
 from .batches import run_batches
 from .claims import Claim
 from .evaluation import CrossTaskResult, cross_task_matrix
-from .evidence import (bootstrap_overlap, combine_seeds, cross_task_intervals, excess_claim, percentile_ci, null_sizes, overlap_evidence,
-                       permutation_related_vs_unrelated, pipeline_masks, pseudo_cross_task, pseudo_task_null)
+from .evidence import (bootstrap_overlap, combine_seeds, cross_task_intervals, excess_claim, null_sizes, overlap_evidence,
+                       percentile_ci, permutation_related_vs_unrelated, pipeline_masks, pseudo_cross_task,
+                       pseudo_task_null, resampled_ratio)
 from .files import cache_dir, cached
 from .models import ModelHandle, load_model
 from .moefication import Router, check_n_experts, expert_routing, fit_router, predicted_routing, split_layers
@@ -387,26 +388,27 @@ class Study:
                     continue
                 with expert_routing(self.handle, labels, k):
                     hits[method][frac] = {t: h["top1"] for t, h in self.document_hits(tasks).items()}
-                curve[method][frac] = {t: hits[method][frac][t].sum() / dense[t].sum() if dense[t].sum() > 0
-                                       else float("nan") for t in tasks}
+                curve[method][frac] = {t: float(resampled_ratio(hits[method][frac][t], dense[t])) for t in tasks}
         weights = {t: bootstrap_weights(len(dense[t]), ev["n_boot"], seed + i).numpy() for i, t in enumerate(tasks)}
+        # each routed point's relative accuracy per task and resample [T, n_boot]: the same resampled documents
+        # for every method, so bands and claims are read off one set of ratios
+        resampled = {m: {f: np.stack([resampled_ratio(hits[m][f][t], dense[t], weights[t]) for t in tasks])
+                         for f in hits[m]} for m in splits}
 
-        def mean_relative(method, w=None):
-            values = [((w[t] if w else np.ones((1, len(dense[t])))) @ hits[method][f][t]) /
-                      ((w[t] if w else np.ones((1, len(dense[t])))) @ dense[t]) for f in hits[method] for t in tasks]
-            return np.mean(values, axis=0)
+        def mean_relative(method):      # observed and per resample: the mean over tasks and routed fractions
+            observed = np.mean([curve[method][f][t] for f in hits[method] for t in tasks])
+            return observed, np.mean([resampled[method][f] for f in hits[method]], axis=(0, 1))
         bands = {}          # 95% interval of each curve point (mean over tasks), the same resamples as the claims
         for method in splits:
             bands[method] = {f: (1.0, 1.0) for f in keep_fracs if f not in hits[method]}   # every expert kept
             for f in hits[method]:
-                bands[method][f] = percentile_ci(np.nanmean(
-                    [(weights[t] @ hits[method][f][t]) / (weights[t] @ dense[t]) for t in tasks], axis=0))
+                bands[method][f] = percentile_ci(np.nanmean(resampled[method][f], axis=0))
         claims = []
         for method in splits:
             if method == "random" or not hits[method]:
                 continue
-            diff = mean_relative(method, weights) - mean_relative("random", weights)
-            observed = float(mean_relative(method)[0] - mean_relative("random")[0])
+            (obs, boot), (obs_random, boot_random) = mean_relative(method), mean_relative("random")
+            diff, observed = boot - boot_random, float(obs - obs_random)
             claims.append(excess_claim(f"{method}_routing_beats_random[{self.kind}]", f"{self.kind}: with {method}-split "
                                        f"experts, oracle top-k routing keeps more of the dense accuracy than with random "
                                        f"experts (relative accuracy, mean over tasks and kept fractions < 1, {method} "

@@ -278,6 +278,7 @@ def test_stability_compares_part_of_the_documents_with_all(tmp_path, llama_dir):
             assert got[q][t] == pytest.approx(float((masks[t] & full[t]).sum()) / float(masks[t].sum()))
     assert all(v == 1.0 for v in got[1.0].values())
 
+
 def test_claims_of_a_study_carry_interval_null_and_test(tmp_path, llama_dir):
     params = _params(tmp_path, llama_dir)
     params["evidence"].update({"n_boot": 40, "n_null": 20, "n_perm": 50, "n_blocks": 4})
