@@ -3,7 +3,8 @@ notebooks and the outputs of the cells marked NBVAL_CHECK_OUTPUT must match (the
 
 Each execution has a cache of its own, made fresh: the papermill run computes every statistic and split, and
 nbval's re-execution computes them all again (it shares only the models, converted or trained once), so the
-comparison tests determinism, not a cache round-trip. Nothing is written to the user's cache."""
+comparison tests determinism, not a cache round-trip. Of the user's cache only SmolLM2's conversion is read
+(conftest.smoke_cache); no statistic is written there."""
 import json
 import os
 import subprocess
@@ -15,30 +16,10 @@ import pytest
 from browser import assert_links_resolve, browser, open_and_check_images, save_screenshot  # noqa: F401
 
 from modsep_nb.params import NOTEBOOKS
-from modsep_nb.runner import NOTEBOOK_DIR, run
+from modsep_nb.runner import NOTEBOOK_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 PRESENT = [k for k, name in NOTEBOOKS.items() if (NOTEBOOK_DIR / f"{name}.ipynb").is_file()]
-
-
-@pytest.fixture(scope="session")
-def smoke_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("smoke_cache")
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, smoke_cache):
-    out = tmp_path_factory.mktemp("smoke_run")
-    before = os.environ.get("MODSEP_CACHE")
-    os.environ["MODSEP_CACHE"] = str(smoke_cache)          # the kernels inherit it
-    try:
-        run(REPO / "params" / "smoke.yaml", only=PRESENT, out=str(out), overwrite=True)
-    finally:
-        if before is None:
-            os.environ.pop("MODSEP_CACHE")
-        else:
-            os.environ["MODSEP_CACHE"] = before
-    return out
 
 
 @pytest.mark.parametrize("key", PRESENT)
