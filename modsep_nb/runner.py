@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -143,6 +144,36 @@ def _remove_results(run_dir: Path) -> list[str]:
     return removed
 
 
+def _interruptible(execute) -> None:
+    """execute() in a worker thread, so that Ctrl-C (SIGINT) reaches this thread as KeyboardInterrupt. In the
+    main thread nbclient takes SIGINT for itself (it starts shutting the kernel down) and, depending on when the
+    signal lands, may then wait on the kernel's reply for good. On Ctrl-C the kernel (this process's child) is
+    killed, the worker's client fails on the dead kernel, and the interrupt goes on up."""
+    import psutil
+    outcome = []
+
+    def work():
+        try:
+            execute()
+        except BaseException as err:        # handed to the main thread
+            outcome.append(err)
+    worker = threading.Thread(target=work, name="modsep-notebook", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        for child in psutil.Process().children(recursive=True):
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+        worker.join(60)                     # the client notices the dead kernel and stops writing
+        raise
+    if outcome:
+        raise outcome[0]
+
+
 def _run_notebook(pm, name: str, params_path, run_dir: Path, log) -> float:
     """Execute one notebook into run_dir/<name>.ipynb (atomically); on failure keep <name>.failed.ipynb."""
     start = time.time()
@@ -151,13 +182,14 @@ def _run_notebook(pm, name: str, params_path, run_dir: Path, log) -> float:
     os.close(fd)
     respect_umask(tmp, 0o666)
     try:
-        pm.execute_notebook(str(NOTEBOOK_DIR / f"{name}.ipynb"), tmp, cwd=str(NOTEBOOK_DIR),
-                            parameters={"params_file": str(Path(params_path).resolve()), "out_dir": str(run_dir)},
-                            kernel_name="python3", progress_bar=False,
-                            # the kernel's own log is noise here: start-up warnings (TCP without encryption on
-                            # localhost), and a traceback when Ctrl-C closes its sockets mid-reply. A notebook's
-                            # errors are in the executed notebook, and the runner reports them.
-                            extra_arguments=["--IPKernelApp.log_level=CRITICAL"])
+        _interruptible(lambda: pm.execute_notebook(
+            str(NOTEBOOK_DIR / f"{name}.ipynb"), tmp, cwd=str(NOTEBOOK_DIR),
+            parameters={"params_file": str(Path(params_path).resolve()), "out_dir": str(run_dir)},
+            kernel_name="python3", progress_bar=False,
+            # the kernel's own log is noise here: start-up warnings (TCP without encryption on localhost), and a
+            # traceback when Ctrl-C closes its sockets mid-reply. A notebook's errors are in the executed
+            # notebook, and the runner reports them.
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"]))
         _repeat_warnings(name, tmp, log)
         os.replace(tmp, final)
         failed.unlink(missing_ok=True)
