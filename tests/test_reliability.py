@@ -582,6 +582,13 @@ sys.exit(main(["run", sys.argv[2], "--only", "01,02", "--out", sys.argv[3], "--o
 """
 
 
+def sigint_as_in_a_shell():
+    """In the child before exec: SIGINT handled by default and not blocked, as a shell starts a command, whatever
+    earlier tests left in this process."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_sigint_is_one_line_and_marks_the_folder_incomplete(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -591,7 +598,8 @@ def test_sigint_is_one_line_and_marks_the_folder_incomplete(tmp_path):
     env = {**os.environ, "MODSEP_TEST_SLEEP_02": "120", "MODSEP_TEST_BUSY_02": str(busy),
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-c", SIGINT_RUN, str(fake_notebooks(tmp_path / "nb")), str(params),
-                             str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=sigint_as_in_a_shell)
     deadline = time.time() + 240
     while time.time() < deadline and not busy.exists():
         time.sleep(0.2)
