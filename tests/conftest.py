@@ -171,36 +171,6 @@ def smollm():
     return handle
 
 
-# -- the smoke run of the notebooks (test_notebooks, test_lab) ---------------------------------------------
-REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="session")
-def smoke_cache(tmp_path_factory):
-    """A fresh cache for the smoke notebooks, so that every statistic and split in it is computed by the run.
-    The models are the exception: the smoke ViT is trained into it by the run, and SmolLM2's conversion (the
-    same file whatever the settings) is linked from the user's cache, where the other tests convert it once
-    per machine."""
-    from modsep_nb.models import _smollm2_dir
-    cache = tmp_path_factory.mktemp("smoke_cache")
-    lm = _smollm2_dir()
-    (cache / lm.name).symlink_to(lm, target_is_directory=True)
-    return cache
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, smoke_cache):
-    """Every notebook executed by papermill on params/smoke.yaml into a fresh folder, with smoke_cache."""
-    from modsep_nb.params import NOTEBOOKS
-    from modsep_nb.runner import NOTEBOOK_DIR, run
-    out = tmp_path_factory.mktemp("smoke_run")
-    present = [k for k, name in NOTEBOOKS.items() if (NOTEBOOK_DIR / f"{name}.ipynb").is_file()]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODSEP_CACHE", str(smoke_cache))          # the kernels inherit it
-        run(REPO / "params" / "smoke.yaml", only=present, out=str(out), overwrite=True)
-    return out
-
-
 @pytest.fixture
 def hub_offline(monkeypatch):
     """Make every hub access fail fast (huggingface_hub reads HF_HUB_OFFLINE once, at import)."""

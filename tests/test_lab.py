@@ -3,9 +3,9 @@ the menu on the smoke settings; no cell may fail, and the score explorer widget 
 one of its controls moves. A screenshot of the notebook after the change is saved (its path is printed).
 
 The notebook is a copy in a temporary folder with one cell added after its parameters cell that points it at
-params/smoke.yaml, as papermill would inject it; the server runs without MODSEP_HEADLESS, as `make lab` does.
-It runs 01 (the ViT: seconds, where 02's LM takes minutes) in the user's cache, as `make lab` does; test_notebooks
-covers every notebook's computation on fresh caches.
+params/smoke.yaml, as papermill would inject it; the server runs without MODSEP_HEADLESS and on the user's cache,
+as `make lab` does. It runs 01 (the ViT: seconds, where 02's LM takes minutes); test_notebooks covers every
+notebook's computation on fresh caches.
 """
 import os
 import signal

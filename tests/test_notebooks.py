@@ -16,10 +16,31 @@ import pytest
 from browser import assert_links_resolve, browser, open_and_check_images, save_screenshot  # noqa: F401
 
 from modsep_nb.params import NOTEBOOKS
-from modsep_nb.runner import NOTEBOOK_DIR
+from modsep_nb.runner import NOTEBOOK_DIR, run
 
 REPO = Path(__file__).resolve().parent.parent
 PRESENT = [k for k, name in NOTEBOOKS.items() if (NOTEBOOK_DIR / f"{name}.ipynb").is_file()]
+
+
+@pytest.fixture(scope="session")
+def smoke_cache(tmp_path_factory):
+    """A fresh cache: every statistic and split in it is computed by the run. The models are the exception: the
+    smoke ViT is trained into it by the run, and SmolLM2's conversion (the same file whatever the settings) is
+    linked from the user's cache, where the other tests convert it once per machine."""
+    from modsep_nb.models import _smollm2_dir
+    cache = tmp_path_factory.mktemp("smoke_cache")
+    lm = _smollm2_dir()
+    (cache / lm.name).symlink_to(lm, target_is_directory=True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory, smoke_cache):
+    out = tmp_path_factory.mktemp("smoke_run")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MODSEP_CACHE", str(smoke_cache))          # the kernels inherit it
+        run(REPO / "params" / "smoke.yaml", only=PRESENT, out=str(out), overwrite=True)
+    return out
 
 
 @pytest.mark.parametrize("key", PRESENT)
