@@ -59,11 +59,16 @@ def local_links(page: str) -> list[str]:
     return [t for t in targets if t and ":" not in t and not t.startswith("/")]
 
 
+def _finished(folder: Path, pattern: str) -> list[Path]:
+    """The files of `folder` matching `pattern`, sorted, without hidden ones (files still being written)."""
+    return [p for p in sorted(folder.glob(pattern)) if not p.name.startswith(".")]
+
+
 def _summary_markdown(run_dir: Path) -> str:
     summary = run_dir / "summary.md"
     if summary.is_file():
         return summary.read_text()
-    findings = sorted((run_dir / "findings").glob("*.md"))
+    findings = _finished(run_dir / "findings", "*.md")
     return "\n\n".join(f.read_text() for f in findings) or "_No findings were recorded in this run._"
 
 
@@ -88,22 +93,20 @@ def write_index(run_dir) -> Path:
     lead = re.match(r"\s*<h1[^>]*>(.*?)</h1>", summary, re.DOTALL)      # summary.md's own title heads the page
     heading, summary = (lead.group(1), summary[lead.end():]) if lead else (title, summary)
     shown = set(local_links(summary))
-    figures = [f"figures/{p.name}" for p in sorted((run_dir / "figures").glob("*.png"))]
+    figures = [f"figures/{p.name}" for p in _finished(run_dir / "figures", "*.png")]
     others = [f for f in figures if f not in shown]           # every figure appears once on the page
 
     notebooks = []
-    for nb in sorted(run_dir.glob("*.ipynb")):
-        if nb.name.startswith("."):                            # a notebook still being written
-            continue
+    for nb in _finished(run_dir, "*.ipynb"):
         stem = nb.name[:-len(".ipynb")]
         notebook_html(nb, run_dir / "html" / f"{stem}.html")
         state = " (failed: read its traceback)" if stem.endswith(".failed") else ""
         notebooks.append(f'<li><a href="html/{quote(stem)}.html">{html.escape(stem)}</a>{state} '
                          f'(<a href="{quote(nb.name)}">.ipynb</a>)</li>')
     neurons = [f'<li><a href="{quote(p.relative_to(run_dir).as_posix())}">{html.escape(p.stem)}</a></li>'
-               for p in sorted((run_dir / "neurons").glob("*.html"))]
+               for p in _finished(run_dir / "neurons", "*.html")]
     data = [p.relative_to(run_dir).as_posix() for p in [run_dir / "params.json",
-                                                        *sorted((run_dir / "statistics").glob("*.json"))]
+                                                        *_finished(run_dir / "statistics", "*.json")]
             if p.is_file()]
 
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n<title>{title}</title>",

@@ -6,13 +6,18 @@ Everything here is offline; nothing is downloaded.
 from __future__ import annotations
 
 import contextlib
-
 import json
+import os
 import random
 from pathlib import Path
 
 import pytest
-import torch
+
+# One thread per process, set before torch is imported (the kernels and subprocesses inherit it): the notebook
+# pipeline runs beside the other tests, and on two cores torch's thread pools in two processes, spinning at
+# barriers on the same cores, made the suite twice as slow as running everything in turn.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
 
 # -- a tiny word-level tokenizer ------------------------------------------------------------------------
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[CLS]", "[SEP]", "[MASK]"]
@@ -223,3 +228,39 @@ def windows_in_rounds(texts, ctx: int, doc_tokens: int | None = None) -> list[li
             if r < len(rounds):
                 out.extend(rounds[r])
     return out
+
+
+# -- the notebooks, executed in the background (tests/notebook_pipeline.py) -------------------------------
+WAITS_FOR_NOTEBOOKS = ("smoke_run", "nbval_run")
+
+
+def pytest_collection_modifyitems(items):
+    """The tests that wait for the notebook pipeline go last (nbval's last of all), so that the others run
+    while it does; the order within each group is kept."""
+    items.sort(key=lambda item: sum(name in item.fixturenames for name in WAITS_FOR_NOTEBOOKS))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def notebook_pipeline(request, tmp_path_factory):
+    """Started with the session when a selected test reads the notebooks' executions; stopped at its end."""
+    if not any(name in item.fixturenames for item in request.session.items for name in WAITS_FOR_NOTEBOOKS):
+        yield None
+        return
+    from notebook_pipeline import NotebookPipeline
+    pipeline = NotebookPipeline(tmp_path_factory.mktemp("notebooks")).start()
+    yield pipeline
+    pipeline.stop()
+
+
+@pytest.fixture(scope="session")
+def smoke_run(notebook_pipeline):
+    """The run folder of the papermill execution of every notebook on params/smoke.yaml."""
+    run = notebook_pipeline.result("papermill")
+    assert run.returncode == 0, f"the smoke run failed:\n{run.stdout[-6000:]}"
+    return notebook_pipeline.out
+
+
+@pytest.fixture(scope="session")
+def nbval_run(notebook_pipeline):
+    """nbval's re-execution of each executed notebook ({key: CompletedProcess}) and the fresh cache it used."""
+    return notebook_pipeline.result("nbval"), notebook_pipeline.nbval_cache

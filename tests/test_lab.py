@@ -94,8 +94,11 @@ def lab(tmp_path):
         yield {"url": f"http://127.0.0.1:{port}/lab/tree/{notebook.name}?token={token}", "notebook": notebook,
                "log": log}
     finally:
-        proc.send_signal(signal.SIGINT)           # jupyter shuts its kernels down on SIGINT/SIGTERM
-        proc.send_signal(signal.SIGINT)
+        try:                                      # the server stops its kernels, then itself
+            urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/api/shutdown?token={token}",
+                                                          method="POST"), timeout=10).close()
+        except OSError:
+            proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

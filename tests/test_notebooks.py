@@ -1,46 +1,17 @@
 """The notebooks, end to end: papermill executes each on params/smoke.yaml; nbval re-executes the executed
 notebooks and the outputs of the cells marked NBVAL_CHECK_OUTPUT must match (they are deterministic).
 
-Each execution has a cache of its own, made fresh: the papermill run computes every statistic and split, and
-nbval's re-execution computes them all again (it shares only the models, converted or trained once), so the
-comparison tests determinism, not a cache round-trip. Of the user's cache only SmolLM2's conversion is read
-(conftest.smoke_cache); no statistic is written there."""
+Both executions run in the background from the session's start, each on a fresh cache of its own
+(tests/notebook_pipeline.py); these tests read what they produced."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import nbformat
 import pytest
 from browser import assert_links_resolve, browser, open_and_check_images, save_screenshot  # noqa: F401
+from notebook_pipeline import PRESENT, REPO
 
 from modsep_nb.params import NOTEBOOKS
-from modsep_nb.runner import NOTEBOOK_DIR, run
-
-REPO = Path(__file__).resolve().parent.parent
-PRESENT = [k for k, name in NOTEBOOKS.items() if (NOTEBOOK_DIR / f"{name}.ipynb").is_file()]
-
-
-@pytest.fixture(scope="session")
-def smoke_cache(tmp_path_factory):
-    """A fresh cache: every statistic and split in it is computed by the run. The models are the exception: the
-    smoke ViT is trained into it by the run, and SmolLM2's conversion (the same file whatever the settings) is
-    linked from the user's cache, where the other tests convert it once per machine."""
-    from modsep_nb.models import _smollm2_dir
-    cache = tmp_path_factory.mktemp("smoke_cache")
-    lm = _smollm2_dir()
-    (cache / lm.name).symlink_to(lm, target_is_directory=True)
-    return cache
-
-
-@pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory, smoke_cache):
-    out = tmp_path_factory.mktemp("smoke_run")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MODSEP_CACHE", str(smoke_cache))          # the kernels inherit it
-        run(REPO / "params" / "smoke.yaml", only=PRESENT, out=str(out), overwrite=True)
-    return out
+from modsep_nb.runner import NOTEBOOK_DIR
 
 
 @pytest.mark.parametrize("key", PRESENT)
@@ -81,20 +52,13 @@ def test_every_notebook_ran(smoke_run):
     assert params["run_name"] == "smoke"
 
 
-def test_nbval_reproduces_checked_outputs(smoke_run, smoke_cache, tmp_path):
-    fresh = tmp_path / "cache"
-    fresh.mkdir()
-    models = [p for p in smoke_cache.iterdir() if p.is_dir() and p.name not in ("stats", "splits")]
-    assert models, "the smoke run converted or trained its models in its own cache"
-    for model in models:                                 # models are shared; statistics and splits are not
-        (fresh / model.name).symlink_to(model, target_is_directory=True)
-    executed = [str(smoke_run / f"{NOTEBOOKS[k]}.ipynb") for k in PRESENT]
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider",
-                           "--nbval-current-env", *executed], cwd=NOTEBOOK_DIR, capture_output=True, text=True,
-                          env={**os.environ, "MODSEP_HEADLESS": "1", "MODSEP_CACHE": str(fresh)})
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert " passed" in proc.stdout
-    assert any((fresh / "stats").iterdir()), "the re-execution computed its own statistics"
+def test_nbval_reproduces_checked_outputs(nbval_run):
+    results, cache = nbval_run
+    assert list(results) == PRESENT, f"nbval ran {list(results)} only: the smoke run stopped early"
+    for key, proc in results.items():
+        assert proc.returncode == 0 and " passed" in proc.stdout, f"{key}:\n{proc.stdout[-6000:]}"
+    assert any((cache / "stats").iterdir()), "the re-execution computed its own statistics"
+    assert any(p.is_symlink() and (p / "config.json").is_file() for p in cache.iterdir()), "models are shared"
 
 
 def test_results_json_holds_this_runs_numbers(smoke_run):
