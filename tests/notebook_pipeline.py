@@ -48,14 +48,20 @@ class NotebookPipeline:
                          for stage, target in zip(STAGES, (self._papermill, self._nbval))]
 
     def start(self) -> "NotebookPipeline":
+        """Start both; a failure to start is handed to the tests that wait (the other tests still run)."""
         from modsep_nb.models import _smollm2_dir
-        self.cache.mkdir(parents=True)
-        self.nbval_cache.mkdir()
-        lm = _smollm2_dir()                       # converted once per machine, in the user's cache
-        (self.cache / lm.name).symlink_to(lm, target_is_directory=True)
-        with open(self._log, "w") as log:         # the child keeps its own handle
-            self._popen([sys.executable, "-m", "modsep_nb", "run", str(SMOKE_PARAMS), "--only", ",".join(PRESENT),
-                         "--out", str(self.out), "--overwrite"], REPO, self.cache, stdout=log)
+        try:
+            self.cache.mkdir(parents=True)
+            self.nbval_cache.mkdir()
+            lm = _smollm2_dir()                   # converted once per machine, in the user's cache
+            (self.cache / lm.name).symlink_to(lm, target_is_directory=True)
+            with open(self._log, "w") as log:     # the child keeps its own handle
+                self._popen([sys.executable, "-m", "modsep_nb", "run", str(SMOKE_PARAMS), "--only",
+                             ",".join(PRESENT), "--out", str(self.out), "--overwrite"], REPO, self.cache, stdout=log)
+        except Exception as e:  # noqa: BLE001
+            for future in self._done.values():
+                future.set_exception(e)
+            return self
         for thread in self._threads:
             thread.start()
         return self
@@ -75,7 +81,8 @@ class NotebookPipeline:
                 except psutil.NoSuchProcess:
                     pass
         for thread in self._threads:
-            thread.join(timeout=60)
+            if thread.is_alive():
+                thread.join(timeout=60)
 
     def _popen(self, cmd: list[str], cwd: Path, cache: Path, stdout) -> subprocess.Popen:
         if self._stopping.is_set():
