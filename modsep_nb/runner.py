@@ -144,6 +144,16 @@ def _remove_results(run_dir: Path) -> list[str]:
     return removed
 
 
+def kill_processes(processes) -> None:
+    """Kill each psutil.Process, skipping those already gone."""
+    import psutil
+    for process in processes:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def _interruptible(execute) -> None:
     """execute() in a worker thread, so that Ctrl-C (SIGINT) reaches this thread as KeyboardInterrupt. In the
     main thread nbclient takes SIGINT for itself (it starts shutting the kernel down) and, depending on when the
@@ -163,11 +173,7 @@ def _interruptible(execute) -> None:
         while worker.is_alive():
             worker.join(0.2)
     except KeyboardInterrupt:
-        for child in psutil.Process().children(recursive=True):
-            try:
-                child.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_processes(psutil.Process().children(recursive=True))
         worker.join(60)                     # the client notices the dead kernel and stops writing
         raise
     if outcome:

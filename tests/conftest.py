@@ -15,7 +15,7 @@ import pytest
 
 # One thread per process, set before torch is imported (the kernels and subprocesses inherit it): the notebook
 # pipeline runs beside the other tests, and on two cores torch's thread pools in two processes, spinning at
-# barriers on the same cores, made the suite twice as slow as running everything in turn.
+# barriers on the same cores, made the suite slower (23 min) than running everything in turn had been (15 min).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 
@@ -231,19 +231,21 @@ def windows_in_rounds(texts, ctx: int, doc_tokens: int | None = None) -> list[li
 
 
 # -- the notebooks, executed in the background (tests/notebook_pipeline.py) -------------------------------
-WAITS_FOR_NOTEBOOKS = ("smoke_run", "nbval_run")
+def waits_for_notebooks(item) -> int:
+    """Which of the pipeline's results a test waits for: 0 none, 1 the smoke run, 2 nbval (finished last)."""
+    return 2 if "nbval_run" in item.fixturenames else int("smoke_run" in item.fixturenames)
 
 
 def pytest_collection_modifyitems(items):
     """The tests that wait for the notebook pipeline go last (nbval's last of all), so that the others run
     while it does; the order within each group is kept."""
-    items.sort(key=lambda item: sum(name in item.fixturenames for name in WAITS_FOR_NOTEBOOKS))
+    items.sort(key=waits_for_notebooks)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def notebook_pipeline(request, tmp_path_factory):
     """Started with the session when a selected test reads the notebooks' executions; stopped at its end."""
-    if not any(name in item.fixturenames for item in request.session.items for name in WAITS_FOR_NOTEBOOKS):
+    if not any(waits_for_notebooks(item) for item in request.session.items):
         yield None
         return
     from notebook_pipeline import NotebookPipeline

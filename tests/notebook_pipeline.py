@@ -24,7 +24,7 @@ import nbformat
 import psutil
 
 from modsep_nb.params import NOTEBOOKS
-from modsep_nb.runner import NOTEBOOK_DIR
+from modsep_nb.runner import NOTEBOOK_DIR, kill_processes
 
 REPO = Path(__file__).resolve().parent.parent
 SMOKE_PARAMS = REPO / "params" / "smoke.yaml"
@@ -76,9 +76,8 @@ class NotebookPipeline:
             if proc.poll() is None:
                 try:
                     parent = psutil.Process(proc.pid)
-                    for p in [*parent.children(recursive=True), parent]:
-                        p.kill()
-                except psutil.NoSuchProcess:
+                    kill_processes([*parent.children(recursive=True), parent])
+                except psutil.NoSuchProcess:        # it ended meanwhile
                     pass
         for thread in self._threads:
             if thread.is_alive():
@@ -129,8 +128,7 @@ class NotebookPipeline:
                         link.symlink_to(model.resolve(), target_is_directory=True)
                 proc = self._popen([sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider",
                                     "--nbval-current-env", str(self._writing_elsewhere(executed))], NOTEBOOK_DIR,
-                                   self.nbval_cache,
-                                   stdout=subprocess.PIPE)
+                                   self.nbval_cache, stdout=subprocess.PIPE)
                 output, _ = proc.communicate()
                 results[key] = subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
             self._done["nbval"].set_result(results)
