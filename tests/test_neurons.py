@@ -37,10 +37,11 @@ def windows_with_documents(texts, ctx):
     return out
 
 
-def brute_force(handle, items, neurons, k, rank="abs", counted=None):
+def brute_force(handle, items, neurons, rank="abs", counted=None):
     """Every activation of every (layer, neuron), one item per forward (no padding); items are LM windows
-    (ids lists) or images [C, H, W]. Returns per neuron the top k (item, position, value, activations of the
-    whole item) sorted by (-score, item, position), an image only at its best token, and all counted values."""
+    (ids lists) or images [C, H, W]. Returns per neuron every candidate (score, item, position, value,
+    activations of the whole item) sorted by (-score, item, position), an image only at its best token, and
+    all counted values."""
     acts = []
     with torch.no_grad():
         for item in items:
@@ -50,7 +51,7 @@ def brute_force(handle, items, neurons, k, rank="abs", counted=None):
                 else:
                     handle.image_logits(item[None])
             acts.append({l: cap[l][0][0].double() for l, _ in neurons})
-    top, values = [], []
+    ranked, values = [], []
     for l, u in neurons:
         rows = []
         for i, a in enumerate(acts):
@@ -62,13 +63,47 @@ def brute_force(handle, items, neurons, k, rank="abs", counted=None):
         if handle.kind == "image":           # each image once, at its best token
             seen = set()
             rows = [r for r in rows if not (r[1] in seen or seen.add(r[1]))]
-        top.append([(i, p, v, acts[i][l][:, u]) for _, i, p, v in rows[:k]])
-    return top, values
+        ranked.append([(-s, i, p, v, acts[i][l][:, u]) for s, i, p, v in rows])
+    return ranked, values
 
 
 def expected_histogram(values, edges):
     """Positions below edges[0], per bin [edges[i], edges[i+1]), at or above edges[-1] (numpy)."""
     return np.bincount(np.searchsorted(edges, values, side="right"), minlength=len(edges) + 1)
+
+
+# The collector batches with padding, the brute force runs one item per forward: on some CPUs (AVX512-BF16)
+# the two differ in the last bits, so activations that tie in one need not tie in the other. What must hold
+# is what the arithmetic cannot move: the top-k scores (to a tolerance), and each kept entry a real, distinct
+# candidate with that score; among candidates whose scores agree to the tolerance any order is right.
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def close(a, b) -> bool:
+    return abs(a - b) <= ATOL + RTOL * abs(b)
+
+
+def assert_top_k_matches(kept, ranked, k, matches):
+    """kept: the collector's [(score, value, entry)] best first; ranked: the brute force's candidates (score,
+    item, position, value, activations) best first; matches(entry, candidate) says whether the kept entry
+    shows that candidate (its document, position and context)."""
+    want = [c[0] for c in ranked[:k]]
+    np.testing.assert_allclose([s for s, _, _ in kept], want, rtol=RTOL, atol=ATOL)
+    used = set()
+    for score, value, entry in kept:
+        found = [n for n, c in enumerate(ranked) if n not in used and close(score, c[0]) and close(value, c[3])
+                 and matches(entry, c)]
+        assert found, f"kept entry {entry} (score {score}) is no candidate of the brute force"
+        used.add(found[0])
+
+
+def assert_histogram_matches(hist, values, edges):
+    """The same counts as numpy's, except for values within the tolerance of a bin edge, which may fall on
+    either side of it."""
+    expected = expected_histogram(values, edges)
+    assert hist.sum() == expected.sum()
+    near = sum(bool(np.any(np.abs(edges - v) <= ATOL + RTOL * np.abs(edges))) for v in values)
+    assert np.abs(hist - expected).sum() <= 2 * near
 
 
 @pytest.fixture
@@ -87,23 +122,26 @@ def test_text_top_k_and_histograms_equal_a_brute_force_over_every_activation(tin
     edges, stats = _edges(tiny_llama, text_tasks, NEURONS, ctx=ctx)
     ex = N.collect_examples(tiny_llama, text_tasks, NEURONS, edges=edges, k=k, window=w, rank=rank, ctx=ctx,
                             batch_size=3, progress=False)
+    score = (lambda v: abs(v)) if rank == "abs" else (lambda v: v)
     for task, texts in text_tasks.items():
         windows = windows_with_documents(texts, ctx)
-        top, values = brute_force(tiny_llama, [ids for _, ids in windows], NEURONS, k, rank)
+        ranked, values = brute_force(tiny_llama, [ids for _, ids in windows], NEURONS, rank)
         for i in range(len(NEURONS)):
-            assert ex.document[task][i].tolist() == [windows[item][0] for item, *_ in top[i]]
-            assert ex.position[task][i].tolist() == [p for _, p, _, _ in top[i]]
-            np.testing.assert_allclose(ex.value[task][i].numpy(), [v for _, _, v, _ in top[i]], rtol=1e-5,
-                                       atol=1e-6)
-            for j, (item, p, _, acts) in enumerate(top[i]):
+            def matches(j, candidate):
+                _, item, p, _, acts = candidate
                 ids = windows[item][1]
                 cols = range(p - w, p + w + 1)
-                assert ex.tokens[task][i][j] == [ID_TO_TOKEN[ids[c]] if 0 <= c < len(ids) else None for c in cols]
                 want = [float(acts[c]) if 0 <= c < len(ids) else math.nan for c in cols]
-                np.testing.assert_allclose(ex.context[task][i, j].numpy(), want, rtol=1e-5, atol=1e-6)
+                return (int(ex.document[task][i, j]) == windows[item][0] and int(ex.position[task][i, j]) == p
+                        and ex.tokens[task][i][j] == [ID_TO_TOKEN[ids[c]] if 0 <= c < len(ids) else None
+                                                      for c in cols]
+                        and np.allclose(ex.context[task][i, j].numpy(), want, rtol=RTOL, atol=ATOL,
+                                        equal_nan=True))
+            kept = [(score(v), v, j) for j, v in enumerate(ex.value[task][i].tolist())]
+            assert_top_k_matches(kept, ranked[i], k, matches)
             hist = ex.hist[task][i].numpy()
             assert hist.sum() == len(values[i]) == int(stats[task].count[0])       # every real token, once
-            np.testing.assert_array_equal(hist, expected_histogram(values[i], edges[i].numpy()))
+            assert_histogram_matches(hist, values[i], edges[i].numpy())
 
 
 @pytest.mark.parametrize("family", ["hf", "timm"])
@@ -119,20 +157,20 @@ def test_image_top_k_grids_and_kept_images_equal_a_brute_force(family, vit_dir, 
                                 progress=False)
         assert ex.grid_shape == (1, 4, 4)                       # CLS, then 4 x 4 patches (16/4 or 32/8 pixels)
         for task, images in data.items():
-            top, values = brute_force(handle, list(images), NEURONS, k,
-                                      counted=(lambda p: p == 0) if cls_only else None)
+            ranked, values = brute_force(handle, list(images), NEURONS,
+                                         counted=(lambda p: p == 0) if cls_only else None)
             for i in range(len(NEURONS)):
-                assert ex.document[task][i].tolist() == [item for item, *_ in top[i]]
+                def matches(j, candidate):
+                    _, item, p, _, acts = candidate
+                    return (int(ex.document[task][i, j]) == item and int(ex.position[task][i, j]) == p
+                            and np.allclose(ex.grid[task][i, j].numpy(), acts.numpy(), rtol=RTOL, atol=ATOL)
+                            and torch.equal(ex.images[task][item], images[item]))
+                kept = [(abs(v), v, j) for j, v in enumerate(ex.value[task][i].tolist())]
+                assert_top_k_matches(kept, ranked[i], k, matches)
                 assert len(set(ex.document[task][i].tolist())) == k         # k different images
-                assert ex.position[task][i].tolist() == [p for _, p, _, _ in top[i]]
-                np.testing.assert_allclose(ex.value[task][i].numpy(), [v for _, _, v, _ in top[i]], rtol=1e-5,
-                                           atol=1e-6)
-                for j, (item, _, _, acts) in enumerate(top[i]):
-                    np.testing.assert_allclose(ex.grid[task][i, j].numpy(), acts.numpy(), rtol=1e-5, atol=1e-6)
-                    assert torch.equal(ex.images[task][item], images[item])
                 hist = ex.hist[task][i].numpy()
                 assert hist.sum() == len(values[i]) == int(stats[task].count[0])
-                np.testing.assert_array_equal(hist, expected_histogram(values[i], edges[i].numpy()))
+                assert_histogram_matches(hist, values[i], edges[i].numpy())
             kept = set(ex.document[task][ex.document[task] >= 0].tolist())
             assert set(ex.images[task]) == kept                  # only the images shown are copied
 
