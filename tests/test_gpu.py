@@ -18,7 +18,9 @@ def test_fused_statistics_on_gpu_equal_cpu(llama_dir, recwarn):
     cpu, gpu = load_model(llama_dir), load_model(llama_dir, device="cuda")
     a = collect_stats(cpu, TEXTS, batch_size=4, ctx=12, progress=False)
     b = collect_stats(gpu, TEXTS, batch_size=4, ctx=12, progress=False)      # fused: compiled, on the device
-    assert not [w for w in recwarn if "torch.compile" in str(w.message)], "the fused reduction did not compile"
+    # only the project's own warning: libraries may mention torch.compile in their deprecation notices
+    assert not [w for w in recwarn if "statistics reduction failed" in str(w.message)], \
+        "the fused reduction did not compile"
     assert torch.equal(a.count, b.count)
     for name in ("mean", "mean_abs", "mean_sq", "frac_pos", "mean_sqrt"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-4, atol=1e-5)
