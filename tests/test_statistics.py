@@ -284,7 +284,8 @@ def test_without_a_compiler_the_eager_path_serves_with_a_warning(tiny_llama, mon
         raise RuntimeError("no C compiler found")
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.delitem(statistics._COMPILED, "reduce", raising=False)
-    with pytest.warns(RuntimeWarning, match="no C compiler found"):
+    # test_gpu.py looks for "statistics reduction failed": the message names the toolchain's own error too
+    with pytest.warns(RuntimeWarning, match="statistics reduction failed.*no C compiler found"):
         stats = collect_stats(tiny_llama, TEXTS, batch_size=4, ctx=12, progress=False)
     assert statistics._COMPILED["reduce"] is False
     assert_stats_close(stats, lm_reference(tiny_llama, TEXTS, ctx=12))
