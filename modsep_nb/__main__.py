@@ -5,7 +5,7 @@ import argparse
 import logging
 import sys
 
-from .params import ParamsError, load_params
+from .params import ParamsError, load_params, task_sources
 from .runner import RunError
 from .runner import run as run_notebooks
 
@@ -23,8 +23,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "check":
-            load_params(args.params)
+            params = load_params(args.params)
             print(f"{args.params}: ok")
+            for line in task_sources(params):     # globs may reach any file: say which ones each task reads
+                print(line)
             return 0
         run_notebooks(args.params, only=args.only, out=args.out, overwrite=args.overwrite)
     except (ParamsError, RunError) as err:

@@ -10,9 +10,12 @@ from .data import images_and_labels, lm_batches
 
 @torch.no_grad()
 def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ctx=256, cls_only=False,
-                progress=True, desc="forward", on_logits=None, shard=(0, 1), doc_tokens=None, documents=False):
+                progress=True, desc="forward", on_logits=None, shard=(0, 1), doc_tokens=None, documents=False,
+                logits=None):
     """Run `data` through the model in batches, telling `collector` which positions count.
     shard=(rank, world_size): this process's share (every world_size-th window or image).
+    logits: whether the passes need the model's output (default: when on_logits is given). Without it each
+    forward stops after the last hooked layer (ModelHandle.read_forward) and on_logits gets None.
     documents=True: before each forward `collector.documents` is set to the index in `data` of each row's
     document (LM) or image [batch], and on_logits gets it as a last argument."""
     for name, value, low in (("batch_size", batch_size, 1), ("max_tokens", max_tokens, 1), ("ctx", ctx, 2)):
@@ -20,6 +23,8 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
             raise ValueError(f"{name} must be a whole number >= {low}{'' if name == 'ctx' else ' or None'}, "
                              f"got {value!r}")
     device = handle.device
+    if logits is None:
+        logits = on_logits is not None
     if handle.kind == "lm":
         if isinstance(data, str) or not all(isinstance(t, str) for t in data):
             raise TypeError("a language model takes a list of documents (list[str]) as data")
@@ -34,9 +39,9 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
                 if documents:
                     collector.documents = docs
             ids, mask = ids.to(device), mask.to(device)
-            logits = handle.lm_logits(ids, mask)
+            out = handle.lm_logits(ids, mask) if logits else handle.read_forward(ids, mask)
             if on_logits is not None:
-                on_logits(logits, ids, mask, *([docs] if documents else []))
+                on_logits(out, ids, mask, *([docs] if documents else []))
             bar.update(int(mask.sum()))
         bar.close()
         return
@@ -59,9 +64,9 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
                 pos = torch.zeros(x.shape[0], n_tok, dtype=torch.bool)
                 pos[:, 0] = True
                 collector.positions = pos
-        logits = handle.image_logits(x)
+        out = handle.image_logits(x) if logits else handle.read_forward(x)
         if on_logits is not None:
-            on_logits(logits, start, *([docs] if documents else []))
+            on_logits(out, start, *([docs] if documents else []))
 
 
 def _n_image_tokens(handle) -> int:

@@ -58,6 +58,11 @@ class Claim:
             return bool(excludes)
         return bool(excludes) and not math.isnan(self.p) and self.p < ALPHA
 
+    @property
+    def undefined(self) -> bool:
+        """The estimate, or the p of a tested claim, is NaN: there is nothing to read (never supported)."""
+        return math.isnan(float(self.estimate)) or (self.p is not None and math.isnan(self.p))
+
     def as_dict(self) -> dict:
         return {"id": self.id, "statement": self.statement, "estimate": _num(self.estimate),
                 "ci": [_num(self.ci[0]), _num(self.ci[1])], "null": _num(self.null),
@@ -80,10 +85,20 @@ def claims_table(claims) -> str:
     rows = ["| claim | estimate | 95% interval | null | p | verdict |", "|---|---|---|---|---|---|"]
     for c in claims:
         p = "–" if c.p is None else f"{_fmt(c.p)}{' (' + c.correction + ')' if c.correction else ''}"
-        verdict = "supported" if c.supported else "not supported"
+        verdict = "supported" if c.supported else "not supported (undefined)" if c.undefined else "not supported"
         rows.append(f"| {c.statement} (`{c.id}`) | {_fmt(c.estimate)} | [{_fmt(c.ci[0])}, {_fmt(c.ci[1])}] | "
                     f"{_fmt(c.null)} | {p} | {verdict} |")
     return "\n".join(rows)
+
+
+def resample_p(values, extreme, observed: float = 0.0) -> float:
+    """(1 + #extreme) / (1 + #values): the p of a claim from its resamples or permutations `values` [n], where
+    `extreme` [n] marks those at least as extreme as `observed` (on the wrong side of the claim). An undefined
+    (NaN) value counts as extreme, so it never makes p smaller; an undefined observed statistic gives NaN."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if math.isnan(float(observed)) or values.size == 0:
+        return float("nan")
+    return (1 + int(np.sum(np.asarray(extreme).ravel() | np.isnan(values)))) / (1 + values.size)
 
 
 def _fmt(x) -> str:

@@ -8,11 +8,13 @@ on the train split and evaluated on the test split, so statistics never see eval
 from __future__ import annotations
 
 import collections
-import glob
+import fnmatch
 import gzip
+import os
 import random
 import re
 import sysconfig
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,7 +91,7 @@ def _licenses() -> list[Document]:
         target = p.resolve()
         if target.is_file():
             files.setdefault(target, target.relative_to(root).as_posix() if target.is_relative_to(root) else p.name)
-    return [Document(name, path.read_text(errors="replace"), license_family(name))
+    return [Document(name, path.read_text(encoding="utf-8", errors="replace"), license_family(name))
             for path, name in sorted(files.items(), key=lambda item: item[1])]
 
 
@@ -99,7 +101,7 @@ def _fortunes(category: str) -> list[Document]:
         raise DataNotAvailableError(
             f"fortunes category {category!r} not found at {path}: install Debian's packages "
             f"`apt-get install fortunes fortunes-min` (make run does this when run as root)")
-    entries = [d.strip() for d in path.read_text(errors="replace").split("\n%\n")]
+    entries = [d.strip() for d in path.read_text(encoding="utf-8", errors="replace").split("\n%\n")]
     entries = [d for d in entries if d and d != "%"]
     return [Document(f"{category}:{i}", d) for i, d in enumerate(entries)]
 
@@ -128,7 +130,8 @@ def document_groups(docs: list[Document], n_chars: int = 200) -> list[int]:
     characters (directly or through others), get the same label.
 
     Exact: every n_chars-character window of every text is hashed; windows of different documents with equal
-    hashes are compared as strings. Memory: about 20 bytes a character of the domain."""
+    hashes are compared as strings. Memory: about 10 bytes a character of the domain (one pass keeps only the
+    hashes, a second only the windows whose hash is in two documents), plus ~30 of the longest document."""
     if n_chars < 2:
         raise ValueError(f"n_chars must be at least 2, got {n_chars}")
     parent = list(range(len(docs)))
@@ -142,12 +145,28 @@ def document_groups(docs: list[Document], n_chars: int = 200) -> list[int]:
     for i, d in enumerate(docs):
         if d.family is not None:
             parent[root(i)] = root(first.setdefault(d.family, i))
-    hashes, owners, starts = [], [], []
+    # pass 1: the hashes found in two or more documents (each document's distinct hashes, sorted in place)
+    every = np.empty(sum(max(0, len(d.text) - n_chars + 1) for d in docs), dtype=np.uint64)
+    filled = 0
+    for d in docs:
+        h = np.unique(_window_hashes(d.text, n_chars))
+        every[filled:filled + len(h)] = h
+        filled += len(h)
+    every = every[:filled]
+    every.sort()
+    shared = np.unique(every[1:][every[1:] == every[:-1]])
+    del every
+    # pass 2: where those hashes are, once per document
+    hashes, owners, starts = [np.zeros(0, dtype=np.uint64)], [np.zeros(0, dtype=np.int32)], [np.zeros(0, np.int64)]
     for i, d in enumerate(docs):
-        h, at = np.unique(_window_hashes(d.text, n_chars), return_index=True)   # once per document
+        if not len(shared):
+            break
+        h = _window_hashes(d.text, n_chars)
+        keep = np.flatnonzero(shared[np.minimum(np.searchsorted(shared, h), len(shared) - 1)] == h)
+        h, first = np.unique(h[keep], return_index=True)
         hashes.append(h)
         owners.append(np.full(len(h), i, dtype=np.int32))
-        starts.append(at.astype(np.int32))
+        starts.append(keep[first])
     hashes, owners, starts = np.concatenate(hashes), np.concatenate(owners), np.concatenate(starts)
     order = np.argsort(hashes, kind="stable")
     hashes = hashes[order]
@@ -168,8 +187,20 @@ def document_groups(docs: list[Document], n_chars: int = 200) -> list[int]:
 _HASH_BASE = 1_000_003          # odd, so it has an inverse modulo 2**64
 
 
+_HASH_CHUNK = 1 << 20          # windows hashed at once: bounds the temporaries (~80 bytes a window)
+
+
 def _window_hashes(text: str, n: int) -> np.ndarray:
     """A polynomial hash (mod 2**64) of every n-character window of `text`, by its offset."""
+    count = len(text) - n + 1
+    out = np.empty(max(0, count), dtype=np.uint64)
+    for start in range(0, count, _HASH_CHUNK):          # a window's hash does not depend on where a chunk starts
+        stop = min(start + _HASH_CHUNK, count)
+        out[start:stop] = _chunk_hashes(text[start:stop + n - 1], n)
+    return out
+
+
+def _chunk_hashes(text: str, n: int) -> np.ndarray:
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
     count = len(codes) - n + 1
     if count <= 0:
@@ -259,15 +290,52 @@ def text_tasks(names, *, eval_frac: float = 0.3, seed: int = 0, source: str = "e
     if source not in ("embedded", "hub"):
         raise ValueError(f"source must be 'embedded' or 'hub', got {source!r}")
     specs = names if isinstance(names, dict) else dict.fromkeys(names)
+    read = {name: task_documents(name, spec, source=source, data_dir=data_dir, root=root)
+            for name, spec in specs.items()}
+    documents, dropped = disjoint_tasks({name: docs for name, (docs, _) in read.items()},
+                                        own={name for name, spec in specs.items() if spec is not None})
+    if dropped:
+        warnings.warn(f"{len(dropped)} document(s) are in two domains and are kept in the first task only: "
+                      f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}", stacklevel=2)
     tasks = {}
-    for name, spec in specs.items():
-        docs, kind = task_documents(name, spec, source=source, data_dir=data_dir, root=root)
+    for name, (_, kind) in read.items():
+        docs = documents[name]
         if not docs:
             raise ValueError(f"text domain {name!r} is empty: it has no documents")
         collect, evaluate = split_documents(docs, eval_frac, seed)
         tasks[name] = TextTask(name, [d.text for d in collect], [d.text for d in evaluate], kind,
                                [d.id for d in collect], [d.id for d in evaluate])
     return tasks
+
+
+def disjoint_tasks(docs: dict[str, list[Document]], own=()) -> tuple[dict[str, list[Document]], list[str]]:
+    """(documents of each task, "id in task = id in task" of each one dropped): every text in one task only, so
+    no document is in one task's statistics and another's evaluation. A text in two tasks is a ValueError
+    when either is in `own` (files or a dataset: the user's globs or filters overlap); otherwise (embedded or
+    hub domains, a few of which share entries) it is kept in the first task and dropped from the later."""
+    first: dict[str, tuple[str, str]] = {}
+    shared: dict[tuple[str, str], list[tuple[str, str]]] = collections.defaultdict(list)
+    kept = {}
+    for name, task_docs in docs.items():
+        kept[name] = []
+        for d in task_docs:
+            owner, owner_id = first.setdefault(d.text, (name, d.id))
+            if owner == name:
+                kept[name].append(d)
+            else:
+                shared[owner, name].append((owner_id, d.id))
+    for (a, b), pairs in shared.items():
+        if a in own or b in own:
+            texts_a, texts_b = ({d.text for d in docs[t]} for t in (a, b))
+            if texts_a == texts_b:
+                raise ValueError(f"tasks {a!r} and {b!r} hold the same {len(texts_a)} documents, so they are one "
+                                 f"task: remove one or give it other files")
+            example = ", ".join(f"{x} in {a!r} is {y} in {b!r}" if x != y else f"{x} in both" for x, y in pairs[:3])
+            raise ValueError(f"tasks {a!r} and {b!r} share {len(pairs)} document(s) ({example}), which would be "
+                             f"in one task's statistics and the other's evaluation: change their files (or where) "
+                             f"so that each document is in one task")
+    dropped = [f"{y} in {b!r} = {x} in {a!r}" for (a, b), pairs in shared.items() for x, y in pairs]
+    return kept, dropped
 
 
 def task_documents(name: str, spec: dict | None, *, source: str = "embedded", data_dir: str | None = None,
@@ -291,25 +359,119 @@ def task_documents(name: str, spec: dict | None, *, source: str = "embedded", da
 
 
 def file_documents(patterns, *, root: str | Path = ".") -> list[Document]:
-    """One document per text file matching any of `patterns` (globs; `**` matches folders at any depth),
+    """One document per text file matching any of `patterns` (glob_files; `**` matches folders at any depth),
     relative patterns read from `root`. A document's id is its path as matched (relative to root for a
-    relative pattern), documents in the order of their ids; files of only whitespace are left out."""
+    relative pattern), documents in the order of their ids; files of only whitespace are left out. Files are
+    read by read_text_file (binary ones refused); bytes that are not UTF-8 are reported in one warning."""
     root = Path(root)
     found: dict[str, Path] = {}
     for pattern in patterns:
-        matches = [m for m in sorted(glob.glob(pattern, root_dir=root, recursive=True)) if (root / m).is_file()]
+        matches = glob_files(pattern, root)
         if not matches:
             where = "" if Path(pattern).is_absolute() else f" in {root}"
             raise ValueError(f"no file matches {pattern!r}{where}: check the pattern (relative patterns are read "
                              f"from the folder of the params file; ** matches subfolders)")
         for m in matches:
-            found.setdefault(Path(m).as_posix(), root / m)
-    docs = [Document(name, path.read_text(encoding="utf-8", errors="replace")) for name, path in sorted(found.items())]
+            found.setdefault(m, root / m)
+    docs, damaged = [], []
+    for name, path in sorted(found.items()):
+        text, replaced = read_text_file(path, name)
+        docs.append(Document(name, text))
+        if replaced:
+            damaged.append(f"{name} ({replaced} bytes)")
+    if damaged:
+        warnings.warn(f"{len(damaged)} file(s) are not all UTF-8; their undecodable bytes are read as U+FFFD: "
+                      f"{', '.join(damaged[:5])}{' ...' if len(damaged) > 5 else ''}; convert them to UTF-8 "
+                      f"(e.g. iconv -f latin1 -t utf-8) to read them as written", stacklevel=2)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
         raise ValueError(f"the {len(found)} file(s) matching {list(patterns)} hold no text: point the globs at text "
                          f"files")
     return docs
+
+
+MAX_TEXT_FILE_BYTES = 32 << 20    # one document; splitting needs ~30 bytes a character of the longest one
+BINARY_FRACTION = 0.1             # a file with more undecodable bytes than this is not text
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")    # what surrogateescape makes of a byte that is not UTF-8
+
+
+def read_text_file(path: Path, name: str) -> tuple[str, int]:
+    """(text, number of bytes that were not UTF-8, each read as U+FFFD) of a text file (a UTF-8 BOM is dropped).
+    ValueError for a file that is binary (NUL bytes, or more than BINARY_FRACTION of it not UTF-8) or larger
+    than MAX_TEXT_FILE_BYTES; `name` is how the message names it."""
+    size = path.stat().st_size
+    if size > MAX_TEXT_FILE_BYTES:
+        raise ValueError(f"file {name!r} is {size / 2**20:.0f} MiB; a text task reads one document per file, of at "
+                         f"most {MAX_TEXT_FILE_BYTES >> 20} MiB: split it into smaller files")
+    raw = path.read_bytes()
+    if b"\0" in raw:
+        raise ValueError(f"file {name!r} holds NUL bytes, so it is binary (or UTF-16), not text: leave it out of the "
+                         f"glob, or convert it to UTF-8 text")
+    text, replaced = _ESCAPED_BYTE.subn("\ufffd", raw.decode("utf-8-sig", "surrogateescape"))
+    if replaced > BINARY_FRACTION * len(raw):
+        raise ValueError(f"file {name!r} is not UTF-8 text: {replaced} of its {len(raw)} bytes are not UTF-8; "
+                         f"convert it (e.g. iconv -f latin1 -t utf-8) or leave it out of the glob")
+    return text, replaced
+
+
+GLOB_MAX_ENTRIES = 1_000_000      # files and folders one glob may look at
+_GLOB_MAGIC = re.compile(r"[*?[]")
+
+
+def glob_files(pattern: str, root: Path) -> list[str]:
+    """The files `pattern` matches, named and sorted as glob.glob(pattern, root_dir=root, recursive=True) names
+    them (`**`: any number of folders; wildcards skip hidden names), but walking no symlinked folder (so a link
+    loop cannot make `**` endless) and at most GLOB_MAX_ENTRIES entries (ValueError beyond)."""
+    parts = pattern.split("/")
+    n_literal = next((i for i, part in enumerate(parts) if _GLOB_MAGIC.search(part)), len(parts))
+    if n_literal == len(parts):                                   # no wildcard: one file or none
+        return [pattern] if (root / pattern).is_file() else []
+    prefix = "/".join(parts[:n_literal]) or ("/" if pattern.startswith("/") else "")
+    pats = []
+    for part in parts[n_literal:]:
+        if part and not (part == "**" and pats[-1:] == ["**"]):
+            pats.append(part)
+    base = root / prefix
+    if not base.is_dir():
+        return []
+    max_depth = None if "**" in pats else len(pats) - 1
+    hidden = any(p.startswith(".") for p in pats)
+    found = []
+    for folder, dirs, files in _walk(base, f"glob {pattern!r}", "narrow it (a folder nearer the files, fewer **)"):
+        rel = Path(folder).relative_to(base).parts
+        if max_depth is not None and len(rel) >= max_depth:
+            dirs[:] = []
+        elif not hidden:                                              # no part of the pattern can match them
+            dirs[:] = [d for d in dirs if d[0] != "."]
+        for f in files:
+            if _glob_match([*rel, f], pats) and os.path.isfile(os.path.join(folder, f)):
+                found.append("/".join([prefix.rstrip("/"), *rel, f]) if prefix else "/".join([*rel, f]))
+    return sorted(found)
+
+
+def _walk(base: Path, what: str, fix: str):
+    """os.walk(base) that lists symlinked folders but never enters them (a link loop would never end), and stops
+    with a ValueError naming `what` and `fix` after GLOB_MAX_ENTRIES files and folders. The caller may prune
+    the folder lists it is given, as with os.walk."""
+    seen = 0
+    for folder, dirs, files in os.walk(base, followlinks=False):
+        seen += len(dirs) + len(files)
+        if seen > GLOB_MAX_ENTRIES:
+            raise ValueError(f"{what} reaches more than {GLOB_MAX_ENTRIES} files and folders below {base}: {fix}")
+        yield folder, dirs, files
+
+
+def _glob_match(names: list[str], pats: list[str]) -> bool:
+    """Do path parts `names` match glob parts `pats` (glob's rules: `**` any number of non-hidden folders,
+    a wildcard part matches a hidden name only when it starts with '.')?"""
+    if not pats:
+        return not names
+    if pats[0] == "**":
+        first = 1 if len(pats) == 1 else 0          # a last ** names folders: a file is at least one name below
+        return any(_glob_match(names[i:], pats[1:]) for i in range(first, len(names) + 1)
+                   if all(n[0] != "." for n in names[:i]))
+    return (bool(names) and (names[0][0] != "." or pats[0][0] == ".") and fnmatch.fnmatchcase(names[0], pats[0])
+            and _glob_match(names[1:], pats[1:]))
 
 
 def dataset_folder(source: str, root: str | Path = ".") -> Path | None:
@@ -661,8 +823,26 @@ def image_tasks(dataset: ImageDataset, tasks: str | dict = "classes") -> dict[st
         unknown = sorted({c for cs in tasks.values() for c in cs} - set(dataset.class_names))
         if unknown:
             raise ValueError(f"unknown classes {unknown} in image tasks; the dataset has {dataset.class_names}")
+        shared = shared_classes(tasks)
+        if shared:
+            raise ValueError(shared)
         return tasks
     raise ValueError(f"image tasks must be 'classes', 'groups' or a dict of task -> classes, got {tasks!r}")
+
+
+def shared_classes(tasks: dict[str, list[str]]) -> str | None:
+    """What is wrong when image tasks share a class (its images would be in each task's statistics and
+    evaluation), or None."""
+    owners = collections.defaultdict(list)
+    for t, classes in tasks.items():
+        for c in dict.fromkeys(classes):
+            owners[c].append(t)
+    shared = {c: ts for c, ts in owners.items() if len(ts) > 1}
+    if not shared:
+        return None
+    listed = "; ".join(f"{c!r} in {', '.join(map(repr, ts))}" for c, ts in shared.items())
+    return f"image tasks share classes ({listed}), so their images would be in more than one task: give each " \
+           f"class to one task"
 
 
 def cifar100(split: str = "train", *, processor=None, local_dir: str | None = None,
@@ -698,26 +878,53 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def image_folder_files(root: str | Path) -> dict[str, dict[str, list[str]]]:
-    """{split: {class: [image paths relative to root, sorted]}} of an image folder: root/train/<class>/...
-    (and root/test/<class>/... when there is one), or root/<class>/... (split "all"). Classes are the
-    sorted subfolder names; images are found at any depth below a class folder. ValueError says what is
-    missing."""
+    """{split: {class: [image paths relative to root, sorted]}} of an image folder, one of two layouts:
+    split, when root's subfolders are exactly train/ and test/: root/train/<class>/... and root/test/<class>/...
+    with the same classes; otherwise unsplit, every subfolder a class (split "all"; a class may be named train
+    or test when it holds its images directly). Classes are the sorted subfolder names (hidden ones left out);
+    images are found at any depth below a class folder, not entering symlinked folders, and an image file
+    may be in one place only. ValueError says what is wrong and how to fix it."""
     root = Path(root)
-    layout = "root/train/<class>/<image> (and root/test/<class>/<image>), or root/<class>/<image>"
+    layout = "root/train/<class>/<image> and root/test/<class>/<image>, or root/<class>/<image>"
     if not root.is_dir():
         raise ValueError(f"image folder {str(root)!r} does not exist: make a folder laid out as {layout}")
-    parts = {"train": root / "train", "test": root / "test"} if (root / "train").is_dir() else {"all": root}
-    out = {}
+    subfolders = _subfolders(root)
+    splits = sorted({"train", "test"} & set(subfolders))
+    if subfolders == ["test", "train"]:
+        parts = {"train": root / "train", "test": root / "test"}
+    elif splits and splits == subfolders:                          # only one of train/ and test/
+        have, missing = splits[0], {"train": "test", "test": "train"}[splits[0]]
+        raise ValueError(f"image folder {str(root)!r} has {have}/ but no {missing}/: add {missing}/<class>/<image> "
+                         f"with the same classes, or, to hold out vit.eval_frac of each class's images instead, "
+                         f"move the class folders of {have}/ up into {str(root)!r}")
+    else:
+        parts = {"all": root}
+        for name in splits:
+            if _subfolders(root / name):
+                raise ValueError(f"image folder {str(root)!r} holds {name}/ beside other folders, so {name}/ is a "
+                                 f"class, but it has subfolders, as a split layout's {name}/<class>/ would: for a "
+                                 f"split layout keep only train/ and test/ in the folder; for a class named {name}, "
+                                 f"put its images directly in {name}/")
+    out, places = {}, {}
     for split, folder in parts.items():
-        if not folder.is_dir():
-            continue
-        classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+        classes = _subfolders(folder)
         if not classes:
-            raise ValueError(f"image folder {str(folder)!r} has no class subfolders: lay it out as {layout}")
+            where = "" if split == "all" else " (a folder of only train/ and test/ is split: train/<class>/<image>)"
+            raise ValueError(f"image folder {str(folder)!r} has no class subfolders{where}: lay it out as {layout}")
         out[split] = {}
         for c in classes:
-            files = sorted(p.relative_to(root).as_posix() for p in (folder / c).rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = []
+            for place, _, names in _walk(folder / c, f"class folder {str(folder / c)!r}", "give it fewer images"):
+                for f in names:
+                    path = Path(place) / f
+                    if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+                        files.append(path.relative_to(root).as_posix())
+                        stat = path.stat()                  # one file under two names (a link): in one place only
+                        other = places.setdefault((stat.st_dev, stat.st_ino), files[-1])
+                        if other != files[-1]:
+                            raise ValueError(f"image folder {str(root)!r}: {other} and {files[-1]} are the same file "
+                                             f"(a link), so it would be in two classes or splits: keep one")
+            files.sort()
             if not files:
                 raise ValueError(f"class folder {str(folder / c)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}): "
                                  f"add images or remove the folder")
@@ -734,14 +941,20 @@ def image_folder_files(root: str | Path) -> dict[str, dict[str, list[str]]]:
     return out
 
 
+def _subfolders(folder: Path) -> list[str]:
+    """The sorted names of a folder's subfolders, hidden ones left out."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def image_folder(root: str | Path, *, seed: int = 0, eval_frac: float = 0.3, processor=None,
                  image_shape: tuple[int, int, int] | None = None) -> tuple[ImageDataset, ImageDataset]:
     """(train, test) ImageDatasets of an image folder (image_folder_files), each in a seeded shuffled order.
 
     Label i is the i-th class in sorted order (as torchvision's ImageFolder and datasets' imagefolder number
-    them), so the model's output i must be that class. Without test/, each class's images are split with a
-    seeded shuffle, round(eval_frac * n) (at least 1) for test. Images go through the model's `processor`,
-    or without one are resized to `image_shape` (C, H, W) and scaled to [-1, 1]. All are held in memory."""
+    them), so the model's output i must be that class. An unsplit folder's classes are each split with a
+    seeded shuffle, round(eval_frac * n) (at least 1) for test. Images (open_image) go through the model's
+    `processor` IMAGE_CHUNK at a time, or without one are resized to `image_shape` (C, H, W) as each is read and
+    scaled to [-1, 1]. All are held in memory at that size."""
     files = image_folder_files(root)
     if "all" in files:
         rng = random.Random(seed)
@@ -769,14 +982,47 @@ def _load_images(paths: list[Path], processor, image_shape) -> torch.Tensor:
     if processor is None and image_shape is None:
         raise ValueError("loading an image folder needs the model's image processor or its image_shape (C, H, W)")
     mode = "L" if processor is None and image_shape[0] == 1 else "RGB"
-    pil = []
-    for path in paths:
-        with Image.open(path) as im:
-            pil.append(im.convert(mode))
-    if processor is not None:
-        return processor(images=pil, return_tensors="pt")["pixel_values"].float()
+    if processor is not None:             # a chunk at a time, so only IMAGE_CHUNK images are ever at full size
+        out = None
+        for start in range(0, len(paths), IMAGE_CHUNK):
+            chunk = [open_image(path, mode) for path in paths[start:start + IMAGE_CHUNK]]
+            chunk = processor(images=chunk, return_tensors="pt")["pixel_values"].float()
+            out = torch.empty((len(paths), *chunk.shape[1:])) if out is None else out
+            out[start:start + len(chunk)] = chunk
+        return out
     _, height, width = image_shape
-    arr = np.stack([np.asarray(im.resize((width, height), Image.BILINEAR), dtype=np.float32) / 255.0 for im in pil])
-    images = torch.from_numpy(arr)
-    images = images.unsqueeze(1) if images.dim() == 3 else images.permute(0, 3, 1, 2)
-    return images.sub(0.5).div(0.5)
+    out = torch.empty((len(paths), 1 if mode == "L" else 3, height, width))
+    for i, path in enumerate(paths):      # resized as it is read: one image at a time at full size
+        pixels = torch.from_numpy(np.asarray(open_image(path, mode).resize((width, height), Image.BILINEAR),
+                                             dtype=np.float32) / 255.0)
+        out[i] = pixels.unsqueeze(0) if pixels.dim() == 2 else pixels.permute(2, 0, 1)
+    return out.sub_(0.5).div_(0.5)
+
+
+IMAGE_CHUNK = 256      # images an image processor takes at once
+
+
+def open_image(path: Path, mode: str):
+    """An image file as a PIL image in `mode` ("L" or "RGB"), 8 bits a channel scaled from the file's full
+    scale: 8-bit modes as they are (alpha dropped, as torchvision's ImageFolder does; palettes and CMYK
+    converted), 16-bit greyscale (I;16, or I from a PNG) from 65535, 32-bit float (F) from 1. ValueError, naming
+    the file, for one that PIL cannot read or whose full scale is unknown (32-bit integers, floats outside [0, 1])."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            if im.mode.startswith("I;16") or (im.mode == "I" and im.format == "PNG"):
+                values, scale = np.asarray(im, dtype=np.float64), 65535.0
+            elif im.mode == "I":
+                raise ValueError(f"image {str(path)!r} has 32-bit integer pixels, whose full scale is unknown: save it "
+                                 f"with 8 or 16 bits a channel")
+            elif im.mode == "F":
+                values, scale = np.asarray(im, dtype=np.float64), 1.0
+                if not (np.isfinite(values).all() and 0.0 <= values.min() and values.max() <= 1.0):
+                    raise ValueError(f"image {str(path)!r} has float pixels outside [0, 1], whose full scale is "
+                                     f"unknown: save it with 8 or 16 bits a channel, or scaled to [0, 1]")
+            else:
+                return im.convert(mode)
+    except (OSError, SyntaxError) as err:          # PIL's errors for a file that is not a readable image
+        raise ValueError(f"image {str(path)!r} cannot be read ({type(err).__name__}: {err}): replace or remove "
+                         f"it") from None
+    return Image.fromarray(np.round(values / scale * 255.0).astype(np.uint8)).convert(mode)

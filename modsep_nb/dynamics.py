@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from .claims import Claim
+from .claims import Claim, resample_p
 from .correspondence import random_balanced_splits, task_correspondence
 from .evidence import _seeds, bootstrap_masks, paired_difference_ci, percentile_ci, ratio_of_sums
 from .models import load_model
@@ -227,7 +227,7 @@ def trend_claim(claim_id: str, statement: str, values, samples, *, n_perm: int, 
                      for s in samples])
     rng = np.random.default_rng(seed)
     null = np.array([_spearman(order, rng.permutation(values)) for _ in range(n_perm)])
-    p = (1 + int(np.sum(null >= rho - 1e-12))) / (1 + n_perm)
+    p = resample_p(null, null >= rho - 1e-12, rho)      # NaN (constant values): no test
     return Claim(claim_id, statement, rho, percentile_ci(boot), 0.0, p=p, n=int(len(values)))
 
 
@@ -263,8 +263,7 @@ def settle_before_accuracy_claim(overlap_curve, overlap_samples, accuracy, accur
     sets_at = settled_at(overlap_curve, settled)
     acc_at = settled_at(accuracy, share * accuracy[-1])
     diff = settled_at(accuracy_samples, share * accuracy_samples[:, -1]) - settled_at(overlap_samples, settled)
-    diff = diff[~np.isnan(diff)]
-    p = (1 + int(np.sum(diff <= 0))) / (1 + len(diff)) if len(diff) else float("nan")
+    p = resample_p(diff, diff <= 0, acc_at - sets_at)      # a resample where either never settles counts against
     step = lambda k: None if np.isnan(k) else int(steps[int(k)])      # noqa: E731
     claim = Claim("sets_settle_before_accuracy", f"the tasks' top neuron sets settle (mean overlap with the final "
                   f"sets stays >= {settled:g}) before accuracy arrives (stays >= {share:.0%} of the final accuracy); "

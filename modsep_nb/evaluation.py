@@ -55,9 +55,18 @@ def frequent_targets(tokenizer, texts, n: int, *, ctx=256, max_tokens=None, doc_
     return torch.tensor(top, dtype=torch.long)
 
 
+def check_finite_logits(finite: bool, task: str | None, dtype) -> None:
+    """Refuse NaN or infinite logits (a float16 overflow): the metrics read from them would be silently wrong."""
+    if not finite:
+        raise FloatingPointError(
+            f"evaluation{' of task ' + repr(task) if task else ''}: the model's logits are NaN or infinite (its "
+            f"dtype is {str(dtype).removeprefix('torch.')}; float16 overflows): run it in float32 or bfloat16 "
+            f"(params: dtype, or lm.dtype / vit.dtype)")
+
+
 @torch.no_grad()
 def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx=256, skip_top: int = 0,
-             classes=None, progress=False, doc_tokens=None, per_document: bool = False) -> dict:
+             classes=None, progress=False, doc_tokens=None, per_document: bool = False, task: str | None = None) -> dict:
     """Metrics of the model on `data` (SPEC §4, §11).
 
     LM (data: list[str]): top1, top10, loss (mean cross-entropy), perplexity = exp(loss), n targets; the
@@ -67,6 +76,7 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
     per_document=True adds "documents": {"n", "top1"} int64 arrays, one entry per document read (LM:
     counted targets and top-1 hits; images: 1 and the top-1 hit of each image, plus "labels"), so the
     accuracy over any resample of documents is a ratio of sums (evidence.py) without another pass.
+    task: named in the error raised when the logits are NaN or infinite (never a number read from them).
     """
     if handle.kind == "lm":
         skip = (frequent_targets(handle.tokenizer, data, skip_top, ctx=ctx, max_tokens=max_tokens,
@@ -78,6 +88,7 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
         def add(logits, ids, mask, docs=None):
             m = lm_token_metrics(logits, ids, mask, bos_token_id=bos, skip_tokens=skip, topk=10,
                                  per_row=per_document)
+            check_finite_logits(math.isfinite(m["ce"]), task, handle.dtype)   # NaN or inf logits make ce so
             for k in totals:
                 totals[k] += m[k]
             if per_document:
@@ -91,17 +102,17 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
             raise ValueError("no target tokens to evaluate: the data is empty or too short")
         loss = totals["ce"] / n
         out = {"top1": totals["top1"] / n, "top10": totals["top10"] / n, "loss": loss,
-               "perplexity": math.exp(loss), "n": n}
+               "perplexity": math.exp(loss) if loss < 709 else math.inf, "n": n}     # exp overflows past 709
         if per_document:
             read = int(np.flatnonzero(per_doc["n"]).max()) + 1     # documents past the budget were not read
             out["documents"] = {k: v[:read] for k, v in per_doc.items()}
         return out
     return _evaluate_images(handle, data, labels=labels, batch_size=batch_size, classes=classes, progress=progress,
-                            per_document=per_document)
+                            per_document=per_document, task=task)
 
 
 def _evaluate_images(handle, data, *, labels=None, batch_size=None, classes=None, progress=False,
-                     per_document=False) -> dict:
+                     per_document=False, task=None) -> dict:
     images, own_labels, class_names = images_and_labels(data)
     if labels is not None:
         labels = torch.as_tensor(labels)
@@ -121,10 +132,19 @@ def _evaluate_images(handle, data, *, labels=None, batch_size=None, classes=None
         ids = [class_names.index(c) if isinstance(c, str) else int(c) for c in classes]
         keep = torch.isin(labels, torch.tensor(ids))
         images, labels = images[keep], labels[keep]
+    if len(labels) == 0:
+        raise ValueError(f"no images to evaluate{' for task ' + repr(task) if task else ''}"
+                         f"{' of classes ' + str(list(classes)) if classes is not None else ''}: an accuracy over "
+                         f"no images is undefined; give it test images (e.g. raise vit.eval_images)")
     preds = []
 
     def add(logits, start):
-        preds.append(logits.float().topk(5, dim=-1).indices.cpu())
+        check_finite_logits(bool(torch.isfinite(logits).all()), task, handle.dtype)
+        if int(labels.max()) >= logits.shape[-1]:
+            raise ValueError(f"labels go up to {int(labels.max())} but the model scores {logits.shape[-1]} classes: "
+                             f"output i must be class i (see models.check_outputs)")
+        # top-5, or every output of a model with fewer
+        preds.append(logits.float().topk(min(5, logits.shape[-1]), dim=-1).indices.cpu())
     run_batches(handle, images, None, batch_size=batch_size, progress=progress, desc="evaluate", on_logits=add)
     top5 = torch.cat(preds)
     hit1 = top5[:, 0] == labels

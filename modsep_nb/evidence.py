@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .claims import Claim, holm
+from .claims import Claim, holm, resample_p
 from .evaluation import selectivity
 from .overlaps import chance_overlap, layer_matched_chance_matrix, overlap_matrix, related_vs_unrelated
 from .pruning import ablate, select_neurons, task_scores
@@ -262,19 +262,22 @@ def excess_claim(claim_id: str, statement: str, observed: float, boot, null=None
     null is 0 by exchangeability, e.g. the selectivity of same-distribution tasks). Interval: percentile of
     boot − (a bootstrap of the null's mean), so it carries the uncertainty of both. p: with a null, the
     share of null values at least as extreme as observed, (1 + #) / (1 + n_null); without, the bootstrap's
-    one-sided share on the wrong side of 0."""
+    one-sided share on the wrong side of 0. Undefined (NaN) resamples or null values count against the claim
+    (claims.resample_p); an undefined `observed` gives estimate and p NaN: not supported."""
     boot = np.asarray(boot, dtype=np.float64)
     rng = np.random.default_rng(seed)
     if null is None:
         excess, ci = float(observed), percentile_ci(boot)
-        wrong = boot <= 0 if direction == "greater" else boot >= 0
-        p = (1 + int(np.sum(wrong))) / (1 + len(boot))
+        p = resample_p(boot, boot <= 0 if direction == "greater" else boot >= 0, observed)
     else:
         null = np.asarray(null, dtype=np.float64)
-        null_means = null[rng.integers(0, len(null), size=(len(boot), len(null)))].mean(1)
-        excess, ci = float(observed - null.mean()), percentile_ci(boot - null_means)
-        beyond = null >= observed if direction == "greater" else null <= observed
-        p = (1 + int(np.sum(beyond))) / (1 + len(null))
+        known = null[~np.isnan(null)]           # the null's mean from its defined values; p counts the rest against
+        if known.size:
+            null_means = known[rng.integers(0, len(known), size=(len(boot), len(known)))].mean(1)
+            excess, ci = float(observed - known.mean()), percentile_ci(boot - null_means)
+        else:
+            excess, ci = float("nan"), (float("nan"), float("nan"))
+        p = resample_p(null, null >= observed if direction == "greater" else null <= observed, excess)
     return Claim(claim_id, statement, excess, ci, 0.0, p=p, n=n, direction=direction)
 
 
@@ -299,7 +302,7 @@ def permutation_related_vs_unrelated(matrix, names: Sequence[str], groups: Mappi
             perm_groups.setdefault(g, []).append(t)
         r = related_vs_unrelated(matrix, names, perm_groups)
         null[k] = r["within"] - r["across"]
-    p = (1 + int(np.sum(null >= diff - 1e-12))) / (1 + n_perm)
+    p = resample_p(null, null >= diff - 1e-12, diff)      # NaN: a permutation without a pair counts against
     return {"within": observed["within"], "across": observed["across"], "difference": float(diff), "p": float(p),
             "null": null, "n_within": observed["n_within"], "n_across": observed["n_across"]}
 
@@ -347,8 +350,11 @@ def combine_seeds(results: Sequence[Mapping], n_boot: int, seed: int) -> dict:
     adjusted = holm(p)
     rng = np.random.default_rng(seed)
     boot = np.median(rho[rng.integers(0, len(rho), size=(n_boot, len(rho)))], axis=1)
-    return {"rho": rho.tolist(), "p": p.tolist(), "p_holm": adjusted.tolist(), "median_rho": float(np.median(rho)),
-            "ci": percentile_ci(boot), "p_combined": float(np.nanmax(adjusted)), "n": int(len(rho))}
+    median = float(np.median(rho))
+    # a seed whose p is undefined cannot show the pattern persists there: it counts as p = 1, never left out
+    p_combined = float("nan") if np.isnan(median) else float(np.max(np.where(np.isnan(adjusted), 1.0, adjusted)))
+    return {"rho": rho.tolist(), "p": p.tolist(), "p_holm": adjusted.tolist(), "median_rho": median,
+            "ci": percentile_ci(boot), "p_combined": p_combined, "n": int(len(rho))}
 
 
 def activation_control_mask(stats_list, frac: float, mode: str = "per_layer") -> torch.Tensor:

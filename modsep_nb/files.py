@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -43,6 +44,7 @@ def atomic_file(path, suffix: str = ""):
     respect_umask(tmp, 0o666)
     try:
         yield Path(tmp)
+        respect_umask(tmp, 0o666)     # again: some writers replace the file with a 0600 one (safetensors 0.8)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -90,7 +92,7 @@ def write_manifest(folder) -> None:
     folder = Path(folder)
     files = {p.relative_to(folder).as_posix(): _file_record(p) for p in sorted(folder.rglob("*"))
              if p.is_file() and p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps(files, indent=1))
+    (folder / MANIFEST).write_text(json.dumps(files, indent=1), encoding="utf-8")
 
 
 def _file_record(path: Path) -> dict:
@@ -112,7 +114,7 @@ def check_manifest(folder) -> str | None:
     if not folder.is_dir():
         return "it does not exist"
     try:
-        expected = json.loads(manifest.read_text())
+        expected = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return f"its checksum file {MANIFEST} is missing or unreadable"
     present = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -162,10 +164,15 @@ def cached_dir(target, build, *, what: str) -> Path:
     return target
 
 
+def cache_root() -> Path:
+    """$MODSEP_CACHE or ~/.cache/modsep (cache_dir without creating it)."""
+    return Path(os.environ.get("MODSEP_CACHE") or Path.home() / ".cache" / "modsep")
+
+
 def cache_dir(sub: str | None = None) -> Path:
     """Where models converted or trained by the project, statistics and splits live: $MODSEP_CACHE or
     ~/.cache/modsep (a sub-folder when `sub` is given)."""
-    root = Path(os.environ.get("MODSEP_CACHE") or Path.home() / ".cache" / "modsep")
+    root = cache_root()
     if sub:
         root = root / sub
     root.mkdir(parents=True, exist_ok=True)
@@ -190,5 +197,16 @@ def cached(path, compute, *, load, save, what: str = "result"):
 
 
 def write_text_atomic(path, text: str) -> None:
+    """Always UTF-8: the findings hold "−" and "≥", which an ASCII or Latin-1 locale cannot encode."""
     with atomic_file(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
+
+
+def file_name(name: str) -> str:
+    """The part of a file name that stands for `name` (a task): the name itself when it is only ASCII letters,
+    digits, - and _; else those characters (others as _) and, after a ".", a hash of the name, so that no two
+    names share a file ("x y" and "x_y", or "a/b" and "a:b"). tasks.json records each task's file name."""
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,80}", name):
+        return name
+    plain = re.sub(r"[^A-Za-z0-9_-]", "_", name)[:60]
+    return f"{plain}.{hashlib.sha256(name.encode('utf-8')).hexdigest()[:10]}"

@@ -47,10 +47,29 @@ def notebook_html(notebook: Path, out: Path) -> Path:
     return out
 
 
+def is_local(url: str) -> bool:
+    """A relative link inside the folder: no scheme (http:, data:), no host (//h; a browser reads a backslash as
+    /), no absolute path, no white space (a browser drops tabs and newlines from a URL: "ht<tab>tp:" is http:)."""
+    return bool(url) and not url.startswith("/") and not re.search(r"[:\\\s\x00-\x1f]", url)
+
+
 def markdown_html(text: str) -> str:
-    """Markdown (with tables) to HTML; raw HTML in the text is escaped, not passed through."""
+    """Markdown (with tables) to HTML; raw HTML in the text is escaped, not passed through, and an image or a
+    link that leaves the folder (say a task named "![x](http://host/x.png)") is shown as its text: the page
+    fetches nothing and points nowhere outside the folder."""
     import mistune
-    return mistune.create_markdown(escape=True, plugins=["table", "strikethrough"])(text)
+    from mistune.util import striptags
+
+    class Offline(mistune.HTMLRenderer):
+        def image(self, text, url, title=None):
+            if is_local(url):
+                return super().image(text, url, title)
+            return f"{striptags(text)} (remote image, not shown)"      # text: already escaped HTML
+
+        def link(self, text, url, title=None):
+            return super().link(text, url, title) if is_local(url) else text
+    return mistune.create_markdown(escape=True, renderer=Offline(escape=True),
+                                   plugins=["table", "strikethrough"])(text)
 
 
 def local_links(page: str) -> list[str]:
@@ -67,15 +86,15 @@ def _finished(folder: Path, pattern: str) -> list[Path]:
 def _summary_markdown(run_dir: Path) -> str:
     summary = run_dir / "summary.md"
     if summary.is_file():
-        return summary.read_text()
+        return summary.read_text(encoding="utf-8")
     findings = _finished(run_dir / "findings", "*.md")
-    return "\n\n".join(f.read_text() for f in findings) or "_No findings were recorded in this run._"
+    return "\n\n".join(f.read_text(encoding="utf-8") for f in findings) or "_No findings were recorded in this run._"
 
 
 def _run_title(run_dir: Path) -> str:
     params = run_dir / "params.json"
     if params.is_file():
-        name = json.loads(params.read_text()).get("run_name")
+        name = json.loads(params.read_text(encoding="utf-8")).get("run_name")
         if name:
             return f"modsep run {name}"
     return f"modsep run {run_dir.name}"

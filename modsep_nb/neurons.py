@@ -19,12 +19,13 @@ from urllib.parse import quote
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import LogFormatter
 import torch
 
 from .batches import _n_image_tokens, run_batches
 from .data import images_and_labels
-from .files import atomic_file, write_text_atomic
-from .plots import interactive
+from .files import atomic_file, file_name, write_text_atomic
+from .plots import interactive, show_png, untracked_figure
 from .statistics import NonFiniteActivationError
 
 RANKS = ("abs", "value")
@@ -279,7 +280,7 @@ def collect_examples(handle, data: dict, neurons, *, picked: dict | None = None,
                 (lambda logits, start, docs: collector.update(None))
             run_batches(handle, task_data, collector, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
                         cls_only=cls_only, progress=progress, desc=f"neurons {task}", on_logits=on_logits,
-                        documents=True)
+                        documents=True, logits=False)
             _finish(result, task, collector.tasks.pop(task), handle, task_data)
     if handle.kind == "image":
         result.grid_shape = _grid_shape(handle)
@@ -380,7 +381,8 @@ def distribution_figure(ex: NeuronExamples, neuron):
     edges = ex.edges[i].numpy()
     owners = set(ex.owners(neuron))
     occupied = np.zeros(len(edges) - 1, dtype=bool)
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    fig = untracked_figure(figsize=(7, 3.6))     # pyplot-free: the explorer draws it on a widget thread
+    ax = fig.subplots()
     for task in ex.tasks:
         counts = ex.hist[task][i].numpy().astype(float)
         total = counts.sum()
@@ -396,6 +398,9 @@ def distribution_figure(ex: NeuronExamples, neuron):
         pad = 0.03 * (edges[last + 1] - edges[first])
         ax.set_xlim(edges[first] - pad, edges[last + 1] + pad)
     ax.set_yscale("log")
+    # plain tick labels: log axes label in mathtext, shown raw ("$\mathdefault{10^{1}}$") with parse_math off (plots)
+    ax.yaxis.set_major_formatter(LogFormatter())
+    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax.set_xlabel("activation")
     ax.set_ylabel("density (fraction of positions\nper unit activation)")
     ax.set_title(f"Layer {neuron[0]}, neuron {neuron[1]}: activation on each task"
@@ -422,7 +427,8 @@ def images_figure(ex: NeuronExamples, neuron, rows: dict):
     prefix, n_rows, n_cols = ex.grid_shape
     scale = _scale(ex, neuron)
     width = max(1, max(len(r) for r in rows.values()))
-    fig, axes = plt.subplots(len(rows), width, figsize=(1.7 * width, 2.3 * len(rows)), squeeze=False)
+    fig = untracked_figure(figsize=(1.7 * width, 2.3 * len(rows)))      # pyplot-free, as distribution_figure
+    axes = fig.subplots(len(rows), width, squeeze=False)
     # a fixed grid without axis decorations: laying out (tight_layout) a grid of framed axes cost ~0.5 s a figure
     fig.subplots_adjust(left=0.05, right=0.99, bottom=0.02, top=1 - 0.35 / len(rows), wspace=0.1, hspace=0.45)
     for r, (title, examples) in enumerate(rows.items()):
@@ -463,36 +469,26 @@ def top_rows(ex: NeuronExamples, neuron, task: str) -> dict:
     return rows
 
 
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-
-
-def _display_figure(fig) -> None:
-    from IPython.display import display
-    display(fig)
-    plt.close(fig)
-
-
 def _save_png(fig, path: Path) -> Path:
     with atomic_file(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return path
 
 
 def export(ex: NeuronExamples, out_dir, kind: str | None = None) -> list[Path]:
     """Write out_dir/neurons/<kind>-<task>.html for every task with picked neurons, and the PNGs they show
     (out_dir/neurons/<kind>/...: each neuron's distribution, for images its top images per task); every link
-    relative. kind: the file-name prefix (default "lm" or "image"). Returns the HTML pages' paths."""
+    relative. kind: the file-name prefix (default "lm" or "image"); <task> is files.file_name(task), one file per
+    task whatever its name. Returns the HTML pages' paths."""
     kind = kind or ex.kind
     folder = Path(out_dir) / "neurons"
-    assets = folder / _safe(kind)
+    assets = folder / file_name(kind)
     assets.mkdir(parents=True, exist_ok=True)
     distribution = {}
     for neuron in ex.neurons:
         name = f"L{neuron[0]}-N{neuron[1]}-distribution.png"
         _save_png(distribution_figure(ex, neuron), assets / name)
-        distribution[neuron] = f"{_safe(kind)}/{name}"
+        distribution[neuron] = f"{file_name(kind)}/{name}"
     pages = []
     for task, neurons in ex.picked.items():
         sections = []
@@ -508,9 +504,9 @@ def export(ex: NeuronExamples, out_dir, kind: str | None = None) -> list[Path]:
                     lines = "\n".join(context_html(r, scale, ex.window) for r in rows) or "<p>None kept.</p>"
                     parts.append(f"<h3>{html.escape(title.capitalize())}</h3>\n{lines}")
             else:
-                name = f"L{l}-N{u}-{_safe(task)}-top.png"
+                name = f"L{l}-N{u}-{file_name(task)}-top.png"
                 _save_png(images_figure(ex, neuron, top_rows(ex, neuron, task)), assets / name)
-                parts.append(f'<img src="{quote(_safe(kind) + "/" + name)}" alt="top images of layer {l}, '
+                parts.append(f'<img src="{quote(file_name(kind) + "/" + name)}" alt="top images of layer {l}, '
                              f'neuron {u}">')
             sections.append("\n".join(parts) + "\n</section>")
         toc = " · ".join(f'<a href="#L{l}-N{u}">L{l} N{u}</a>' for l, u in neurons)
@@ -526,7 +522,7 @@ def export(ex: NeuronExamples, out_dir, kind: str | None = None) -> list[Path]:
             + (f", with {ex.window} tokens either side (red positive, blue negative)." if ex.kind == "lm" else
                ", the neuron's activation drawn over every patch (red positive, blue negative).") + "</p>",
             f"<p>{toc}</p>", *sections, "</body>\n</html>\n"])
-        path = folder / f"{_safe(kind)}-{_safe(task)}.html"
+        path = folder / f"{file_name(kind)}-{file_name(task)}.html"
         write_text_atomic(path, page)
         pages.append(path)
     return pages
@@ -534,7 +530,8 @@ def export(ex: NeuronExamples, out_dir, kind: str | None = None) -> list[Path]:
 
 def explorer(ex: NeuronExamples):
     """An ipywidgets explorer (JupyterLab): pick a task, then a layer and a neuron among those shown for it,
-    to see its top contexts (images) and its distribution on every task. Returns None in headless runs."""
+    to see its top contexts (images) and its distribution on every task. It displays itself and returns its
+    box (end the line with `;`, or the box is shown a second time); None in headless runs."""
     if not interactive():
         print("headless run: neuron explorer skipped (the same views are in neurons/*.html)")
         return None
@@ -571,13 +568,31 @@ def explorer(ex: NeuronExamples):
                     f"<h4>{html.escape(title)}</h4>" + "".join(context_html(r, scale, ex.window) for r in rs)
                     for title, rs in rows.items())))
             else:
-                _display_figure(images_figure(ex, chosen, rows))
-            _display_figure(distribution_figure(ex, chosen))
+                show_png(images_figure(ex, chosen, rows))
+            show_png(distribution_figure(ex, chosen))
 
-    task.observe(lambda c: (layers_of(), neurons_of(), draw()), names="value")
-    layer.observe(lambda c: (neurons_of(), draw()), names="value")
-    neuron.observe(draw, names="value")
+    following = []       # non-empty while one control's change sets the others: they must not draw too
+
+    def follow(update):
+        def handler(change):
+            if following:
+                return
+            following.append(change)
+            try:
+                update()
+            finally:
+                following.clear()
+            draw()                    # once per person's change (a task change moved all three: 3 draws)
+        return handler
+
+    task.observe(follow(lambda: (layers_of(), neurons_of())), names="value")
+    layer.observe(follow(neurons_of), names="value")
+    neuron.observe(follow(lambda: None), names="value")
+    following.append(None)
     layers_of()
     neurons_of()
+    following.clear()
     draw()
-    return w.VBox([w.HBox([task, layer, neuron]), out])
+    box = w.VBox([w.HBox([task, layer, neuron]), out])
+    display(box)         # shown by itself, as plots.score_explorer: `explorer(shown);` (the notebooks' line) hid it
+    return box

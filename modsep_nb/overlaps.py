@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from scipy import stats
 
+from .claims import resample_p
 from .pruning import as_mask, select_neurons
 
 METRICS = ("overlap", "jaccard")
@@ -329,7 +330,8 @@ def pattern_persistence(matrix_a, matrix_b, *, n_perm: int = 1000, seed: int = 0
     permuted = rank_b[perms[:, i], perms[:, j]]                              # [n_perm, n_pairs]
     rho = _corr_rows(rank_a[None, :], rank_b[i, j][None, :])[0]
     rho_perm = _corr_rows(rank_a[None, :], permuted)
-    p_value = (1 + np.sum(rho_perm >= rho - 1e-12)) / (1 + n_perm)
+    # a constant matrix has no ranking: rho NaN gives p NaN, a NaN permuted rho counts against persistence
+    p_value = resample_p(rho_perm, rho_perm >= rho - 1e-12, rho)
     out = {"rho": float(rho), "p_value": float(p_value), "n_perm": int(n_perm), "n_pairs": int(len(i))}
     if keep_null:
         out["null"] = rho_perm

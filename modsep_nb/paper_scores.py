@@ -43,7 +43,7 @@ ENV_DIR = "MODSEP_PAPER_SCORES"
 def _read_sha256sums(path: Path) -> dict[str, str]:
     """{relative path: hex digest} from a file in `sha256sum` format ("<hex>  <path>" per line)."""
     digests = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if line.strip():
             digest, rel = line.split(maxsplit=1)
             digests[rel.lstrip("*")] = digest

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import re
+import reprlib
 from pathlib import Path
 
 import torch
@@ -29,7 +31,9 @@ DEFAULTS: dict = {
     # with AMX or AVX512-BF16; float32 elsewhere). lm.dtype / vit.dtype override it for one section
     "dtype": "float32",
     "notebooks": ["01", "02", "03", "04", "05", "06"],
-    "cache_dir": None,           # None: $MODSEP_CACHE or ~/.cache/modsep
+    # statistics and splits; None: $MODSEP_CACHE or ~/.cache/modsep, where models converted or trained here always go.
+    # Relative paths in a parameter file (cache_dir, data_dir, model folders, ...) are read from the file's folder
+    "cache_dir": None,
     "lm": {
         "model": "smollm2-135m",
         "dtype": None,           # None: the top-level dtype
@@ -172,12 +176,38 @@ POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit
             "random_init.stats_images", "random_init.n_perm", "correspondence.n_null", "pruning.max_steps",
             "vit.training.epochs", "vit.training.checkpoints", "dynamics.stats_images", "dynamics.eval_images",
             "dynamics.n_boot", "dynamics.n_null", "dynamics.n_splits", "evidence.n_boot", "evidence.n_blocks", "evidence.n_null",
-            "evidence.n_null_ablation", "evidence.n_perm")
-OPTIONAL = ("random_init.stats_tokens", "random_init.stats_images")     # None: the trained model's value
+            "evidence.n_null_ablation", "evidence.n_perm", "vit.training.n_train", "vit.training.hidden_size",
+            "vit.training.num_hidden_layers", "vit.training.intermediate_size", "vit.training.patch_size")
+OPTIONAL = ("random_init.stats_tokens", "random_init.stats_images",      # None: the trained model's value
+            "vit.training.n_train")                                     # None: the whole training split
+MAX_SEED = 2**32 - 1        # numpy's legacy seeding, torch and random all take it
+# resamples cost memory as well as time (bootstrap weights are n_boot x documents; 1e9 resamples needed ~300 GB);
+# each statistics block holds a copy of the per-neuron sums (5 x layers x neurons, float64) for every task
+MAX_RESAMPLES = 10_000
+UPPER = {**dict.fromkeys(("evidence.n_boot", "evidence.n_null", "evidence.n_perm", "dynamics.n_boot",
+                          "dynamics.n_null", "dynamics.n_splits", "random_init.n_perm", "correspondence.n_null"),
+                         MAX_RESAMPLES), "evidence.n_blocks": 256}
 
 
 class ParamsError(ValueError):
-    """A parameter set that cannot run; the message names the key and what is allowed."""
+    """A parameter set that cannot run; the message names the key and what is allowed. A message is cut to
+    MAX_MESSAGE characters: one line, whatever value it quotes."""
+
+    def __init__(self, message: str):
+        if len(message) > MAX_MESSAGE:
+            message = f"{message[:MAX_MESSAGE - 40]}... ({len(message) - MAX_MESSAGE + 40} more characters)"
+        super().__init__(message)
+
+
+MAX_MESSAGE = 600
+_SHORT = reprlib.Repr()        # a bounded repr: never walks or prints more than a few items of a huge value
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 80, 80, 3, 8, 8
+
+
+def show(value) -> str:
+    """`value` as an error message quotes it: its repr, at most about 200 characters."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def load_params(path=None, overrides: dict | None = None) -> dict:
@@ -197,6 +227,7 @@ def load_params(path=None, overrides: dict | None = None) -> dict:
         params["params_file"] = str(path)
     if overrides:
         _merge(params, overrides, "")
+    _resolve_paths(params)
     validate(params)
     return params
 
@@ -226,13 +257,53 @@ def read_yaml(path: Path):
         line = raw[: err.start].count(b"\n") + 1
         raise ParamsError(f"{path}, line {line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the file "
                           f"as UTF-8") from None
+    loader = _StrictLoader(text)
     try:
-        return yaml.load(text, Loader=_StrictLoader)
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, path)    # before building the values: aliases may repeat them a billion times
+        return loader.construct_document(node) if node is not None else None
+    except RecursionError:
+        raise ParamsError(f"{path}: the YAML is nested too deeply to be a parameter set") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ParamsError(f"{path}{where}: invalid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+MAX_YAML_SIZE = 1_000_000     # values plus characters, aliases expanded: a parameter set needs a few thousand
+
+
+def _check_expansion(root, path: Path) -> None:
+    """Refuse a YAML document whose aliases (*name) expand it beyond MAX_YAML_SIZE (a "billion laughs" file of
+    a few hundred bytes expands to gigabytes as soon as anything prints it) or into itself. Each node's
+    expanded size is counted once (memo), so this costs one pass over the nodes as written."""
+    sizes: dict[int, int | None] = {}
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            if sizes[id(node)] is None:
+                raise ParamsError(f"{path}, line {node.start_mark.line + 1}: an alias (*name) refers to a value "
+                                  f"that contains it; write the value out")
+            return sizes[id(node)]
+        sizes[id(node)] = None
+        if isinstance(node, yaml.ScalarNode):
+            total = 1 + len(node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total = 1 + sum(size(child) for child in node.value)
+        else:
+            total = 1 + sum(size(key) + size(value) for key, value in node.value)
+        if total > MAX_YAML_SIZE:
+            raise ParamsError(f"{path}, line {node.start_mark.line + 1}: with its aliases (*name) expanded, this "
+                              f"value is larger than {MAX_YAML_SIZE:,} values and characters; a parameter set is "
+                              f"far smaller: write the values out instead of repeating anchors")
+        sizes[id(node)] = total
+        return total
+
+    size(root)
 
 
 def _merge(into: dict, new: dict, prefix: str) -> None:
@@ -247,7 +318,7 @@ def _merge(into: dict, new: dict, prefix: str) -> None:
         default = _default_at(name)
         if isinstance(default, dict):
             if not isinstance(value, dict):
-                raise ParamsError(f"parameter {name!r} must be a mapping (of {', '.join(default)}), got {value!r}")
+                raise ParamsError(f"parameter {name!r} must be a mapping (of {', '.join(default)}), got {show(value)}")
             _merge(into[key], value, name + ".")
         else:
             into[key] = _typed(name, default, value)
@@ -268,33 +339,33 @@ def _typed(name: str, default, value):
         ok = kind is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
         if not ok:
             what = {str: "a path (string)", int: "a whole number", bool: "true or false", list: "a list"}[kind]
-            raise ParamsError(f"parameter {name!r} must be {what} or null, got {value!r}")
+            raise ParamsError(f"parameter {name!r} must be {what} or null, got {show(value)}")
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
-            raise ParamsError(f"parameter {name!r} must be true or false, got {value!r}")
+            raise ParamsError(f"parameter {name!r} must be true or false, got {show(value)}")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ParamsError(f"parameter {name!r} must be a number, got {value!r}")
+            raise ParamsError(f"parameter {name!r} must be a number, got {show(value)}")
         if not math.isfinite(value):
-            raise ParamsError(f"parameter {name!r} must be a finite number, got {value!r}")
+            raise ParamsError(f"parameter {name!r} must be a finite number, got {show(value)}")
         return float(value)
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"parameter {name!r} must be a whole number, got {value!r}")
+            raise ParamsError(f"parameter {name!r} must be a whole number, got {show(value)}")
         return value
     if isinstance(default, list):
         if name == "lm.tasks" and isinstance(value, dict):     # {task: spec}: checked in validate
             return value
         if not isinstance(value, list):
-            raise ParamsError(f"parameter {name!r} must be a list, got {value!r}")
+            raise ParamsError(f"parameter {name!r} must be a list, got {show(value)}")
         return value
     if isinstance(default, str) and not isinstance(value, str):
         # tasks may be a list (text) or a mapping / keyword (images)
         if name == "vit.tasks" and isinstance(value, dict):
             return value
-        raise ParamsError(f"parameter {name!r} must be a string, got {value!r}")
+        raise ParamsError(f"parameter {name!r} must be a string, got {show(value)}")
     return value
 
 
@@ -310,17 +381,19 @@ def validate(params: dict) -> None:
     if not RUN_NAME.fullmatch(run_name) or ".." in run_name:
         raise ParamsError(f"parameter 'run_name' is {run_name!r}: it names the run folder under outputs/, so use "
                           f"letters, digits and - _ . only (e.g. my-run_2)")
-    if params["seed"] < 0:
-        raise ParamsError(f"parameter 'seed' must be a whole number >= 0, got {params['seed']}")
-    seeds = params["random_init"]["seeds"]
-    if (not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds)
-            or len(set(seeds)) != len(seeds)):
-        raise ParamsError(f"parameter 'random_init.seeds' must be a non-empty list of distinct whole numbers >= 0, "
-                          f"got {seeds!r}")
+    if not 0 <= params["seed"] <= MAX_SEED:
+        raise ParamsError(f"parameter 'seed' must be a whole number >= 0 and at most {MAX_SEED} (the range every "
+                          f"random generator here takes), got {show(params['seed'])}")
+    for name in ("random_init.seeds", "pruning.random_seeds"):
+        seeds = _get(params, name)
+        if (not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in seeds)
+                or len(set(seeds)) != len(seeds)):
+            raise ParamsError(f"parameter {name!r} must be a non-empty list of distinct whole numbers >= 0 and at "
+                              f"most {MAX_SEED}, got {show(seeds)}")
     for name, choices in CHOICES.items():
         value = _get(params, name)
         if choices is not None and value not in choices:
-            raise ParamsError(f"parameter {name!r} is {value!r}; choose one of "
+            raise ParamsError(f"parameter {name!r} is {show(value)}; choose one of "
                               f"{', '.join('null' if c is None else c for c in choices)}")
     device = params["device"]
     if not (device in ("auto", "cpu", "cuda", "sharded") or str(device).startswith("cuda:")):
@@ -340,20 +413,22 @@ def validate(params: dict) -> None:
         if value is None and name in OPTIONAL:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ParamsError(f"parameter {name!r} must be a whole number of at least 1, got {value!r}")
+            raise ParamsError(f"parameter {name!r} must be a whole number of at least 1, got {show(value)}")
     if params["lm"]["ctx"] < 2:
         raise ParamsError(f"parameter 'lm.ctx' must be at least 2 (a window needs a token and its next token), "
                           f"got {params['lm']['ctx']}")
-    if params["pruning"]["eps"] < 0:
-        raise ParamsError(f"parameter 'pruning.eps' must be >= 0, got {params['pruning']['eps']}")
-    seeds = params["pruning"]["random_seeds"]
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
-        raise ParamsError(f"parameter 'pruning.random_seeds' must be distinct whole numbers >= 0, got {seeds!r}")
+    # a neuron silent on the retain tasks has I(R) = 0: with eps 0 its score I(F) / (I(R) + eps) is 0/0 = NaN
+    if params["pruning"]["eps"] <= 0:
+        raise ParamsError(f"parameter 'pruning.eps' must be > 0 (it keeps the score I(F) / (I(R) + eps) finite for "
+                          f"neurons silent on the retain tasks), e.g. 1e-3; got {params['pruning']['eps']}")
     eps_relative = params["pruning"]["eps_relative"]
     if eps_relative is not None and (isinstance(eps_relative, bool) or not isinstance(eps_relative, (int, float))
-                                     or eps_relative < 0):
+                                     or eps_relative <= 0):
         raise ParamsError(f"parameter 'pruning.eps_relative' must be null (use the absolute 'pruning.eps') or a "
-                          f"number >= 0 (a fraction of each layer's median importance), got {eps_relative!r}")
+                          f"number > 0 (a fraction of each layer's median importance, e.g. 0.01), got "
+                          f"{show(eps_relative)}")
+    if params["vit"]["training"]["lr"] <= 0:
+        raise ParamsError(f"parameter 'vit.training.lr' must be > 0, e.g. 2e-3; got {params['vit']['training']['lr']}")
     if eps_relative is not None:
         params["pruning"]["eps_relative"] = float(eps_relative)
     unknown = [n for n in params["notebooks"] if str(n) not in NOTEBOOKS]
@@ -362,14 +437,17 @@ def validate(params: dict) -> None:
     params["notebooks"] = [str(n) for n in params["notebooks"]]
     tasks = params["lm"]["tasks"]
     if isinstance(tasks, dict):
-        if len(tasks) < 2 or not all(isinstance(t, str) for t in tasks):
-            raise ParamsError(f"parameter 'lm.tasks' must name at least two tasks, got {list(tasks)!r}")
-        for name, spec in tasks.items():
-            if spec is not None:
-                _check_text_spec(name, spec, base_dir(params), params["lm"]["eval_frac"])
+        _check_task_names("lm.tasks", list(tasks))
+        if len(tasks) < 2:
+            raise ParamsError(f"parameter 'lm.tasks' must name at least two tasks, got {show(list(tasks))}")
+        own = {name: _check_text_spec(name, spec, base_dir(params), params["lm"]["eval_frac"])
+               for name, spec in tasks.items() if spec is not None}
+        _check_disjoint(tasks, own, params["lm"]["source"])
         tasks = [t for t, spec in tasks.items() if spec is None]      # the domains of lm.source, checked below
-    elif not isinstance(tasks, list) or len(tasks) < 2 or not all(isinstance(t, str) for t in tasks):
-        raise ParamsError(f"parameter 'lm.tasks' must list at least two tasks by name, got {tasks!r}")
+    elif not isinstance(tasks, list) or len(tasks) < 2:
+        raise ParamsError(f"parameter 'lm.tasks' must list at least two tasks by name, got {show(tasks)}")
+    else:
+        _check_task_names("lm.tasks", tasks)
     repeated = sorted({t for t in tasks if tasks.count(t) > 1})
     if repeated:
         raise ParamsError(f"parameter 'lm.tasks' names {repeated} more than once; list each task once")
@@ -385,8 +463,10 @@ def validate(params: dict) -> None:
             raise ParamsError(f"parameter 'lm.tasks' names unknown tasks {unknown}; paper domains are "
                               f"{', '.join(PAPER_TEXT_DOMAINS)}")
     _check_vit_tasks(params["vit"])
+    n_classes = {"fashion-mnist": 10, "cifar100": 20}.get(params["vit"]["dataset"])    # cifar100: the superclasses
     if params["vit"]["dataset"] == "image-folder":
-        _check_image_folder(params["vit"], base_dir(params))
+        n_classes = _check_image_folder(params["vit"], base_dir(params))
+    _check_eval_images(params, n_classes)
     for key in ("n_boot", "n_null", "n_perm"):
         # a p-value of (1 + #) / (1 + n) or a 95% percentile interval needs at least ~20 resamples to go below 0.05
         if params["evidence"][key] < 20:
@@ -396,6 +476,10 @@ def validate(params: dict) -> None:
         if params["dynamics"][key] < 20:
             raise ParamsError(f"parameter 'dynamics.{key}' is {params['dynamics'][key]}; use at least 20, or no "
                               f"interval or p-value at a checkpoint means anything")
+    for name, most in UPPER.items():
+        if _get(params, name) > most:
+            raise ParamsError(f"parameter {name!r} is {_get(params, name)}; use at most {most} (memory and time grow "
+                              f"with it; the default is {_get(DEFAULTS, name)})")
     if params["vit"]["training"]["checkpoints"] < 3:
         raise ParamsError(f"parameter 'vit.training.checkpoints' is {params['vit']['training']['checkpoints']}; use "
                           f"at least 3 (the initialisation, the end and one between; notebook 06 wants 8 or more)")
@@ -440,17 +524,94 @@ TEXT_SPEC_HELP = ("null (the domain of that name), {files: [glob, ...]} or {data
 
 
 def base_dir(params: dict) -> Path:
-    """The folder relative paths of own tasks are read from: the params file's, else the current one."""
+    """The folder relative paths are read from: the params file's, else the current one."""
     return Path(params["params_file"]).resolve().parent if params.get("params_file") else Path.cwd()
 
 
-def _check_text_spec(name: str, spec, root: Path, eval_frac: float) -> None:
+FOLDERS = ("cache_dir", "lm.data_dir", "vit.data_dir", "paper_scores.dir")     # always paths
+MODELS = ("lm.model", "vit.model")          # paths or names (a hub id, smollm2-135m, timm:NAME)
+
+
+def _resolve_paths(params: dict) -> None:
+    """Make every relative path parameter absolute, read from base_dir: the notebooks run in notebooks/ and
+    the runner wherever it was started, and both must mean the same folders. A model (or an lm.revisions
+    entry) is a path when it looks like one (./, ../, ~, /, a .gguf file, deeper than org/name) or exists there;
+    otherwise it stays a name (a hub id, a hub revision)."""
+    root = base_dir(params)
+
+    def absolute(value: str) -> str:
+        return os.path.normpath(root / Path(value).expanduser())     # an absolute value stays as it is
+
+    def names_path(value: str) -> bool:
+        return (value.startswith(("./", "../", "~", ".\\")) or Path(value).is_absolute() or value.count("/") > 1
+                or value.endswith(".gguf") or (root / value).exists())
+
+    for name in FOLDERS + MODELS:
+        section, _, key = name.rpartition(".")
+        node = params[section] if section else params
+        value = node[key]
+        if isinstance(value, str) and value and (name in FOLDERS or names_path(value)):
+            node[key] = absolute(value)
+    revisions = params["lm"]["revisions"]
+    if isinstance(revisions, list):
+        params["lm"]["revisions"] = [absolute(r) if isinstance(r, str) and r and names_path(r) else r
+                                     for r in revisions]
+
+
+def task_sources(params: dict) -> list[str]:
+    """For `check`: the files and folders each own task reads (lm.tasks files and dataset folders, an image
+    folder), with a warning for those outside the project and the params folder: a glob reads any file the
+    user can read, and what a task reads is quoted in the run's neuron pages and named in tasks.json."""
+    root = base_dir(params)
+    allowed = (root, Path(__file__).resolve().parent.parent)
+
+    def inside(path: Path) -> bool:
+        real = path.resolve()             # a symlink counts where it points
+        return any(real == folder or folder in real.parents for folder in allowed)
+
+    sources = {}
+    tasks = params["lm"]["tasks"]
+    for name, spec in (tasks.items() if isinstance(tasks, dict) else ()):
+        if spec is not None and "files" in spec:
+            docs, _ = task_documents(name, spec, root=root)
+            sources[f"lm.tasks.{name}"] = [Path(os.path.normpath(root / d.id)) for d in docs]
+        elif spec is not None and dataset_folder(spec["dataset"], root) is not None:
+            sources[f"lm.tasks.{name}"] = [Path(os.path.normpath(dataset_folder(spec["dataset"], root)))]
+    if params["vit"]["dataset"] == "image-folder":
+        sources["vit.data_dir"] = [Path(params["vit"]["data_dir"])]
+
+    def listed(paths: list) -> str:
+        return ", ".join(map(str, paths[:5])) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+    lines = []
+    for key, paths in sources.items():
+        lines.append(f"{key} reads {listed(paths)}")
+        outside = [p for p in paths if not inside(p)]
+        if outside:
+            lines.append(f"warning: {key} reads {len(outside)} path(s) outside the project ({allowed[1]}) and the "
+                         f"params folder ({root}): {listed(outside)}; their contents are quoted in the run's neuron "
+                         f"pages (neurons/*.html) and their paths in tasks.json, so make sure they may be shown")
+    return lines
+
+
+def _check_disjoint(tasks: dict, own: dict, source: str) -> None:
+    """No document in two tasks (data.disjoint_tasks): the own tasks read, with the embedded domains beside them."""
+    from .data import disjoint_tasks, embedded_documents
+    docs = {t: own[t] if spec is not None else embedded_documents(t) for t, spec in tasks.items()
+            if own.get(t) is not None or (spec is None and source == "embedded" and t in EMBEDDED_TEXT_DOMAINS)}
+    try:
+        disjoint_tasks(docs, own=set(own))
+    except ValueError as err:
+        raise ParamsError(f"parameter 'lm.tasks': {err}") from None
+
+
+def _check_text_spec(name: str, spec, root: Path, eval_frac: float) -> list | None:
     """One own text task: its keys and their types, then its documents (files read, a local dataset opened;
-    a hub id is only opened by the run), at least two distinct ones with some for statistics."""
+    a hub id is only opened by the run), at least two distinct ones with some for statistics; returns them
+    (None for a hub id)."""
     key = f"lm.tasks.{name}"
     kinds = [k for k in TEXT_SPECS if k in spec] if isinstance(spec, dict) else []
     if len(kinds) != 1:
-        raise ParamsError(f"parameter {key!r} must be {TEXT_SPEC_HELP}; got {spec!r}")
+        raise ParamsError(f"parameter {key!r} must be {TEXT_SPEC_HELP}; got {show(spec)}")
     unknown = sorted(set(spec) - set(TEXT_SPECS[kinds[0]]))
     if unknown:
         raise ParamsError(f"parameter {key!r} has unknown keys {unknown}; a {kinds[0]} task takes "
@@ -458,7 +619,7 @@ def _check_text_spec(name: str, spec, root: Path, eval_frac: float) -> None:
     files = spec.get("files")
     if kinds[0] == "files" and not (isinstance(files, str) or (isinstance(files, list) and files and
                                                                all(isinstance(f, str) for f in files))):
-        raise ParamsError(f"parameter '{key}.files' must be a glob or a non-empty list of globs, got {files!r}")
+        raise ParamsError(f"parameter '{key}.files' must be a glob or a non-empty list of globs, got {show(files)}")
     for option in ("dataset", "split", "text_column"):
         if option in spec and not isinstance(spec[option], str):
             raise ParamsError(f"parameter '{key}.{option}' must be a string, got {spec[option]!r}")
@@ -484,20 +645,36 @@ def _check_text_spec(name: str, spec, root: Path, eval_frac: float) -> None:
         raise ParamsError(f"parameter {key!r}: the task has {n_docs} distinct document(s), too few to split into "
                           f"statistics and evaluation documents at eval_frac {eval_frac}: give more "
                           f"{'files' if kinds[0] == 'files' else 'rows'}")
+    return docs
+
+
+def _check_task_names(key: str, names: list) -> None:
+    """Task names are strings. YAML 1.1 reads an unquoted on/off/yes/no/true/false as a boolean and 1 as a
+    number, which would reach the run as True or 1 (and fail late, e.g. when the neuron pages are named)."""
+    odd = [n for n in names if not isinstance(n, str)]
+    if odd:
+        raise ParamsError(f"parameter {key!r} has task names {show(odd)} that YAML read as "
+                          f"{' and '.join(sorted({type(n).__name__ for n in odd}))}: quote them (e.g. 'on':, '1':)")
+    if any(not n.strip() for n in names):
+        raise ParamsError(f"parameter {key!r} has an empty task name; give every task a name")
 
 
 def _check_vit_tasks(vit: dict) -> None:
     tasks = vit["tasks"]
     if isinstance(tasks, str):
         if tasks not in ("classes", "groups"):
-            raise ParamsError(f"parameter 'vit.tasks' is {tasks!r}; use classes, groups or a mapping "
+            raise ParamsError(f"parameter 'vit.tasks' is {show(tasks)}; use classes, groups or a mapping "
                               f"of task -> list of class names")
         if tasks == "groups" and vit["dataset"] != "fashion-mnist":
             raise ParamsError("parameter 'vit.tasks' is 'groups', which is defined for fashion-mnist only; use "
                               "classes or a mapping of task -> list of class names")
         return
+    _check_task_names("vit.tasks", list(tasks))
     if not tasks or not all(isinstance(v, list) and v and all(isinstance(c, str) for c in v) for v in tasks.values()):
         raise ParamsError(f"parameter 'vit.tasks' must map each task to a non-empty list of class names, got {tasks!r}")
+    from .data import shared_classes
+    if shared_classes(tasks):
+        raise ParamsError(f"parameter 'vit.tasks': {shared_classes(tasks)}")
     if vit["dataset"] == "fashion-mnist":
         from .data import FASHION_MNIST_CLASSES
         unknown = sorted({c for v in tasks.values() for c in v} - set(FASHION_MNIST_CLASSES))
@@ -506,8 +683,8 @@ def _check_vit_tasks(vit: dict) -> None:
                               f"{', '.join(FASHION_MNIST_CLASSES)}")
 
 
-def _check_image_folder(vit: dict, root: Path) -> None:
-    """An image folder's layout (image_folder_files), and the classes vit.tasks names."""
+def _check_image_folder(vit: dict, root: Path) -> int:
+    """An image folder's layout (image_folder_files), and the classes vit.tasks names; returns its number of classes."""
     if vit["data_dir"] is None:
         raise ParamsError("parameter 'vit.dataset' is 'image-folder', so 'vit.data_dir' must name the folder "
                           "(train/<class>/<image> and test/<class>/<image>, or <class>/<image>)")
@@ -525,6 +702,19 @@ def _check_image_folder(vit: dict, root: Path) -> None:
     elif tasks == "classes" and len(classes) < 2:
         raise ParamsError(f"parameter 'vit.data_dir': the image folder has {len(classes)} class; tasks are its "
                           f"classes, so it needs at least two class subfolders")
+    return len(classes)
+
+
+MIN_EVAL_IMAGES_PER_CLASS = 5     # the test split's first eval_images images are shared by all its classes
+
+
+def _check_eval_images(params: dict, n_classes: int) -> None:
+    """Enough test images for every class to have some: an accuracy over none is undefined (it read as 0.0)."""
+    for key, n in (("vit.eval_images", params["vit"]["eval_images"]),
+                   ("dynamics.eval_images", min(params["dynamics"]["eval_images"], params["vit"]["eval_images"]))):
+        if n < MIN_EVAL_IMAGES_PER_CLASS * n_classes:
+            raise ParamsError(f"parameter {key!r} is {n}: the test split has {n_classes} classes, so use at least "
+                              f"{MIN_EVAL_IMAGES_PER_CLASS * n_classes} ({MIN_EVAL_IMAGES_PER_CLASS} per class)")
 
 
 def dtype_of(params: dict, kind: str) -> str:

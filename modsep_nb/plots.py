@@ -4,6 +4,7 @@ Every function returns a matplotlib Figure; `save` writes it as PNG (atomically)
 """
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from . import overlaps as ov
 from .files import atomic_file
 from .evaluation import own_and_others
 from .pruning import select_neurons
+
+# labels are text, never TeX: a task named "money $$" would otherwise be parsed as mathtext and fail to draw
+plt.rcParams["text.parse_math"] = False
 
 
 def save(fig, out_dir, name: str) -> Path:
@@ -296,6 +300,28 @@ def interactive() -> bool:
     return not os.environ.get("MODSEP_HEADLESS")
 
 
+# Explorer figures are drawn on comm messages, which JupyterLab 4.6 with ipykernel 7 may handle on a subshell thread
+# while the inline backend flushes pyplot's figures on another: one figure rendered by two threads at once came out
+# blank. So an explorer draws on a Figure that pyplot does not track, renders it once itself, and shows the PNG.
+def untracked_figure(**kwargs):
+    """A matplotlib Figure unknown to pyplot (no backend shows, flushes or closes it); kwargs go to Figure."""
+    from matplotlib.figure import Figure
+    return Figure(**kwargs)
+
+
+def png_bytes(fig, dpi: int = 100) -> bytes:
+    """`fig` rendered as PNG, cropped to what is drawn (as the inline backend does)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def show_png(fig) -> None:
+    """Display `fig` as a PNG rendered here (inside an Output widget's `with`: into that widget)."""
+    from IPython.display import Image, display
+    display(Image(data=png_bytes(fig), format="png"))
+
+
 def score_explorer(scores: dict, n_layers: int):
     """An ipywidgets explorer (JupyterLab): pick a task, a layer and a fraction to see that layer's score
     distribution and the per-layer selection threshold. Returns None in headless runs."""
@@ -309,12 +335,13 @@ def score_explorer(scores: dict, n_layers: int):
     def explore(task=tasks[0], layer=0, frac=0.01):
         s = scores[task][layer].double().numpy()
         chosen = select_neurons(scores[task], frac, "per_layer")[layer].numpy()
-        fig, ax = plt.subplots(figsize=(6, 3))
+        fig = untracked_figure(figsize=(6, 3))
+        ax = fig.subplots()
         ax.hist(np.log10(s + 1e-12), bins=60)
         ax.axvline(np.log10(s[chosen].min() + 1e-12), color="r", label=f"top {frac:.1%} in this layer")
         ax.set_xlabel("log10 score")
         ax.set_ylabel("neurons")
         ax.set_title(f"{task}, layer {layer}")
         ax.legend()
-        plt.show()
+        show_png(fig)
     return w.interact(explore, task=tasks, layer=(0, n_layers - 1), frac=(0.001, 0.2, 0.001))

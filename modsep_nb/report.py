@@ -14,14 +14,15 @@ import torch
 
 from . import plots
 from .claims import claims_table, claims_to_json
-from .files import write_text_atomic
+from .files import file_name, write_text_atomic
 from .params import load_params
+from .runner import from_notebooks
 
 
 class Report:
     def __init__(self, notebook: str, params_file, out_dir, overrides: dict | None = None):
-        self.notebook, self.out_dir = notebook, Path(out_dir)
-        self.params = load_params(params_file, overrides)      # validated before any heavy work
+        self.notebook, self.out_dir = notebook, from_notebooks(out_dir)     # relative to notebooks/, wherever run
+        self.params = load_params(from_notebooks(params_file), overrides)      # validated before any heavy work
         torch.manual_seed(self.params["seed"])
         self.figures: list[Path] = []
         self.captions: dict[str, str] = {}
@@ -31,7 +32,9 @@ class Report:
         """Save `fig` as figures/<name>.png; `caption` says what a modular result looks like on it."""
         if caption:
             self.captions[name] = caption
-            fig.text(0.01, -0.01, caption, ha="left", va="top", fontsize=8, style="italic", wrap=True)
+            # "$" escaped: matplotlib's wrapping measures "$...$" as mathtext even with text.parse_math off
+            fig.text(0.01, -0.01, caption.replace("$", r"\$"), ha="left", va="top", fontsize=8, style="italic",
+                     wrap=True, parse_math=True)
         self.figures.append(plots.save(fig, self.out_dir, name))
         return fig
 
@@ -49,10 +52,11 @@ class Report:
 
     def save_tasks(self, study) -> Path:
         """Add `study`'s tasks to the run's tasks.json: {"lm" | "vit": {task: {"source", "statistics": [ids],
-        "evaluation": [ids]}}}, the documents (images) each task's statistics and evaluation read."""
+        "evaluation": [ids], "file_name"}}}, the documents (images) each task's statistics and evaluation read, and
+        the name its files have (statistics/<kind>-<file_name>.safetensors, neurons/<kind>-<file_name>.html)."""
         path = self.out_dir / "tasks.json"
-        record = json.loads(path.read_text()) if path.is_file() else {}
-        record[study.kind] = study.record()
+        record = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        record[study.kind] = {task: {**used, "file_name": file_name(task)} for task, used in study.record().items()}
         write_text_atomic(path, json.dumps(record, indent=1))
         return path
 

@@ -16,9 +16,9 @@ import threading
 import time
 from pathlib import Path
 
-from .files import respect_umask, write_text_atomic
+from .files import cache_root, respect_umask, write_text_atomic
 from .index_page import write_index
-from .params import NOTEBOOKS, load_params
+from .params import NOTEBOOKS, device_of, dtype_of, load_params
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -29,6 +29,10 @@ class RunError(ValueError):
 
 
 INCOMPLETE = "INCOMPLETE.md"     # present while a run is under way or after it was interrupted
+MARKER = ".modsep-run"           # written into every folder modsep makes a run folder: only those are ever emptied
+# everything a run writes into its folder, and so all that --overwrite with other parameters removes
+RESULTS = ("params.json", "tasks.json", "summary.md", "index.html", INCOMPLETE, "findings", "figures",
+           "statistics", "neurons", "html")
 
 
 def run_dir_for(params: dict, out: str | None, overwrite: bool) -> Path:
@@ -63,6 +67,14 @@ def check_writable(folder: Path, what: str) -> None:
                              f"choose a writable folder") from None
 
 
+def check_ours(run_dir: Path) -> None:
+    """A folder that holds anything must carry modsep's marker: --overwrite never removes or replaces the files
+    of a folder modsep did not make (say one that holds a params.json and a figures/ of another tool)."""
+    if run_dir.is_dir() and not (run_dir / MARKER).is_file() and any(run_dir.iterdir()):
+        raise RunError(f"{run_dir} holds files and was not made by modsep (no {MARKER} marker in it), so --overwrite "
+                       f"will not touch it; pass --out with a new or empty folder")
+
+
 def run(params_path, *, only=None, out=None, overwrite=False, log=print) -> Path:
     import papermill as pm
     from filelock import FileLock, Timeout
@@ -73,7 +85,9 @@ def run(params_path, *, only=None, out=None, overwrite=False, log=print) -> Path
     if unknown:
         raise RunError(f"--only names {unknown}; available: {', '.join(NOTEBOOKS)}")
     run_dir = run_dir_for(params, out, overwrite).resolve()
-    check_writable(_cache_root(params), "cache folder")
+    check_ours(run_dir)
+    for folder in cache_folders(params):
+        check_writable(folder, "cache folder")
     check_writable(run_dir, "run folder")
     lock = FileLock(str(run_dir / ".modsep.lock"))
     try:
@@ -99,8 +113,11 @@ def run(params_path, *, only=None, out=None, overwrite=False, log=print) -> Path
     return run_dir
 
 
-def _cache_root(params: dict) -> Path:
-    return Path(params["cache_dir"] or os.environ.get("MODSEP_CACHE") or Path.home() / ".cache" / "modsep")
+def cache_folders(params: dict) -> list[Path]:
+    """Every cache folder the notebooks write: `cache_dir` (statistics, splits; load_params made it absolute, so
+    it is the folder the notebooks use from notebooks/) and the package's cache (models converted or trained
+    here, the paper's scores), one folder unless cache_dir is set."""
+    return list(dict.fromkeys([Path(params["cache_dir"] or cache_root()), cache_root()]))
 
 
 def _same_params(a: dict, b: dict) -> bool:
@@ -108,29 +125,40 @@ def _same_params(a: dict, b: dict) -> bool:
     return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
 
 
+def params_record(params: dict) -> dict:
+    """What params.json holds: the parameters, and under "resolved" what "auto" became on this machine (the
+    device, each section's dtype), so that results computed in bfloat16 and in float32 never count as one set."""
+    record = json.loads(json.dumps(params, default=str))
+    record["resolved"] = {"device": device_of(params), **{kind: {"dtype": dtype_of(params, kind)}
+                                                          for kind in ("lm", "vit")}}
+    return record
+
+
 def _prepare(run_dir: Path, params: dict, log) -> None:
-    """One parameter set per folder: results of other parameters are removed (with a message), leftovers of
-    a killed run (hidden partial notebooks) too; then the INCOMPLETE marker and params.json are written."""
-    previous = run_dir / "params.json"
-    if previous.is_file():
-        try:
-            old = json.loads(previous.read_text())
-        except ValueError:
-            old = None
-        if old is None or not _same_params(old, json.loads(json.dumps(params, default=str))):
-            removed = _remove_results(run_dir)
+    """One parameter set per folder (check_ours made sure modsep made it): results of other parameters are
+    removed (with a message), leftovers of a killed run (hidden partial notebooks) too; then the INCOMPLETE
+    marker and params.json are written."""
+    write_text_atomic(run_dir / MARKER, "A run folder made by modsep: `--overwrite` may replace what it wrote here "
+                                        f"({', '.join(RESULTS)} and the executed notebooks).\n")
+    record = params_record(params)
+    try:
+        old = json.loads((run_dir / "params.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):     # none (a new folder, or a run killed at its start) or unreadable
+        old = None
+    if old is None or not _same_params(old, record):
+        removed = _remove_results(run_dir)
+        if removed:
             log(f"modsep: {run_dir} held results of other parameters; removed them ({', '.join(removed)})")
     for stale in run_dir.glob(".*.ipynb"):       # a killed run's partial notebook (we hold the folder's lock)
         stale.unlink()
     write_text_atomic(run_dir / INCOMPLETE, "This run has not finished (it is running, or it was interrupted). "
                                             "summary.md lists the notebooks that finished.\n")
-    write_text_atomic(run_dir / "params.json", json.dumps(params, indent=1, default=str))
+    write_text_atomic(run_dir / "params.json", json.dumps(record, indent=1))
 
 
 def _remove_results(run_dir: Path) -> list[str]:
     """Everything a run writes into its folder (and nothing else the folder may hold)."""
-    names = ["params.json", "summary.md", INCOMPLETE, "findings", "figures", "statistics"]
-    names += [f"{n}{ext}" for n in NOTEBOOKS.values() for ext in (".ipynb", ".failed.ipynb")]
+    names = list(RESULTS) + [f"{n}{ext}" for n in NOTEBOOKS.values() for ext in (".ipynb", ".failed.ipynb")]
     removed = []
     for name in names:
         path = run_dir / name
@@ -180,6 +208,16 @@ def _interruptible(execute) -> None:
         raise outcome[0]
 
 
+def from_notebooks(path) -> Path | None:
+    """A path from a notebook's parameters cell, which gives them relative to the notebooks' folder (papermill
+    runs them there, JupyterLab opens them there), wherever the kernel runs (an executed copy opened in
+    outputs/<run>/, say). Without a notebooks folder (the package installed alone), as given."""
+    if path is None:
+        return None
+    path = Path(path).expanduser()
+    return path if path.is_absolute() or not NOTEBOOK_DIR.is_dir() else NOTEBOOK_DIR / path
+
+
 def _run_notebook(pm, name: str, params_path, run_dir: Path, log) -> float:
     """Execute one notebook into run_dir/<name>.ipynb (atomically); on failure keep <name>.failed.ipynb."""
     start = time.time()
@@ -190,7 +228,9 @@ def _run_notebook(pm, name: str, params_path, run_dir: Path, log) -> float:
     try:
         _interruptible(lambda: pm.execute_notebook(
             str(NOTEBOOK_DIR / f"{name}.ipynb"), tmp, cwd=str(NOTEBOOK_DIR),
-            parameters={"params_file": str(Path(params_path).resolve()), "out_dir": str(run_dir)},
+            # relative to the notebooks' folder (the kernel's cwd): the report shows no machine's paths
+            parameters={"params_file": os.path.relpath(Path(params_path).resolve(), NOTEBOOK_DIR),
+                        "out_dir": os.path.relpath(run_dir, NOTEBOOK_DIR)},
             kernel_name="python3", progress_bar=False,
             # the kernel's own log is noise here: start-up warnings (TCP without encryption on localhost), and a
             # traceback when Ctrl-C closes its sockets mid-reply. A notebook's errors are in the executed
@@ -217,7 +257,7 @@ def _run_notebook(pm, name: str, params_path, run_dir: Path, log) -> float:
 
 def _readable_notebook(path) -> bool:
     try:
-        return "cells" in json.loads(Path(path).read_text())
+        return "cells" in json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
 
@@ -229,7 +269,7 @@ def _repeat_warnings(name: str, path, log) -> None:
     """Warnings (e.g. a cache found corrupted and recomputed) are printed inside the executed notebook;
     repeat them on the terminal, once each."""
     try:
-        cells = json.loads(Path(path).read_text())["cells"]
+        cells = json.loads(Path(path).read_text(encoding="utf-8"))["cells"]
     except (OSError, ValueError, KeyError):
         return
     seen = []
@@ -260,7 +300,7 @@ def write_summary(run_dir: Path, params: dict, timings: dict) -> None:
     for key, name in NOTEBOOKS.items():
         findings = run_dir / "findings" / f"{name}.md"
         if findings.is_file() and (run_dir / f"{name}.ipynb").is_file():
-            parts.append(findings.read_text())
+            parts.append(findings.read_text(encoding="utf-8"))
             if name in timings:
                 parts.append(f"_{name} ran in {timings[name]} s._\n")
     write_text_atomic(run_dir / "summary.md", "\n".join(parts))

@@ -6,6 +6,7 @@ into float64 totals after every call. Memory is O(L·d_mlp) whatever the number 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -24,15 +25,38 @@ MEANS = ("mean", "mean_abs", "mean_sq", "frac_pos", "mean_sqrt")
 
 
 def _save_tensors(path, tensors: dict, meta: dict) -> None:
-    """safetensors with `meta` as JSON in its header, written atomically."""
+    """safetensors with `meta` as JSON in its header and the SHA-256 of the tensors, written atomically."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
     with atomic_file(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"modsep": json.dumps(meta, default=str)})
+        save_file(tensors, str(tmp), metadata={"modsep": json.dumps(meta, default=str),
+                                               "modsep_sha256": _checksum(tensors)})
 
 
-def _load_tensors(path) -> tuple[dict, dict]:
+def _checksum(tensors: dict) -> str:
+    """SHA-256 of the tensors' names, dtypes, shapes and bytes (what a load must give back exactly)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+class ChecksumError(ValueError):
+    """A statistics file whose tensors differ from the checksum written with them (bytes changed on disk)."""
+
+
+def _load_tensors(path, *, require_checksum: bool = False) -> tuple[dict, dict]:
+    """The tensors and metadata of a file _save_tensors wrote, verified against its checksum (a file without
+    one, written by older code, is accepted unless require_checksum: the cache requires it)."""
     with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("modsep", "{}"))
+        tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    expected = header.get("modsep_sha256")
+    if expected is None and require_checksum:
+        raise ChecksumError(f"{path} has no checksum (written by older code)")
+    if expected is not None and _checksum(tensors) != expected:
+        raise ChecksumError(f"{path} does not match its checksum: its bytes were changed on disk (corrupted)")
+    return tensors, json.loads(header.get("modsep", "{}"))
 
 
 class NonFiniteActivationError(FloatingPointError):
@@ -378,7 +402,7 @@ class BlockStats:
 
     @classmethod
     def load(cls, path) -> "BlockStats":
-        tensors, meta = _load_tensors(path)
+        tensors, meta = _load_tensors(path, require_checksum=True)     # block statistics are the on-disk cache
         if {"count", "sums", "n_documents"} - set(tensors):
             raise ValueError(f"{path} is not a BlockStats file: it lacks count, sums or n_documents")
         return cls(tensors["count"], tensors["sums"], tensors["n_documents"], meta=meta)

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from .batches import run_batches
-from .claims import Claim
+from .claims import Claim, resample_p
 from .evaluation import CrossTaskResult, cross_task_matrix
 from .evidence import (bootstrap_overlap, combine_seeds, cross_task_intervals, excess_claim, null_sizes, overlap_evidence,
                        percentile_ci, permutation_related_vs_unrelated, pipeline_masks, pseudo_cross_task,
                        pseudo_task_null, resampled_ratio)
-from .files import cache_dir, cached
-from .models import ModelHandle, load_model
+from .files import cache_dir, cached, file_name
+from .models import ModelHandle, check_outputs, load_model
 from .moefication import Router, check_n_experts, expert_routing, fit_router, predicted_routing, split_layers
 from .neurons import NeuronExamples, collect_examples, histogram_edges, pick_neurons
 from .overlaps import overlap, overlap_matrix
@@ -32,7 +32,7 @@ from .statistics import (BlockStats, NeuronStats, StatsCollector, bootstrap_weig
 from .tasks import ImageTasks, TextTasks, data_hash
 
 # bump when the way statistics or splits are computed changes, so no cache from older code is reused
-CACHE_VERSION = 2
+CACHE_VERSION = 3      # 3: statistics files carry a checksum
 SECTIONS = {"lm": TextTasks, "vit": ImageTasks}
 
 
@@ -62,7 +62,10 @@ class Study:
             handle = load_random(handle, random_seed)
         # an image folder without a processor is resized to what the model takes
         shape = {"image_shape": handle.image_shape} if p.get("dataset") == "image-folder" else {}
-        return cls(handle, params, kind, SECTIONS[kind].from_params(params, processor=handle.processor, **shape))
+        tasks = SECTIONS[kind].from_params(params, processor=handle.processor, **shape)
+        if handle.kind == "image":          # output i must be class i, before any statistics are read
+            check_outputs(handle, tasks.test.class_names)
+        return cls(handle, params, kind, tasks)
 
     def with_random_init(self, seed: int) -> "Study":
         """The same tasks (the same documents and images) on a freshly initialised model."""
@@ -160,12 +163,13 @@ class Study:
         return self.tasks.document_hits(self.handle, list(tasks or self.task_names))
 
     def save_stats(self, out_dir) -> Path:
-        """Write each task's statistics into out_dir/statistics/<kind>-<task>.safetensors (a run's record)."""
+        """Write each task's statistics into out_dir/statistics/<kind>-<file name>.safetensors (a run's record;
+        files.file_name: one file per task whatever its name)."""
         folder = Path(out_dir) / "statistics"
-        suffix = f"-random-seed{self.handle.seed}" if self.handle.random_init else ""
+        # "." never occurs in a plain task's file name, so a task named "code-random-seed1" keeps a file of its own
+        suffix = f".random-seed{self.handle.seed}" if self.handle.random_init else ""
         for name, st in self.stats(progress=False).items():
-            safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-            st.save(folder / f"{self.kind}-{safe}{suffix}.safetensors")
+            st.save(folder / f"{self.kind}-{file_name(name)}{suffix}.safetensors")
         return folder
 
     def retain_stats(self, stats=None) -> dict[str, NeuronStats]:
@@ -284,8 +288,8 @@ class Study:
             excess = related["difference"] - null            # where the observed difference sits in the null
             claims.append(Claim("related_share_more", "related tasks (the same group) share more neurons than "
                                 "unrelated ones (within-group minus across-group overlap, excess over the same "
-                                "with group labels permuted)", float(related["difference"] - null.mean()),
-                                tuple(np.quantile(excess, [0.025, 0.975])), 0.0, p=related["p"], n=len(names)))
+                                "with group labels permuted)", float(related["difference"] - np.nanmean(null)),
+                                percentile_ci(excess), 0.0, p=related["p"], n=len(names)))
         return {"claims": claims, "selectivity": {"selected": selected, "random": matched, "null": pseudo}, "overlap": overlap_ev,
                 "related": related}
 
@@ -477,11 +481,12 @@ def random_init_claims(kind: str, trained: Study, randoms: list[Study], persiste
                                                         **pipeline)["pairs"] for i, r in enumerate(randoms)], 1)
                             .reshape(ev["n_boot"], -1), axis=1)
     diff = boot_trained - boot_random
-    p = min(1.0, 2 * (1 + min(int(np.sum(diff <= 0)), int(np.sum(diff >= 0)))) / (1 + len(diff)))
+    observed = observed_trained - observed_random          # two-sided; an undefined resample counts against
+    p = float(np.minimum(1.0, 2 * min(resample_p(diff, diff <= 0, observed), resample_p(diff, diff >= 0, observed))))
     claims = [Claim(f"trained_overlap_differs_from_random[{kind}]", f"{kind}: the trained model's tasks overlap "
                     f"differently from the random-init model's (median pairwise overlap, trained minus random, "
                     f"{pipeline['mode']} selection)", observed_trained - observed_random,
-                    tuple(np.quantile(diff, [0.025, 0.975])), 0.0, p=p, n=len(randoms) + 1, direction="two-sided")]
+                    percentile_ci(diff), 0.0, p=p, n=len(randoms) + 1, direction="two-sided")]
     usable = [r for r in persistence if r]
     if usable:
         combined = combine_seeds(usable, ev["n_boot"], seed)

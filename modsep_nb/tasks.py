@@ -70,7 +70,7 @@ class TextTasks:
         """Next-token top-1 per task on its evaluation documents, for the model as it is now."""
         p = self.settings
         return {t: evaluate(handle, self.tasks[t].evaluate, max_tokens=p["eval_tokens"], ctx=p["ctx"],
-                            batch_size=p["batch_size"], skip_top=p["skip_top"])["top1"]
+                            batch_size=p["batch_size"], skip_top=p["skip_top"], task=t)["top1"]
                 for t in (names or self.names)}
 
     def document_hits(self, handle, names=None, *, scale: int = 1) -> dict[str, dict]:
@@ -78,7 +78,7 @@ class TextTasks:
         the evaluation budget: the pseudo-task null reads one domain for all tasks)."""
         p = self.settings
         return {t: evaluate(handle, self.tasks[t].evaluate, max_tokens=scale * p["eval_tokens"], ctx=p["ctx"],
-                            batch_size=p["batch_size"], skip_top=p["skip_top"], per_document=True)["documents"]
+                            batch_size=p["batch_size"], skip_top=p["skip_top"], per_document=True, task=t)["documents"]
                 for t in (names or self.names)}
 
     def evaluators(self, handle):
@@ -124,7 +124,12 @@ class ImageTasks:
         n = p["eval_images"]
         test = D.ImageDataset(test.images[:n], test.labels[:n], test.class_names, test.name,
                               None if test.ids is None else test.ids[:n])
-        return cls(D.image_tasks(train, p["tasks"]), train, test, p)
+        tasks = D.image_tasks(train, p["tasks"])
+        for t, classes in tasks.items():     # an accuracy over no images is undefined, never 0
+            if not bool(torch.isin(test.labels, torch.tensor([test.class_names.index(c) for c in classes])).any()):
+                raise ValueError(f"task {t!r} has no test images among the first vit.eval_images = {n} of the test "
+                                 f"split: raise vit.eval_images (or give its classes more test images)")
+        return cls(tasks, train, test, p)
 
     @property
     def names(self) -> list[str]:
@@ -152,7 +157,9 @@ class ImageTasks:
         for t in (names or self.names):
             classes = self.tasks[t]
             n = sum(counts[c] for c in classes)
-            out[t] = sum(per_class.get(c, 0.0) * counts[c] for c in classes) / max(n, 1)
+            if n == 0:
+                raise ValueError(f"task {t!r} has no test images: its accuracy is undefined (raise vit.eval_images)")
+            out[t] = sum(per_class[c] * counts[c] for c in classes if counts[c]) / n
         return out
 
     def document_hits(self, handle, names=None, *, scale: int = 1) -> dict[str, dict]:
@@ -162,7 +169,8 @@ class ImageTasks:
         wanted = {c for t in names for c in self.tasks[t]}
         classes = [c for c in self.test.class_names if c in wanted]
         docs = evaluate(handle, self.test, batch_size=self.settings["batch_size"], per_document=True,
-                        classes=None if len(classes) == len(self.test.class_names) else classes)["documents"]
+                        classes=None if len(classes) == len(self.test.class_names) else classes,
+                        task=names[0] if len(names) == 1 else None)["documents"]
         out = {}
         for t in names:
             ids = [self.test.class_names.index(c) for c in self.tasks[t]]

@@ -56,7 +56,7 @@ def fmnist_vit_checkpoints(**overrides) -> dict[int, Path]:
     """{training step: model folder} of the cached run with these settings, from step 0 (the initialisation)
     to the last step, which is the model folder itself (trains it first if missing)."""
     folder = fmnist_vit_dir(**overrides)
-    info = json.loads((folder / "modsep_info.json").read_text())
+    info = json.loads((folder / "modsep_info.json").read_text(encoding="utf-8"))
     return {int(step): folder / rel for step, rel in info["checkpoints"].items()}
 
 
@@ -97,8 +97,8 @@ def train_fmnist_vit(target: Path, settings: dict) -> float:
         if step in schedule and step != steps:
             rel = f"checkpoints/step-{step}"
             model.save_pretrained(Path(target) / rel)
-            (Path(target) / rel / "modsep_info.json").write_text(json.dumps({"step": step, "of": steps,
-                                                                              "training": settings}, indent=1))
+            step_info = json.dumps({"step": step, "of": steps, "training": settings}, indent=1)
+            (Path(target) / rel / "modsep_info.json").write_text(step_info, encoding="utf-8")
             saved[step] = rel
     start = time.time()
     model.train()
@@ -127,7 +127,7 @@ def train_fmnist_vit(target: Path, settings: dict) -> float:
             "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist)", "n_train": len(images),
             "checkpoints": {str(k): saved[k] for k in sorted(saved)}}
     model.save_pretrained(target)
-    (Path(target) / "modsep_info.json").write_text(json.dumps(info, indent=1))
+    (Path(target) / "modsep_info.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
     print(f"fmnist-vit: test accuracy {accuracy:.3f} after {settings['epochs']} epoch(s) on {len(images)} images "
           f"({info['train_seconds']} s)")
     return accuracy

@@ -19,7 +19,7 @@ def test_gpu_section_runs_at_tiny_size_on_cpu():
     z = bench.GPU_SIZES["tiny"]
     assert lm["tokens"] == 4 * z["batch"] * z["seq"] and lm["layers"] == z["layers"]
     for row in (lm, vit):
-        assert row["plain_s"] > 0 and row["stats_s"] > 0 and math.isfinite(row["ratio"])
+        assert row["plain_s"] > 0 and row["stats_s"] > 0 and row["read_s"] > 0 and math.isfinite(row["ratio"])
     assert lm["throughput_ratio_vs_reference"] > 0
     n, _, k = z["kmeans"]
     assert km["balanced"] and km["shape"] == list(z["kmeans"]) and 0 < km["inertia"] < n

@@ -185,7 +185,7 @@ def test_claims_table_and_json():
     assert table[0] == "| claim | estimate | 95% interval | null | p | verdict |"
     assert table[2] == ("| pruning hurts its own task most (`selectivity`) | 0.25 | [0.1, 0.4] | 0 | 0.004 (holm) "
                         "| supported |")
-    assert table[3].endswith("| n/a | [n/a, 0.1] | 0 | – | not supported |")
+    assert table[3].endswith("| n/a | [n/a, 0.1] | 0 | – | not supported (undefined) |")
     records = json.loads(json.dumps(claims_to_json(claims)))
     assert set(records[0]) >= {"id", "statement", "estimate", "ci", "null", "p", "n", "supported"}
     assert records[0]["supported"] is True and records[1]["estimate"] is None and records[1]["p"] is None

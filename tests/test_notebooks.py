@@ -67,6 +67,7 @@ def test_results_json_holds_this_runs_numbers(smoke_run):
     import numpy as np
     import torch
 
+    from modsep_nb.files import file_name
     from modsep_nb.overlaps import overlap_matrix, overlap_sweep
     from modsep_nb.params import load_params
     from modsep_nb.pruning import select_neurons, task_scores
@@ -76,7 +77,8 @@ def test_results_json_holds_this_runs_numbers(smoke_run):
     pr = params["pruning"]
     for name, prefix in (("01_vit_pruning", "vit"), ("02_mistral_pruning", "lm")):
         saved = json.loads((smoke_run / "statistics" / f"{name}.json").read_text())
-        stats = {t: NeuronStats.load(smoke_run / "statistics" / f"{prefix}-{t}.safetensors") for t in saved["tasks"]}
+        stats = {t: NeuronStats.load(smoke_run / "statistics" / f"{prefix}-{file_name(t)}.safetensors")
+                 for t in saved["tasks"]}
         scores = task_scores(stats, importance=pr["importance"], eps=pr["eps"], eps_relative=pr["eps_relative"],
                              retain=pr["retain"])
         masks = {t: select_neurons(s, params["overlap"]["frac"], pr["mode"]) for t, s in scores.items()}

@@ -1,4 +1,4 @@
-"""Reliability: nothing wrong passes silently (issues 7 and 18).
+"""Reliability: nothing wrong passes silently (issues 7, 18 and 31).
 
 An attack on the runner, the caches and the API: every bad input is one clear error before heavy work, and
 no interruption or corruption yields a wrong number. ATTACKS is the table of cases: what was tried, what
@@ -66,6 +66,115 @@ ATTACKS = [
      "test_failed_notebook_kept_only_when_valid"),
     ("NaN activations", "an error naming the layer and the task",
      "test_statistics.py::test_nan_activations_name_the_layer"),
+    # attack 3 (issue #31)
+    ("a CPU whose padded-batch forward differs in the last bits from an unbatched one (AVX512-BF16)",
+     "the neuron tests compare top-k scores to a tolerance and accept any order among tied candidates",
+     "test_neurons.py::test_text_top_k_and_histograms_equal_a_brute_force_over_every_activation "
+     "test_neurons.py::test_image_top_k_grids_and_kept_images_equal_a_brute_force"),
+    ("--overwrite into a folder holding another tool's params.json, figures/, statistics/, summary.md",
+     "one line, exit 2 (no .modsep-run marker); nothing removed or added",
+     "test_attack3_outputs.py::test_overwrite_refuses_a_folder_modsep_did_not_make"),
+    ("--overwrite --only 01 with other parameters into a run with neurons/, tasks.json, html/, index.html",
+     "every stale output removed, index.html links none; files the user added are kept",
+     "test_attack3_outputs.py::test_overwrite_with_other_params_removes_every_stale_output"),
+    ("--overwrite --only on a machine where dtype auto resolves to float32, not bfloat16",
+     "params.json records the resolved device and dtypes; the other dtype's results are removed",
+     "test_attack3_outputs.py::test_a_dtype_resolved_otherwise_is_other_parameters"),
+    ("tasks 'x y', 'x_y', 'x/y' (names differing only in punctuation)",
+     "one statistics file and one neuron page (own images) per task; tasks.json names each file",
+     "test_attack3_outputs.py::test_file_names_of_tasks_are_unique_and_plain "
+     "test_attack3_outputs.py::test_save_stats_and_tasks_json_keep_every_task "
+     "test_attack3_outputs.py::test_neuron_pages_of_tasks_named_alike_show_their_own_images"),
+    ("safetensors 0.8 writing 0600 under umask 002", "statistics cache and run statistics files are 0664",
+     "test_artifacts_respect_the_umask"),
+    ("findings with − and ≥ under an ASCII (C) locale", "written and read as UTF-8",
+     "test_attack3_outputs.py::test_text_is_written_as_utf8_under_an_ascii_locale"),
+    ("task named ![x](http://evil/x.png) (or a //host, data: or reference-style image, or a remote link)",
+     "shown as text in index.html; no img or href outside the folder",
+     "test_attack3_outputs.py::test_a_task_name_cannot_make_the_report_fetch_a_url"),
+    ("relative cache_dir / lm.model / vit.model / data_dir / lm.revisions / paper_scores.dir, loaded from another cwd",
+     "read from the params file's folder, the same folders for the runner and the notebooks",
+     "test_attack3_params.py::test_relative_paths_are_read_from_the_params_folder"),
+    ("relative cache_dir unusable from the params folder, usable from the cwd",
+     "the writability probe checks the folders the notebooks use: RunError before any work",
+     "test_attack3_params.py::test_cache_probe_checks_the_folder_the_notebooks_use"),
+    ("a 400-byte YAML alias bomb (billion laughs) as a parameter file",
+     "one short ParamsError naming aliases, in well under a second, bounded memory",
+     "test_attack3_params.py::test_yaml_alias_bomb_is_one_short_error "
+     "test_attack3_params.py::test_yaml_aliases_within_reason_still_work"),
+    ("a parameter with a 100 000-character value", "the error quotes ~200 characters and still names the fix",
+     "test_attack3_params.py::test_errors_quote_huge_values_briefly"),
+    ("pruning.random_seeds []; seed 2**64; vit.tasks keys on/off/1; lm.tasks [code, yes]; pruning.eps 0; "
+     "eps_relative 0; evidence.n_boot 1e9; dynamics.n_splits 1e6; vit.training.n_train -5; lr -0.1",
+     "check refuses each with one ParamsError naming the key and the fix",
+     "test_attack3_params.py::test_check_refuses_values_that_fail_later"),
+    ('a task named "money $$"', "works: figure titles, tick labels and captions show it literally, the PNG is saved",
+     "test_attack3_params.py::test_task_named_with_dollar_signs_works_up_to_its_figure"),
+    ("the executed notebook's papermill-injected cell held the clone's absolute paths",
+     "params_file and out_dir injected relative to notebooks/, resolved from there wherever the kernel runs",
+     "test_attack3_params.py::test_injected_parameters_hold_no_absolute_paths "
+     "test_attack3_params.py::test_notebook_paths_resolve_from_the_notebooks_folder_wherever_the_kernel_runs"),
+    ("torch's 'No CUDA runtime is found, using CUDA_HOME=...' in 03's output",
+     "filtered from that logger; its other messages still show", "test_attack3_params.py::test_cuda_home_notice_is_filtered"),
+    ("an own task's glob reading a file outside the project (directly or through a symlink)",
+     "check lists what each task reads and warns about files outside the project / params folder",
+     "test_attack3_params.py::test_check_lists_what_tasks_read_and_flags_files_outside"),
+    ("a binary (ELF, UTF-16) or mostly-latin-1 file under lm.tasks files",
+     "ParamsError / ValueError naming the file: binary or not UTF-8",
+     "test_attack3_data.py::test_binary_files_are_refused_naming_the_file"),
+    ("a text file with a few bytes that are not UTF-8; a UTF-8 BOM",
+     "read with one U+FFFD a byte and a warning naming the file and the byte count; BOM dropped",
+     "test_attack3_data.py::test_decoding_losses_are_reported_and_utf8_reads_as_written"),
+    ("a text file larger than 32 MiB", "ValueError naming the file and its size: split it",
+     "test_attack3_data.py::test_a_file_over_the_size_cap_is_refused"),
+    ("16-bit PNG/TIFF (value 40000), float TIFF, LA, RGBA, P, CMYK, 1-bit images",
+     "loaded at their full scale (40000 -> 40000/65535), alpha dropped",
+     "test_attack3_data.py::test_image_modes_load_at_their_full_scale "
+     "test_attack3_data.py::test_a_16_bit_image_folder_loads_at_its_level"),
+    ("32-bit integer or out-of-range float images, a corrupt PNG", "ValueError naming the image and the fix",
+     "test_attack3_data.py::test_image_modes_without_a_known_full_scale_are_refused"),
+    ("two own tasks sharing a file, or identical tasks; an own file copying an embedded document",
+     "ParamsError naming both tasks and the documents (or 'they are one task'); the run refuses too",
+     "test_attack3_data.py::test_own_tasks_sharing_files_are_refused "
+     "test_attack3_data.py::test_an_own_task_holding_an_embedded_document_is_refused"),
+    ("embedded domains sharing fortunes (computers/linux)", "kept in the first task only, with a warning naming them",
+     "test_attack3_data.py::test_embedded_domains_sharing_entries_keep_them_in_the_first_task"),
+    ("vit.tasks giving one class to two tasks; one image file linked into two classes",
+     "one error naming the class / both paths",
+     "test_attack3_data.py::test_image_tasks_sharing_a_class_are_refused "
+     "test_attack3_data.py::test_one_image_file_in_two_classes_is_refused"),
+    ("image folder with train/ but no test/ (or the reverse), a class train/ with subfolders beside other classes",
+     "one error saying which layout and the fix (was KeyError 'test' or a misleading error)",
+     "test_attack3_data.py::test_half_split_and_ambiguous_layouts_are_clear_errors"),
+    ("an unsplit image folder with classes named train and test (CIFAR-100)", "read as classes, every image kept",
+     "test_attack3_data.py::test_classes_named_train_and_test_in_an_unsplit_folder"),
+    ("symlink loops under a ** glob", "check finishes, each file once; symlinked folders are not entered",
+     "test_attack3_data.py::test_symlink_loops_do_not_make_check_hang "
+     "test_attack3_data.py::test_the_glob_matches_as_glob_does_without_links"),
+    ("a glob over more than GLOB_MAX_ENTRIES files and folders", "ValueError: narrow it",
+     "test_attack3_data.py::test_a_glob_over_too_many_entries_stops_with_a_clear_error"),
+    ("splitting 10 MB of text; 24 images of 2000x2000",
+     "peak memory under 250 MB (was 527) / under 100 MB (was 260); processor fed 256 images at a time",
+     "test_attack3_data.py::test_splitting_a_large_domain_has_bounded_memory "
+     "test_attack3_data.py::test_images_are_resized_as_they_are_loaded "
+     "test_attack3_data.py::test_a_processor_gets_the_images_a_chunk_at_a_time"),
+    ("float16 logits that overflow (inf/NaN) in evaluate",
+     "FloatingPointError naming the task and suggesting float32/bfloat16, no number returned",
+     "test_attack3_numbers.py::test_overflowing_float16_logits_are_an_error_naming_the_task"),
+    ("zeroed or NaN bytes written into a cached statistics file (same size, valid header)",
+     "checksum mismatch: recomputed with a warning, identical values",
+     "test_attack3_numbers.py::test_changed_statistics_bytes_are_recomputed_with_a_warning"),
+    ("vit.eval_images / dynamics.eval_images below 5 per class; a task left with no test images; no images",
+     "ParamsError in check; at run time an error naming the task, never accuracy 0.0",
+     "test_attack3_numbers.py::test_too_few_eval_images_are_refused_and_an_empty_task_is_never_zero"),
+    ("all-NaN or partly NaN bootstrap, NaN null values, constant overlap matrices, a seed with undefined p",
+     "NaN resamples count against the claim; an undefined estimate gives p NaN and 'not supported (undefined)'",
+     "test_attack3_numbers.py::test_nan_resamples_and_undefined_estimates_never_make_p_smaller"),
+    ("an image model with fewer than 5 outputs (3 outputs, 3 classes)", "evaluated; top-5 is top-min(5, outputs)",
+     "test_attack3_numbers.py::test_image_models_with_fewer_than_five_outputs_are_evaluated"),
+    ("an image model whose outputs are not the classes (10 or 2 outputs for 3 folders)",
+     "refused at load with one error naming both counts",
+     "test_attack3_numbers.py::test_outputs_that_are_not_the_classes_are_refused_at_load"),
 ]
 import json
 import os
@@ -401,10 +510,17 @@ def test_artifacts_respect_the_umask(tmp_path):
     try:
         files.write_text_atomic(tmp_path / "a.txt", "x")
         folder = files.cached_dir(tmp_path / "d", lambda tmp: (tmp / "f").write_text("y"), what="test folder")
+        # safetensors 0.8 writes 0600 whatever the umask: the statistics cache and a run's statistics
+        stats = NeuronStats(torch.ones(1), *[torch.zeros(1, 2, dtype=torch.float64) for _ in range(5)])
+        files.cached(tmp_path / "cache" / "s.safetensors", lambda: stats, load=NeuronStats.load,
+                     save=lambda st, tmp: st.save(tmp))
+        stats.save(tmp_path / "statistics" / "lm-code.safetensors")
     finally:
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o664
     assert (folder / "f").stat().st_mode & 0o777 == 0o664 and folder.stat().st_mode & 0o777 == 0o775
+    for saved in (tmp_path / "cache" / "s.safetensors", tmp_path / "statistics" / "lm-code.safetensors"):
+        assert saved.stat().st_mode & 0o777 == 0o664, saved
 
 
 # -- statistics caches: atomic, validated, resumable ---------------------------------------------------------
@@ -592,6 +708,7 @@ def sigint_as_in_a_shell():
 def test_sigint_is_one_line_and_marks_the_folder_incomplete(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".modsep-run").write_text("")                                 # the killed run made the folder
     (out / ".01_vit_pruning.k9left.ipynb").write_text('{"cells": [')      # left by a kill -9
     params = write_params(tmp_path, f"cache_dir: {tmp_path / 'c'}")
     busy = tmp_path / "02-busy"

@@ -335,3 +335,50 @@ def test_compiled_reduction_equals_eager(recwarn, monkeypatch):
     if shutil.which("cc") or shutil.which("gcc"):     # a C compiler is all torch.compile needs on the CPU
         assert statistics._COMPILED["reduce"] not in (False, statistics._masked_reduce)
         assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_reading_passes_stop_after_the_last_hooked_layer(tiny_llama, tiny_vit):
+    """Statistics and neuron examples never compute what they do not read: no unembedding, no layer after the
+    last hooked one; evaluation still computes the logits. Statistics stay equal to the full forward's
+    (the reference above runs the whole model), and no hook is left behind, also after an error."""
+    from collections import Counter
+
+    from modsep_nb import evaluate
+    from modsep_nb import neurons as N
+
+    def watch(handle, modules):
+        calls = Counter()
+        removers = [m.register_forward_pre_hook(lambda *_, name=name: calls.update([name]))   # started
+                    for name, m in modules.items()]
+        return calls, removers
+
+    lm = tiny_llama
+    last = lm.n_layers - 1
+    modules = {"head": lm.model.lm_head, "norm": lm.model.model.norm, "last block": lm.blocks[last],
+               "first block": lm.blocks[0]}
+    calls, removers = watch(lm, modules)
+    stats = collect_stats(lm, TEXTS, batch_size=4, ctx=12, progress=False)
+    assert calls["head"] == calls["norm"] == 0 and calls["first block"] > 0
+    assert_stats_close(stats, lm_reference(lm, TEXTS, ctx=12))
+    calls.clear()
+    edges = N.histogram_edges({"t": stats}, [(0, 1)], 4)
+    N.collect_examples(lm, {"t": TEXTS}, [(0, 1)], edges=edges, k=2, window=1, ctx=12, batch_size=4, progress=False)
+    assert calls["first block"] > 0 and calls["last block"] == calls["head"] == 0     # only layer 0 is read
+    calls.clear()
+    evaluate(lm, TEXTS, ctx=12, progress=False)
+    assert calls["head"] > 0 and calls["last block"] > 0
+    for remover in removers:
+        remover.remove()
+    assert not lm._hooked
+    with pytest.raises(RuntimeError, match="reader failed"), lm.hooks({0: lambda x: (_ for _ in ()).throw(
+            RuntimeError("reader failed"))}):
+        lm.read_forward(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.long))
+    assert not lm._hooked
+
+    vit = tiny_vit
+    calls, removers = watch(vit, {"classifier": vit.model.classifier})
+    images = torch.randn(3, *vit.image_shape, generator=torch.Generator().manual_seed(0))
+    collect_stats(vit, images, progress=False)
+    assert calls["classifier"] == 0
+    vit.image_logits(images)
+    assert calls["classifier"] == 1

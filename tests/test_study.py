@@ -244,7 +244,8 @@ def test_record_names_the_documents_statistics_and_evaluation_read(tmp_path, lla
     report = Report("02_mistral_pruning", None, tmp_path / "run", {"device": "cpu"})
     path = report.save_tasks(study)
     import json
-    assert json.loads(path.read_text()) == {"lm": record}
+    # plain task names are their own file names (statistics/lm-docs.safetensors, neurons/lm-docs.html)
+    assert json.loads(path.read_text()) == {"lm": {t: {**entry, "file_name": t} for t, entry in record.items()}}
 
 
 def test_image_record_lists_the_images_used(tmp_path):
@@ -288,7 +289,8 @@ def test_claims_of_a_study_carry_interval_null_and_test(tmp_path, llama_dir):
     ids = [c.id for c in result["claims"]]
     assert ids == ["selectivity", "overlap_above_null", "related_share_more"]
     for c in result["claims"]:
-        assert c.null == 0.0 and len(c.ci) == 2 and (c.p is None or 0 < c.p <= 1)
+        # an undefined estimate (a tiny model's task never right before pruning) has no p, never a small one
+        assert c.null == 0.0 and len(c.ci) == 2 and (c.p is None or 0 < c.p <= 1 or (c.undefined and math.isnan(c.p)))
         if c.supported:
             assert c.ci[0] > 0 and (c.p is None or c.p < 0.05)
     sel = result["selectivity"]
@@ -365,8 +367,11 @@ def test_random_init_claims(tmp_path, llama_dir):
     assert persists.id == "pattern_persists[lm]" and persists.n == 2 and persists.correction == "holm"
     rhos = sorted(p["rho"] for p in comparison["persistence"])
     assert persists.estimate == pytest.approx(float(np.median(rhos)), nan_ok=True)
-    assert persists.p == pytest.approx(max(min(1.0, 2 * min(p["p_value"] for p in comparison["persistence"])),
-                                           max(p["p_value"] for p in comparison["persistence"])), nan_ok=True)
+    if math.isnan(persists.estimate):       # no ranking in a tiny model's matrices: undefined, so no p either
+        assert math.isnan(persists.p) and not persists.supported
+    else:
+        assert persists.p == pytest.approx(max(min(1.0, 2 * min(p["p_value"] for p in comparison["persistence"])),
+                                               max(p["p_value"] for p in comparison["persistence"])), nan_ok=True)
 
 
 def test_routing_evidence_matches_the_routing_curve(tmp_path, llama_dir):

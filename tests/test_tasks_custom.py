@@ -108,13 +108,16 @@ def test_dataset_tasks_end_to_end(saved_dataset):
     tmp_path, texts, langs, labels = saved_dataset
     path = write_params(tmp_path / "params", {"lm": {"tasks": {
         "english": {"dataset": "../ds", "split": "train", "text_column": "text", "where": {"lang": "en"}},
-        "negative": {"dataset": str(tmp_path / "ds"), "where": {"label": "neg", "lang": ["en", "fr"]}},
-        "few": {"dataset": "../ds", "max_docs": 7}}}})
+        "negative": {"dataset": str(tmp_path / "ds"), "where": {"label": "neg", "lang": ["fr", "de"]}},
+        "few": {"dataset": "../ds", "where": {"label": "pos", "lang": "fr"}, "max_docs": 7}}}})   # disjoint tasks
     tasks = TextTasks.from_params(load_params(path))
     rows = range(len(texts))
     assert_split(tasks["english"], {f"train:{i}": texts[i] for i in rows if langs[i] == "en" and texts[i]})
-    assert_split(tasks["negative"], {f"train:{i}": texts[i] for i in rows if labels[i] == 0 and texts[i]})
-    assert_split(tasks["few"], {f"train:{i}": texts[i] for i in [r for r in rows if texts[r]][:7]})
+    assert_split(tasks["negative"], {f"train:{i}": texts[i] for i in rows if labels[i] == 0 and langs[i] == "fr"
+                                     and texts[i]})
+    french = [r for r in rows if texts[r] and labels[r] == 1 and langs[r] == "fr"]
+    assert len(french) > 7
+    assert_split(tasks["few"], {f"train:{i}": texts[i] for i in french[:7]})
     assert tasks["english"].source == "dataset"
     record = tasks.record(types.SimpleNamespace(tokenizer=make_tokenizer()), 10_000)
     assert sorted(record["english"]["evaluation"]) == sorted(tasks["english"].evaluate_ids)
