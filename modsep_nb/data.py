@@ -734,6 +734,7 @@ class ImageDataset:
     class_names: list[str]
     name: str
     ids: list[str] | None = None
+    groups: dict[str, list[str]] | None = None     # the dataset's own groups of classes (tasks: groups)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -807,18 +808,20 @@ def fashion_mnist(split: str = "train", root: Path | str = FASHION_MNIST_DIR) ->
     mean, std = FASHION_MNIST_NORM
     images = ((images - mean) / std).unsqueeze(1)
     labels = torch.from_numpy(_read_idx(lbl_path).astype(np.int64))
-    return ImageDataset(images, labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist/{split}")
+    return ImageDataset(images, labels, list(FASHION_MNIST_CLASSES), f"fashion-mnist/{split}",
+                        groups=dict(FASHION_MNIST_GROUPS))
 
 
 def image_tasks(dataset: ImageDataset, tasks: str | dict = "classes") -> dict[str, list[str]]:
-    """Task name -> class names: "classes" (one task per class), "groups" (Fashion-MNIST's natural groups),
-    or an explicit dict."""
+    """Task name -> class names: "classes" (one task per class), "groups" (the dataset's own groups:
+    Fashion-MNIST's natural groups, CIFAR-100's superclasses), or an explicit dict."""
     if tasks == "classes":
         return {c: [c] for c in dataset.class_names}
     if tasks == "groups":
-        if dataset.class_names != FASHION_MNIST_CLASSES:
-            raise ValueError("tasks='groups' is defined for Fashion-MNIST only; pass an explicit dict of groups")
-        return dict(FASHION_MNIST_GROUPS)
+        if not dataset.groups:
+            raise ValueError(f"tasks='groups' needs a dataset with its own groups of classes (Fashion-MNIST, "
+                             f"CIFAR-100's superclasses); {dataset.name} has none: pass a dict of task -> classes")
+        return dict(dataset.groups)
     if isinstance(tasks, dict):
         unknown = sorted({c for cs in tasks.values() for c in cs} - set(dataset.class_names))
         if unknown:
@@ -847,7 +850,9 @@ def shared_classes(tasks: dict[str, list[str]]) -> str | None:
 
 def cifar100(split: str = "train", *, processor=None, local_dir: str | None = None,
              max_images: int | None = None) -> ImageDataset:
-    """CIFAR-100 (`uoft-cs/cifar100`) labelled by its 20 coarse superclasses, as the paper uses it."""
+    """CIFAR-100 (`uoft-cs/cifar100`): labelled by its 100 fine classes, which is what a CIFAR-100 classifier
+    predicts, with its 20 coarse superclasses as `groups` (the paper's tasks: vit.tasks groups). A copy without
+    `fine_label` is labelled by the superclasses themselves (for a 20-way model)."""
     import datasets
     try:
         ds = (datasets.load_from_disk(local_dir) if local_dir else datasets.load_dataset("uoft-cs/cifar100"))
@@ -870,7 +875,13 @@ def cifar100(split: str = "train", *, processor=None, local_dir: str | None = No
     else:
         arr = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in pil])
         images = torch.from_numpy(arr).permute(0, 3, 1, 2).sub(0.5).div(0.5)
-    return ImageDataset(images.float(), torch.tensor(part["coarse_label"]), list(names), f"cifar100/{split}")
+    if "fine_label" not in part.column_names:
+        return ImageDataset(images.float(), torch.tensor(part["coarse_label"]), list(names), f"cifar100/{split}")
+    fine = part.features["fine_label"].names
+    superclass = dict(zip(part["fine_label"], part["coarse_label"]))      # every fine class has one superclass
+    groups = {name: [fine[f] for f in sorted(superclass) if superclass[f] == c] for c, name in enumerate(names)}
+    return ImageDataset(images.float(), torch.tensor(part["fine_label"]), list(fine), f"cifar100/{split}",
+                        groups={name: classes for name, classes in groups.items() if classes})
 
 
 # -- an image folder: one subfolder of images per class ----------------------------------------------

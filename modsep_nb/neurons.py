@@ -7,7 +7,7 @@ earlier wins), each kept with its context, and a histogram with fixed bins. Memo
 
     shown = study.neuron_examples(masks, scores=scores)     # pick_neurons + collect_examples
     neurons.export(shown, out_dir)                          # neurons/<kind>-<task>.html and PNGs
-    neurons.explorer(shown)                                 # ipywidgets in JupyterLab; None headless
+    neurons.explorer(shown);                                # ipywidgets in JupyterLab, shown; None headless
 """
 from __future__ import annotations
 

@@ -463,7 +463,7 @@ def validate(params: dict) -> None:
             raise ParamsError(f"parameter 'lm.tasks' names unknown tasks {unknown}; paper domains are "
                               f"{', '.join(PAPER_TEXT_DOMAINS)}")
     _check_vit_tasks(params["vit"])
-    n_classes = {"fashion-mnist": 10, "cifar100": 20}.get(params["vit"]["dataset"])    # cifar100: the superclasses
+    n_classes = {"fashion-mnist": 10, "cifar100": 100}.get(params["vit"]["dataset"])    # cifar100: the fine classes
     if params["vit"]["dataset"] == "image-folder":
         n_classes = _check_image_folder(params["vit"], base_dir(params))
     _check_eval_images(params, n_classes)
@@ -665,9 +665,10 @@ def _check_vit_tasks(vit: dict) -> None:
         if tasks not in ("classes", "groups"):
             raise ParamsError(f"parameter 'vit.tasks' is {show(tasks)}; use classes, groups or a mapping "
                               f"of task -> list of class names")
-        if tasks == "groups" and vit["dataset"] != "fashion-mnist":
-            raise ParamsError("parameter 'vit.tasks' is 'groups', which is defined for fashion-mnist only; use "
-                              "classes or a mapping of task -> list of class names")
+        if tasks == "groups" and vit["dataset"] not in ("fashion-mnist", "cifar100"):
+            raise ParamsError("parameter 'vit.tasks' is 'groups', which is defined for fashion-mnist (its natural "
+                              "groups) and cifar100 (its 20 superclasses) only; use classes or a mapping of task -> "
+                              "list of class names")
         return
     _check_task_names("vit.tasks", list(tasks))
     if not tasks or not all(isinstance(v, list) and v and all(isinstance(c, str) for c in v) for v in tasks.values()):
@@ -710,8 +711,10 @@ MIN_EVAL_IMAGES_PER_CLASS = 5     # the test split's first eval_images images ar
 
 def _check_eval_images(params: dict, n_classes: int) -> None:
     """Enough test images for every class to have some: an accuracy over none is undefined (it read as 0.0)."""
-    for key, n in (("vit.eval_images", params["vit"]["eval_images"]),
-                   ("dynamics.eval_images", min(params["dynamics"]["eval_images"], params["vit"]["eval_images"]))):
+    used = [("vit.eval_images", params["vit"]["eval_images"])]
+    if "06" in params["notebooks"]:            # only notebook 06 reads dynamics.eval_images
+        used.append(("dynamics.eval_images", min(params["dynamics"]["eval_images"], params["vit"]["eval_images"])))
+    for key, n in used:
         if n < MIN_EVAL_IMAGES_PER_CLASS * n_classes:
             raise ParamsError(f"parameter {key!r} is {n}: the test split has {n_classes} classes, so use at least "
                               f"{MIN_EVAL_IMAGES_PER_CLASS * n_classes} ({MIN_EVAL_IMAGES_PER_CLASS} per class)")

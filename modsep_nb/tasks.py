@@ -123,7 +123,7 @@ class ImageTasks:
             test = D.cifar100("test", processor=processor, local_dir=p["data_dir"])
         n = p["eval_images"]
         test = D.ImageDataset(test.images[:n], test.labels[:n], test.class_names, test.name,
-                              None if test.ids is None else test.ids[:n])
+                              None if test.ids is None else test.ids[:n], test.groups)
         tasks = D.image_tasks(train, p["tasks"])
         for t, classes in tasks.items():     # an accuracy over no images is undefined, never 0
             if not bool(torch.isin(test.labels, torch.tensor([test.class_names.index(c) for c in classes])).any()):

@@ -93,6 +93,31 @@ def assert_links_resolve(page: Path) -> Links:
     return links
 
 
+def drawn_content(png: bytes) -> tuple[float, int]:
+    """What a figure's PNG, composited on white as a page shows it, has drawn: the fraction of its pixels that
+    are not (near) white, and how many drawn regions span at least 80 px each way (an axes with its frame and
+    what it holds, or a picture); text, ticks and stray marks are smaller."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from scipy import ndimage
+    with Image.open(io.BytesIO(png)) as im:
+        rgba = np.asarray(im.convert("RGBA"), dtype=float) / 255
+    rgb = rgba[..., :3] * rgba[..., 3:] + (1 - rgba[..., 3:])      # a transparent pixel shows white
+    ink = (rgb < 0.9).any(axis=-1)
+    labels, _ = ndimage.label(ink, structure=np.ones((3, 3)))
+    panels = sum(1 for rows, cols in ndimage.find_objects(labels)
+                 if rows.stop - rows.start >= 80 and cols.stop - cols.start >= 80)
+    return float(ink.mean()), panels
+
+
+def assert_drawn(png: bytes, what: str) -> None:
+    """The figure has content: at least 2% of its pixels drawn and at least one axes (or picture)."""
+    ink, panels = drawn_content(png)
+    assert ink >= 0.02 and panels >= 1, f"{what} is blank: {ink:.2%} of its pixels drawn, {panels} axes or pictures"
+
+
 def open_and_check_images(browser, path: Path):
     """Open an HTML file in Chromium (file://); every <img> must have loaded with a non-zero size.
     Returns the page and the number of images."""

@@ -84,7 +84,7 @@ def test_changed_statistics_bytes_are_recomputed_with_a_warning(tmp_path, llama_
 def test_too_few_eval_images_are_refused_and_an_empty_task_is_never_zero(tmp_path, tiny_vit):
     with pytest.raises(ParamsError, match=r"'vit.eval_images' is 5: the test split has 10 classes.*at least 50"):
         load_params(None, {"vit": {"eval_images": 5}})
-    with pytest.raises(ParamsError, match=r"'dynamics.eval_images' is 30: .* 20 classes.*at least 100"):
+    with pytest.raises(ParamsError, match=r"'dynamics.eval_images' is 30: .* 100 classes.*at least 500"):
         load_params(None, {"vit": {"dataset": "cifar100", "eval_images": 500}, "dynamics": {"eval_images": 30}})
     write_images(tmp_path / "imgs", {"a": 3, "b": 3, "c": 3})
     vit_dir = save_hf_vit(tmp_path / "vit", image_size=16, patch_size=4, num_channels=3, num_labels=3)

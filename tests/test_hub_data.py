@@ -65,3 +65,36 @@ def test_cifar100_coarse_labels_from_save_to_disk(tmp_path):
     datasets.DatasetDict({"test": no_labels}).save_to_disk(str(tmp_path / "nolabels"))
     with pytest.raises(ValueError, match="no 'coarse_label'"):
         cifar100("test", local_dir=str(tmp_path / "nolabels"))
+
+
+def test_cifar100_fine_classes_grouped_by_superclass(tmp_path):
+    """A CIFAR-100 classifier predicts the 100 fine classes: they are the labels, and the superclasses (the
+    paper's tasks) are groups of them, read off the dataset's own (fine, coarse) pairs."""
+    import datasets
+    from PIL import Image
+    from modsep_nb.data import image_tasks
+    from modsep_nb.params import load_params
+    rng = np.random.default_rng(0)
+    coarse_names, fine_names = [f"super{i}" for i in range(20)], [f"fine{i}" for i in range(100)]
+    fine = [7, 12, 7, 99, 3, 12, 50]
+    coarse = [f % 20 for f in fine]                                  # any fixed map from fine to coarse
+    imgs = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in fine]
+    features = datasets.Features({"img": datasets.Image(), "fine_label": datasets.ClassLabel(names=fine_names),
+                                  "coarse_label": datasets.ClassLabel(names=coarse_names)})
+    split = datasets.Dataset.from_dict({"img": imgs, "fine_label": fine, "coarse_label": coarse}, features=features)
+    datasets.DatasetDict({"train": split, "test": split}).save_to_disk(str(tmp_path / "c100"))
+    ds = cifar100("test", local_dir=str(tmp_path / "c100"))
+    assert ds.class_names == fine_names and torch.equal(ds.labels, torch.tensor(fine))
+    expected = {}
+    for f in sorted(set(fine)):
+        expected.setdefault(coarse_names[f % 20], []).append(fine_names[f])
+    assert ds.groups == {name: expected[name] for name in coarse_names if name in expected}
+    assert image_tasks(ds, "groups") == ds.groups
+    assert image_tasks(ds, "classes") == {c: [c] for c in fine_names}
+    load_params(None, {"vit": {"dataset": "cifar100", "tasks": "groups", "eval_images": 500},
+                       "dynamics": {"eval_images": 500}})
+    load_params(None, {"vit": {"dataset": "cifar100", "tasks": "groups", "eval_images": 500}, "notebooks": ["01"]})
+    without_groups = cifar100("test", local_dir=str(tmp_path / "c100"))
+    without_groups.groups = None
+    with pytest.raises(ValueError, match="has none: pass a dict"):
+        image_tasks(without_groups, "groups")
