@@ -8,6 +8,7 @@ import io
 import os
 from pathlib import Path
 
+import matplotlib.ticker
 import matplotlib.pyplot as plt  # headless, matplotlib falls back to Agg by itself
 import numpy as np
 
@@ -130,6 +131,8 @@ def over_steps(steps, curves: dict, *, title: str, ylabel: str, null=None, null_
         ax.fill_between(steps, np.asarray(low, dtype=float), np.asarray(high, dtype=float), color=line.get_color(),
                         alpha=0.2)
     ax.set_xscale("symlog", linthresh=1)
+    # plain numbers: the default log labels are mathtext, shown raw ("$\\mathdefault{10^{1}}$") with parse_math off
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlim(left=0)
     return _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
 

@@ -345,3 +345,15 @@ def test_neuron_distribution_axis_labels_show_no_raw_mathtext(tiny_llama):
     labels = [t for t in axis.get_ticklabels() + axis.get_ticklabels(minor=True) if t.get_text()]
     assert labels and all(t.get_parse_math() or "$" not in t.get_text() for t in labels), \
         [t.get_text() for t in labels]
+
+
+def test_step_axis_labels_show_no_raw_mathtext():
+    """The same for 06's symmetric-log step axis (plots.over_steps)."""
+    from modsep_nb import plots
+    fig = plots.over_steps([0, 10, 100, 1000], {"a": ([0.1, 0.2, 0.3, 0.4], [0.0, 0.1, 0.2, 0.3],
+                                                     [0.2, 0.3, 0.4, 0.5])}, title="t", ylabel="y")
+    fig.draw_without_rendering()
+    axis = fig.axes[0].xaxis
+    labels = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
+    assert labels and not any("$" in text for text in labels), labels
+    assert {"0", "10", "100", "1000"} <= set(labels)

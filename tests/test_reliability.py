@@ -175,6 +175,19 @@ ATTACKS = [
     ("an image model whose outputs are not the classes (10 or 2 outputs for 3 folders)",
      "refused at load with one error naming both counts",
      "test_attack3_numbers.py::test_outputs_that_are_not_the_classes_are_refused_at_load"),
+    ("JupyterLab Run All (ipykernel 7 subshells): the score explorer's figure rendered while the inline backend "
+     "flushed it on another thread (a blank white image)",
+     "explorers draw on figures pyplot does not track and show their own PNG; the browser test reads every explorer "
+     "figure back from the page and requires drawn pixels and axes",
+     "test_lab.py::test_run_all_in_jupyterlab_and_move_the_explorers "
+     "test_lab.py::test_score_explorer_shows_a_drawn_histogram_made_without_pyplot"),
+    ("notebooks call `neurons.explorer(shown);` (the semicolon hid the returned widget)",
+     "the explorer displays itself and redraws once per change; every explorer call in the notebooks must be opened "
+     "in the browser test", "test_lab.py::test_neuron_explorer_shows_itself_and_draws_once_per_change "
+     "test_lab.py::test_every_explorer_in_the_notebooks_is_opened_in_the_browser"),
+    ("text.parse_math off (for task names with $) on log and symlog axes",
+     "plain tick labels, not raw $\\mathdefault{10^{1}}$", "test_lab.py::test_neuron_distribution_axis_labels_show_no_raw_mathtext "
+     "test_lab.py::test_step_axis_labels_show_no_raw_mathtext"),
 ]
 import json
 import os
