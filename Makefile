@@ -61,10 +61,18 @@ bench: setup
 	$(PY) benchmarks/bench.py
 
 # On a GPU machine whose Python already has torch, transformers, timm, accelerate, scipy, matplotlib and
-# pytest (no venv, no set-up): the CUDA tests, then the GPU rows of the benchmark (outputs/bench/latest.json).
+# pytest (no venv, no set-up): the CUDA tests, then the GPU rows of the benchmark (outputs/bench/latest.json),
+# then every notebook end to end on the GPU: params/smoke.yaml with device: cuda (needs papermill, a python3
+# kernel and the Debian data too; the run is outputs/gpu-check/smoke-cuda/).
+GPU_SMOKE := outputs/gpu-check/smoke-cuda
 gpu-check:
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_bench.py tests/test_statistics.py
 	$(PYTHON) benchmarks/bench.py --only gpu
+	mkdir -p $(dir $(GPU_SMOKE))
+	sed -e 's/^device: cpu$$/device: cuda/' -e 's/^run_name: smoke$$/run_name: smoke-cuda/' params/smoke.yaml \
+	  > $(GPU_SMOKE).yaml
+	grep -qx 'device: cuda' $(GPU_SMOKE).yaml    # smoke.yaml must keep its top-level `device: cpu` line
+	$(PYTHON) -m modsep_nb run $(GPU_SMOKE).yaml --out $(GPU_SMOKE) --overwrite
 
 clean-outputs:
 	rm -rf outputs/*

@@ -109,7 +109,7 @@ def _hook_seconds(handle, batch, positions, forward, repeats: int = 5) -> float:
 def reference_collector(handle, texts, max_tokens) -> dict:
     """The reference's way: one text per forward, and for every token a float64 update on the model's device
     (Welford mean and M2, |x|, sqrt|x|, positive and negative mass, positive count), layer by layer. On a GPU
-    it is bound by kernel launches (SPEC §10: 86 tokens/s for a Mistral-7B shape on an H200)."""
+    it is bound by kernel launches (docs/method.md §10: 86 tokens/s for a Mistral-7B shape on an H200)."""
     L, d = handle.n_layers, handle.d_mlp
     names = ("mean", "m2", "abs", "sqrt", "pos", "neg", "n_pos")
     acc = {k: torch.zeros(L, d, dtype=torch.float64, device=handle.device) for k in names}
@@ -233,7 +233,7 @@ GPU_SIZES = {
                  reference_tokens=16),
 }
 # k-means-constrained at its defaults (n_init=10) on one Mistral-scale layer, 2 CPU cores (BENCHMARKS.md;
-# SPEC §10 anchor: 40 s per restart, ≈ 7 min): what the GPU run is compared with, as it has no GPU path
+# docs/method.md §10 anchor: 40 s per restart, ≈ 7 min): what the GPU run is compared with, as it has no GPU path
 THEIRS_MISTRAL_SCALE_CPU_S = 569.0
 
 

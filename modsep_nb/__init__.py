@@ -1,5 +1,5 @@
 """modsep_nb: how modular are transformers? Task-specific MLP neurons, their overlap, random-init controls,
-MoEfication and layerwise correspondence. The public API is SPEC §11; notebooks import it from here."""
+MoEfication and layerwise correspondence. The public API is docs/method.md §11; notebooks import it from here."""
 import logging as _logging
 
 # torch.compile imports torch.utils.cpp_extension, which on a machine with a CUDA toolkit but no GPU logs "No CUDA

@@ -11,13 +11,17 @@ from .data import images_and_labels, lm_batches
 @torch.no_grad()
 def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ctx=256, cls_only=False,
                 progress=True, desc="forward", on_logits=None, shard=(0, 1), doc_tokens=None, documents=False,
-                logits=None):
+                logits=None, skip_positions=(), equal_positions=False, weights_by_position=None):
     """Run `data` through the model in batches, telling `collector` which positions count.
     shard=(rank, world_size): this process's share (every world_size-th window or image).
     logits: whether the passes need the model's output (default: when on_logits is given). Without it each
     forward stops after the last hooked layer (ModelHandle.read_forward) and on_logits gets None.
     documents=True: before each forward `collector.documents` is set to the index in `data` of each row's
-    document (LM) or image [batch], and on_logits gets it as a last argument."""
+    document (LM) or image [batch], and on_logits gets it as a last argument.
+    skip_positions, equal_positions (LM): the positions of each window the collector does not count, and
+    whether it weighs every other position alike (`collector.weights`; data.position_weights); the model
+    still reads every token, so only what is counted changes. weights_by_position [ctx]: those weights given
+    (e.g. a whole task's, when `data` is one block of it) instead of computed from the windows read here."""
     for name, value, low in (("batch_size", batch_size, 1), ("max_tokens", max_tokens, 1), ("ctx", ctx, 2)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ValueError(f"{name} must be a whole number >= {low}{'' if name == 'ctx' else ' or None'}, "
@@ -31,11 +35,15 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
         if not data:
             raise ValueError("the text data is empty: pass at least one document")
         batches = lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8, max_tokens=max_tokens,
-                             doc_tokens=doc_tokens, shard=shard, with_documents=True)
+                             doc_tokens=doc_tokens, shard=shard, with_documents=True, with_weights=True,
+                             skip_positions=skip_positions, equal_positions=equal_positions,
+                             weights_by_position=weights_by_position)
         bar = tqdm(total=max_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
-        for ids, mask, docs in batches:
+        for ids, mask, docs, weights in batches:
             if collector is not None:
-                collector.positions = mask.bool()      # set while on the CPU: no device sync
+                collector.positions = weights > 0      # set while on the CPU: no device sync
+                if equal_positions:
+                    collector.weights = weights
                 if documents:
                     collector.documents = docs
             ids, mask = ids.to(device), mask.to(device)

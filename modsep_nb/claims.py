@@ -1,4 +1,4 @@
-"""One record of claims (SPEC §5 Evidence): every comparison a notebook states, with its estimate, 95% interval,
+"""One record of claims (docs/method.md §5.3): every comparison a notebook states, with its estimate, 95% interval,
 null, p-value and sample size, and one rule that decides whether the evidence supports it. The findings and
 summary.md are written from these records (claims_table), so no sentence says more than its test.
 
@@ -20,8 +20,14 @@ ALPHA = 0.05
 class Claim:
     """id: a fixed name (e.g. "selectivity"); statement: the sentence the claim makes; estimate: the measured
     value (e.g. an excess over the null); ci: its 95% interval; null: the value the claim is read against;
-    p: the p-value (after correction, see `correction`) or None where the claim has no test; n: the units
-    the interval rests on (documents, tasks, seeds); direction: the side of the null the statement claims."""
+    p: the raw p-value (already combined within the claim where `correction` says so, e.g. over seeds) or
+    None where the claim has no test; n: the units the interval rests on (documents, tasks, seeds); direction:
+    the side of the null the statement claims.
+    p_floor, floor_n: the smallest p the test can give and what sets it (e.g. 1/21 and "20 null values": a
+    resample count, or an exact enumeration such as "6 layers"). p_adjusted, family, p_reachable: set by
+    `correct` for the claims of one notebook (its family): the Holm-adjusted p, which `supported` reads, and
+    the smallest adjusted p the family's floors allow. observed, observed_ci, null_band: for a claim read
+    against a null distribution, the statistic itself with its own bootstrap interval, and the null's 95% band."""
     id: str
     statement: str
     estimate: float
@@ -31,6 +37,16 @@ class Claim:
     n: int | None = None
     direction: str = "greater"
     correction: str | None = None
+    p_floor: float | None = None
+    floor_n: str | None = None
+    p_adjusted: float | None = None
+    family: str | None = None
+    family_size: int | None = None
+    p_reachable: float | None = None
+    observed: float | None = None
+    observed_ci: tuple[float, float] | None = None
+    null_band: tuple[float, float] | None = None
+    per_task: dict | None = None      # a claim about all tasks: each task's own result ({task: {...}})
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -48,7 +64,7 @@ class Claim:
     @property
     def supported(self) -> bool:
         """The one rule: the 95% interval lies wholly on the claimed side of the null, and p < 0.05 where
-        there is a p (already corrected for the claims tested together). NaN anywhere: not supported."""
+        there is a p (p_adjusted once the notebook's claims are corrected together). NaN anywhere: not supported."""
         lo, hi = self.ci
         if any(math.isnan(x) for x in (lo, hi, float(self.null), float(self.estimate))):
             return False
@@ -56,7 +72,23 @@ class Claim:
                     "two-sided": lo > self.null or hi < self.null}[self.direction]
         if self.p is None:
             return bool(excludes)
-        return bool(excludes) and not math.isnan(self.p) and self.p < ALPHA
+        p = self.p if self.p_adjusted is None else self.p_adjusted
+        return bool(excludes) and not math.isnan(p) and p < ALPHA
+
+    @property
+    def verdict(self) -> str:
+        """"supported", or why not: undefined, a test that can never reach p < 0.05 (its floor), one that cannot
+        once the family is corrected, or plain "not supported" (a test that could have succeeded and did not)."""
+        if self.supported:
+            return "supported"
+        if self.undefined:
+            return "not supported (undefined)"
+        if self.p_floor is not None and self.p_floor >= ALPHA:
+            return f"cannot be tested with {self.floor_n} (smallest possible p {_fmt(self.p_floor)})"
+        if self.p_reachable is not None and self.p_reachable >= ALPHA:
+            return (f"cannot reach p < 0.05 with n = {self.floor_n} in a family of {self.family_size} claims "
+                    f"(smallest possible adjusted p {_fmt(self.p_reachable)})")
+        return "not supported"
 
     @property
     def undefined(self) -> bool:
@@ -67,7 +99,13 @@ class Claim:
         return {"id": self.id, "statement": self.statement, "estimate": _num(self.estimate),
                 "ci": [_num(self.ci[0]), _num(self.ci[1])], "null": _num(self.null),
                 "p": None if self.p is None else _num(self.p), "n": self.n, "supported": self.supported,
-                "direction": self.direction, "correction": self.correction}
+                "direction": self.direction, "correction": self.correction,
+                "p_adjusted": None if self.p_adjusted is None else _num(self.p_adjusted),
+                "family": self.family, "family_size": self.family_size, "p_floor": self.p_floor, "floor_n": self.floor_n,
+                "verdict": self.verdict, "observed": None if self.observed is None else _num(self.observed),
+                "observed_ci": None if self.observed_ci is None else [_num(x) for x in self.observed_ci],
+                "null_band": None if self.null_band is None else [_num(x) for x in self.null_band],
+                "per_task": self.per_task}
 
 
 def _num(x):
@@ -81,14 +119,28 @@ def claims_to_json(claims) -> list[dict]:
 
 
 def claims_table(claims) -> str:
-    """Markdown table: claim, estimate, 95% interval, null, p, verdict (for the findings cell and summary.md)."""
-    rows = ["| claim | estimate | 95% interval | null | p | verdict |", "|---|---|---|---|---|---|"]
+    """Markdown table: claim, estimate, 95% interval, null, p, adjusted p, verdict (for the findings cell and
+    summary.md). Where a claim reports its statistic and the null separately, both follow the statement."""
+    rows = ["| claim | estimate | 95% interval | null | p | adjusted p | verdict |", "|---|---|---|---|---|---|---|"]
     for c in claims:
         p = "–" if c.p is None else f"{_fmt(c.p)}{' (' + c.correction + ')' if c.correction else ''}"
-        verdict = "supported" if c.supported else "not supported (undefined)" if c.undefined else "not supported"
-        rows.append(f"| {c.statement} (`{c.id}`) | {_fmt(c.estimate)} | [{_fmt(c.ci[0])}, {_fmt(c.ci[1])}] | "
-                    f"{_fmt(c.null)} | {p} | {verdict} |")
+        untestable = c.p_adjusted is None or (c.p_floor or 0.0) >= ALPHA      # outside the family: no adjusted p
+        adjusted = "–" if untestable else f"{_fmt(c.p_adjusted)} (of {c.family_size})"
+        parts = ""
+        if c.observed_ci is not None and c.null_band is not None:
+            parts = (f"; statistic {_fmt(c.observed)} [{_fmt(c.observed_ci[0])}, {_fmt(c.observed_ci[1])}], "
+                     f"null 95% band [{_fmt(c.null_band[0])}, {_fmt(c.null_band[1])}]")
+        rows.append(f"| {c.statement} (`{c.id}`){parts} | {_fmt(c.estimate)} | [{_fmt(c.ci[0])}, {_fmt(c.ci[1])}] | "
+                    f"{_fmt(c.null)} | {p} | {adjusted} | {c.verdict} |")
     return "\n".join(rows)
+
+
+def claim_line(c: Claim, width: int = 40) -> str:
+    """One claim on one line (the notebooks' printout): estimate, interval, p, adjusted p and verdict."""
+    p = "–" if c.p is None else format(c.p, ".3g")
+    adjusted = "" if c.p_adjusted is None else f" (adjusted {c.p_adjusted:.3g} of {c.family_size})"
+    return (f"{c.id:{width}s} estimate {c.estimate:+.3f}  95% CI [{c.ci[0]:+.3f}, {c.ci[1]:+.3f}]  "
+            f"p {p}{adjusted}  {c.verdict}")
 
 
 def resample_p(values, extreme, observed: float = 0.0) -> float:
@@ -136,17 +188,26 @@ def benjamini_hochberg(p) -> torch.Tensor:
     return torch.empty_like(p).scatter_(-1, order, q_sorted)
 
 
-def correct(claims, method: str = "holm") -> list[Claim]:
-    """The claims of one family with their p-values adjusted together ("holm" or "bh"); claims without a p
-    are returned unchanged."""
+def correct(claims, method: str = "holm", family: str = "claims") -> list[Claim]:
+    """The claims of one family (one notebook's) with their p-values adjusted together ("holm" or "bh") into
+    p_adjusted (p stays the raw p), each marked with the family's name and size, and p_reachable: the adjusted
+    p the family would give if every test sat at its floor (both procedures are monotone, so no data can
+    do better). A claim whose own test can never reach p < ALPHA (p_floor >= ALPHA, e.g. 6 layers) is left
+    out of the family: it can never be supported, so counting it would only weaken the others (Tarone's
+    argument). Claims without a p are returned unchanged."""
     if method not in ("holm", "bh"):
         raise ValueError(f"unknown correction {method!r}: choose 'holm' or 'bh'")
+    adjust = holm if method == "holm" else (lambda x: benjamini_hochberg(x).numpy())
     claims = list(claims)
-    tested = [i for i, c in enumerate(claims) if c.p is not None]
+    for i, c in enumerate(claims):       # untestable or undefined: its raw p is all there is, outside the family
+        if c.p is not None and (math.isnan(c.p) or (c.p_floor or 0.0) >= ALPHA):
+            claims[i] = replace(c, p_adjusted=c.p, family=family, family_size=1, p_reachable=c.p_floor)
+    tested = [i for i, c in enumerate(claims) if c.p is not None and c.p_adjusted is None]
     if not tested:
         return claims
-    p = np.array([claims[i].p for i in tested])
-    adjusted = holm(p) if method == "holm" else benjamini_hochberg(p).numpy()
-    for i, q in zip(tested, adjusted):
-        claims[i] = replace(claims[i], p=float(q), correction=method)
+    p = np.array([claims[i].p for i in tested], dtype=np.float64)
+    floors = np.array([claims[i].p_floor or 0.0 for i in tested], dtype=np.float64)
+    for i, q, r in zip(tested, adjust(p), adjust(floors)):
+        claims[i] = replace(claims[i], p_adjusted=float(q), family=family, family_size=len(tested),
+                            p_reachable=None if claims[i].p_floor is None else float(r))
     return claims

@@ -1,4 +1,4 @@
-"""Layerwise correspondence between expert splits and task-specific neurons (SPEC §8).
+"""Layerwise correspondence between expert splits and task-specific neurons (docs/method.md §8).
 
 For one layer: `selected` is a bool [d_mlp] (a task's top-frac neurons within the layer) and
 `labels` a balanced split into E experts ([d_mlp], or [P, d_mlp] for P splits at once).
@@ -11,6 +11,8 @@ For one layer: `selected` is a bool [d_mlp] (a task's top-frac neurons within th
 """
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +21,7 @@ from scipy.stats import hypergeom
 from tqdm.auto import tqdm
 
 from .claims import Claim, benjamini_hochberg
-from .evidence import paired_difference_ci
+from .evidence import paired_difference_ci, percentile_ci
 from .moefication import _check_labels, check_n_experts, layer_seeds
 from .pruning import as_mask, select_neurons
 
@@ -180,7 +182,7 @@ def null_distribution(selected: torch.Tensor, n_experts: int, *, n_null: int = 1
     if statistic not in STATISTICS:
         raise ValueError(f"unknown statistic {statistic!r}: choose one of {', '.join(STATISTICS)}")
     if n_null < 2:
-        raise ValueError(f"n_null must be >= 2 to estimate a spread (SPEC asks for >= 100), got {n_null}")
+        raise ValueError(f"n_null must be >= 2 to estimate a spread (docs/method.md §8 asks for >= 100), got {n_null}")
     selected = _check_selected(selected)
     labels = random_balanced_splits(selected.shape[0], n_experts, n_null, seed=seed)
     return _statistic(selected, labels, statistic, alpha)
@@ -206,7 +208,7 @@ def against_null(observed: float, null: torch.Tensor | np.ndarray) -> dict:
 
 def task_correspondence(scores: dict, labels: torch.Tensor, frac: float, *, n_null: int = 100,
                         seed: int = 0) -> dict:
-    """Per task: layer_correspondence of its within-layer top-`frac` neurons (SPEC §8) in the split `labels`."""
+    """Per task: layer_correspondence of its within-layer top-`frac` neurons (docs/method.md §8) in the split `labels`."""
     return {t: layer_correspondence(select_neurons(s, frac, "per_layer"), labels, n_null=n_null, seed=seed)
             for t, s in scores.items()}
 
@@ -218,6 +220,65 @@ def ends_vs_middle(values) -> tuple[float, float]:
     n = len(values)
     a, b = n // 3, n - n // 3
     return float(np.nanmean(np.r_[values[:a], values[b:]])), float(np.nanmean(values[a:b]))
+
+
+EXACT_LIMIT = 200_000      # up to this many relabellings a permutation test enumerates them all
+
+
+def layer_permutation_test(a, b, *, n_perm: int, seed: int) -> dict:
+    """Is mean(a) > mean(b), with layers as the units (one value per layer, e.g. z averaged over tasks)? One-sided
+    permutation test of the difference of means over the layers' group labels: exact over all C(n_a + n_b, n_a)
+    relabellings when there are at most EXACT_LIMIT (p = share at least as large, the observed one included;
+    floor 1/C), else n_perm random ones ((1 + #) / (1 + n_perm)). NaN layers are dropped.
+    Returns {"estimate", "p", "p_floor", "floor_n", "n"}; p NaN with fewer than one layer a side."""
+    a, b = (np.asarray(x, dtype=np.float64) for x in (a, b))
+    a, b = a[~np.isnan(a)], b[~np.isnan(b)]
+    n = len(a) + len(b)
+    if len(a) == 0 or len(b) == 0:
+        return {"estimate": float("nan"), "p": float("nan"), "p_floor": 1.0, "floor_n": f"{n} layers", "n": n}
+    both, observed = np.r_[a, b], a.mean() - b.mean()
+    total = math.comb(n, len(a))
+    if total <= EXACT_LIMIT:
+        first = np.zeros((total, n), dtype=bool)
+        for k, idx in enumerate(itertools.combinations(range(n), len(a))):
+            first[k, list(idx)] = True
+    else:
+        rng = np.random.default_rng(seed)
+        first = np.zeros((n_perm, n), dtype=bool)
+        first[np.arange(n_perm)[:, None], rng.permuted(np.tile(np.arange(n), (n_perm, 1)), axis=1)[:, :len(a)]] = True
+    stat = (first @ both) / len(a) - (~first @ both) / len(b)
+    hits = int(np.sum(stat >= observed - 1e-12))
+    exact = total <= EXACT_LIMIT
+    return {"estimate": float(observed), "p": hits / total if exact else (1 + hits) / (1 + n_perm),
+            "p_floor": 1 / total if exact else 1 / (1 + n_perm), "floor_n": f"{n} layers", "n": n}
+
+
+def ends_claim(kind: str, layer_values, *, n_boot: int, n_perm: int, seed: int) -> Claim:
+    """`ends_stronger_than_middle[kind]` with layers as the units (issue #26 item 1): layer_values [n_layers],
+    one per layer (z averaged over tasks and fractions). early > middle and late > middle are tested apart
+    (layer_permutation_test, thirds as in ends_vs_middle) and the claim needs both: estimate the smaller
+    difference, interval that minimum under a bootstrap of the layers within each third, p the larger p
+    (an intersection-union test), floor the larger floor. With too few layers for either test to reach
+    p < 0.05 the verdict says "cannot be tested with N layers"."""
+    values = np.asarray(layer_values, dtype=np.float64)
+    n = len(values)
+    a, b = n // 3, n - n // 3
+    early, middle, late = values[:a], values[a:b], values[b:]
+    tests = [layer_permutation_test(side, middle, n_perm=n_perm, seed=seed + k) for k, side in enumerate((early, late))]
+    rng = np.random.default_rng(seed)
+
+    def boot_mean(x):                   # the third's mean under n_boot resamples of its layers
+        x = x[~np.isnan(x)]
+        return x[rng.integers(0, len(x), size=(n_boot, len(x)))].mean(1) if len(x) else np.full(n_boot, np.nan)
+    m = boot_mean(middle)
+    boot = np.minimum(boot_mean(early) - m, boot_mean(late) - m)
+    e, l = tests
+    return Claim(f"ends_stronger_than_middle[{kind}]", f"{kind}: correspondence is stronger in both the first and the "
+                 f"last third of the layers than in the middle third (mean z per layer over tasks; layers as units: "
+                 f"early − middle {e['estimate']:+.2f}, p {e['p']:.2g}; late − middle {l['estimate']:+.2f}, p "
+                 f"{l['p']:.2g}; estimate the smaller)", float(np.min([e["estimate"], l["estimate"]])),
+                 percentile_ci(boot), 0.0, p=float(np.max([e["p"], l["p"]])), n=n,     # NaN either side: NaN
+                 p_floor=max(e["p_floor"], l["p_floor"]), floor_n=f"{n} layers")
 
 
 @dataclass
@@ -278,24 +339,24 @@ def layer_correspondence(selected_mask: torch.Tensor, labels: torch.Tensor, *, n
     return LayerCorrespondence(*cols[:9], n_selected=cols[9].long(), n_experts=n_experts, n_null=n_null)
 
 
-def correspondence_claims(kind: str, by_frac: dict, control_by_frac: dict, *, n_boot: int, seed: int) -> list[Claim]:
-    """Notebook 05's claims for one model, with tasks as the unit (not layer x task x fraction cells):
+def correspondence_claims(kind: str, by_frac: dict, control_by_frac: dict, *, n_boot: int, seed: int,
+                          n_perm: int = 1000) -> list[Claim]:
+    """Notebook 05's claims for one model, each with the unit its hypothesis is about (not layer x task x
+    fraction cells):
     correspondence_above_control: each task's mean z (over layers and fractions) minus the mean z of a
         selection by activation alone (top neurons by mean |activation| on the pooled data, the same fraction),
         paired across tasks; the control takes out what any activation-based selection shows under a
         parameter split (neurons with similar W_in rows have correlated activations).
-    ends_stronger_than_middle: each task's mean z in the first and last thirds of the layers minus the middle
-        third, paired across tasks.
+    ends_stronger_than_middle: a claim about layers, so layers are the units (ends_claim): each layer's z
+        averaged over tasks and fractions, early and late thirds each against the middle third.
     by_frac: {frac: {task: LayerCorrespondence}}; control_by_frac: {frac: LayerCorrespondence}."""
     tasks = list(next(iter(by_frac.values())))
     task_z = np.array([np.nanmean([np.nanmean(by_frac[f][t].z.numpy()) for f in by_frac]) for t in tasks])
     control_z = float(np.nanmean([np.nanmean(control_by_frac[f].z.numpy()) for f in by_frac]))
     above = paired_difference_ci(task_z, np.full(len(tasks), control_z), n_boot, seed)
-    ends, middle = zip(*[np.nanmean([ends_vs_middle(by_frac[f][t].z.numpy()) for f in by_frac], 0) for t in tasks])
-    ends_test = paired_difference_ci(np.array(ends), np.array(middle), n_boot, seed + 1)
+    layer_z = np.nanmean([by_frac[f][t].z.numpy() for f in by_frac for t in tasks], axis=0)   # [n_layers]
     return [Claim(f"correspondence_above_control[{kind}]", f"{kind}: tasks' selected neurons concentrate in "
                   f"parameter-split experts more than neurons selected by activation alone (mean z, task minus "
-                  f"control, tasks as units)", above["estimate"], above["ci"], 0.0, p=above["p"], n=above["n"]),
-            Claim(f"ends_stronger_than_middle[{kind}]", f"{kind}: correspondence is stronger in the first and last "
-                  f"thirds of the layers than in the middle third (mean z, ends minus middle, tasks as units)",
-                  ends_test["estimate"], ends_test["ci"], 0.0, p=ends_test["p"], n=ends_test["n"])]
+                  f"control, tasks as units)", above["estimate"], above["ci"], 0.0, p=above["p"], n=above["n"],
+                  p_floor=above["p_floor"], floor_n=f"{above['n']} tasks"),
+            ends_claim(kind, layer_z, n_boot=n_boot, n_perm=n_perm, seed=seed + 1)]

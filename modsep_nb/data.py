@@ -1,4 +1,4 @@
-"""Task data (SPEC §9): embedded text domains and Fashion-MNIST, the paper's hub datasets, your own text files,
+"""Task data (docs/method.md §9): embedded text domains and Fashion-MNIST, the paper's hub datasets, your own text files,
 datasets and image folders, and batching.
 
 A *task* is a named set of examples. Text tasks are lists of documents, split by document into
@@ -35,7 +35,7 @@ FASHION_MNIST_NORM = (0.2860, 0.3530)
 
 EMBEDDED_TEXT_DOMAINS = ("code", "docs", "licenses", "computers", "linux", "science", "medicine", "songs-poems",
                          "literature", "law", "politics", "sports", "food", "education")
-# related pairs the overlap study looks for (SPEC §9)
+# related pairs the overlap study looks for (docs/method.md §9)
 EMBEDDED_TEXT_GROUPS = {"code": ["code", "docs", "computers", "linux"],
                         "law": ["licenses", "law", "politics"],
                         "arts": ["songs-poems", "literature"],
@@ -696,22 +696,57 @@ def tasks_record(tasks: dict, tokenizer, stats_tokens: int | None, eval_tokens: 
     return record
 
 
+def position_weights(lengths, ctx: int, *, skip_positions=(), equal_positions: bool = False) -> torch.Tensor:
+    """The weight [ctx] a token at each position of a window carries in statistics, for windows of these
+    `lengths`: 0 at `skip_positions` (position 0: the attention sink, and BOS, whose neurons fire there
+    whatever the text, so counting it makes a task of short windows look specific to them); 1 elsewhere, or
+    with equal_positions 1 / (windows reaching that position), scaled so the weights still sum to the counted
+    tokens: every position then weighs the same in a task, so how long its windows are cannot move its
+    statistics, as long as some window reaches every position below ctx (a warning says where none does)."""
+    n_of_length = torch.bincount(torch.as_tensor(list(lengths), dtype=torch.long).clamp(max=ctx), minlength=ctx + 1)
+    reach = n_of_length.flip(0).cumsum(0).flip(0)[1:].double()          # [p]: windows longer than p tokens
+    longest = int((reach > 0).sum())
+    reach[[p for p in skip_positions if p < ctx]] = 0
+    if not equal_positions:
+        return (reach > 0).double()
+    if 0 < longest < ctx:
+        warnings.warn(f"no window of these documents is longer than {longest} tokens, so positions {longest} .. "
+                      f"{ctx - 1} weigh in the statistics of tasks with longer documents but not here: set lm.ctx "
+                      f"(ctx) to {longest} or less so that document length cannot matter", RuntimeWarning,
+                      stacklevel=2)
+    counted = reach > 0
+    weights = torch.zeros(ctx, dtype=torch.float64)
+    weights[counted] = reach.sum() / (counted.sum() * reach[counted])
+    return weights
+
+
 def lm_batches(tokenizer, texts: list[str], *, ctx: int = 256, batch_size: int = 8, max_tokens: int | None = None,
-               doc_tokens: int | None = None, shard: tuple[int, int] = (0, 1), with_documents: bool = False):
+               doc_tokens: int | None = None, shard: tuple[int, int] = (0, 1), with_documents: bool = False,
+               skip_positions=(), equal_positions: bool = False, with_weights: bool = False,
+               weights_by_position: torch.Tensor | None = None):
     """Yield right-padded (input_ids, attention_mask) batches of the windows of `lm_windows`
     (with_documents=True: (input_ids, attention_mask, document index of each row [batch])).
+    with_weights=True adds, last, each position's weight in statistics [batch, seq] (float64; 0 at padding and
+    skipped positions): position_weights of all the windows, before sharding, so every rank weighs alike, or
+    `weights_by_position` [ctx] where the texts are only part of what is weighed (one block of a task).
     shard=(rank, world_size) takes every world_size-th window, so the shards' union is the whole set."""
     rank, world = shard
     windows, documents = lm_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens, doc_tokens=doc_tokens,
                                     with_documents=True)
+    weights = weights_by_position
+    if with_weights and weights is None:
+        weights = position_weights([len(w) for w in windows], ctx, skip_positions=skip_positions,
+                                   equal_positions=equal_positions)
     windows, documents = windows[rank::world], documents[rank::world]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(windows), batch_size):
         ids, mask = _pad(windows[start:start + batch_size], pad_id)
+        out = (ids, mask)
         if with_documents:
-            yield ids, mask, torch.tensor(documents[start:start + batch_size], dtype=torch.long)
-        else:
-            yield ids, mask
+            out += (torch.tensor(documents[start:start + batch_size], dtype=torch.long),)
+        if with_weights:
+            out += (mask * weights[:ids.shape[1]],)
+        yield out
 
 
 def _pad(windows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

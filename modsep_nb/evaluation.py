@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §4): accuracy of LMs and image models, and the cross-task matrix.
+"""Evaluation (docs/method.md §4): accuracy of LMs and image models, and the cross-task matrix.
 
 LM metrics are computed over real next-token targets only (never padding, never BOS), batched, with
 perplexity = exp(mean cross-entropy) — the reference averaged exp per token, which is not perplexity.
@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from .pruning import ablate, select_neurons
 from .batches import run_batches
 from .data import images_and_labels, lm_batches
+from .statistics import _shard
 
 
 def lm_token_metrics(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -67,7 +68,7 @@ def check_finite_logits(finite: bool, task: str | None, dtype) -> None:
 @torch.no_grad()
 def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx=256, skip_top: int = 0,
              classes=None, progress=False, doc_tokens=None, per_document: bool = False, task: str | None = None) -> dict:
-    """Metrics of the model on `data` (SPEC §4, §11).
+    """Metrics of the model on `data` (docs/method.md §4, §11).
 
     LM (data: list[str]): top1, top10, loss (mean cross-entropy), perplexity = exp(loss), n targets; the
     windows of collect_stats (at most `max_tokens` real tokens, `doc_tokens` per document per round).
@@ -250,8 +251,9 @@ def selectivity(matrix):
 def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = None,
                       target: float | None = None, mode="global", ablation="zero", means=None,
                       max_frac: float = 0.2, tol: float = 0.02, max_steps: int = 12,
-                      random_seeds=(), base: dict | None = None, progress=True) -> CrossTaskResult:
-    """Prune each task A's top neurons and measure every task B (SPEC §4).
+                      random_seeds=(), base: dict | None = None, progress=True,
+                      distributed: bool | None = None) -> CrossTaskResult:
+    """Prune each task A's top neurons and measure every task B (docs/method.md §4).
 
     scores: task -> [L, d_mlp] scores (see task_scores). evaluators: task -> callable() giving that task's
     accuracy of the model as it currently is (inside the ablation), or one callable() -> {task: accuracy}
@@ -263,6 +265,8 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
     to A's neurons from damage that removing that many neurons does anyway (see CrossTaskResult).
     Tasks with equal per-layer counts (e.g. mode='per_layer' at a fixed frac) share the random set of a
     seed, which is then measured once.
+    distributed: under torchrun (default: when torch.distributed is initialised) rank r measures the rows
+    (pruned tasks) r, r + world, ... and every rank returns the whole result, the one process's.
     """
     if (frac is None) == (target is None):
         raise ValueError("give exactly one of frac (a fixed fraction) or target (e.g. 0.8 of unpruned accuracy)")
@@ -291,32 +295,39 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
     random_pruned = np.zeros((len(random_seeds), len(tasks), len(tasks)))
     fracs, converged, reached = {}, {}, {}
     seen_random: dict = {}      # equal per-layer counts and seed give the same random set: measure it once
-    for i, a in enumerate(tqdm(tasks, desc="cross-task", disable=not progress, leave=False)):
+    rank, world = _shard(distributed)
+    rows = {}                   # per pruned task: (frac, converged, reached, raw, raw of each random seed)
+    for a in tqdm(tasks[rank::world], desc="cross-task", disable=not progress or rank > 0, leave=False):
         means_a = _means_for(means, a)
         if frac is not None:
-            f, converged[a] = frac, None
+            f, done, got = frac, None, None
         else:
-            f, converged[a], reached[a] = _bisect_frac(
+            f, done, got = _bisect_frac(
                 handle, scores[a], lambda: evaluate_one(a), base[a], target, mode=mode, ablation=ablation,
                 means=means_a, max_frac=max_frac, tol=tol, max_steps=max_steps)
-        fracs[a] = f
         mask = select_neurons(scores[a], f, mode)
         with ablate(handle, mask, ablation, means_a):
             raw = raw_all()
-        if documents:
-            documents["pruned"][a] = raw
-        pruned[i] = [accuracy_of(raw[b]) for b in tasks]
-        accs = dict(zip(tasks, pruned[i]))
-        if frac is not None:
-            reached[a] = accs[a] / base[a] if base[a] else float("nan")
-        for s, seed in enumerate(random_seeds):
+        randoms = []
+        for seed in random_seeds:
             key = (seed, tuple(mask.sum(1).tolist()), a if isinstance(means, dict) else None)
             if key not in seen_random:
                 with ablate(handle, matched_random_mask(mask, seed), ablation, means_a):
                     seen_random[key] = raw_all()
-            if documents:
-                documents["random"][s][a] = seen_random[key]
-            random_pruned[s, i] = [accuracy_of(seen_random[key][b]) for b in tasks]
+            randoms.append(seen_random[key])
+        rows[a] = (f, done, got, raw, randoms)
+    rows = _gathered(rows, world)       # torchrun: each rank measured every world-th row
+    for i, a in enumerate(tasks):
+        fracs[a], converged[a], reached[a], raw, randoms = rows[a]
+        pruned[i] = [accuracy_of(raw[b]) for b in tasks]
+        if frac is not None:
+            reached[a] = pruned[i, i] / base[a] if base[a] else float("nan")
+        for s, r in enumerate(randoms):
+            random_pruned[s, i] = [accuracy_of(r[b]) for b in tasks]
+        if documents:
+            documents["pruned"][a] = raw
+            for s, r in enumerate(randoms):
+                documents["random"][s][a] = r
     base_row = np.array([base[t] for t in tasks])
     with np.errstate(divide="ignore", invalid="ignore"):
         matrix = pruned / base_row[None, :]
@@ -325,6 +336,16 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
                            {"frac": frac, "target": target, "mode": mode, "ablation": ablation,
                             "random_seeds": random_seeds},
                            converged, reached, random_pruned if random_seeds else None, random_matrix, documents)
+
+
+def _gathered(part: dict, world: int) -> dict:
+    """Every rank's `part` in one dict (torch.distributed; world 1: `part` itself)."""
+    if world == 1:
+        return part
+    import torch.distributed as dist
+    parts = [None] * world
+    dist.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
 
 
 def _is_hits(value) -> bool:

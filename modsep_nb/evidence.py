@@ -1,4 +1,4 @@
-"""Intervals, nulls and tests for the claims the notebooks make (SPEC §5 Evidence), from sums already collected.
+"""Intervals, nulls and tests for the claims the notebooks make (docs/method.md §5.3), from sums already collected.
 
 - Bootstrap over documents: statistics are kept per block of documents (statistics.BlockStats) and evaluation
   per document (evaluate(..., per_document=True)), so a resample is a weighted sum: no forward pass.
@@ -11,14 +11,16 @@ Everything is seeded; the same seed gives the same numbers.
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
+from collections import Counter
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .claims import Claim, holm, resample_p
-from .evaluation import selectivity
+from .claims import ALPHA, Claim, holm, resample_p
+from .evaluation import own_and_others, selectivity
 from .overlaps import chance_overlap, layer_matched_chance_matrix, overlap_matrix, related_vs_unrelated
 from .pruning import ablate, select_neurons, task_scores
 from .statistics import BlockStats, bootstrap_weights, weighted_pool
@@ -263,22 +265,27 @@ def excess_claim(claim_id: str, statement: str, observed: float, boot, null=None
     boot − (a bootstrap of the null's mean), so it carries the uncertainty of both. p: with a null, the
     share of null values at least as extreme as observed, (1 + #) / (1 + n_null); without, the bootstrap's
     one-sided share on the wrong side of 0. Undefined (NaN) resamples or null values count against the claim
-    (claims.resample_p); an undefined `observed` gives estimate and p NaN: not supported."""
+    (claims.resample_p); an undefined `observed` gives estimate and p NaN: not supported. With a null the
+    record also keeps the statistic's own bootstrap interval and the null's 95% band, apart (issue #26 item 5);
+    p_floor: 1/(1 + the values p is counted from)."""
     boot = np.asarray(boot, dtype=np.float64)
     rng = np.random.default_rng(seed)
     if null is None:
         excess, ci = float(observed), percentile_ci(boot)
         p = resample_p(boot, boot <= 0 if direction == "greater" else boot >= 0, observed)
+        return Claim(claim_id, statement, excess, ci, 0.0, p=p, n=n, direction=direction, p_floor=1 / (1 + boot.size),
+                     floor_n=f"{boot.size} bootstrap resamples")
+    null = np.asarray(null, dtype=np.float64)
+    known = null[~np.isnan(null)]           # the null's mean from its defined values; p counts the rest against
+    if known.size:
+        null_means = known[rng.integers(0, len(known), size=(len(boot), len(known)))].mean(1)
+        excess, ci = float(observed - known.mean()), percentile_ci(boot - null_means)
     else:
-        null = np.asarray(null, dtype=np.float64)
-        known = null[~np.isnan(null)]           # the null's mean from its defined values; p counts the rest against
-        if known.size:
-            null_means = known[rng.integers(0, len(known), size=(len(boot), len(known)))].mean(1)
-            excess, ci = float(observed - known.mean()), percentile_ci(boot - null_means)
-        else:
-            excess, ci = float("nan"), (float("nan"), float("nan"))
-        p = resample_p(null, null >= observed if direction == "greater" else null <= observed, excess)
-    return Claim(claim_id, statement, excess, ci, 0.0, p=p, n=n, direction=direction)
+        excess, ci = float("nan"), (float("nan"), float("nan"))
+    p = resample_p(null, null >= observed if direction == "greater" else null <= observed, excess)
+    return Claim(claim_id, statement, excess, ci, 0.0, p=p, n=n, direction=direction, p_floor=1 / (1 + null.size),
+                 floor_n=f"{null.size} null values", observed=float(observed), observed_ci=percentile_ci(boot),
+                 null_band=percentile_ci(null))
 
 
 # -- tests of comparisons -----------------------------------------------------------------------------------------
@@ -287,7 +294,10 @@ def permutation_related_vs_unrelated(matrix, names: Sequence[str], groups: Mappi
     """Do related tasks (the same group) overlap more than unrelated ones? Statistic: mean within-group minus
     mean across-group overlap (overlaps.related_vs_unrelated). Null: the group labels shuffled over the
     grouped tasks (group sizes kept), n_perm times; one-sided p = (1 + #{perm >= observed}) / (1 + n_perm).
-    Returns {"within", "across", "difference", "p", "null" [n_perm], "n_within", "n_across"}."""
+    p_floor: the larger of 1/(1 + n_perm) and 1/(the distinct groupings of these tasks), as no shuffle can be
+    rarer than the observed grouping itself (about: 8 tasks in two groups of 4 have 35, so p >= 1/35).
+    Returns {"within", "across", "difference", "p", "p_floor", "floor_n", "null" [n_perm], "n_within",
+    "n_across"}."""
     names = list(names)
     observed = related_vs_unrelated(matrix, names, groups)
     diff = observed["within"] - observed["across"]
@@ -303,15 +313,46 @@ def permutation_related_vs_unrelated(matrix, names: Sequence[str], groups: Mappi
         r = related_vs_unrelated(matrix, names, perm_groups)
         null[k] = r["within"] - r["across"]
     p = resample_p(null, null >= diff - 1e-12, diff)      # NaN: a permutation without a pair counts against
+    sizes = Counter(labels).values()                        # groupings: multinomial, equal-size groups unordered
+    groupings = math.factorial(len(labels)) // math.prod(math.factorial(k) for k in sizes)
+    groupings //= math.prod(math.factorial(c) for c in Counter(sizes).values())
+    floor, floor_n = max((1 / (1 + n_perm), f"{n_perm} permutations"),
+                         (1 / groupings, f"{len(grouped)} grouped tasks ({groupings} distinct groupings)"))
     return {"within": observed["within"], "across": observed["across"], "difference": float(diff), "p": float(p),
-            "null": null, "n_within": observed["n_within"], "n_across": observed["n_across"]}
+            "p_floor": floor, "floor_n": floor_n, "null": null, "n_within": observed["n_within"],
+            "n_across": observed["n_across"]}
+
+
+def related_claim(evidence: Mapping, groups: Mapping[str, Sequence[str]], n_perm: int, seed: int) -> tuple[dict, Claim]:
+    """`related_share_more` from overlap_evidence's result: the within- minus across-group overlap of the tasks'
+    top sets, tested by permuting group labels (permutation_related_vs_unrelated). Estimate: the difference's
+    excess over the permutation null's mean; interval: the difference's own bootstrap interval (over statistics
+    blocks, overlap_evidence's resamples) shifted by that mean, so it is an interval of the estimate and not of
+    the null; the record keeps the difference, its interval and the null's 95% band apart.
+    Returns (the permutation test's dict, with "boot" [n_boot] added; the claim)."""
+    names = evidence["names"]
+    related = permutation_related_vs_unrelated(overlap_matrix(evidence["masks"])[1], names, groups, n_perm, seed)
+
+    def difference(matrix):
+        r = related_vs_unrelated(matrix, names, groups)
+        return r["within"] - r["across"]
+    boot = np.array([difference(m) for m in evidence["boot"]["matrices"]])
+    null = np.asarray(related["null"], dtype=np.float64)
+    shift = float(np.nanmean(null))
+    claim = Claim("related_share_more", "related tasks (the same group) share more neurons than unrelated ones "
+                  "(within-group minus across-group overlap, excess over the same with group labels permuted)",
+                  float(related["difference"] - shift), percentile_ci(boot - shift), 0.0, p=related["p"],
+                  n=len(names), p_floor=related["p_floor"], floor_n=related["floor_n"],
+                  observed=related["difference"], observed_ci=percentile_ci(boot), null_band=percentile_ci(null))
+    return {**related, "boot": boot}, claim
 
 
 def paired_difference_ci(a, b, n_boot: int, seed: int, *, alternative: str = "greater") -> dict:
     """Mean of the paired differences a − b across units (e.g. tasks: ends vs middle), NaN pairs dropped, with a
     bootstrap interval over units and a sign-flip test (exact over all 2^n flips up to n = 16 units, else
     n_boot random flips). alternative: "greater" (mean > 0), "less" or "two-sided".
-    Returns {"estimate", "ci", "p", "n", "differences"}."""
+    Returns {"estimate", "ci", "p", "p_floor", "floor_n", "n", "differences"}: p_floor, the smallest p the test
+    can give (exact: 1 / 2^n, twice that two-sided; random flips: 1 / (1 + n_boot))."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     d = d[~np.isnan(d)]
     if d.size < 2:
@@ -335,14 +376,16 @@ def paired_difference_ci(a, b, n_boot: int, seed: int, *, alternative: str = "gr
         raise ValueError(f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}")
     exact = len(d) <= 16
     p = extreme.mean() if exact else (1 + extreme.sum()) / (1 + len(flipped))
-    return {"estimate": float(observed), "ci": percentile_ci(boot), "p": float(p), "n": int(len(d)),
-            "differences": d}
+    floor = (2.0 if alternative == "two-sided" else 1.0) / 2 ** len(d) if exact else 1 / (1 + len(flipped))
+    return {"estimate": float(observed), "ci": percentile_ci(boot), "p": float(p), "p_floor": floor,
+            "floor_n": f"{len(d)} units", "n": int(len(d)), "differences": d}
 
 
 def combine_seeds(results: Sequence[Mapping], n_boot: int, seed: int) -> dict:
     """Pattern persistence over random-init seeds, every seed reported: per seed rho, p and its Holm-adjusted
     p; combined, the median rho (interval: bootstrap over seeds) and the largest Holm-adjusted p (the pattern
-    persists in every seed), never the best seed."""
+    persists in every seed), never the best seed. p_floor: that p with every seed at its permutation floor,
+    min(1, seeds / (1 + n_perm)) (each result's "n_perm"; None where the results do not say)."""
     rho = np.array([r["rho"] for r in results], dtype=np.float64)
     p = np.array([r["p_value"] for r in results], dtype=np.float64)
     if rho.size == 0:
@@ -353,13 +396,16 @@ def combine_seeds(results: Sequence[Mapping], n_boot: int, seed: int) -> dict:
     median = float(np.median(rho))
     # a seed whose p is undefined cannot show the pattern persists there: it counts as p = 1, never left out
     p_combined = float("nan") if np.isnan(median) else float(np.max(np.where(np.isnan(adjusted), 1.0, adjusted)))
+    n_perm = [r.get("n_perm") for r in results]
+    floor = None if None in n_perm else min(1.0, len(rho) / (1 + min(n_perm)))
     return {"rho": rho.tolist(), "p": p.tolist(), "p_holm": adjusted.tolist(), "median_rho": median,
-            "ci": percentile_ci(boot), "p_combined": p_combined, "n": int(len(rho))}
+            "ci": percentile_ci(boot), "p_combined": p_combined, "n": int(len(rho)), "p_floor": floor,
+            "floor_n": None if floor is None else f"{len(rho)} seeds x {min(n_perm)} permutations"}
 
 
 def activation_control_mask(stats_list, frac: float, mode: str = "per_layer") -> torch.Tensor:
     """Neurons chosen by activation alone, not by task: the top `frac` by mean |activation| on the tasks pooled
-    (the control for activation-based selections clustering under a parameter split, SPEC §8)."""
+    (the control for activation-based selections clustering under a parameter split, docs/method.md §8)."""
     return select_neurons(weighted_pool(list(stats_list)).mean_abs, frac, mode)
 
 
@@ -410,6 +456,38 @@ def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockSt
             "null_median": float(np.mean(null["median"])), "null_band": percentile_ci(null["median"]),
             "uniform_chance": float(np.mean(chance_overlap(sizes[i], sizes[j], n_all))),
             "layer_matched_chance": layer_matched_chance(masks), "boot": boot, "null": null, "claim": claim}
+
+
+def selectivity_per_task(selected: dict, random: dict, *, unit: str = "task") -> Claim:
+    """`selectivity_per_task`: whether selectivity is typical rather than carried by one task (issue #26: one
+    class can carry the mean). Each task's own others' − own relative accuracy, selected minus matched random
+    (cross_task_intervals' "selected" and "random", the same resampled documents), with its own one-sided
+    bootstrap p, Holm-adjusted across tasks: a task is selective when that p < 0.05 and its interval lies above 0.
+    The claim: the median task's value above 0 (bootstrap of the median over tasks); `per_task` keeps each
+    task's estimate, interval, p and Holm p, and the statement how many tasks are selective."""
+    tasks = list(selected["tasks"])
+
+    def beyond_random(sel, rand):          # [..., T]: (others − own) of the selected minus of the random
+        (own, others), (r_own, r_others) = own_and_others(sel), own_and_others(rand)
+        return (others - own) - (r_others - r_own)
+    observed = beyond_random(selected["matrix"], random["matrix"])
+    boot = beyond_random(selected["samples"], random["samples"])                       # [n_boot, T]
+    p = np.array([resample_p(boot[:, i], boot[:, i] <= 0, observed[i]) for i in range(len(tasks))])
+    p_holm = holm(p)
+    per_task = {}
+    for i, t in enumerate(tasks):
+        ci = percentile_ci(boot[:, i])
+        per_task[t] = {"estimate": float(observed[i]), "ci": list(ci), "p": float(p[i]), "p_holm": float(p_holm[i]),
+                       "selective": bool(ci[0] > 0 and p_holm[i] < ALPHA)}
+    n_selective = sum(r["selective"] for r in per_task.values())
+    with warnings.catch_warnings():          # a resample where every task is undefined: NaN, counted against
+        warnings.simplefilter("ignore", RuntimeWarning)
+        median, boot_median = float(np.nanmedian(observed)), np.nanmedian(boot, axis=1)
+    return Claim("selectivity_per_task", f"pruning its selected neurons hurts the median {unit} more than the "
+                 f"others, beyond as many random neurons ({n_selective} of {len(tasks)} {unit}s selective on their "
+                 f"own one-sided bootstrap test, Holm across {unit}s; estimate: the median {unit}'s)", median,
+                 percentile_ci(boot_median), 0.0, p=resample_p(boot_median, boot_median <= 0, median), n=len(tasks),
+                 p_floor=1 / (1 + len(boot)), floor_n=f"{len(boot)} bootstrap resamples", per_task=per_task)
 
 
 def selectivity_claim(bootstrap: dict, *, seed: int = 0) -> Claim:

@@ -1,4 +1,4 @@
-"""Models: one table of architectures, one handle type, one loader (SPEC §1, §9, §11).
+"""Models: one table of architectures, one handle type, one loader (docs/method.md §1, §9, §11).
 
 A *neuron* is one coordinate of the MLP hidden vector, read as the input of the MLP's output
 projection. `ARCHITECTURES` says, per model class, where the blocks are, which module's input is
@@ -29,6 +29,8 @@ class Architecture:
     neuron_module: str    # dotted path, inside a block, of the module whose input is the neuron vector
     w_in: str             # dotted path, inside a block, of the Linear whose weight rows are W_in
     w_in_transposed: bool = False   # GPT-2's Conv1D stores [d_model, d_mlp]
+    # (i, n): W_in is the i-th of n equal row blocks of a fused weight (Phi-3's gate_up_proj: gate, then up)
+    w_in_chunk: tuple[int, int] | None = None
 
 
 _GATED = dict(neuron_module="mlp.down_proj", w_in="mlp.up_proj")
@@ -39,6 +41,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen2ForCausalLM": Architecture("lm", "model.layers", **_GATED),
     "GemmaForCausalLM": Architecture("lm", "model.layers", **_GATED),
     "Gemma2ForCausalLM": Architecture("lm", "model.layers", **_GATED),
+    "Gemma3ForCausalLM": Architecture("lm", "model.layers", **_GATED),      # Gemma 3's text-only model
+    "Qwen3ForCausalLM": Architecture("lm", "model.layers", **_GATED),
+    "Olmo2ForCausalLM": Architecture("lm", "model.layers", **_GATED),
+    # Phi-3: gate and up fused in one Linear; neuron = up(x) * act(gate(x)), the input of down_proj
+    "Phi3ForCausalLM": Architecture("lm", "model.layers", "mlp.down_proj", "mlp.gate_up_proj", w_in_chunk=(1, 2)),
     # GELU MLPs
     "GPT2LMHeadModel": Architecture("lm", "transformer.h", "mlp.c_proj", "mlp.c_fc", True),
     # GPT-NeoX (Pythia, with public training checkpoints as hub revisions)
@@ -47,6 +54,11 @@ ARCHITECTURES: dict[str, Architecture] = {
     "BertModel": Architecture("lm", "encoder.layer", "output.dense", "intermediate.dense"),
     "RobertaForMaskedLM": Architecture("lm", "roberta.encoder.layer", "output.dense", "intermediate.dense"),
     "RobertaModel": Architecture("lm", "encoder.layer", "output.dense", "intermediate.dense"),
+    # T5's encoder (T5 v1.0: wi; v1.1 / Flan-T5, gated: act(wi_0(x)) * wi_1(x)). T5ForConditionalGeneration is
+    # left out: its decoder MLPs are a second list of blocks and its forward needs decoder inputs, while a
+    # handle has one list of blocks (layer l = one MLP) and runs model(input_ids, attention_mask).
+    "T5EncoderModel": Architecture("lm", "encoder.block", "layer.1.DenseReluDense.wo",
+                                   "layer.1.DenseReluDense.wi|layer.1.DenseReluDense.wi_1"),
     # transformers < 5: vit.encoder.layer[i].output.dense; transformers >= 5: vit.layers[i].mlp.fc2
     "ViTForImageClassification": Architecture("image", "vit.encoder.layer|vit.layers", "output.dense|mlp.fc2",
                                                "intermediate.dense|mlp.fc1"),
@@ -86,6 +98,20 @@ def _get(obj, dotted: str):
                 raise
 
 
+def supported_models() -> list[dict]:
+    """What `python -m modsep_nb models` lists: per class in ARCHITECTURES its kind, where a layer's neurons
+    are read (the input of a module inside each block) and the Linear holding W_in."""
+    def path(p: str) -> str:
+        return " or ".join(p.split("|"))
+    rows = []
+    for name, arch in ARCHITECTURES.items():
+        w_in = path(arch.w_in) + (f" (rows block {arch.w_in_chunk[0] + 1} of {arch.w_in_chunk[1]})"
+                                  if arch.w_in_chunk else "")
+        rows.append({"class": name, "kind": arch.kind, "blocks": path(arch.blocks),
+                     "neurons": f"input of {path(arch.neuron_module)}", "w_in": w_in})
+    return rows
+
+
 def architecture_of(model: nn.Module) -> Architecture:
     name = type(model).__name__
     if name not in ARCHITECTURES:
@@ -99,7 +125,7 @@ def architecture_of(model: nn.Module) -> Architecture:
 
 @dataclass
 class ModelHandle:
-    """A loaded model plus where its neurons are. See SPEC §11."""
+    """A loaded model plus where its neurons are. See docs/method.md §11."""
     model: nn.Module
     arch: Architecture
     name: str
@@ -143,7 +169,11 @@ class ModelHandle:
     def w_in(self, layer: int) -> torch.Tensor:
         """W_in rows of layer `layer`, shape [d_mlp, d_model] (detached)."""
         weight = _tensor(_get(self.blocks[layer], self.arch.w_in), "weight")
-        return weight.T if self.arch.w_in_transposed else weight
+        weight = weight.T if self.arch.w_in_transposed else weight
+        if self.arch.w_in_chunk is not None:
+            i, n = self.arch.w_in_chunk
+            weight = weight.chunk(n, dim=0)[i]
+        return weight
 
     @property
     def device(self) -> torch.device:
@@ -160,7 +190,7 @@ class ModelHandle:
 
     @property
     def label(self) -> str:
-        """Human-readable identity; random models always say so (SPEC §6)."""
+        """Human-readable identity; random models always say so (docs/method.md §6)."""
         return f"{self.name} [random init, seed {self.seed}]" if self.random_init else self.name
 
     def identity(self) -> dict:
@@ -316,7 +346,7 @@ def weights_fingerprint(model: nn.Module) -> str:
 def load_model(spec, *, device=None, dtype=None, random_init: bool = False, seed: int = 0,
                tokenizer=None, processor=None, device_map=None, revision: str | None = None,
                **embedded_options) -> ModelHandle:
-    """Load a model and return a ModelHandle (SPEC §11).
+    """Load a model and return a ModelHandle (docs/method.md §11).
 
     spec: a hub id or local folder (transformers or timm), a .gguf path, "smollm2-135m" (the embedded
     LM), "fmnist-vit" (the project's Fashion-MNIST ViT; `embedded_options` and, without random_init, `seed`
@@ -407,6 +437,83 @@ def check_outputs(handle: ModelHandle, class_names) -> None:
         raise ValueError(f"image model {handle.label!r} has {n} outputs but the dataset has {k} classes ({shown}); "
                          f"output i must score the i-th class, so use a model whose classification head has exactly "
                          f"{k} outputs in that order (e.g. fine-tuned on these classes)")
+
+
+# -- the direct path from a neuron to the outputs (neurons.direct_effects) -----------------------------------
+@dataclass(frozen=True)
+class Readout:
+    """How what a neuron writes into the residual stream reaches the outputs without passing another block.
+    Norms are read as their elementwise weight only (offset + weight), their division by the norm left out."""
+    norms: tuple[str, ...] = ()            # dotted paths from the model, after the last block (Identity: skipped)
+    head: tuple[str, ...] = ("output_embeddings",)   # Linear(s) giving the outputs, averaged (DeiT's two heads);
+    #                                        "output_embeddings": model.get_output_embeddings() (tied included)
+    block_norm: str | None = None          # inside a block: a norm on the MLP's output (Gemma 2/3, OLMo 2)
+    offset: float = 0.0                    # Gemma's RMSNorm scales by 1 + weight
+    missing: str = ""                      # why the class has no such path (the rest is then unused)
+
+
+_DECODER = Readout(("model.norm",))
+_NO_HEAD = Readout(missing="the model has no output head (an encoder without logits)")
+_POST_NORM = Readout(missing="its MLM head runs a dense layer and GELU before the decoder, and every block ends in "
+                             "a LayerNorm, so no linear path leads from a neuron to the logits")
+READOUTS: dict[str, Readout] = {     # one entry per class of ARCHITECTURES (tests check that none is missing)
+    **dict.fromkeys(("MistralForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                     "Phi3ForCausalLM"), _DECODER),
+    "GemmaForCausalLM": Readout(("model.norm",), offset=1.0),
+    "Gemma2ForCausalLM": Readout(("model.norm",), block_norm="post_feedforward_layernorm", offset=1.0),
+    "Gemma3ForCausalLM": Readout(("model.norm",), block_norm="post_feedforward_layernorm", offset=1.0),
+    "Olmo2ForCausalLM": Readout(("model.norm",), block_norm="post_feedforward_layernorm"),
+    "GPT2LMHeadModel": Readout(("transformer.ln_f",)),
+    "GPTNeoXForCausalLM": Readout(("gpt_neox.final_layer_norm",)),
+    "BertForMaskedLM": _POST_NORM, "RobertaForMaskedLM": _POST_NORM,
+    "BertModel": _NO_HEAD, "RobertaModel": _NO_HEAD, "T5EncoderModel": _NO_HEAD,
+    "ViTForImageClassification": Readout(("vit.layernorm",), ("classifier",)),
+    "VisionTransformer": Readout(("norm", "fc_norm"), ("head",)),
+    "VisionTransformerDistilled": Readout(("norm", "fc_norm"), ("head", "head_dist")),
+}
+
+
+class NoDirectPathError(ValueError):
+    """A model whose neurons have no linear path to its outputs (READOUTS says why)."""
+
+
+def output_readout(handle: ModelHandle) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(scale [d_model], head [n_outputs, d_model], what was read): the outputs move by head @ (scale * v) per
+    unit of v added to the last block's output, the final norms read as their elementwise weights."""
+    name = type(handle.model).__name__
+    readout = READOUTS.get(name)
+    if readout is None or readout.missing:
+        raise NoDirectPathError(f"{name}: " + (readout.missing if readout else
+                                               "not in modsep_nb.models.READOUTS; add its final norm and head there"))
+    heads = [handle.model.get_output_embeddings() if h == "output_embeddings" else _get(handle.model, h)
+             for h in readout.head]
+    head = torch.stack([_tensor(h, "weight").float().cpu() for h in heads]).mean(0)
+    scale = torch.ones(head.shape[1])
+    norms = [p for p in readout.norms if hasattr(_get(handle.model, p), "weight")]      # Identity has none
+    for path in norms:
+        scale = scale * (readout.offset + _tensor(_get(handle.model, path), "weight").float().cpu())
+    if readout.head == ("output_embeddings",):
+        tied = heads[0].weight is getattr(handle.model.get_input_embeddings(), "weight", None)
+        head_text = "the unembedding" + (" (tied to the input embedding)" if tied else "")
+    else:
+        head_text = " and ".join(readout.head) + (" averaged" if len(heads) > 1 else "")
+    norm_text = (" and ".join(norms) + f" (its elementwise weight{', 1 + w,' if readout.offset else ''} only)"
+                 if norms else "no final norm")
+    what = f"{norm_text}, then {head_text}"
+    return scale, head, what
+
+
+def output_directions(handle: ModelHandle, layer: int) -> torch.Tensor:
+    """[d_mlp, d_model]: what one unit of each neuron of `layer` adds to the residual stream (its column of the
+    MLP's output projection, the neuron module; times the block's post-MLP norm weight where there is one)."""
+    module = handle.neuron_module(layer)
+    weight = _tensor(module, "weight").float().cpu()
+    directions = weight.T if isinstance(module, nn.Linear) else weight       # GPT-2's Conv1D: [d_mlp, d_model]
+    readout = READOUTS.get(type(handle.model).__name__)
+    if readout is not None and readout.block_norm:
+        norm = _get(handle.blocks[layer], readout.block_norm)
+        directions = directions * (readout.offset + _tensor(norm, "weight").float().cpu())
+    return directions
 
 
 def _dtype(dtype):
@@ -529,7 +636,7 @@ def _load_timm(spec: str, *, dtype=None) -> ModelHandle:
 
 
 def randomize(handle: ModelHandle, seed: int) -> ModelHandle:
-    """The same architecture freshly initialised by its own initialiser, seeded (SPEC §6)."""
+    """The same architecture freshly initialised by its own initialiser, seeded (docs/method.md §6)."""
     model = handle.model
     dtype = handle.dtype
     # a model sharded by accelerate (device_map) is re-created on the CPU and dispatched with the same map

@@ -1,4 +1,4 @@
-"""MoEfication (SPEC §7): split each layer's MLP neurons into E equal-size experts.
+"""MoEfication (docs/method.md §7): split each layer's MLP neurons into E equal-size experts.
 
 Three splits, all returning expert ids of shape [d_mlp] (or [L, d_mlp] for a whole model):
 - parameter split: balanced k-means on L2-normalised W_in rows (`balanced_kmeans`);

@@ -8,6 +8,10 @@ earlier wins), each kept with its context, and a histogram with fixed bins. Memo
     shown = study.neuron_examples(masks, scores=scores)     # pick_neurons + collect_examples
     neurons.export(shown, out_dir)                          # neurons/<kind>-<task>.html and PNGs
     neurons.explorer(shown);                                # ipywidgets in JupyterLab, shown; None headless
+
+Per neuron the pages also show what it does: its direct effect on the outputs (direct_effects: its output
+direction read through the final norm's weight and the unembedding or classifier head) and, for the top
+neurons of each task, its ablation effect (ablation_effects: each task's accuracy with that neuron zeroed).
 """
 from __future__ import annotations
 
@@ -24,9 +28,12 @@ import torch
 
 from .batches import _n_image_tokens, run_batches
 from .data import images_and_labels
+from .evidence import percentile_ci, resampled_ratio
 from .files import atomic_file, file_name, write_text_atomic
+from .models import NoDirectPathError, output_directions, output_readout
 from .plots import interactive, show_png, untracked_figure
-from .statistics import NonFiniteActivationError
+from .pruning import ablate
+from .statistics import NonFiniteActivationError, bootstrap_weights
 
 RANKS = ("abs", "value")
 
@@ -84,7 +91,10 @@ class NeuronExamples:
           the patches row by row), and images {document: image [C, H, W]} of every kept image.
       hist [n, bins + 2] counted positions per bin of `edges` [n, bins + 1], with the positions below
           edges[0] first and those at or above edges[-1] last: each row sums to the task's counted positions.
-    rank: "abs" keeps the largest |activation| (the quantity the default score averages), "value" the largest."""
+    rank: "abs" keeps the largest |activation| (the quantity the default score averages), "value" the largest.
+    names: {task: the name of each statistics document (image) as tasks.json gives it}; none: its index.
+    direct: {neuron: {"up": [(output, value)], "down": [...]}} (direct_effects), direct_note says how it was
+    read (or why there is none); ablation: {neuron: {task: {"delta", "ci", "base", "n"}}} (ablation_effects)."""
     kind: str
     neurons: list
     picked: dict
@@ -103,6 +113,16 @@ class NeuronExamples:
     images: dict = field(default_factory=dict)
     grid_shape: tuple | None = None        # (prefix tokens, patch rows, patch columns) for images
     model: str = ""
+    names: dict = field(default_factory=dict)
+    direct: dict = field(default_factory=dict)
+    direct_note: str = ""
+    ablation: dict = field(default_factory=dict)
+    ablation_note: str = ""
+
+    def document_name(self, task: str, document: int) -> str:
+        """A statistics document (image) as tasks.json names it (file name, fortune id, topic, train:i)."""
+        names = self.names.get(task)
+        return str(names[document]) if names is not None and 0 <= document < len(names) else f"doc {document}"
 
     def index(self, neuron) -> int:
         neuron = tuple(int(v) for v in neuron)
@@ -121,7 +141,8 @@ class NeuronExamples:
                 value = float(self.value[task][i, j])
                 if math.isnan(value):
                     break
-                row = {"task": task, "value": value, "document": int(self.document[task][i, j]),
+                document = int(self.document[task][i, j])
+                row = {"task": task, "value": value, "document": document, "name": self.document_name(task, document),
                        "position": int(self.position[task][i, j]), "_order": (t_order, j)}
                 if self.kind == "lm":
                     row["tokens"] = self.tokens[task][i][j]
@@ -246,13 +267,16 @@ class ExampleCollector:
 def collect_examples(handle, data: dict, neurons, *, picked: dict | None = None, edges: torch.Tensor,
                      k: int = 8, window: int = 8, rank: str = "abs", max_tokens: int | None = None,
                      batch_size: int | None = None, ctx: int = 256, cls_only: bool = False,
-                     progress: bool = True) -> NeuronExamples:
+                     progress: bool = True, skip_positions=(), names: dict | None = None,
+                     direct: int = 10) -> NeuronExamples:
     """One pass over each task's data ({task: documents or images}, as collect_stats takes them, with the
-    same max_tokens/ctx/cls_only) that keeps, for the (layer, neuron) pairs in `neurons` only, the top-`k`
-    counted positions per task with `window` tokens either side (LM), or the top-`k` images, each at its
-    best counted token, with the image's activation grid, and
-    a histogram over `edges` [n, bins + 1] (histogram_edges). picked: {task: the neurons shown for it} for
-    the pages (default: all of them under "chosen"). Deterministic for the same inputs."""
+    same max_tokens/ctx/cls_only/skip_positions: skipped positions are neither counted nor shown) that
+    keeps, for the (layer, neuron) pairs in `neurons` only, the top-`k` counted positions per task with
+    `window` tokens either side (LM), or the top-`k` images, each at its best counted token, with the
+    image's activation grid, and a histogram over `edges` [n, bins + 1] (histogram_edges). picked: {task: the
+    neurons shown for it} for the pages (default: all of them under "chosen"). names: {task: each statistics
+    document's name} for the contexts (tasks.json's); direct: how many outputs each neuron pushes up and down
+    most to keep (direct_effects; 0: none). Deterministic for the same inputs."""
     neurons = list(dict.fromkeys((int(l), int(u)) for l, u in neurons))
     if not neurons:
         raise ValueError("no neurons to collect: pass at least one (layer, neuron) pair")
@@ -280,11 +304,106 @@ def collect_examples(handle, data: dict, neurons, *, picked: dict | None = None,
                 (lambda logits, start, docs: collector.update(None))
             run_batches(handle, task_data, collector, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
                         cls_only=cls_only, progress=progress, desc=f"neurons {task}", on_logits=on_logits,
-                        documents=True, logits=False)
+                        documents=True, logits=False, skip_positions=skip_positions)
             _finish(result, task, collector.tasks.pop(task), handle, task_data)
     if handle.kind == "image":
         result.grid_shape = _grid_shape(handle)
+    result.names = {t: list(names[t]) for t in data if t in names} if names else {}
+    if direct:
+        result.direct, result.direct_note = direct_effects(handle, neurons, direct)
     return result
+
+
+# -- what a neuron does ----------------------------------------------------------------------------------
+def output_names(handle, n: int) -> list[str]:
+    """The names of a model's n outputs: decoded tokens (an id the tokenizer lacks as "#id"), or class names
+    (the config's id2label; "class i" without one)."""
+    if handle.kind == "lm":
+        known = len(handle.tokenizer)
+        return [handle.tokenizer.decode([i]) if i < known else f"#{i}" for i in range(n)]
+    labels = getattr(getattr(handle.model, "config", None), "id2label", None) or {}
+    return [str(labels.get(i, labels.get(str(i), f"class {i}"))) for i in range(n)]
+
+
+DIRECT_CAPTION = ("Direct effect: the outputs whose logit this neuron's output direction moves most, per unit of "
+                  "activation, read straight through {what}. Not its total effect: the blocks after it also read "
+                  "what it writes, and the norms' division is left out.")
+
+
+def direct_effects(handle, neurons, top: int = 10) -> tuple[dict, str]:
+    """({neuron: {"up": [(output, value)], "down": [(output, value)]}}, caption): per (layer, neuron) the `top`
+    outputs (tokens, classes) whose logit its output direction raises most and lowers most, per unit of its
+    activation, read through the final norm's elementwise weight and the unembedding or classifier head
+    (models.output_readout), largest first (ties: lower output index); at most half the outputs each. Without
+    such a path: ({}, why)."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top (outputs shown per direction) must be a whole number >= 1, got {top!r}")
+    try:
+        scale, head, what = output_readout(handle)
+    except NoDirectPathError as err:
+        return {}, f"No direct effect on the outputs is shown for this model: {err}."
+    names = output_names(handle, head.shape[0])
+    top = min(top, max(1, len(names) // 2))       # few classes: up and down lists without an output in both
+    out = {}
+    for layer in sorted({l for l, _ in neurons}):
+        directions = output_directions(handle, layer)
+        for l, u in neurons:
+            if l != layer:
+                continue
+            logits = head @ (scale * directions[u])
+            effects = {}
+            for side, sign in (("up", 1), ("down", -1)):
+                order = torch.sort(-sign * logits, stable=True).indices[:top]
+                effects[side] = [(names[i], float(logits[i])) for i in order.tolist()]
+            out[(l, u)] = effects
+    return out, DIRECT_CAPTION.format(what=what)
+
+
+def ablation_effects(handle, hits, neurons, *, base: dict | None = None, n_boot: int = 200,
+                     seed: int = 0) -> dict:
+    """{neuron: {task: {"delta", "ci", "base", "n"}}}: per (layer, neuron) in `neurons`, how much each task's
+    top-1 accuracy changes when that neuron alone is zeroed. hits: a callable() -> {task: {"n", "top1"}} of
+    per-document counts of the model as it is now (e.g. Study.document_hits); base: its result for the intact
+    model (computed when None). ci: a 95% bootstrap interval over documents (images), each resample drawing
+    the same documents for the intact and the ablated model."""
+    base = hits() if base is None else base
+    weights = {t: bootstrap_weights(len(h["n"]), n_boot, seed + i).numpy() for i, (t, h) in enumerate(base.items())}
+    out = {}
+    for layer, unit in neurons:
+        mask = torch.zeros(handle.n_layers, handle.d_mlp, dtype=torch.bool)
+        mask[layer, unit] = True
+        with ablate(handle, mask):
+            now = hits()
+        out[(layer, unit)] = {}
+        for t, h in base.items():
+            if not np.array_equal(now[t]["n"], h["n"]):
+                raise ValueError(f"task {t!r}: the ablated pass counted other documents than the intact one; "
+                                 f"hits must read the same documents at every call")
+            accuracy = lambda top1, w=None: resampled_ratio(top1, h["n"], w)       # noqa: E731
+            change = accuracy(now[t]["top1"], weights[t]) - accuracy(h["top1"], weights[t])
+            out[(layer, unit)][t] = {"delta": float(accuracy(now[t]["top1"]) - accuracy(h["top1"])),
+                                     "ci": percentile_ci(change), "base": float(accuracy(h["top1"])),
+                                     "n": len(h["n"])}
+    return out
+
+
+def add_ablations(ex: NeuronExamples, handle, hits, per_task: int = 3, *, n_boot: int = 200, seed: int = 0,
+                  unit: str = "tokens", base: dict | None = None) -> NeuronExamples:
+    """Fill ex.ablation (ablation_effects) for the first `per_task` neurons picked for each task, and its
+    caption; `unit`: what the evaluation counts (tokens, images), for the caption; base: hits() of the intact
+    model if already known (e.g. the cross-task matrix's), saving a pass."""
+    if isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 1:
+        raise ValueError(f"per_task (neurons ablated per task) must be a whole number >= 1, got {per_task!r}")
+    chosen = list(dict.fromkeys(nr for ns in ex.picked.values() for nr in ns[:per_task]))
+    base = hits() if base is None else base
+    ex.ablation = ablation_effects(handle, hits, chosen, base=base, n_boot=n_boot, seed=seed)
+    low, high = min(int(h["n"].sum()) for h in base.values()), max(int(h["n"].sum()) for h in base.values())
+    ex.ablation_note = (f"Ablation effect: the change in each task's top-1 accuracy when this neuron alone is set "
+                        f"to 0, on {low if low == high else f'{low}–{high}'} evaluation {unit} per task, with "
+                        f"a 95% bootstrap interval over {'images' if unit == 'images' else 'documents'}; the owner "
+                        f"tasks in bold. Unlike the direct effect, this is the neuron's total effect, through every "
+                        f"later block.")
+    return ex
 
 
 def _grid_shape(handle) -> tuple[int, int, int]:
@@ -324,7 +443,10 @@ def _finish(result: NeuronExamples, task: str, state: _TaskTopK, handle, task_da
 _POSITIVE, _NEGATIVE = (214, 39, 40), (31, 119, 180)
 _TOKEN_CSS = """.ex{font-family:ui-monospace,monospace;font-size:.85rem;margin:.15rem 0;white-space:pre-wrap}
 .ex .tok{border-radius:2px}.ex .hit{outline:2px solid #000}
-.ex .meta{color:#555;font-family:system-ui,sans-serif;font-size:.8rem;margin-right:.5rem}"""
+.ex .meta{color:#555;font-family:system-ui,sans-serif;font-size:.8rem;margin-right:.5rem}
+.effects{border-collapse:collapse;font-size:.85rem;margin:.3rem 0}.effects td,.effects th{padding:.1rem .6rem;
+text-align:left}.effects .num{text-align:right;font-variant-numeric:tabular-nums}
+.effects .tk{font-family:ui-monospace,monospace}.caption{color:#555;font-size:.85rem;font-style:italic}"""
 _PAGE_CSS = """body{font-family:system-ui,sans-serif;max-width:70rem;margin:2rem auto;padding:0 1rem;line-height:1.45}
 img{max-width:100%;height:auto}section{margin-bottom:2.5rem}
 """ + _TOKEN_CSS
@@ -361,7 +483,8 @@ def context_html(row: dict, scale: float, window: int) -> str:
         hit = " hit" if j == window else ""
         spans.append(f'<span class="tok{hit}" style="background:{_colour(float(value), scale)}" '
                      f'title="{float(value):+.3f}">{_shown(token)}</span>')
-    meta = html.escape(f"{row['task']} · doc {row['document']} · {row['value']:+.3f}")
+    name = row.get("name", f"doc {row['document']}")        # as tasks.json names it
+    meta = html.escape(f"{row['task']} · {name} · {row['value']:+.3f}")
     return f'<div class="ex"><span class="meta">{meta}</span>{"".join(spans)}</div>'
 
 
@@ -372,6 +495,41 @@ def contexts_html(ex: NeuronExamples, neuron, tasks=None, limit: int | None = No
     scale = _scale(ex, neuron)
     rows = ex.examples(neuron, tasks, limit)
     return "\n".join(context_html(r, scale, ex.window) for r in rows) or "<p>No positions kept.</p>"
+
+
+def direct_html(ex: NeuronExamples, neuron) -> str:
+    """The neuron's direct effect (direct_effects) as a section: its caption, then the outputs it pushes up and
+    down most side by side, with their logit change per unit of activation."""
+    head = '<h3>Direct effect on the outputs</h3>\n<p class="caption">' + html.escape(ex.direct_note) + "</p>"
+    effects = ex.direct.get(tuple(neuron))
+    if effects is None:
+        return head
+    unit = "token" if ex.kind == "lm" else "class"
+    rows = [f"<tr><th>pushes up ({unit})</th><th>logit</th><th>pushes down ({unit})</th><th>logit</th></tr>"]
+    for (up, u), (down, d) in zip(effects["up"], effects["down"]):
+        rows.append(f'<tr><td class="tk">{_shown(up)}</td><td class="num">{u:+.3f}</td>'
+                    f'<td class="tk">{_shown(down)}</td><td class="num">{d:+.3f}</td></tr>')
+    return head + '\n<table class="effects direct">' + "".join(rows) + "</table>"
+
+
+def ablation_html(ex: NeuronExamples, neuron) -> str:
+    """The neuron's ablation effect (ablation_effects) as a section: per task its intact top-1 accuracy and the
+    change with this neuron zeroed, with the interval; '' when no ablation was run."""
+    if not ex.ablation_note:
+        return ""
+    head = '<h3>Ablation effect</h3>\n<p class="caption">' + html.escape(ex.ablation_note) + "</p>"
+    effects = ex.ablation.get(tuple(neuron))
+    if effects is None:
+        return head + "\n<p>Not ablated: only the top neurons of each task's set are.</p>"
+    owners = set(ex.owners(neuron))
+    rows = [f"<tr><th>task</th><th>{'documents' if ex.kind == 'lm' else 'images'}</th><th>top-1 intact</th>"
+            "<th>change when zeroed</th><th>95% interval</th></tr>"]
+    for task, e in effects.items():
+        name = f"<b>{html.escape(task)}</b>" if task in owners else html.escape(task)
+        rows.append(f'<tr><td>{name}</td><td class="num">{e["n"]}</td><td class="num">{e["base"]:.3f}</td>'
+                    f'<td class="num">{e["delta"]:+.4f}</td>'
+                    f'<td class="num">[{e["ci"][0]:+.4f}, {e["ci"][1]:+.4f}]</td></tr>')
+    return head + '\n<table class="effects ablation">' + "".join(rows) + "</table>"
 
 
 def distribution_figure(ex: NeuronExamples, neuron):
@@ -455,7 +613,8 @@ def images_figure(ex: NeuronExamples, neuron, rows: dict):
                 ph, pw = h / n_rows, w / n_cols
                 ax.add_patch(Rectangle(((p % n_cols) * pw, (p // n_cols) * ph), pw, ph, fill=False, lw=1.5,
                                        edgecolor="black"))
-            ax.set_title(f"{e['task']} #{e['document']}\n{e['value']:+.2f} {where}".strip(), fontsize=7)
+            ax.set_title(f"{e['task']} {e.get('name', '#' + str(e['document']))}\n{e['value']:+.2f} {where}".strip(),
+                         fontsize=7)
     fig.suptitle(f"Layer {neuron[0]}, neuron {neuron[1]}: top images (activation per patch)", fontsize=9)
     return fig
 
@@ -496,6 +655,7 @@ def export(ex: NeuronExamples, out_dir, kind: str | None = None) -> list[Path]:
             l, u = neuron
             parts = [f'<section id="L{l}-N{u}">\n<h2>{rank_in_task}. Layer {l}, neuron {u}</h2>',
                      f"<p>Picked for: {html.escape(', '.join(ex.owners(neuron)))}.</p>",
+                     direct_html(ex, neuron), ablation_html(ex, neuron),      # what it does, before where it fires
                      f'<img src="{quote(distribution[neuron])}" alt="activation distribution of layer {l}, '
                      f'neuron {u}">']
             if ex.kind == "lm":
@@ -516,7 +676,9 @@ def export(ex: NeuronExamples, out_dir, kind: str | None = None) -> list[Path]:
             f"<title>Neurons of {html.escape(task)}</title>\n<style>\n{_PAGE_CSS}\n</style>\n</head>\n<body>",
             f"<h1>Neurons of {html.escape(task)}</h1>",
             f"<p>{html.escape(ex.model)}: the {len(neurons)} selected neurons of this task with the highest "
-            f"scores. For each, its activation distribution on every task's statistics data, and the {ex.k} "
+            f"scores. For each, what it does (its direct effect on the outputs"
+            f"{', and how each task’s accuracy changes with it zeroed' if ex.ablation_note else ''}), "
+            f"its activation distribution on every task's statistics data, and the {ex.k} "
             f"{unit} positions where its |activation| is largest{' ' if ex.rank == 'abs' else ' (signed) '}on "
             f"this task and on the other tasks"
             + (f", with {ex.window} tokens either side (red positive, blue negative)." if ex.kind == "lm" else
@@ -530,7 +692,8 @@ def export(ex: NeuronExamples, out_dir, kind: str | None = None) -> list[Path]:
 
 def explorer(ex: NeuronExamples):
     """An ipywidgets explorer (JupyterLab): pick a task, then a layer and a neuron among those shown for it,
-    to see its top contexts (images) and its distribution on every task. It displays itself and returns its
+    to see its direct and ablation effects, its top contexts (images) and its distribution on every task.
+    It displays itself and returns its
     box (end the line with `;`, or the box is shown a second time); None in headless runs."""
     if not interactive():
         print("headless run: neuron explorer skipped (the same views are in neurons/*.html)")
@@ -561,6 +724,7 @@ def explorer(ex: NeuronExamples):
             return
         chosen = (layer.value, neuron.value)
         with out:
+            display(HTML(f"<style>{_TOKEN_CSS}</style>" + direct_html(ex, chosen) + ablation_html(ex, chosen)))
             rows = top_rows(ex, chosen, task.value)
             if ex.kind == "lm":
                 scale = _scale(ex, chosen)

@@ -1,4 +1,4 @@
-"""Overlap between tasks' neuron sets (SPEC §5) and the random-init pattern test (SPEC §6).
+"""Overlap between tasks' neuron sets (docs/method.md §5) and the random-init pattern test (§6).
 
 Masks are bool tensors [L, d_mlp] (one entry per MLP neuron), as returned by `select_neurons`.
 For selected sets A, B out of N neurons:
@@ -292,7 +292,7 @@ def _check_square(matrix, name: str) -> np.ndarray:
 
 
 def pattern_persistence(matrix_a, matrix_b, *, n_perm: int = 1000, seed: int = 0, keep_null: bool = False) -> dict:
-    """Does the task x task pattern of matrix_a persist in matrix_b (SPEC §6: trained vs random-init)?
+    """Does the task x task pattern of matrix_a persist in matrix_b (docs/method.md §6: trained vs random-init)?
 
     rho: Spearman correlation between the off-diagonal entries of the two matrices (the upper
     triangle for symmetric matrices such as overlap matrices; all off-diagonal entries otherwise —
@@ -340,7 +340,7 @@ def pattern_persistence(matrix_a, matrix_b, *, n_perm: int = 1000, seed: int = 0
 
 def random_init_comparison(trained: Mapping[str, torch.Tensor], randoms: Sequence[Mapping[str, torch.Tensor]], *,
                            n_perm: int = 1000, seed: int = 0) -> dict:
-    """Trained vs random-init selections of the same tasks (SPEC §6). trained: {task: mask}; randoms: one
+    """Trained vs random-init selections of the same tasks (docs/method.md §6). trained: {task: mask}; randoms: one
     such dict per random seed. Returns the pairwise overlaps ("trained"; "random": all seeds pooled), the
     pattern persistence of the trained task × task matrix in each seed's ("persistence", one per seed),
     the persistence between every two seeds' matrices ("between_seeds": can a random model's pattern be

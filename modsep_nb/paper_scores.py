@@ -1,5 +1,5 @@
 """The authors' released neuron scores for the real 7B models (Mistral-7B-Instruct-v0.2, Llama-7B,
-and random-init versions of both), so the overlap study and the random-init control (SPEC §5, §6)
+and random-init versions of both), so the overlap study and the random-init control (docs/method.md §5, §6)
 can be replayed offline.
 
 Source: public repository nickypro/taker (MIT), folder examples/neuron-mapping/saved_tensors/,
@@ -10,7 +10,9 @@ from the scores (at least one file's is wrong).
 
 Where the files come from, in order:
   1. `root=` if given (must hold the folder);
-  2. `default_scores_dir()`: $MODSEP_PAPER_SCORES, else ../shared/paper_scores next to the repo;
+  2. `default_scores_dir()`: $MODSEP_PAPER_SCORES, else `shared/paper_scores` next to the repository's folder
+     (<repo>/../shared/paper_scores) if it exists. A user points $MODSEP_PAPER_SCORES (or the params key
+     paper_scores.dir) at the saved_tensors/ folder of a clone of the repository above (docs/method.md §13);
   3. a download cache ($MODSEP_CACHE/paper_scores or ~/.cache/modsep/paper_scores), filled from
      raw.githubusercontent.com at the pinned commit when a network is available.
 Every file's SHA-256 is checked against the hashes listed in `paper_scores.sha256` (SHA256SUMS format, beside this module) before
@@ -104,7 +106,8 @@ def available_tasks(name: str) -> list[str]:
 # where the files are
 
 def default_scores_dir() -> Path | None:
-    """$MODSEP_PAPER_SCORES if set, else ../shared/paper_scores beside the repo if it exists, else None."""
+    """$MODSEP_PAPER_SCORES if set, else <repo>/../shared/paper_scores if it exists, else None. Users put the
+    files (the folders v0.2/, hf/, rand-mistral/, rand-vit/) anywhere and set $MODSEP_PAPER_SCORES to it."""
     if os.environ.get(ENV_DIR):
         return Path(os.environ[ENV_DIR]).expanduser()
     repo_root = Path(__file__).resolve().parent.parent
@@ -340,7 +343,7 @@ def pair_overlap(replay: dict, a: str, b: str) -> float:
 
 def replay_random_control(trained: str, *, fracs=(0.01, 0.05), root=None, n_perm: int = 1000,
                           seed: int = 0) -> dict:
-    """Trained vs random-init on a released pair of score sets (SPEC §6), over the tasks both have:
+    """Trained vs random-init on a released pair of score sets (docs/method.md §6), over the tasks both have:
     pairwise overlaps at each frac, pattern persistence (Spearman between the two task × task overlap
     matrices with a permutation p-value), and where the global selections sit per layer."""
     import numpy as np

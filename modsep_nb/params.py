@@ -20,7 +20,8 @@ from .data import (EMBEDDED_TEXT_DOMAINS, PAPER_TEXT_DOMAINS, dataset_folder, im
                    task_documents)
 
 NOTEBOOKS = {"01": "01_vit_pruning", "02": "02_mistral_pruning", "03": "03_moefication",
-             "04": "04_random_init_control", "05": "05_layerwise_correspondence", "06": "06_training_dynamics"}
+             "04": "04_random_init_control", "05": "05_layerwise_correspondence", "06": "06_training_dynamics",
+             "07": "07_localisers"}
 
 DEFAULTS: dict = {
     "run_name": "default",
@@ -30,6 +31,8 @@ DEFAULTS: dict = {
     # float32 | bfloat16 | float16 | auto (bfloat16 where the device computes it natively: a GPU with bf16, a CPU
     # with AMX or AVX512-BF16; float32 elsewhere). lm.dtype / vit.dtype override it for one section
     "dtype": "float32",
+    # 07 (localisers) runs with --only 07: not yet in the default list, its LM attribution pass is not yet sized
+    # to make run's time
     "notebooks": ["01", "02", "03", "04", "05", "06"],
     # statistics and splits; None: $MODSEP_CACHE or ~/.cache/modsep, where models converted or trained here always go.
     # Relative paths in a parameter file (cache_dir, data_dir, model folders, ...) are read from the file's folder
@@ -49,6 +52,13 @@ DEFAULTS: dict = {
         # matrix costs T x T x (1 + random seeds) evaluations of eval_tokens: the default's largest cost on a CPU
         "eval_tokens": 512,
         "ctx": 64,
+        # statistics (scores, neuron pages; not evaluation) leave out these positions of every window: 0 is where
+        # a model's attention sink (and BOS) sits, whose neurons fire there whatever the text, so a domain of short
+        # documents would look specific to them (issue #26); [] counts every token
+        "skip_positions": [0],
+        # weigh each counted position alike within a task (1 / windows reaching it), so the windows' lengths cannot
+        # move a task's statistics; false: every token weighs 1
+        "equal_positions": True,
         "batch_size": 8,
         "eval_frac": 0.3,
         "skip_top": 0,
@@ -127,11 +137,16 @@ DEFAULTS: dict = {
         "n_null": 100,
         "band_sd": 2.0,          # figures: the null band is mean ± band_sd × sd of the random partitions
     },
-    "evidence": {                # intervals, nulls and tests (SPEC §5 Evidence); resamples reuse collected sums
+    "evidence": {                # intervals, nulls and tests (docs/method.md §5.3); resamples reuse collected sums
         "n_boot": 200,           # bootstrap resamples over documents (images)
         "n_blocks": 32,          # statistics kept per block of documents, per task
+        # each block batched alone: what `collect --shard I/N` computes, so that job arrays merged (`merge`) give
+        # the notebooks' statistics bit for bit; off: blocks share batches (up to ~1.4-2.9x faster on 2 CPU cores)
+        "blocks_alone": False,
         "n_null": 200,           # pseudo-task partitions of one domain (the pipeline's own null)
-        "n_null_ablation": 20,   # of those, how many also go through the cross-task ablation (forward passes)
+        # of those, how many also go through the cross-task ablation (forward passes); 60 so that its p floor
+        # 1/61 times 01's family of 3 claims (Holm) stays below 0.05 (20 could never give less than 3/21)
+        "n_null_ablation": 60,
         "n_perm": 1000,          # label permutations (related vs unrelated tasks)
     },
     "dynamics": {                # notebook 06: 01's pipeline and claims at every training checkpoint, kept cheap
@@ -142,13 +157,22 @@ DEFAULTS: dict = {
         "n_null": 100,           # pseudo-task partitions of the overlap null at each checkpoint
         "n_splits": 20,          # random balanced splits standing in for W_in's split (the correspondence null band)
     },
+    "localisers": {              # notebook 07: ways of finding task neurons, through one pipeline at pruning.frac
+        # abs/rms/std/freq/sqrt: selective pruning with that importance; lape: activation-probability entropy;
+        # ttest: Welch t of the task vs the rest; attribution: -activation x gradient of the task's loss (its own
+        # forward and backward pass over the statistics data); attribution_contrast: that minus the other tasks' mean
+        "methods": ["abs", "lape", "ttest", "attribution", "attribution_contrast"],
+        "lm_tasks": 4,           # the first this many of lm.tasks (the cross-task matrix costs tasks^2 passes each)
+        "random_seeds": [0],     # matched random ablations per localiser (pruning.random_seeds: 01 and 02)
+    },
     "paper_scores": {
-        "dir": None,             # None: ../shared/paper_scores if present, else $MODSEP_PAPER_SCORES
+        "dir": None,             # None: $MODSEP_PAPER_SCORES or shared/paper_scores beside the repo (docs/method.md §13)
         "frac": 0.01,
     },
 }
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
+LOCALISER_METHODS = ("abs", "rms", "std", "freq", "sqrt", "lape", "ttest", "attribution", "attribution_contrast")
 CHOICES = {
     "device": None,   # checked by _check_device
     "dtype": DTYPES,
@@ -156,7 +180,7 @@ CHOICES = {
     "vit.dtype": DTYPES + (None,),
     "lm.source": ("embedded", "hub"),
     "vit.dataset": ("fashion-mnist", "cifar100", "image-folder"),
-    "pruning.importance": ("abs", "rms", "std", "freq", "sqrt"),
+    "pruning.importance": ("abs", "rms", "std", "freq", "sqrt", "lape", "ttest"),
     "pruning.retain": ("rest", "general"),
     "pruning.mode": ("global", "per_layer"),
     "pruning.ablation": ("zero", "mean"),
@@ -168,7 +192,7 @@ FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fra
 # keys whose default is null, and the type they take otherwise (moefication's are checked in validate)
 NULLABLE = {"cache_dir": str, "lm.data_dir": str, "vit.data_dir": str, "paper_scores.dir": str,
             "vit.training.n_train": int, "random_init.stats_tokens": int, "random_init.stats_images": int,
-            "lm.revisions": list, "lm.dtype": str, "vit.dtype": str}
+            "lm.revisions": list, "lm.dtype": str, "vit.dtype": str, "localisers.lm_tasks": int}
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit.stats_images", "vit.eval_images",
             "vit.batch_size", "moefication.lm_experts", "moefication.vit_experts",
@@ -384,7 +408,7 @@ def validate(params: dict) -> None:
     if not 0 <= params["seed"] <= MAX_SEED:
         raise ParamsError(f"parameter 'seed' must be a whole number >= 0 and at most {MAX_SEED} (the range every "
                           f"random generator here takes), got {show(params['seed'])}")
-    for name in ("random_init.seeds", "pruning.random_seeds"):
+    for name in ("random_init.seeds", "pruning.random_seeds", "localisers.random_seeds"):
         seeds = _get(params, name)
         if (not seeds or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_SEED for s in seeds)
                 or len(set(seeds)) != len(seeds)):
@@ -417,6 +441,12 @@ def validate(params: dict) -> None:
     if params["lm"]["ctx"] < 2:
         raise ParamsError(f"parameter 'lm.ctx' must be at least 2 (a window needs a token and its next token), "
                           f"got {params['lm']['ctx']}")
+    skip, ctx = params["lm"]["skip_positions"], params["lm"]["ctx"]
+    if (any(isinstance(q, bool) or not isinstance(q, int) or not 0 <= q < ctx for q in skip)
+            or len(set(skip)) != len(skip) or len(skip) >= ctx):
+        raise ParamsError(f"parameter 'lm.skip_positions' must be a list of distinct positions 0 .. lm.ctx - 1 = "
+                          f"{ctx - 1} that leaves some counted (e.g. [0], or [] to count every token), got "
+                          f"{show(skip)}")
     # a neuron silent on the retain tasks has I(R) = 0: with eps 0 its score I(F) / (I(R) + eps) is 0/0 = NaN
     if params["pruning"]["eps"] <= 0:
         raise ParamsError(f"parameter 'pruning.eps' must be > 0 (it keeps the score I(F) / (I(R) + eps) finite for "
@@ -488,6 +518,14 @@ def validate(params: dict) -> None:
                                   or len(set(revisions)) != len(revisions)):
         raise ParamsError(f"parameter 'lm.revisions' must be null or a list of at least two distinct revision names "
                           f"or model folders (oldest first, the final model last), got {revisions!r}")
+    methods, allowed = params["localisers"]["methods"], LOCALISER_METHODS
+    if not methods or any(m not in allowed for m in methods) or len(set(methods)) != len(methods):
+        raise ParamsError(f"parameter 'localisers.methods' must list distinct localisers of {', '.join(allowed)}, "
+                          f"got {show(methods)}")
+    lm_tasks = params["localisers"]["lm_tasks"]
+    if lm_tasks is not None and (isinstance(lm_tasks, bool) or not isinstance(lm_tasks, int) or lm_tasks < 2):
+        raise ParamsError(f"parameter 'localisers.lm_tasks' must be a whole number >= 2 (the first of lm.tasks) or "
+                          f"null (all of them), got {show(lm_tasks)}")
     if params["evidence"]["n_null_ablation"] > params["evidence"]["n_null"]:
         raise ParamsError("parameter 'evidence.n_null_ablation' cannot exceed 'evidence.n_null' (the ablated "
                           "replicates are some of the null's partitions)")

@@ -1,4 +1,4 @@
-"""Selective pruning (SPEC §3): importance, scores, selection and ablation.
+"""Selective pruning (docs/method.md §3): importance, scores, selection and ablation.
 
 Score for forgetting task F while retaining R:  S = I(F) / (I(R) + eps).
 eps is absolute by default; with eps_relative it is set per layer to eps_relative × the median retain
@@ -10,13 +10,18 @@ Selection takes the top `frac` of scores, globally or per layer, ties broken by 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator
 
 import torch
 
+from .data import images_and_labels, lm_batches
 from .statistics import weighted_pool
 
 IMPORTANCES = ("abs", "rms", "std", "freq", "sqrt")
+# localisers that score each task against all the others at once from the same statistics (task_scores), not as
+# a ratio of two importances: LAPE-style activation-probability entropy, and a Welch t of the task vs the rest
+LOCALISERS = ("lape", "ttest")
 SELECTION_MODES = ("global", "per_layer")
 ABLATION_MODES = ("zero", "mean")
 
@@ -33,7 +38,10 @@ def importance(stats, name: str = "abs") -> torch.Tensor:
         return stats.frac_pos
     if name == "sqrt":
         return stats.mean_sqrt
-    raise ValueError(f"unknown importance {name!r}: choose one of {', '.join(IMPORTANCES)}")
+    if name in LOCALISERS:
+        raise ValueError(f"{name!r} scores a neuron across all tasks at once, not one task's statistics: use "
+                         f"task_scores(stats, importance={name!r})")
+    raise ValueError(f"unknown importance {name!r}: choose one of {', '.join(IMPORTANCES + LOCALISERS)}")
 
 
 def prune_scores(forget, retain, importance: str = "abs", eps: float = 1e-3,
@@ -41,7 +49,7 @@ def prune_scores(forget, retain, importance: str = "abs", eps: float = 1e-3,
     """S = I(forget) / (I(retain) + eps), shape [L, d_mlp], float64.
 
     `forget` and `retain` are NeuronStats (or lists of NeuronStats: a list for `retain` is pooled
-    with equal weight per task, SPEC §3 'rest'). eps_relative (if given, `eps` is not used): layer l's
+    with equal weight per task, docs/method.md §3 'rest'). eps_relative (if given, `eps` is not used): layer l's
     eps is eps_relative × the median over that layer's neurons of I(retain).
     """
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps < float("inf"):
@@ -79,7 +87,12 @@ def _pooled_importance(stats, name: str) -> torch.Tensor:
 def task_scores(stats: dict, *, importance="abs", eps=1e-3, eps_relative=None, retain="rest", general=None) -> dict:
     """Per task the selective-pruning score for forgetting it while retaining `retain`:
     'rest' (the other tasks pooled with equal weight) or 'general' (a NeuronStats given as `general`).
-    eps / eps_relative: see prune_scores."""
+    eps / eps_relative: see prune_scores. importance "lape" or "ttest" (LOCALISERS): that localiser's scores
+    (lape_scores, ttest_scores), which contrast each task with all the others themselves (retain and eps unused)."""
+    if importance == "lape":
+        return lape_scores(stats)
+    if importance == "ttest":
+        return ttest_scores(stats)
     scores = {}
     for name, st in stats.items():
         if retain == "rest":
@@ -95,6 +108,138 @@ def task_scores(stats: dict, *, importance="abs", eps=1e-3, eps_relative=None, r
             raise ValueError(f"unknown retain set {retain!r}: choose 'rest' or 'general'")
         scores[name] = prune_scores(st, ret, importance=importance, eps=eps, eps_relative=eps_relative)
     return scores
+
+
+def lape_scores(stats: dict) -> dict:
+    """Activation-probability entropy (LAPE-style) per task, [L, d_mlp] float64 in [0, 1].
+
+    p_t = each task's frac_pos (the probability that the neuron is positive on t), q_t = p_t / sum_u p_u its
+    share across tasks and H = -sum_t q_t log q_t. Score for task t: q_t x (1 - H / log T): 1 for a neuron that
+    fires on t only, 0 for one that fires as often on every task (H = log T) or never on t, and 0 for a neuron
+    that never fires (no share to take)."""
+    names = _at_least_two(stats)
+    p = torch.stack([stats[t].frac_pos for t in names])              # [T, L, d]
+    total = p.sum(0)
+    q = torch.where(total > 0, p / total.clamp_min(torch.finfo(p.dtype).tiny), 1.0 / len(names))
+    entropy = -(q * q.clamp_min(torch.finfo(q.dtype).tiny).log()).sum(0)
+    specificity = (1 - entropy / math.log(len(names))).clamp(0.0, 1.0)
+    return {t: q[k] * specificity for k, t in enumerate(names)}
+
+
+def ttest_scores(stats: dict) -> dict:
+    """Welch's t of each neuron's activation on the task's tokens (images' tokens) against every other task's
+    tokens pooled (token-weighted: NeuronStats.merge), from count, mean and mean_sq: [L, d_mlp] float64, large
+    when the neuron is higher on the task. Tokens of one document are not independent, so t is a ranking
+    statistic here, not a test. A neuron constant on both sides (no spread) scores 0 if the constants are equal,
+    else +-inf (a perfect separation)."""
+    names = _at_least_two(stats)
+    out = {}
+    for t in names:
+        rest = None
+        for u in names:
+            if u != t:
+                rest = stats[u] if rest is None else rest.merge(stats[u])
+        own = stats[t]
+        n1, n2 = own.count.unsqueeze(1), rest.count.unsqueeze(1)
+        se = (own.var / n1 + rest.var / n2).sqrt()
+        diff = own.mean - rest.mean
+        out[t] = torch.where(se > 0, diff / se.clamp_min(torch.finfo(se.dtype).tiny), diff.sign() * float("inf"))
+    return out
+
+
+def _at_least_two(stats: dict) -> list:
+    if len(stats) < 2:
+        raise ValueError(f"a localiser contrasts each task with the others: give at least two tasks' statistics, "
+                         f"got {len(stats)}")
+    return list(stats)
+
+
+def attribution_scores(attribution: dict, contrast: bool = False) -> dict:
+    """Per task its attribution (collect_attribution: the first-order estimate of the loss increase per token or
+    image when the neuron is zeroed), or with contrast=True that minus the mean of the other tasks' (a neuron
+    that matters as much everywhere scores 0)."""
+    if not contrast:
+        return dict(attribution)
+    names = _at_least_two(attribution)
+    return {t: attribution[t] - torch.stack([attribution[u] for u in names if u != t]).mean(0) for t in names}
+
+
+def collect_attribution(handle, data, *, max_tokens: int | None = None, batch_size: int | None = None,
+                        ctx: int = 256, cls_only: bool = False, skip_positions=(), progress: bool = False) -> dict:
+    """Attribution of every neuron to the task's loss (attribution patching's first-order estimate): one
+    forward and one backward pass per batch of `data`, read with the budget and windows of collect_stats.
+
+    Loss: the summed next-token cross-entropy of the windows (LM), or of each image's label (data with labels,
+    e.g. an ImageDataset). With a = a neuron's activation at a position and g = dLoss/da, zeroing the neuron
+    changes the loss by about -a*g there; the result sums -a*g over the positions collect_stats counts (not
+    padding, not skip_positions; the CLS token only with cls_only) and divides by the number of tokens
+    (images) whose loss was taken. Returns {"attribution" [L, d_mlp] float64 (positive: zeroing the neuron
+    raises the loss), "batches", "units", "seconds"}."""
+    import time
+    import torch.nn.functional as F
+
+    start = time.perf_counter()
+    total = torch.zeros(handle.n_layers, handle.d_mlp, dtype=torch.float64)
+    acts: dict[int, torch.Tensor] = {}
+
+    def keep(layer):
+        def hook(x):
+            if not x.requires_grad:          # frozen weights: the first neuron vector starts the graph
+                x = x.detach().requires_grad_(True)
+            acts[layer] = x
+            return x
+        return hook
+
+    def accumulate(loss, counted):
+        layers = sorted(acts)
+        grads = torch.autograd.grad(loss, [acts[l] for l in layers], allow_unused=True)
+        for l, g in zip(layers, grads):
+            if g is not None:
+                contrib = -(acts[l].detach().double() * g.double())     # [batch, seq, d] or [batch, d]
+                if counted is not None:
+                    contrib = contrib * counted.to(contrib.device, contrib.dtype).unsqueeze(-1)
+                total[l] += contrib.reshape(-1, contrib.shape[-1]).sum(0).double().cpu()
+        acts.clear()
+
+    batches = units = 0
+    with torch.enable_grad(), handle.hooks({l: keep(l) for l in range(handle.n_layers)}):
+        if handle.kind == "lm":
+            for ids, mask, weights in lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8,
+                                                 max_tokens=max_tokens, skip_positions=skip_positions,
+                                                 with_weights=True):
+                ids, mask = ids.to(handle.device), mask.to(handle.device)
+                logits = _at_least_float32(handle.lm_logits(ids, mask)[:, :-1])
+                targets = ids[:, 1:]
+                has_target = (mask[:, 1:] * mask[:, :-1]).bool()
+                loss = F.cross_entropy(logits[has_target], targets[has_target], reduction="sum")
+                accumulate(loss, weights > 0)
+                batches, units = batches + 1, units + int(has_target.sum())
+        else:
+            images, labels, _ = images_and_labels(data)
+            if labels is None:
+                raise ValueError("attribution of an image model needs each image's label: pass an ImageDataset "
+                                 "(or a dataset of (image, label) items), not bare images")
+            if max_tokens is not None:
+                images, labels = images[:max_tokens], labels[:max_tokens]
+            bs = batch_size or 64
+            for i in range(0, len(images), bs):
+                x = images[i:i + bs].to(handle.device, handle.dtype)
+                logits = _at_least_float32(handle.image_logits(x))
+                loss = F.cross_entropy(logits, labels[i:i + bs].to(logits.device), reduction="sum")
+                counted = None
+                if cls_only:             # statistics read the CLS token only: so does the attribution
+                    counted = torch.zeros(x.shape[0], acts[0].shape[1], dtype=torch.bool)
+                    counted[:, 0] = True
+                accumulate(loss, counted)
+                batches, units = batches + 1, units + len(x)
+    if units == 0:
+        raise ValueError("no tokens (images) were read for the attribution: the data is empty")
+    return {"attribution": total / units, "batches": batches, "units": units,
+            "seconds": time.perf_counter() - start}
+
+
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def as_mask(mask, name: str = "mask") -> torch.Tensor:
@@ -175,7 +320,7 @@ def ties_at_threshold(scores: torch.Tensor, mask: torch.Tensor) -> int:
 def iterative_prune(handle, collect_forget, collect_retain, *, frac: float, steps: int, importance: str = "abs",
                     eps: float = 1e-3, eps_relative: float | None = None, mode: str = "global",
                     ablation: str = "zero") -> torch.Tensor:
-    """Iterative selective pruning (SPEC §3): `steps` times, recollect statistics on the model as pruned so
+    """Iterative selective pruning (docs/method.md §3): `steps` times, recollect statistics on the model as pruned so
     far, score, and prune `frac` more of the neurons (never one already pruned).
 
     collect_forget / collect_retain: callables() -> NeuronStats, run on the model as it is at that moment

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import plots
-from .claims import claims_table, claims_to_json
+from .claims import claim_line, claims_table, claims_to_json, correct
 from .files import file_name, write_text_atomic
 from .params import load_params
 from .runner import from_notebooks
@@ -26,7 +26,7 @@ class Report:
         torch.manual_seed(self.params["seed"])
         self.figures: list[Path] = []
         self.captions: dict[str, str] = {}
-        self.claims: list = []
+        self._claims: list = []
 
     def show(self, fig, name: str, caption: str = ""):
         """Save `fig` as figures/<name>.png; `caption` says what a modular result looks like on it."""
@@ -40,11 +40,30 @@ class Report:
 
     def claim(self, *claims) -> None:
         """Record claims (claims.Claim): the findings open with their table and the results JSON lists them."""
-        self.claims.extend(claims)
+        self._claims.extend(claims)
+
+    @property
+    def claims(self) -> list:
+        """Every claim recorded so far, Holm-adjusted together: the notebook is the family (issue #26), so this
+        is the one place a verdict is corrected; the findings, the results JSON and the printouts read it."""
+        return correct(self._claims, "holm", family=self.notebook)
+
+    def adjusted(self, claims) -> list:
+        """`claims` (recorded here) as they stand in the notebook's family, in the same order."""
+        by_id = {c.id: c for c in self.claims}
+        return [by_id[c.id] for c in claims]
+
+    def print_claims(self, claims=None) -> None:
+        """One line per claim (all recorded so far, or these of them), with p, adjusted p and verdict."""
+        shown = self.claims if claims is None else self.adjusted(claims)
+        width = max((len(c.id) for c in shown), default=0) + 2
+        for c in shown:
+            print(claim_line(c, width))
 
     def findings(self, title: str, text: str) -> None:
-        table = ("**Claims** (supported: the 95% interval excludes the null, and p < 0.05 where there is a test)\n\n"
-                 + claims_table(self.claims) + "\n\n") if self.claims else ""
+        table = ("**Claims** (supported: the 95% interval excludes the null, and p < 0.05 where there is a test, "
+                 "after Holm's correction over the notebook's claims)\n\n"
+                 + claims_table(self.claims) + "\n\n") if self._claims else ""
         record_findings(self.out_dir, self.notebook, title, table + text, self.figures)
 
     def save(self, results: dict) -> Path:

@@ -32,7 +32,7 @@ INCOMPLETE = "INCOMPLETE.md"     # present while a run is under way or after it 
 MARKER = ".modsep-run"           # written into every folder modsep makes a run folder: only those are ever emptied
 # everything a run writes into its folder, and so all that --overwrite with other parameters removes
 RESULTS = ("params.json", "tasks.json", "summary.md", "index.html", INCOMPLETE, "findings", "figures",
-           "statistics", "neurons", "html")
+           "statistics", "neurons", "html", "exports")
 
 
 def run_dir_for(params: dict, out: str | None, overwrite: bool) -> Path:

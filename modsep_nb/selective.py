@@ -9,13 +9,13 @@ own question. The words differ by modality ("task"/"domain", "accuracy"/"top-1")
     overlap = sp.overlaps()            # the tasks' top sets; then sp.overlap_sweep(), sp.layer_distribution()
     evidence = sp.evidence(groups)     # the claims: intervals, nulls, tests
     text = sp.findings()               # the findings in words, from the records above
-    report.save(sp.results())
+    report.save(sp.results())          # and exports/: tables and masks other tools read
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import neurons, overlaps, plots
+from . import export, neurons, overlaps, plots
 from .evidence import cross_task_intervals
 
 WORDS = {"lm": {"unit": "domain", "measure": "top-1", "counted": "tokens"},
@@ -90,11 +90,16 @@ class SelectivePruning:
                    "layer_distribution", f"{unit.capitalize()}-specific neurons can sit anywhere; {unit}s that share "
                    f"layers are not thereby sharing neurons.")
 
-    def neurons(self, n: int = 3, k: int = 8):
-        """Neurons to look at: each task's `n` top-scored selected neurons (of the overlap sets), their top-`k`
-        contexts (or images) and activation distributions, saved as neurons/<kind>-<task>.html in the run's
-        folder; in JupyterLab an explorer (neurons.explorer) picks task, layer and neuron."""
-        shown = self.study.neuron_examples(self.masks, n=n, k=k)     # one more pass, only these neurons
+    def neurons(self, n: int = 3, k: int = 8, ablate: int = 1):
+        """Neurons to look at: each task's `n` top-scored selected neurons (of the overlap sets), their direct
+        effect on the outputs, their top-`k` contexts (or images) and activation distributions, and for the first
+        `ablate` of each task every task's accuracy with that neuron zeroed, on the evaluation documents (one
+        evaluation pass of every task per neuron: the default 1 keeps that to one pass per task); saved as
+        neurons/<kind>-<task>.html in the run's folder; in JupyterLab an explorer (neurons.explorer) picks task,
+        layer and neuron."""
+        # one more pass, only these neurons; then one evaluation pass per ablated neuron
+        base = self.fixed.documents["base"] if self.fixed is not None and self.fixed.documents else None
+        shown = self.study.neuron_examples(self.masks, n=n, k=k, ablate=ablate, ablation_base=base)
         neurons.export(shown, self.report.out_dir, self.study.kind)
         return shown
 
@@ -107,11 +112,9 @@ class SelectivePruning:
         ov = ev["overlap"]
         self._show(plots.overlap_pairs(ov, what=f"{unit} pairs"), "overlap_pairs",
                    "Modular: related pairs to the right of the grey null band; the rest inside it or near chance.")
-        self._show(plots.claims(ev["claims"]), "claims",
+        self._show(plots.claims(self.report.adjusted(ev["claims"])), "claims",
                    "Supported claims have their whole interval (bar) on the claimed side of the null (dashed).")
-        for c in ev["claims"]:
-            print(f"{c.id:20s} estimate {c.estimate:+.3f}  95% CI [{c.ci[0]:+.3f}, {c.ci[1]:+.3f}]  "
-                  f"p {'–' if c.p is None else format(c.p, '.3g')}  {'supported' if c.supported else 'not supported'}")
+        self.report.print_claims(ev["claims"])          # p adjusted with the notebook's other claims
         print(f"median pairwise overlap {ov['median']:.3f} (95% CI {ov['median_ci'][0]:.3f}–{ov['median_ci'][1]:.3f}); "
               f"pseudo-task null {ov['null_median']:.3f} (95% of null {ov['null_band'][0]:.3f}–{ov['null_band'][1]:.3f}); "
               f"chance: uniform {ov['uniform_chance']:.3f}, layer-matched {ov['layer_matched_chance']:.3f}")
@@ -138,6 +141,14 @@ Model: {self.study.describe()}.
         if null is not None:
             text += (f"  Same-distribution pseudo-tasks put through the same pipeline reach a selectivity of "
                      f"{np.mean(null):.2f} on average ({len(null)} partitions): the null of the claim `selectivity`.\n")
+        per_task = self._per_task()
+        if per_task:
+            values = {t: r["estimate"] for t, r in per_task.items() if np.isfinite(r["estimate"])}
+            selective = [t for t, r in per_task.items() if r["selective"]]
+            text += (f"* Each {unit} on its own (selected minus random, others − own; Holm across {unit}s): "
+                     f"{len(selective)} of {len(per_task)} selective{': ' + ', '.join(selective) if selective else ''}"
+                     + (f"; median {np.median(list(values.values())):.3f}, largest {max(values.values()):.3f} "
+                        f"({max(values, key=values.get)})" if values else "") + ": the claim `selectivity_per_task`.\n")
         reached = [t for t in target.tasks if target.converged.get(t)]
         if reached:
             fracs = [target.fracs[t] for t in reached]
@@ -158,13 +169,21 @@ Model: {self.study.describe()}.
                      f"`related_share_more` above.\n")
         return text
 
+    def _per_task(self) -> dict | None:
+        """Each task's own selectivity test (the `selectivity_per_task` claim's), or None before evidence()."""
+        claim = next((c for c in (self.evidence_ or {}).get("claims", []) if c.id == "selectivity_per_task"), None)
+        return None if claim is None else claim.per_task
+
     def results(self) -> dict:
-        """The numbers of this run for the results JSON."""
+        """The numbers of this run for the results JSON. Also writes exports/<notebook>_neurons.parquet and
+        _masks.json (export.write_exports: scores, statistics and the sets at pruning.frac, for other tools)."""
+        export.write_exports(self.study, self.report.out_dir, self.report.notebook, self.pr["frac"])
         fixed, target, overlap = self.fixed, self.target, self.overlap
         return {"model": self.study.label, "tasks": fixed.tasks, "unpruned_top1": fixed.base,
                 "cross_task_fixed": fixed.matrix, "cross_task_fixed_ci": self.intervals["selected"]["ci"],
                 "cross_task_random": fixed.random_matrix, "selectivity": fixed.selectivity(),
                 "selectivity_null": self.evidence_["selectivity"]["null"] if self.evidence_ else None,
+                "selectivity_per_task": self._per_task(),
                 "cross_task_target": target.matrix, "target_fracs": target.fracs, "target_converged": target.converged,
                 "target_reached": target.reached, "overlap": overlap["overlap"],
                 "overlap_chance": {"uniform": overlap["chance"], "layer_matched": overlap["layer_chance"]},

@@ -1,4 +1,4 @@
-"""Streaming per-neuron statistics (SPEC §2).
+"""Streaming per-neuron statistics (docs/method.md §2).
 
 One forward-pre-hook per layer on the neuron module reduces the activations of the counted positions
 (real tokens; never padding) to six per-neuron sums in one pass on the model's device, and folds them
@@ -145,12 +145,21 @@ def _reduce(x: torch.Tensor) -> torch.Tensor:
 def _masked_reduce(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """The same five sums over the rows where `keep` [n] is True, without gathering them (a gather needs
     the row count on the host: a GPU sync). Compiled, this is one kernel that reads the activations once
-    (SPEC §10: 1.04× against 1.22× for separate reductions on a GPU; on 2 CPU cores 30× faster than eager)."""
+    (docs/method.md §10: 1.04× against 1.22× for separate reductions on a GPU; on 2 CPU cores 30× faster than eager)."""
     x = x.float()
     if keep is not None:
         x = torch.where(keep.unsqueeze(1), x, 0.0)     # where, not multiply: NaN in padding stays out
     a = x.abs()
     return torch.stack([x.sum(0), a.sum(0), (x * x).sum(0), (x > 0).sum(0).float(), a.sqrt().sum(0)])
+
+
+def _weighted_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[m, 5, d] float32 sums of x, |x|, x², 1(x>0), sqrt|x| over the rows of x [n, d], row i weighing w[j, i]
+    in sum j (w [m, n] float: block indicators, position weights, or both); rows weighing 0 in every sum
+    (padding, skipped positions) are set to 0 first, so NaN there stays out."""
+    x = torch.where((w != 0).any(0, keepdim=True).T, x.float(), 0.0)
+    a = x.abs()
+    return torch.stack([w @ v for v in (x, a, x * x, (x > 0).float(), a.sqrt())], 1)
 
 
 _COMPILED: dict[str, object] = {}
@@ -178,10 +187,12 @@ class StatsCollector:
     """Context manager: hooks on every layer accumulate statistics of the counted positions.
 
     Set `positions` (bool [batch, seq], or None for all) before each forward; a CPU tensor avoids a
-    device sync. Each hook call reduces the activations with one compiled masked kernel (`fused`, the
-    default; eager where torch.compile is unavailable or fused=False) and adds the sums into float64
-    totals kept on the activations' device, so a forward never waits for the host. The totals are
-    folded onto the CPU when the context exits.
+    device sync. Setting `weights` after it (float [batch, seq], run_batches(equal_positions=True)) weighs each
+    counted position so (data.position_weights); setting `positions` clears them. Each hook call reduces the
+    activations with one compiled masked kernel (`fused`, the default; weighted sums with `weights`; eager
+    where torch.compile is unavailable or fused=False) and adds the sums into float64 totals kept on the
+    activations' device, so a forward never waits for the host. The totals are folded onto the CPU when the
+    context exits.
     """
 
     def __init__(self, handle, *, sample_tokens: int = 0, layers=None, fused: bool = True):
@@ -208,6 +219,22 @@ class StatsCollector:
         self._positions = value
         self._all_counted = value is None or bool(value.all())
         self._positions_on: dict[torch.device, torch.Tensor] = {}
+        self.weights = None
+
+    @property
+    def weights(self) -> torch.Tensor | None:
+        return self._weights
+
+    @weights.setter
+    def weights(self, value: torch.Tensor | None) -> None:
+        self._weights = value
+        self._weights_on: dict[torch.device, torch.Tensor] = {}
+
+    def _weight_row(self, device: torch.device) -> torch.Tensor:
+        """The position weights as one float32 row [1, batch·seq] on `device` (copied once per batch and device)."""
+        if device not in self._weights_on:
+            self._weights_on[device] = self._weights.to(device, torch.float32, non_blocking=True).reshape(1, -1)
+        return self._weights_on[device]
 
     def _keep(self, device: torch.device) -> torch.Tensor:
         """The counted positions as a flat mask on `device` (copied once per batch and device)."""
@@ -252,7 +279,11 @@ class StatsCollector:
                 self._device_totals[x.device] = (torch.zeros_like(self.totals, device=x.device),
                                                  torch.zeros_like(self.count, device=x.device))
             totals, count = self._device_totals[x.device]
-            sums, n = self._sums(x, keep)
+            if self._weights is None:
+                sums, n = self._sums(x, keep)
+            else:                                       # weighted positions: one weighted sum per statistic
+                w = self._weight_row(x.device)
+                sums, n = _weighted_sums(x, w)[0], w.sum()
             totals[layer] += sums.double()
             count[layer] += n
             if self.sample_tokens and self._sampled[layer] < self.sample_tokens:
@@ -295,8 +326,8 @@ class StatsCollector:
 def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: int | None = None,
                   ctx: int = 256, cls_only: bool = False, task: str | None = None,
                   progress: bool = True, distributed: bool | None = None, fused: bool = True,
-                  doc_tokens: int | None = None) -> NeuronStats:
-    """Statistics of every neuron over `data` (SPEC §2, §11).
+                  doc_tokens: int | None = None, skip_positions=(), equal_positions: bool = False) -> NeuronStats:
+    """Statistics of every neuron over `data` (docs/method.md §2, §11).
 
     data: list[str] for an LM (documents; cut into windows of `ctx` tokens, padded batches, padding never
     counted, at most `max_tokens` real tokens read in rounds of `doc_tokens` per document, default one
@@ -308,14 +339,19 @@ def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: in
     what a single process would (to float64 rounding).
     fused: reduce each layer's activations with one compiled kernel (torch.compile; compiled once per
     process, a few seconds) instead of eager torch ops; False, or no compiler, takes the eager path.
+    skip_positions (LM): positions of each window left out (a Study leaves out 0, the attention sink: params
+    lm.skip_positions); equal_positions: every other position weighs the same, whatever the windows' lengths
+    (data.position_weights; weighted sums, the eager path). The budget still counts every token read.
     """
     shard = _shard(distributed)
     meta = {"model": handle.label, "task": task, "max_tokens": max_tokens, "ctx": ctx, "doc_tokens": doc_tokens,
-            "cls_only": cls_only, "random_init": handle.random_init, "seed": handle.seed}
+            "cls_only": cls_only, "random_init": handle.random_init, "seed": handle.seed,
+            "skip_positions": list(skip_positions), "equal_positions": equal_positions}
     with StatsCollector(handle, fused=fused) as collector:
         run_batches(handle, data, collector, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
                     cls_only=cls_only, progress=progress and shard[0] == 0, desc=f"stats {task or ''}".strip(),
-                    shard=shard, doc_tokens=doc_tokens)
+                    shard=shard, doc_tokens=doc_tokens, skip_positions=skip_positions,
+                    equal_positions=equal_positions)
     if shard[1] > 1:
         collector.all_reduce()
     meta["tokens"] = float(collector.count[0])
@@ -335,7 +371,7 @@ def _shard(distributed: bool | None) -> tuple[int, int]:
 
 
 def weighted_pool(stats_list) -> NeuronStats:
-    """Pool tasks with equal weight per task (SPEC §3 'rest'): the mean of each statistic across tasks."""
+    """Pool tasks with equal weight per task (docs/method.md §3 'rest'): the mean of each statistic across tasks."""
     if not stats_list:
         raise ValueError("nothing to pool")
     means = [torch.stack([getattr(s, m) for s in stats_list]).mean(0) for m in MEANS]
@@ -343,7 +379,7 @@ def weighted_pool(stats_list) -> NeuronStats:
     return NeuronStats(count, *means, meta={"pooled": [s.meta.get("task") for s in stats_list]})
 
 
-# -- statistics per block of documents (SPEC §5 Evidence: intervals without re-running the model) ---------
+# -- statistics per block of documents (docs/method.md §5.3: intervals without re-running the model) ---------
 @dataclass
 class BlockStats:
     """One task's statistics kept per block of documents (or images): a document's tokens all fall into one
@@ -438,6 +474,11 @@ class BlockStatsCollector(StatsCollector):
         StatsCollector.positions.fset(self, value)
         self._block_keep = {}
 
+    @StatsCollector.weights.setter
+    def weights(self, value):
+        StatsCollector.weights.fset(self, value)
+        self._block_keep = {}
+
     @property
     def documents(self):
         return self._documents
@@ -459,30 +500,31 @@ class BlockStatsCollector(StatsCollector):
                 self._device_totals[x.device] = (torch.zeros_like(self.totals, device=x.device),
                                                  torch.zeros_like(self.count, device=x.device))
             totals, count = self._device_totals[x.device]
-            if len(self._present) == 1:          # the whole batch is one block: as StatsCollector reduces it
+            if len(self._present) == 1 and self._weights is None:   # one block: as StatsCollector reduces it
                 block = self._present[0]
                 sums, n = self._sums(x, None if self._all_counted else self._keep(x.device))
                 totals[layer, block] += sums.double()
                 count[layer, block] += n
                 return
             onehot = self._onehot(x.shape[0], x.device)         # [blocks present, rows]
-            x = torch.where(onehot.any(0, keepdim=True).T, x.float(), 0.0)   # padding out (NaN included)
-            a = x.abs()
-            sums = torch.stack([onehot @ v for v in (x, a, x * x, (x > 0).float(), a.sqrt())], 1)
+            sums = _weighted_sums(x, onehot)
             present = torch.tensor(self._present, device=x.device)
             totals[layer].index_add_(0, present, sums.double())
             count[layer].index_add_(0, present, onehot.sum(1).double())
         return read
 
     def _onehot(self, n_rows: int, device) -> torch.Tensor:
-        """[blocks present, rows] float 0/1: which counted rows belong to which block (built once per batch)."""
+        """[blocks present, rows] float: which counted rows belong to which block, 0/1 or each row's position
+        weight (built once per batch)."""
         key = ("onehot", device)
         if key not in self._block_keep:
             per_row = n_rows // len(self._rows)
             rows = self._rows.repeat_interleave(per_row)
             keep = torch.ones_like(rows, dtype=torch.bool) if self._positions is None else self._positions.reshape(-1)
-            onehot = (rows[None, :] == torch.tensor(self._present)[:, None]) & keep[None, :]
-            self._block_keep[key] = onehot.float().to(device, non_blocking=True)
+            onehot = ((rows[None, :] == torch.tensor(self._present)[:, None]) & keep[None, :]).float()
+            if self._weights is not None:
+                onehot *= self._weights.reshape(1, -1).float()
+            self._block_keep[key] = onehot.to(device, non_blocking=True)
         return self._block_keep[key]
 
     def result(self, meta=None) -> BlockStats:
@@ -501,21 +543,23 @@ class BlockStatsCollector(StatsCollector):
 def collect_block_stats(handle, data, n_blocks: int = 32, *, max_tokens: int | None = None,
                         batch_size: int | None = None, ctx: int = 256, cls_only: bool = False,
                         task: str | None = None, progress: bool = True, distributed: bool | None = None,
-                        fused: bool = True) -> BlockStats:
+                        fused: bool = True, skip_positions=(), equal_positions: bool = False) -> BlockStats:
     """collect_stats, keeping the sums per block of documents (images): the documents read within the budget
     are cut into min(n_blocks, documents) contiguous runs (block_of_documents). One forward pass, as
     collect_stats; `.merged()` gives collect_stats's result (to float32 rounding of batches that span
-    blocks), and bootstrap_stats resamples it."""
+    blocks), and bootstrap_stats resamples it. skip_positions, equal_positions: as collect_stats (the weights
+    are the whole task's, so a block's sums are its share of the task's weighted sums)."""
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
         raise ValueError(f"n_blocks must be a whole number >= 1, got {n_blocks!r}")
     n_docs = _documents_read(handle, data, max_tokens=max_tokens, ctx=ctx)
     shard = _shard(distributed)
     meta = {"model": handle.label, "task": task, "max_tokens": max_tokens, "ctx": ctx, "cls_only": cls_only,
-            "random_init": handle.random_init, "seed": handle.seed}
+            "random_init": handle.random_init, "seed": handle.seed, "skip_positions": list(skip_positions),
+            "equal_positions": equal_positions}
     with BlockStatsCollector(handle, block_of_documents(n_docs, n_blocks), fused=fused) as collector:
         run_batches(handle, data, collector, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
                     cls_only=cls_only, progress=progress and shard[0] == 0, desc=f"stats {task or ''}".strip(),
-                    shard=shard, documents=True)
+                    shard=shard, documents=True, skip_positions=skip_positions, equal_positions=equal_positions)
     if shard[1] > 1:
         collector.all_reduce()
     meta["tokens"] = float(collector.count[0].sum())

@@ -18,21 +18,22 @@ from .batches import run_batches
 from .claims import Claim, resample_p
 from .evaluation import CrossTaskResult, cross_task_matrix
 from .evidence import (bootstrap_overlap, combine_seeds, cross_task_intervals, excess_claim, null_sizes, overlap_evidence,
-                       percentile_ci, permutation_related_vs_unrelated, pipeline_masks, pseudo_cross_task,
-                       pseudo_task_null, resampled_ratio)
+                       percentile_ci, pipeline_masks, pseudo_cross_task, related_claim,
+                       pseudo_task_null, resampled_ratio, selectivity_per_task)
 from .files import cache_dir, cached, file_name
 from .models import ModelHandle, check_outputs, load_model
 from .moefication import Router, check_n_experts, expert_routing, fit_router, predicted_routing, split_layers
-from .neurons import NeuronExamples, collect_examples, histogram_edges, pick_neurons
+from .neurons import NeuronExamples, add_ablations, collect_examples, histogram_edges, pick_neurons
 from .overlaps import overlap, overlap_matrix
 from .params import device_of, dtype_of
 from .pruning import select_neurons, task_scores
+from .shards import collect_blocks
 from .statistics import (BlockStats, NeuronStats, StatsCollector, bootstrap_weights, collect_block_stats,
                          weighted_pool)
 from .tasks import ImageTasks, TextTasks, data_hash
 
 # bump when the way statistics or splits are computed changes, so no cache from older code is reused
-CACHE_VERSION = 3      # 3: statistics files carry a checksum
+CACHE_VERSION = 4      # 3: statistics files carry a checksum; 4: each block batched alone (shards.py)
 SECTIONS = {"lm": TextTasks, "vit": ImageTasks}
 
 
@@ -49,7 +50,7 @@ class Study:
     def from_params(cls, params: dict, kind: str, *, random_seed: int | None = None,
                     handle: ModelHandle | None = None) -> "Study":
         """Load the model and tasks that `params[kind]` names. random_seed: a freshly initialised model of
-        the same architecture (SPEC §6). A handle can be passed to reuse a loaded model."""
+        the same architecture (docs/method.md §6). A handle can be passed to reuse a loaded model."""
         if kind not in SECTIONS:
             raise ValueError(f"kind must be one of {', '.join(SECTIONS)} (a section of the params), got {kind!r}")
         p = params[kind]
@@ -99,7 +100,7 @@ class Study:
         return self.settings[key]
 
     def stats(self, *, budget: int | None = None, progress: bool = True) -> dict[str, NeuronStats]:
-        """Per-task statistics: each task's block statistics merged (the same sums, SPEC §5), so one forward pass
+        """Per-task statistics: each task's block statistics merged (the same sums, docs/method.md §2), so one forward pass
         serves the statistics and their intervals; computed once per (model, data, settings), cached on disk."""
         budget = self.stats_budget if budget is None else budget
         if budget not in self._stats:
@@ -135,14 +136,23 @@ class Study:
         n = len(self.task_names)
         return self._block_stats(domain, n * self.stats_budget, n * self.params["evidence"]["n_blocks"], progress)
 
-    def _block_stats(self, name: str, budget: int, n_blocks: int, progress: bool) -> BlockStats:
+    def block_entry(self, name: str, budget: int, n_blocks: int) -> tuple:
+        """(statistics data, collect options, cache key, cache file) of a task's block statistics (shards.py
+        writes the same entries from job arrays)."""
         p = self.settings
         task_data = self.tasks.statistics_data(name, budget)
         key = {"version": CACHE_VERSION, "model": self.handle.identity()["fingerprint"], "task": name,
                "data": data_hash(task_data), "budget": budget, "blocks": n_blocks, "ctx": p.get("ctx"),
-               "cls_only": p.get("cls_only", False), "dtype": self.dtype}
+               "cls_only": p.get("cls_only", False), "dtype": self.dtype,
+               **({"blocks_alone": True} if self.params["evidence"]["blocks_alone"] else {}),
+               # which positions count and how they weigh (LM only, so the image caches keep their keys)
+               **{k: p[k] for k in ("skip_positions", "equal_positions") if k in p}}
         expect = data_hash(key)
         path = Path(self.params.get("cache_dir") or cache_dir()) / "stats" / f"{self.kind}-{expect}.safetensors"
+        return task_data, {"batch_size": p["batch_size"], **self.tasks.collect_options(budget)}, expect, path
+
+    def _block_stats(self, name: str, budget: int, n_blocks: int, progress: bool) -> BlockStats:
+        task_data, options, expect, path = self.block_entry(name, budget, n_blocks)
 
         def load(path):
             blocks = BlockStats.load(path)
@@ -150,9 +160,9 @@ class Study:
                 raise LookupError("made with other settings")
             return blocks
 
-        def compute():
-            blocks = collect_block_stats(self.handle, task_data, n_blocks, batch_size=p["batch_size"], task=name,
-                                         progress=progress, **self.tasks.collect_options(budget))
+        def compute():      # blocks_alone: each block batched alone, the same bits as `collect`'s shards merged
+            collect = collect_blocks if self.params["evidence"]["blocks_alone"] else collect_block_stats
+            blocks = collect(self.handle, task_data, n_blocks, task=name, progress=progress, **options)
             blocks.meta["cache_key"] = expect
             return blocks
         return cached(path, compute, load=load, save=lambda blocks, tmp: blocks.save(tmp), what="block statistics")
@@ -173,7 +183,7 @@ class Study:
         return folder
 
     def retain_stats(self, stats=None) -> dict[str, NeuronStats]:
-        """Per task the retain set's statistics (SPEC §3): 'rest' = the other tasks pooled with equal weight;
+        """Per task the retain set's statistics (docs/method.md §3): 'rest' = the other tasks pooled with equal weight;
         'general' = every task of the study pooled, the forgotten one included (a broad corpus, as the
         paper's Pile contains every task)."""
         stats = stats or self.stats()
@@ -195,18 +205,31 @@ class Study:
         return {t: select_neurons(s, frac, mode) for t, s in (scores or self.scores()).items()}
 
     def neuron_examples(self, masks: dict, *, scores=None, n: int = 4, k: int = 8, window: int = 8,
-                        bins: int = 200, progress: bool = True) -> NeuronExamples:
+                        bins: int = 200, progress: bool = True, ablate: int = 0,
+                        ablation_budget: int | None = None, ablation_base: dict | None = None) -> NeuronExamples:
         """Neurons to look at (neurons.py): each task's `n` selected neurons (masks) with the highest scores,
         and for them only, one more pass over every task's statistics data keeping the top-`k` positions per
-        task (`window` tokens either side, or the image) and a histogram of `bins` bins per task."""
+        task (`window` tokens either side, or the image) and a histogram of `bins` bins per task; documents
+        named as in tasks.json, and each neuron's direct effect on the outputs. ablate: also zero each task's
+        first `ablate` of them, one at a time, and measure every task's accuracy on `ablation_budget`
+        evaluation tokens (images) per task (default: the evaluation's): one evaluation pass per neuron;
+        ablation_base: the intact model's document_hits on those documents, if known."""
         stats = self.stats(progress=False)
         picked = pick_neurons(scores or self.scores(stats=stats), masks, n)
         neurons = list(dict.fromkeys(nr for ns in picked.values() for nr in ns))
         budget = self.stats_budget
         data = {t: self.tasks.statistics_data(t, budget) for t in self.task_names}
-        return collect_examples(self.handle, data, neurons, picked=picked, k=k, window=window,
-                                edges=histogram_edges(stats, neurons, bins), batch_size=self.settings["batch_size"],
-                                progress=progress, **self.tasks.collect_options(budget))
+        options = self.tasks.collect_options(budget)
+        options.pop("equal_positions", None)      # top-k and histograms count positions: weights do not apply
+        ex = collect_examples(self.handle, data, neurons, picked=picked, k=k, window=window,
+                              edges=histogram_edges(stats, neurons, bins), batch_size=self.settings["batch_size"],
+                              progress=progress, names={t: self.tasks.statistics_names(t, budget) for t in data},
+                              **options)
+        if ablate:
+            add_ablations(ex, self.handle, lambda: self.tasks.document_hits(self.handle, budget=ablation_budget),
+                          ablate, n_boot=self.params["evidence"]["n_boot"], seed=self.params["seed"],
+                          unit=self.tasks.unit, base=ablation_base)
+        return ex
 
     # -- evaluation ----------------------------------------------------------------------------------
     def evaluate_tasks(self, tasks=None) -> dict[str, float]:
@@ -219,7 +242,7 @@ class Study:
 
     def cross_task(self, *, frac: float | None = None, target: float | None = None, scores=None,
                    base: dict | None = None, random_seeds=None, progress: bool = True) -> CrossTaskResult:
-        """The cross-task matrix (SPEC §4) with the params' selection and ablation settings: a fixed `frac`,
+        """The cross-task matrix (docs/method.md §4) with the params' selection and ablation settings: a fixed `frac`,
         or the fraction found by bisection that brings each task to `target` × its unpruned accuracy. A
         fixed-`frac` result keeps every ablation's per-document hits (evidence.cross_task_intervals, `claims`
         reuses them). base: unpruned accuracies (e.g. an earlier result's `.base`) to skip that pass.
@@ -251,6 +274,8 @@ class Study:
             pruning.random_seeds); bootstrap over evaluation documents (the same resampled documents for
             both); against the selectivity of same-distribution pseudo-tasks (evidence.n_null_ablation of
             them) where the params' <kind>.selectivity_null says so, else against 0 (exchangeability).
+        selectivity_per_task: beside that mean, each task's own test, Holm across tasks, and the median task
+            (evidence.selectivity_per_task), so one task cannot carry the verdict unseen.
         overlap_above_null: the median pairwise overlap of the top-overlap.frac sets minus that of
             same-distribution pseudo-tasks (the pipeline's own null), bootstrap over statistics blocks.
         related_share_more: within-group minus across-group overlap, group labels permuted over tasks (only
@@ -275,21 +300,16 @@ class Study:
                                "relative accuracy, selected minus random" + (", excess over same-distribution "
                                "pseudo-tasks)" if pseudo is not None else ")"), selected["selectivity"] -
                                matched["selectivity"], beyond, pseudo, n=int(sum(selected["n_documents"].values())),
-                               seed=seed)]
+                               seed=seed),
+                  selectivity_per_task(selected, matched)]         # beside the mean: each task's own test
         overlap_ev = overlap_evidence(self.block_stats(progress=False), self.null_block_stats(progress=False),
                                       n_boot=ev["n_boot"], n_null=ev["n_null"], seed=seed,
                                       **self.pipeline(self.params["overlap"]["frac"]))
         claims.append(overlap_ev["claim"])
         related = None
         if groups and any(len([t for t in ts if t in self.task_names]) > 1 for ts in groups.values()):
-            names, matrix = overlap_ev["names"], overlap_matrix(overlap_ev["masks"])[1]
-            related = permutation_related_vs_unrelated(matrix, names, groups, ev["n_perm"], seed)
-            null = np.asarray(related["null"], dtype=np.float64)
-            excess = related["difference"] - null            # where the observed difference sits in the null
-            claims.append(Claim("related_share_more", "related tasks (the same group) share more neurons than "
-                                "unrelated ones (within-group minus across-group overlap, excess over the same "
-                                "with group labels permuted)", float(related["difference"] - np.nanmean(null)),
-                                percentile_ci(excess), 0.0, p=related["p"], n=len(names)))
+            related, claim = related_claim(overlap_ev, groups, ev["n_perm"], seed)
+            claims.append(claim)
         return {"claims": claims, "selectivity": {"selected": selected, "random": matched, "null": pseudo}, "overlap": overlap_ev,
                 "related": related}
 
@@ -448,6 +468,27 @@ class Study:
         return curve
 
 
+def cache_entries(params: dict, kinds=None):
+    """Yield (study, task, budget, n_blocks) for the block statistics that notebooks 01-05 of `params` read (each
+    section's tasks, the null domain of 01/02's claims, the random-init models of 04/05), in a fixed order, one model
+    loaded at a time. Notebook 06's checkpoints are not among them (it computes its own, at its own budgets)."""
+    notebooks = set(params["notebooks"])
+    uses = {"vit": {"01", "03", "04", "05"}, "lm": {"02", "03", "04", "05"}}
+    n_blocks = params["evidence"]["n_blocks"]
+    for kind in kinds or ("lm", "vit"):
+        if not uses[kind] & notebooks:
+            continue
+        study = Study.from_params(params, kind)
+        yield from ((study, t, study.stats_budget, n_blocks) for t in study.task_names)
+        if {"vit": "01", "lm": "02"}[kind] in notebooks:
+            n = len(study.task_names)
+            yield study, study.null_domain(), n * study.stats_budget, n * n_blocks
+        if {"04", "05"} & notebooks:        # 05 reads the first seed's model only
+            for seed in params["random_init"]["seeds"][:None if "04" in notebooks else 1]:
+                random = study.with_random_init(seed)
+                yield from ((random, t, random.stats_budget, n_blocks) for t in random.task_names)
+
+
 def training_options(params: dict, kind: str) -> dict:
     """The options load_model passes to the trainer of the model trained here (fmnist-vit: its training settings
     and the run's seed); {} for any other model."""
@@ -486,14 +527,16 @@ def random_init_claims(kind: str, trained: Study, randoms: list[Study], persiste
     claims = [Claim(f"trained_overlap_differs_from_random[{kind}]", f"{kind}: the trained model's tasks overlap "
                     f"differently from the random-init model's (median pairwise overlap, trained minus random, "
                     f"{pipeline['mode']} selection)", observed_trained - observed_random,
-                    percentile_ci(diff), 0.0, p=p, n=len(randoms) + 1, direction="two-sided")]
+                    percentile_ci(diff), 0.0, p=p, n=len(randoms) + 1, direction="two-sided",
+                    p_floor=min(1.0, 2 / (1 + ev["n_boot"])), floor_n=f"{ev['n_boot']} bootstrap resamples")]
     usable = [r for r in persistence if r]
     if usable:
         combined = combine_seeds(usable, ev["n_boot"], seed)
         claims.append(Claim(f"pattern_persists[{kind}]", f"{kind}: the trained task x task overlap pattern persists "
                             f"at random init in every seed (median Spearman rho over {combined['n']} seeds, "
                             f"largest Holm-adjusted permutation p)", combined["median_rho"], combined["ci"], 0.0,
-                            p=combined["p_combined"], n=combined["n"], correction="holm"))
+                            p=combined["p_combined"], n=combined["n"], correction="holm",
+                            p_floor=combined["p_floor"], floor_n=combined["floor_n"]))
     return claims
 
 

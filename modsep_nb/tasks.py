@@ -35,7 +35,7 @@ def data_hash(obj) -> str:
 
 
 class TextTasks:
-    """Text domains (SPEC §9). settings: the params' `lm` section."""
+    """Text domains (docs/method.md §9). settings: the params' `lm` section."""
     unit = "tokens"
 
     def __init__(self, tasks: dict[str, D.TextTask], settings: dict):
@@ -58,9 +58,16 @@ class TextTasks:
         """The task's statistics documents (the collector stops at `budget` tokens)."""
         return self.tasks[name].collect
 
+    def statistics_names(self, name: str, budget: int) -> list[str]:
+        """The name of each statistics document, as tasks.json names it (file name, fortune id, topic)."""
+        return list(self.tasks[name].collect_ids)
+
     def collect_options(self, budget: int) -> dict:
-        """Keyword arguments of collect_stats for this modality and budget."""
-        return {"max_tokens": budget, "ctx": self.settings["ctx"]}
+        """Keyword arguments of collect_stats for this modality and budget (positions: params lm.skip_positions,
+        lm.equal_positions)."""
+        p = self.settings
+        return {"max_tokens": budget, "ctx": p["ctx"], "skip_positions": tuple(p.get("skip_positions", ())),
+                "equal_positions": p.get("equal_positions", False)}
 
     def sample_budget(self, n_tokens: int) -> int:
         """Budget that yields about n_tokens activation rows (one row per token)."""
@@ -73,11 +80,12 @@ class TextTasks:
                             batch_size=p["batch_size"], skip_top=p["skip_top"], task=t)["top1"]
                 for t in (names or self.names)}
 
-    def document_hits(self, handle, names=None, *, scale: int = 1) -> dict[str, dict]:
+    def document_hits(self, handle, names=None, *, scale: int = 1, budget: int | None = None) -> dict[str, dict]:
         """Per task {"n", "top1"}: counted targets and top-1 hits of each evaluation document read (`scale` ×
-        the evaluation budget: the pseudo-task null reads one domain for all tasks)."""
+        the evaluation budget: the pseudo-task null reads one domain for all tasks; or `budget` tokens)."""
         p = self.settings
-        return {t: evaluate(handle, self.tasks[t].evaluate, max_tokens=scale * p["eval_tokens"], ctx=p["ctx"],
+        tokens = budget or scale * p["eval_tokens"]
+        return {t: evaluate(handle, self.tasks[t].evaluate, max_tokens=tokens, ctx=p["ctx"],
                             batch_size=p["batch_size"], skip_top=p["skip_top"], per_document=True, task=t)["documents"]
                 for t in (names or self.names)}
 
@@ -142,6 +150,10 @@ class ImageTasks:
         """Up to `budget` train images of the task's classes."""
         return self.train.subset(self.tasks[name], max_images=budget)
 
+    def statistics_names(self, name: str, budget: int) -> list[str]:
+        """The name of each statistics image, as tasks.json names it ("train:i" or the dataset's id)."""
+        return [self._id(self.train, "train", i) for i in self._indices(self.train, self.tasks[name])[:budget]]
+
     def collect_options(self, budget: int) -> dict:
         return {"cls_only": self.settings["cls_only"]}
 
@@ -162,9 +174,10 @@ class ImageTasks:
             out[t] = sum(per_class[c] * counts[c] for c in classes if counts[c]) / n
         return out
 
-    def document_hits(self, handle, names=None, *, scale: int = 1) -> dict[str, dict]:
+    def document_hits(self, handle, names=None, *, scale: int = 1, budget: int | None = None) -> dict[str, dict]:
         """Per task {"n", "top1"}: 1 and the top-1 hit of each test image of its classes, from one pass over the
-        test images of the tasks asked for only (every test image of a task is read, whatever `scale`)."""
+        test images of the tasks asked for only (every test image of a task is read, whatever `scale`; with a
+        `budget`, the hits of its first `budget` images are returned)."""
         names = list(names or self.names)
         wanted = {c for t in names for c in self.tasks[t]}
         classes = [c for c in self.test.class_names if c in wanted]
@@ -175,7 +188,7 @@ class ImageTasks:
         for t in names:
             ids = [self.test.class_names.index(c) for c in self.tasks[t]]
             keep = np.isin(docs["labels"], ids)
-            out[t] = {"n": docs["n"][keep], "top1": docs["top1"][keep]}
+            out[t] = {"n": docs["n"][keep][:budget], "top1": docs["top1"][keep][:budget]}
         return out
 
     def evaluators(self, handle):

@@ -78,6 +78,14 @@ def _hf_lm_configs():
         "BertModel": lambda: transformers.BertConfig(**base, max_position_embeddings=64),
         "RobertaForMaskedLM": lambda: transformers.RobertaConfig(**base, max_position_embeddings=70),
         "RobertaModel": lambda: transformers.RobertaConfig(**base, max_position_embeddings=70),
+        "Gemma3ForCausalLM": lambda: transformers.Gemma3TextConfig(**base, num_key_value_heads=1, head_dim=8),
+        "Qwen3ForCausalLM": lambda: transformers.Qwen3Config(**base, num_key_value_heads=1, head_dim=8),
+        "Olmo2ForCausalLM": lambda: transformers.Olmo2Config(**base, num_key_value_heads=1),
+        "Phi3ForCausalLM": lambda: transformers.Phi3Config(**base, num_key_value_heads=1),
+        # Flan-T5's gated MLP (wi_0, wi_1); T5 v1.0's plain one is tested in test_models.py
+        "T5EncoderModel": lambda: transformers.T5Config(
+            vocab_size=VOCAB_SIZE, d_model=16, d_ff=24, d_kv=8, num_layers=2, num_heads=2,
+            feed_forward_proj="gated-gelu", pad_token_id=PAD_ID, eos_token_id=VOCAB["[EOS]"]),
     }
 
 

@@ -1,4 +1,4 @@
-"""SPEC §11 is a contract: notebooks, users and outside checks call these names with these meanings."""
+"""docs/method.md §11 is a contract: notebooks, users and outside checks call these names with these meanings."""
 import inspect
 
 import torch

@@ -1,4 +1,4 @@
-"""Layerwise correspondence (SPEC §8): concentration curve and AUC, hypergeometric enrichment with
+"""Layerwise correspondence (docs/method.md §8): concentration curve and AUC, hypergeometric enrichment with
 Benjamini-Hochberg, random-split nulls. Checked against hand computations, scipy and plain loops."""
 import math
 
@@ -196,27 +196,57 @@ def test_expert_counts_shape_check():
         expert_counts(mask(12, [0]), blocks(24, 4))
 
 
-def test_correspondence_claims_use_tasks_as_units():
+def test_correspondence_claims_use_their_units():
     from types import SimpleNamespace
 
     from modsep_nb.correspondence import correspondence_claims
     rng = np.random.default_rng(0)
-    n_layers, tasks = 9, [f"t{i}" for i in range(6)]
+    n_layers, tasks = 12, [f"t{i}" for i in range(6)]
 
-    def z_curve(ends, middle):
+    def z_curve(early, middle, late):
         z = np.full(n_layers, middle) + rng.normal(0, 0.01, n_layers)
-        z[:3] += ends - middle
-        z[6:] += ends - middle
+        z[:4] += early - middle
+        z[8:] += late - middle
         return SimpleNamespace(z=torch.tensor(z))
-    by_frac = {f: {t: z_curve(4.0 + i, 1.0) for i, t in enumerate(tasks)} for f in (0.05, 0.1)}
+    by_frac = {f: {t: z_curve(4.0 + i, 1.0, 4.0 + i) for i, t in enumerate(tasks)} for f in (0.05, 0.1)}
     control = {f: SimpleNamespace(z=torch.full((n_layers,), 0.5, dtype=torch.float64)) for f in (0.05, 0.1)}
     above, ends = correspondence_claims("lm", by_frac, control, n_boot=200, seed=0)
     assert above.id == "correspondence_above_control[lm]" and ends.id == "ends_stronger_than_middle[lm]"
     task_z = [np.mean([by_frac[f][t].z.mean().item() for f in by_frac]) for t in tasks]
     assert above.estimate == pytest.approx(np.mean(task_z) - 0.5)
-    assert ends.estimate == pytest.approx(np.mean([3.0 + i for i in range(6)]), abs=0.02)
-    assert above.n == ends.n == 6                      # tasks are the unit
-    assert above.supported and ends.supported and ends.p == pytest.approx(1 / 64)   # exact sign-flip over 2^6
-    flat = {f: {t: z_curve(1.0, 1.0) for t in tasks} for f in (0.05, 0.1)}
-    _, no_ends = correspondence_claims("lm", flat, control, n_boot=200, seed=0)
-    assert not no_ends.supported
+    assert above.n == 6 and above.p == pytest.approx(1 / 64) and above.p_floor == 1 / 64   # exact sign-flip, tasks
+    # layers are the unit of `ends`: the 12 layers' z averaged over tasks, 4 early / 4 middle / 4 late
+    assert ends.n == 12 and ends.estimate == pytest.approx(np.mean([3.0 + i for i in range(6)]), abs=0.02)
+    assert ends.p == pytest.approx(1 / 70) and ends.p_floor == pytest.approx(1 / 70)       # C(8, 4) = 70
+    assert above.supported and ends.supported
+    flat = {f: {t: z_curve(1.0, 1.0, 1.0) for t in tasks} for f in (0.05, 0.1)}
+    assert not correspondence_claims("lm", flat, control, n_boot=200, seed=0)[1].supported
+
+
+def test_ends_needs_both_ends_with_layers_as_units():
+    """Issue #26 item 1: early > middle but late = middle, in every task (tasks as units this was supported:
+    every task's ends-minus-middle is positive), is not `ends`; with 6 layers no test can reach 0.05."""
+    from modsep_nb.claims import correct
+    from modsep_nb.correspondence import ends_claim
+    early_only = np.r_[[4.0] * 4, [1.0] * 4, [1.05, 0.95, 1.0, 1.0]]
+    claim = ends_claim("vit", early_only, n_boot=200, n_perm=1000, seed=0)
+    assert claim.estimate == pytest.approx(0.0) and not claim.supported
+    assert "early − middle +3.00, p 0.014; late − middle +0.00" in claim.statement
+    assert claim.p > 0.2                                 # the late test: (0, 0, 0.05, -0.05) vs four 1s ...
+    vit = [4.05, 3.93, 2.13, 2.26, 1.76, 2.41]           # the default run's ViT per-layer z
+    claim = correct([ends_claim("vit", vit, n_boot=200, n_perm=1000, seed=0)], family="05")[0]
+    assert claim.p_floor == pytest.approx(1 / 6) and not claim.supported      # 2 vs 2 layers: C(4, 2) = 6
+    assert claim.verdict == "cannot be tested with 6 layers (smallest possible p 0.167)"
+    assert claim.estimate == pytest.approx(min(4.05 + 3.93, 1.76 + 2.41) / 2 - (2.13 + 2.26) / 2)
+
+
+def test_layer_permutation_test_by_hand():
+    from modsep_nb.correspondence import layer_permutation_test
+    # {3, 4} vs {1, 2}: of the C(4, 2) = 6 splits only the observed one reaches a difference of 2
+    out = layer_permutation_test([3, 4], [1, 2], n_perm=100, seed=0)
+    assert out["estimate"] == 2.0 and out["p"] == pytest.approx(1 / 6) and out["p_floor"] == pytest.approx(1 / 6)
+    # {1, 3} vs {2, 4}: difference -1; the splits give -2, -1, 0, 0, 1, 2, so 5 of 6 reach -1
+    assert layer_permutation_test([1, 3], [2, 4], n_perm=100, seed=0)["p"] == pytest.approx(5 / 6)
+    # too many relabellings to enumerate (C(40, 20)): random ones, p >= 1 / (1 + n_perm)
+    big = layer_permutation_test(np.arange(20) + 100.0, np.arange(20.0), n_perm=500, seed=0)
+    assert big["p"] == pytest.approx(1 / 501) and big["p_floor"] == pytest.approx(1 / 501)

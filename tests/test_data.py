@@ -1,4 +1,4 @@
-"""Task data (SPEC §4, §9): disjoint seeded text splits, the embedded domains, LM batching, Fashion-MNIST,
+"""Task data (docs/method.md §4, §9): disjoint seeded text splits, the embedded domains, LM batching, Fashion-MNIST,
 image task groups, clear errors for missing data, and the project's Fashion-MNIST ViT (trained, cached,
 deterministic)."""
 from __future__ import annotations
@@ -7,6 +7,7 @@ import collections
 import functools
 import gzip
 import sysconfig
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -363,6 +364,37 @@ def test_lm_batches_windows_padding_and_mask(tokenizer):
     assert _rows(lm_batches(tokenizer, texts, ctx=5, batch_size=3, doc_tokens=10**6)) == windows_of(texts, 5)
     assert all(len(b[0]) <= 3 for b in batches)
     assert all(b[0].shape[1] <= 5 for b in batches)
+
+
+def test_position_weights_leave_out_skipped_positions_and_weigh_the_others_alike():
+    lengths = [2, 4, 4, 1]                   # windows reaching positions 0..3: 4, 3, 2, 2
+    assert data.position_weights(lengths, 5).tolist() == [1, 1, 1, 1, 0]          # position 4: no window
+    assert data.position_weights(lengths, 5, skip_positions=(0,)).tolist() == [0, 1, 1, 1, 0]
+    # 7 counted tokens at positions 1..3 (3 + 2 + 2): each position gets 7 / 3 in all, shared by its windows
+    # no window reaches position 4: weighing the others alike cannot make up for it, and a warning says so
+    with pytest.warns(RuntimeWarning, match="longer than 4 tokens.*set lm.ctx"):
+        w = data.position_weights(lengths, 5, skip_positions=(0,), equal_positions=True)
+    assert w.tolist() == pytest.approx([0, 7 / 9, 7 / 6, 7 / 6, 0])
+    reach = torch.tensor([4, 3, 2, 2, 0])
+    assert float((w * reach).sum()) == pytest.approx(7)                           # the counted tokens
+    assert (w * reach)[1:4].tolist() == pytest.approx([7 / 3] * 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                  # every position reached: nothing to warn about
+        assert data.position_weights(lengths, 4, skip_positions=(0,), equal_positions=True).tolist() == \
+            pytest.approx([0, 7 / 9, 7 / 6, 7 / 6])
+
+
+def test_lm_batches_weights_cover_the_real_tokens_only(tokenizer):
+    texts = random_texts(9, seed=1, max_len=13)
+    plain = list(lm_batches(tokenizer, texts, ctx=5, batch_size=3, with_documents=True))
+    weighted = list(lm_batches(tokenizer, texts, ctx=5, batch_size=3, with_documents=True, with_weights=True,
+                               skip_positions=(0,), equal_positions=True))
+    lengths = [len(r) for r in windows_in_rounds(texts, 5)]
+    expected = data.position_weights(lengths, 5, skip_positions=(0,), equal_positions=True)
+    for (ids, mask, docs), (ids2, mask2, docs2, w) in zip(plain, weighted, strict=True):
+        assert torch.equal(ids, ids2) and torch.equal(mask, mask2) and torch.equal(docs, docs2)
+        assert torch.equal(w, mask * expected[:ids.shape[1]])       # 0 at padding and at position 0
+        assert (w[:, 0] == 0).all() and (w[mask.bool()][w[mask.bool()] == 0].numel() == mask.shape[0])
 
 
 @pytest.mark.parametrize("max_tokens", [1, 7, 23, 40])

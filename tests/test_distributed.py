@@ -29,3 +29,34 @@ def test_two_process_gloo_equals_single_process(tmp_path, llama_dir):
     assert torch.equal(parallel.count, single.count) and int(single.count[0]) == 700
     for name in MEANS:
         torch.testing.assert_close(getattr(parallel, name), getattr(single, name), rtol=1e-6, atol=1e-7)
+
+
+def test_blocks_and_cross_task_matrix_split_over_two_gloo_ranks_equal_one_process(tmp_path, llama_dir):
+    """Under torchrun each rank computes every 2nd block and every 2nd row of the cross-task matrix; what every rank
+    returns is the one process's result, bit for bit (the same script run without torchrun)."""
+    import numpy as np
+    script = Path(__file__).parent / "scripts" / "distributed_shards.py"
+    (tmp_path / "docs.txt").write_text("\n\f\n".join(random_texts(60, seed=2, max_len=40)))
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    args = [str(script), str(llama_dir), str(tmp_path / "docs.txt")]
+    for cmd in ([torchrun, "--standalone", "--nproc_per_node", "2", *args, str(tmp_path / "two.pt")],
+                [sys.executable, *args, str(tmp_path / "one.pt")]):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("two", "one"))
+    assert two["blocks"].n_blocks == 5 and two["blocks"].meta == one["blocks"].meta
+    for name in ("count", "sums", "n_documents"):
+        assert torch.equal(getattr(two["blocks"], name), getattr(one["blocks"], name)), name
+    a, b = two["fixed"], one["fixed"]
+    assert a.tasks == b.tasks and a.fracs == b.fracs and a.converged == b.converged and a.base == b.base
+    assert np.array_equal(list(a.reached.values()), list(b.reached.values()), equal_nan=True)
+    assert np.array_equal(a.matrix, b.matrix, equal_nan=True) and np.array_equal(a.pruned, b.pruned)
+    assert a.pruned.sum() > 0           # the tiny model gets some targets right: rows of real numbers, not zeros
+    assert np.array_equal(two["fixed"].random_pruned, one["fixed"].random_pruned)
+    docs_two, docs_one = two["fixed"].documents, one["fixed"].documents
+    for a in "abc":
+        for b in "abc":
+            assert np.array_equal(docs_two["pruned"][a][b]["top1"], docs_one["pruned"][a][b]["top1"])
+            assert all(np.array_equal(r2[a][b]["top1"], r1[a][b]["top1"])
+                       for r2, r1 in zip(docs_two["random"], docs_one["random"]))
+    assert list(two["fixed"].fracs) == ["a", "b", "c"]          # gathered back into the tasks' order

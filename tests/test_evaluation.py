@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §4): LM and image metrics equal a direct computation from logits; perplexity is
+"""Evaluation (docs/method.md §4): LM and image metrics equal a direct computation from logits; perplexity is
 exp(mean cross-entropy); skip_top; the cross-task matrix with fixed fractions and with bisection."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Evidence (SPEC §5): statistics per block of documents that merge back to collect_stats and resample without a
+"""Evidence (docs/method.md §5.3): statistics per block of documents that merge back to collect_stats and resample without a
 forward pass; per-document evaluation; the claims record and its one rule; Holm; bootstrap intervals, the
 pseudo-task null and the tests of comparisons against values worked out by hand; and the ground truth: a model
 with planted task-dedicated (and pair-shared) neurons supports `selectivity` and `overlap_above_null`, tasks
@@ -21,7 +21,9 @@ from modsep_nb.claims import Claim, benjamini_hochberg, claims_table, claims_to_
 from modsep_nb.evaluation import selectivity
 from modsep_nb.evidence import (_seeds, combine_seeds, cross_task_bootstrap, excess_claim, layer_matched_chance,
                                 overlap_evidence, paired_difference_ci, permutation_related_vs_unrelated,
-                                pseudo_task_null, pseudo_tasks, ratio_of_sums, selectivity_claim)
+                                pseudo_task_null, pseudo_tasks, ratio_of_sums, selectivity_claim,
+                                selectivity_per_task)
+from modsep_nb.overlaps import overlap_matrix
 from modsep_nb.params import ParamsError, load_params
 from modsep_nb.statistics import (MEANS, BlockStats, block_of_documents, bootstrap_stats, bootstrap_weights,
                                   collect_block_stats)
@@ -168,13 +170,66 @@ def test_holm_by_hand():
 def test_correct_adjusts_a_family():
     claims = [Claim("a", "s", 1, (0.5, 1.5), 0, p=0.02), Claim("b", "s", 1, (0.5, 1.5), 0),
               Claim("c", "s", 1, (0.5, 1.5), 0, p=0.03)]
-    out = correct(claims, "holm")
-    assert [c.p for c in out] == [pytest.approx(0.04), None, pytest.approx(0.04)]
-    assert out[0].correction == "holm" and out[1].correction is None
+    out = correct(claims, "holm", family="01_vit_pruning")
+    assert [c.p_adjusted for c in out] == [pytest.approx(0.04), None, pytest.approx(0.04)]
+    assert [c.p for c in out] == [0.02, None, 0.03]                 # the raw p is kept beside the adjusted one
+    assert out[0].family == "01_vit_pruning" and out[0].family_size == 2 and out[1].family is None
     assert [c.supported for c in out] == [True, True, True]
     assert [c.supported for c in correct([Claim("a", "s", 1, (0.5, 1.5), 0, p=0.03)] * 2, "holm")] == [False, False]
     with pytest.raises(ValueError, match="holm"):
         correct(claims, "bonferroni")
+
+
+def test_holm_within_a_family_by_hand_and_a_verdict_it_flips():
+    # p 0.01, 0.04, 0.03: sorted 0.01 -> 3 x 0.01 = 0.03; 0.03 -> 2 x 0.03 = 0.06; 0.04 -> max(1 x 0.04, 0.06)
+    claims = [Claim(k, "s", 1, (0.5, 1.5), 0, p=p) for k, p in (("a", 0.01), ("b", 0.04), ("c", 0.03))]
+    assert all(c.supported for c in claims)                        # raw p < 0.05 each
+    out = correct(claims, "holm", family="nb")
+    assert [c.p_adjusted for c in out] == pytest.approx([0.03, 0.06, 0.06])
+    assert [c.supported for c in out] == [True, False, False]      # raw p 0.04 and 0.03 < 0.05, adjusted 0.06
+    assert [c.verdict for c in out] == ["supported", "not supported", "not supported"]
+    records = claims_to_json(out)
+    assert [(r["p"], r["p_adjusted"], r["family"], r["family_size"]) for r in records] == \
+        [(0.01, pytest.approx(0.03), "nb", 3), (0.04, pytest.approx(0.06), "nb", 3), (0.03, pytest.approx(0.06), "nb", 3)]
+    table = claims_table(out).splitlines()
+    assert table[0] == "| claim | estimate | 95% interval | null | p | adjusted p | verdict |"
+    assert table[3] == "| s (`b`) | 1 | [0.5, 1.5] | 0 | 0.04 | 0.06 (of 3) | not supported |"
+
+
+def test_a_claim_that_cannot_reach_significance_says_so():
+    # 20 null values: p >= 1/21 = 0.048 alone, but Holm over 3 such claims can give no less than 3/21 = 0.14
+    floor = dict(p_floor=1 / 21, floor_n="20 null values")
+    claims = [Claim(k, "s", 1, (0.5, 1.5), 0, p=1 / 21, **floor) for k in "abc"]
+    out = correct(claims, "holm", family="nb")
+    assert all(c.p_reachable == pytest.approx(3 / 21) and not c.supported for c in out)
+    assert out[0].verdict.startswith("cannot reach p < 0.05 with n = 20 null values in a family of 3 claims")
+    alone = correct(claims[:1], "holm", family="nb")[0]
+    assert alone.supported and alone.verdict == "supported"        # 1/21 < 0.05 when it is the only test
+    # a test whose own floor is >= 0.05 (2 + 2 layers: 1/6) is no test: left out of the family, verdict says why
+    layers = Claim("ends", "s", 1, (0.5, 1.5), 0, p=1 / 6, p_floor=1 / 6, floor_n="6 layers")
+    out = correct([layers, Claim("x", "s", 1, (0.5, 1.5), 0, p=0.04, p_floor=0.001, floor_n="999 permutations")],
+                  "holm", family="nb")
+    assert out[0].verdict == "cannot be tested with 6 layers (smallest possible p 0.167)" and not out[0].supported
+    assert out[1].family_size == 1 and out[1].p_adjusted == pytest.approx(0.04) and out[1].supported
+    assert "cannot be tested with 6 layers" in claims_table(out)
+
+
+def test_report_adjusts_its_notebooks_claims_in_one_place(tmp_path, capsys):
+    from modsep_nb.report import Report
+    report = Report("05_layerwise_correspondence", None, tmp_path, {"device": "cpu"})
+    report.claim(Claim("a", "s", 1, (0.5, 1.5), 0, p=0.01), Claim("b", "s", 1, (0.5, 1.5), 0, p=0.04))
+    report.claim(Claim("c", "s", 1, (0.5, 1.5), 0, p=0.03))         # recorded later, still in the family
+    assert [c.p_adjusted for c in report.claims] == pytest.approx([0.03, 0.06, 0.06])
+    assert [c.supported for c in report.adjusted(report.claims[1:2])] == [False]
+    report.print_claims()
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 3 and "p 0.04 (adjusted 0.06 of 3)  not supported" in printed[1]
+    saved = json.loads(report.save({}).read_text())
+    assert [(c["p"], c["p_adjusted"], c["supported"]) for c in saved["claims"]] == \
+        [(0.01, pytest.approx(0.03), True), (0.04, pytest.approx(0.06), False), (0.03, pytest.approx(0.06), False)]
+    report.findings("05", "text")
+    findings = (tmp_path / "findings" / "05_layerwise_correspondence.md").read_text()
+    assert "| 0.04 | 0.06 (of 3) | not supported |" in findings
 
 
 def test_claims_table_and_json():
@@ -182,10 +237,10 @@ def test_claims_table_and_json():
                     correction="holm"),
               Claim("overlap_above_null", "tasks share neurons", float("nan"), (float("nan"), 0.1), 0.0)]
     table = claims_table(claims).splitlines()
-    assert table[0] == "| claim | estimate | 95% interval | null | p | verdict |"
+    assert table[0] == "| claim | estimate | 95% interval | null | p | adjusted p | verdict |"
     assert table[2] == ("| pruning hurts its own task most (`selectivity`) | 0.25 | [0.1, 0.4] | 0 | 0.004 (holm) "
-                        "| supported |")
-    assert table[3].endswith("| n/a | [n/a, 0.1] | 0 | – | not supported (undefined) |")
+                        "| – | supported |")
+    assert table[3].endswith("| n/a | [n/a, 0.1] | 0 | – | – | not supported (undefined) |")
     records = json.loads(json.dumps(claims_to_json(claims)))
     assert set(records[0]) >= {"id", "statement", "estimate", "ci", "null", "p", "n", "supported"}
     assert records[0]["supported"] is True and records[1]["estimate"] is None and records[1]["p"] is None
@@ -225,6 +280,39 @@ def test_cross_task_bootstrap_by_hand():
     np.testing.assert_allclose(out["selectivity_samples"], selectivity(out["samples"]))
     same = cross_task_bootstrap(base, {a: dict(base) for a in tasks}, 40, seed=3)
     assert same["selectivity"] == 0 and same["selectivity_ci"] == (0.0, 0.0)
+
+
+def test_selectivity_per_task_when_one_task_carries_the_mean():
+    # issue #26 item 2: pruning task 0's neurons costs it 90% of its hits and spares the rest; every other task's
+    # neurons (and every random set) cost nothing. The mean over tasks is selective; the typical task is not.
+    rng = np.random.default_rng(1)
+    tasks = [f"t{i}" for i in range(5)]
+    base = {t: rng.integers(5, 11, size=30) for t in tasks}
+    untouched = {a: dict(base) for a in tasks}
+    carried = {a: dict(base) for a in tasks}
+    carried["t0"]["t0"] = base["t0"] // 10
+    selected, random = cross_task_bootstrap(base, carried, 200, 4), cross_task_bootstrap(base, untouched, 200, 4)
+    mean = excess_claim("selectivity", "s", selected["selectivity"] - random["selectivity"],
+                        selected["selectivity_samples"] - random["selectivity_samples"])
+    claim = selectivity_per_task(selected, random)
+    own = (base["t0"] // 10).sum() / base["t0"].sum()
+    expected = {t: 0.0 for t in tasks} | {"t0": 1 - own}                  # others' (1) minus own, random: 0
+    assert {t: r["estimate"] for t, r in claim.per_task.items()} == pytest.approx(expected)
+    assert np.mean(list(expected.values())) == pytest.approx(mean.estimate)     # the mean claim's estimate
+    assert mean.supported and not claim.supported and claim.estimate == 0.0
+    # t0: no resample at or below 0, p = 1/201, Holm over 5 tasks 5/201; the others sit at 0 in every resample
+    t0 = claim.per_task["t0"]
+    assert t0["p"] == pytest.approx(1 / 201) and t0["p_holm"] == pytest.approx(5 / 201)
+    assert [r["selective"] for r in claim.per_task.values()] == [True, False, False, False, False]
+    assert all(claim.per_task[t]["p"] == 1.0 for t in tasks[1:])
+    assert "1 of 5 tasks selective" in claim.statement and claim.n == 5
+    json_record = claims_to_json([claim])[0]
+    assert json_record["per_task"]["t0"]["selective"] is True          # in the claims record
+    # every task hurt by its own neurons only: the median task is selective, and so is each one
+    everywhere = {a: dict(base) | {a: base[a] // 10} for a in tasks}
+    typical = selectivity_per_task(cross_task_bootstrap(base, everywhere, 200, 4), random)
+    assert typical.supported and all(r["selective"] for r in typical.per_task.values())
+    assert "5 of 5 tasks selective" in typical.statement
 
 
 def test_cross_task_bootstrap_resample_without_unpruned_hits_is_undefined_not_infinite():
@@ -286,6 +374,20 @@ def test_excess_claim_by_hand():
     claim = excess_claim("x", "s", 0.4, boot, None)
     assert claim.null == 0 and claim.p == pytest.approx((1 + np.sum(boot <= 0)) / 202)
     assert claim.ci == pytest.approx((-0.075, 0.875))
+    assert claim.p_floor == pytest.approx(1 / 202) and claim.floor_n == "201 bootstrap resamples"
+
+
+def test_excess_claim_keeps_the_estimates_interval_and_the_null_band_apart():
+    # issue #26 item 5: the statistic's own bootstrap interval and the null's band, each by hand
+    boot = np.linspace(0.30, 0.50, 201)               # percentiles 2.5 / 97.5: 0.305, 0.495
+    null = np.linspace(0.0, 0.2, 41)                  # 0.005, 0.195
+    claim = excess_claim("overlap_above_null", "s", 0.4, boot, null, n=6)
+    assert claim.observed == 0.4 and claim.observed_ci == pytest.approx((0.305, 0.495))
+    assert claim.null_band == pytest.approx((0.005, 0.195))
+    assert claim.p_floor == pytest.approx(1 / 42) and claim.floor_n == "41 null values"
+    record = claims_to_json([claim])[0]
+    assert record["observed_ci"] == pytest.approx([0.305, 0.495]) and record["null_band"] == pytest.approx([0.005, 0.195])
+    assert "statistic 0.4 [0.305, 0.495], null 95% band [0.005, 0.195]" in claims_table([claim])
 
 
 # -- tests of comparisons --------------------------------------------------------------------------------------------
@@ -315,6 +417,37 @@ def test_permutation_p_matches_the_exact_share_of_relabellings():
     assert out["p"] < 0.01
     again = permutation_related_vs_unrelated(matrix, names, groups, n_perm=4000, seed=0)
     assert again["p"] == out["p"] and np.array_equal(again["null"], out["null"])
+    # the floor: 1/(1 + n_perm), or 1/(distinct groupings) where fewer: 1680 / 3! = 280 for three equal groups
+    assert out["p_floor"] == pytest.approx(1 / 280) and out["floor_n"] == "9 grouped tasks (280 distinct groupings)"
+    assert permutation_related_vs_unrelated(matrix, names, groups, n_perm=100, seed=0)["p_floor"] == pytest.approx(1 / 101)
+    halves = {"g1": list("abcd"), "g2": list("efgh")}
+    two = permutation_related_vs_unrelated(*_grouped_matrix(halves), halves, n_perm=1000, seed=0)
+    assert two["p_floor"] == pytest.approx(1 / 35) and two["floor_n"] == "8 grouped tasks (35 distinct groupings)"
+
+
+def test_related_claim_interval_is_the_differences_own_bootstrap():
+    # issue #26 item 5: a bootstrap of the within - across difference (here 4 resampled matrices by hand),
+    # shifted by the permutation null's mean, and the null's band reported apart
+    from modsep_nb.evidence import related_claim
+    groups = {"g1": list("abc"), "g2": list("def")}
+    matrix, names = _grouped_matrix(groups)
+    masks = {t: torch.zeros(1, 8, dtype=torch.bool) for t in names}
+    for k, t in enumerate(names):                     # a neuron of its own, and one its group shares
+        masks[t][0, [k, 6 + (k >= 3)]] = True
+    observed = overlap_matrix(masks)[1]               # 0.5 within a group, 0 across
+    scaled = [observed * a + (1 - a) * np.eye(6) for a in (0.5, 0.8, 1.0, 1.0)]
+    evidence = {"names": names, "masks": masks, "boot": {"matrices": np.stack(scaled)}}
+    related, claim = related_claim(evidence, groups, n_perm=500, seed=0)
+    within = [(i, j) for i in range(6) for j in range(i + 1, 6) if (i < 3) == (j < 3)]
+    diff = lambda m: np.mean([m[i, j] for i, j in within]) - m[:3, 3:].mean()      # noqa: E731
+    boot = np.array([diff(m) for m in scaled])
+    assert related["boot"] == pytest.approx(boot) and claim.observed == pytest.approx(diff(observed))
+    assert claim.observed_ci == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5])))
+    shift = related["null"].mean()
+    assert claim.estimate == pytest.approx(diff(observed) - shift)
+    assert claim.ci == pytest.approx(tuple(np.percentile(boot, [2.5, 97.5]) - shift))
+    assert claim.null_band == pytest.approx(tuple(np.percentile(related["null"], [2.5, 97.5])))
+    assert claim.p == related["p"] and claim.p_floor == pytest.approx(1 / 10)        # 20 / 2 groupings
 
 
 def test_permutation_of_unstructured_tasks_is_not_significant():
@@ -530,7 +663,7 @@ def test_study_block_stats_null_domain_and_document_hits(tmp_path, llama_dir):
     assert torch.equal(again["law"].sums, blocks["law"].sums)
     null = study.null_block_stats(progress=False)
     largest = max(study.task_names, key=lambda t: len(study.tasks[t].collect))     # the most documents
-    assert null.meta["task"] == largest and null.meta["tokens"] == 3 * 200
+    assert null.meta["task"] == largest and null.meta["max_tokens"] == 3 * 200      # all tasks' budget
     hits = study.document_hits()
     accuracy = study.evaluate_tasks()
     for t in study.task_names:
@@ -561,3 +694,18 @@ def test_null_sizes_fit_the_null_domain():
     assert sum(scaled) <= 118 and all(s >= 1 for s in scaled) and scaled[2] < scaled[0] < scaled[3]
     with pytest.raises(ValueError, match="larger domain"):
         null_sizes([1, 1, 1], 2)
+
+
+def test_default_budgets_let_every_claim_reach_significance_after_holm():
+    """Issue #26 item 4: each test's p floor times its notebook's family size is below 0.05 at the defaults."""
+    from modsep_nb.params import DEFAULTS
+    ev, ri = DEFAULTS["evidence"], DEFAULTS["random_init"]
+    floors = {  # notebook: [(family size, floor of its coarsest test)]
+        "01": [(3, 1 / (1 + ev["n_null_ablation"])), (3, 1 / (1 + ev["n_null"])), (3, 1 / (1 + ev["n_perm"]))],
+        "02": [(4, 1 / (1 + ev["n_boot"])), (4, 1 / (1 + ev["n_null"]))],       # 3 claims, room for a 4th
+        "03": [(4, 1 / (1 + ev["n_boot"]))],                                       # 2 methods x 2 models
+        "04": [(4, 2 / (1 + ev["n_boot"])), (4, len(ri["seeds"]) / (1 + ri["n_perm"]))],   # two-sided; Holm of seeds
+    }
+    for notebook, tests in floors.items():
+        for m, floor in tests:
+            assert m * floor < 0.05, (notebook, m, floor)

@@ -1,4 +1,4 @@
-"""Model adapters (SPEC §1, §6, §9, §11): every architecture in ARCHITECTURES, loaded from a tiny random
+"""Model adapters (docs/method.md §1, §6, §9, §11): every architecture in ARCHITECTURES, loaded from a tiny random
 model saved locally; clear errors for unknown architectures and unreachable hub ids; seeded random-init
 controls; and the embedded LM."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (HF_LM_CLASSES, TIMM_CLASSES, save_hf_lm, save_hf_vit, save_timm)
+from conftest import (HF_LM_CLASSES, TIMM_CLASSES, perturb_, save_hf_lm, save_hf_vit, save_timm)
 from modsep_nb import ARCHITECTURES, load_model
 from modsep_nb.models import ModelNotAvailableError, UnknownArchitectureError, _get
 
@@ -21,6 +21,11 @@ MLP_PARTS = {
     "MistralForCausalLM": ("mlp.act_fn", "mlp.gate_proj"), "LlamaForCausalLM": ("mlp.act_fn", "mlp.gate_proj"),
     "Qwen2ForCausalLM": ("mlp.act_fn", "mlp.gate_proj"), "GemmaForCausalLM": ("mlp.act_fn", "mlp.gate_proj"),
     "Gemma2ForCausalLM": ("mlp.act_fn", "mlp.gate_proj"), "GPT2LMHeadModel": ("mlp.act", None), "GPTNeoXForCausalLM": ("mlp.act", None),
+    "Gemma3ForCausalLM": ("mlp.act_fn", "mlp.gate_proj"), "Qwen3ForCausalLM": ("mlp.act_fn", "mlp.gate_proj"),
+    "Olmo2ForCausalLM": ("mlp.act_fn", "mlp.gate_proj"),
+    # Phi-3 fuses [gate; up] in one Linear of 2 x 24 rows: the gate is its first 24 rows
+    "Phi3ForCausalLM": ("mlp.activation_fn", ("mlp.gate_up_proj", slice(0, 24))),
+    "T5EncoderModel": ("layer.1.DenseReluDense.act", "layer.1.DenseReluDense.wi_0"),
     "BertForMaskedLM": ("intermediate.intermediate_act_fn", None), "BertModel": ("intermediate.intermediate_act_fn",
                                                                                   None),
     "RobertaForMaskedLM": ("intermediate.intermediate_act_fn", None),
@@ -66,8 +71,28 @@ def test_adapter_shapes_and_neuron_location(class_name, tmp_path):
     if handle.kind == "lm":
         assert handle.tokenizer is not None and handle.tokenizer.pad_token_id is not None
 
+    _assert_hooked_vector_is_the_mlp_hidden_vector(handle, class_name, *MLP_PARTS[class_name])
+
+
+def test_t5_v1_0_plain_mlp(tmp_path):
+    """T5 v1.0's ungated MLP (wi, ReLU, wo) behind the same ARCHITECTURES entry as Flan-T5's gated one."""
+    import transformers
+    config = transformers.T5Config(vocab_size=64, d_model=16, d_ff=24, d_kv=8, num_layers=2, num_heads=2,
+                                   feed_forward_proj="relu", pad_token_id=0, eos_token_id=3)
+    model = transformers.T5EncoderModel(config)
+    assert not hasattr(model.encoder.block[0].layer[1].DenseReluDense, "wi_0")      # the plain variant
+    save_hf_lm(tmp_path, "T5EncoderModel")       # for its tokenizer; the model is replaced below
+    perturb_(model, 1).save_pretrained(tmp_path)
+    handle = load_model(tmp_path)
+    assert handle.d_mlp == 24 and torch.equal(handle.w_in(0), model.encoder.block[0].layer[1].DenseReluDense.wi.weight)
+    _assert_hooked_vector_is_the_mlp_hidden_vector(handle, "T5EncoderModel", "layer.1.DenseReluDense.act", None)
+
+
+def _assert_hooked_vector_is_the_mlp_hidden_vector(handle, class_name, act_path, gate_path):
+    """The neuron vector captured by the handle equals act(W_in x + b), or act(W_gate x) * (W_in x) for gated
+    MLPs, computed by hand from the model's own weights and the input x of its W_in projection. gate_path:
+    a module path, or (path, row slice) for a gate fused with W_in in one Linear."""
     # capture the neuron vector (handle.capture), and the input of the W_in projection with a plain torch hook
-    act_path, gate_path = MLP_PARTS[class_name]
     proj_in = {}
     hooks = [_get(handle.blocks[layer], ARCHITECTURES[class_name].w_in).register_forward_pre_hook(
         lambda m, a, layer=layer: proj_in.__setitem__(layer, a[0].detach().clone())) for layer in range(handle.n_layers)]
@@ -91,8 +116,39 @@ def test_adapter_shapes_and_neuron_location(class_name, tmp_path):
         w_in_module = _get(block, ARCHITECTURES[class_name].w_in)
         pre = F.linear(proj_in[layer], handle.w_in(layer), getattr(w_in_module, "bias", None))
         act = _get(block, act_path)
-        expected = act(F.linear(proj_in[layer], _get(block, gate_path).weight)) * pre if gate_path else act(pre)
+        if gate_path is None:
+            expected = act(pre)
+        else:
+            path, rows = gate_path if isinstance(gate_path, tuple) else (gate_path, slice(None))
+            expected = act(F.linear(proj_in[layer], _get(block, path).weight[rows])) * pre
         torch.testing.assert_close(neuron_in[layer], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_transformers_object_the_user_holds(tmp_path):
+    """README: `load_model(model, tokenizer=tokenizer)` on a model loaded by transformers itself."""
+    import transformers
+    folder = save_hf_lm(tmp_path / "qwen3", "Qwen3ForCausalLM")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    handle = load_model(model, tokenizer=tokenizer)
+    assert handle.model is model and handle.tokenizer is tokenizer and handle.name == "Qwen3ForCausalLM"
+    assert torch.equal(handle.w_in(1), model.model.layers[1].mlp.up_proj.weight)
+    _assert_hooked_vector_is_the_mlp_hidden_vector(handle, "Qwen3ForCausalLM", *MLP_PARTS["Qwen3ForCausalLM"])
+
+
+def test_models_command_lists_every_supported_class(capsys):
+    from modsep_nb.__main__ import main
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{len(ALL_CLASSES)} model classes")
+    by_class = {line.split()[0]: line for line in lines[1:]}
+    assert set(by_class) == set(ALL_CLASSES)
+    for name in ALL_CLASSES:
+        kind = "lm" if name in HF_LM_CLASSES else "image"
+        assert by_class[name].split()[1] == kind
+    assert "neurons: input of mlp.down_proj; W_in: mlp.gate_up_proj (rows block 2 of 2)" in by_class["Phi3ForCausalLM"]
+    assert "blocks encoder.block; neurons: input of layer.1.DenseReluDense.wo" in by_class["T5EncoderModel"]
+    assert "neurons: input of output.dense or mlp.fc2" in by_class["ViTForImageClassification"]
 
 
 def test_unknown_architecture_module_names_class_and_fix():

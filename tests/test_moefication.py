@@ -1,4 +1,4 @@
-"""MoEfication (SPEC §7): balanced k-means, co-activation split, random split, expert routing.
+"""MoEfication (docs/method.md §7): balanced k-means, co-activation split, random split, expert routing.
 Checked against planted structure, scipy's exact assignment, k-means-constrained, and direct loops."""
 import numpy as np
 import pytest
@@ -524,7 +524,7 @@ def test_split_agreement_validates_inputs():
 
 
 def test_real_smollm2_layer_matches_k_means_constrained(smollm):
-    """SPEC §7 / issue: on a real SmolLM2 W_in layer (1536 rows, 48 experts of 32) our inertia is at most
+    """docs/method.md §7 / issue: on a real SmolLM2 W_in layer (1536 rows, 48 experts of 32) our inertia is at most
     1.01 x that of the reference implementation at its defaults, and the balance is exact."""
     from k_means_constrained import KMeansConstrained
     x = normalize_rows(smollm.w_in(5).double())

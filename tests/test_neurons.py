@@ -328,11 +328,23 @@ def test_study_shows_each_tasks_top_selected_neurons(tmp_path, llama_dir):
     study = Study.from_params(params, "lm")
     scores = study.scores()
     masks = study.masks(0.1, scores=scores)
-    ex = study.neuron_examples(masks, scores=scores, n=2, k=3, window=2, bins=10, progress=False)
+    ex = study.neuron_examples(masks, scores=scores, n=2, k=3, window=2, bins=10, progress=False, ablate=1,
+                               ablation_budget=16)
     assert ex.picked == N.pick_neurons(scores, masks, 2)
     assert ex.tasks == ["docs", "law"] and len(ex.neurons) == len({n for ns in ex.picked.values() for n in ns})
     for task in ex.tasks:                                     # the statistics data: as many tokens as statistics
-        assert (ex.hist[task].sum(1) == int(study.stats()[task].count[0])).all()
+        # (the statistics' count is the sum of its position weights: the counted tokens to float32 rounding)
+        assert (ex.hist[task].sum(1) == round(float(study.stats()[task].count[0]))).all()
+    # documents named as tasks.json names them (the embedded domains: file names, pydoc topics, fortune ids)
+    record = study.record()
+    for task in ex.tasks:
+        for row in ex.examples(ex.neurons[0], [task]):
+            assert row["name"] == study.tasks[task].collect_ids[row["document"]]
+            assert row["name"] in record[task]["statistics"]
+    assert set(ex.direct) == set(ex.neurons)                  # Llama: a direct path for every neuron
+    assert set(ex.ablation) == {ns[0] for ns in ex.picked.values()}     # only each task's top one is ablated
+    for effects in ex.ablation.values():
+        assert set(effects) == {"docs", "law"} and all(e["ci"][0] <= e["ci"][1] for e in effects.values())
 
 
 def test_explorer_is_skipped_headless_and_follows_its_controls(tiny_llama, text_tasks, monkeypatch):
@@ -349,3 +361,204 @@ def test_explorer_is_skipped_headless_and_follows_its_controls(tiny_llama, text_
     assert list(neuron.options) == [3, 0]
     task.value = "b"
     assert list(layer.options) == [0] and list(neuron.options) == [23]
+
+
+# -- what a neuron does: direct effects and ablation effects ------------------------------------------------
+def _tiny_lm(class_name: str, **config):
+    """A tiny perturbed model of `class_name` built here (tie_word_embeddings etc. set by `config`)."""
+    import transformers
+    from conftest import _hf_lm_configs, make_tokenizer, perturb_
+    cfg = _hf_lm_configs()[class_name]()
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    return load_model(perturb_(getattr(transformers, class_name)(cfg), 1), tokenizer=make_tokenizer())
+
+
+def _hand_logits(handle, layer, unit) -> torch.Tensor:
+    """What one unit of the neuron adds to the logits through the final norm's elementwise weight and the
+    head, from the model's own state dict (named by hand per family, not through models.READOUTS)."""
+    sd = {k: v.double() for k, v in handle.model.state_dict().items()}
+    name = type(handle.model).__name__
+    if name == "LlamaForCausalLM":
+        column = sd[f"model.layers.{layer}.mlp.down_proj.weight"][:, unit]
+        head = sd["model.embed_tokens.weight"] if handle.model.config.tie_word_embeddings else sd["lm_head.weight"]
+        return head @ (sd["model.norm.weight"] * column)
+    if name == "GPT2LMHeadModel":                                # Conv1D: [d_mlp, d_model], tied to wte
+        row = sd[f"transformer.h.{layer}.mlp.c_proj.weight"][unit]
+        return sd["transformer.wte.weight"] @ (sd["transformer.ln_f.weight"] * row)
+    if name == "Gemma2ForCausalLM":                              # RMSNorm scales by 1 + w; a norm after the MLP
+        column = sd[f"model.layers.{layer}.mlp.down_proj.weight"][:, unit]
+        post = 1 + sd[f"model.layers.{layer}.post_feedforward_layernorm.weight"]
+        return sd["model.embed_tokens.weight"] @ ((1 + sd["model.norm.weight"]) * post * column)
+    if name == "ViTForImageClassification":
+        fc2 = handle.neuron_module(layer).weight.detach().double()
+        return sd["classifier.weight"] @ (sd["vit.layernorm.weight"] * fc2[:, unit])
+    assert name == "VisionTransformerDistilled"                  # the two heads averaged at inference
+    head = (sd["head.weight"] + sd["head_dist.weight"]) / 2
+    return head @ (sd["norm.weight"] * sd[f"blocks.{layer}.mlp.fc2.weight"][:, unit])
+
+
+@pytest.mark.parametrize("case", ["llama-untied", "llama-tied", "gpt2", "gemma2", "vit", "deit"])
+def test_direct_effect_equals_a_hand_computation_through_the_models_own_weights(case, vit_dir, tmp_path):
+    from conftest import save_timm
+    if case == "vit":
+        handle = load_model(vit_dir)
+    elif case == "deit":
+        handle = load_model(save_timm(tmp_path, "VisionTransformerDistilled"))
+    else:
+        handle = _tiny_lm({"llama-untied": "LlamaForCausalLM", "llama-tied": "LlamaForCausalLM",
+                           "gpt2": "GPT2LMHeadModel", "gemma2": "Gemma2ForCausalLM"}[case],
+                          **({"tie_word_embeddings": case != "llama-untied"} if case.startswith("llama") else {}))
+    model = handle.model
+    if handle.kind == "lm":          # the case is what it says: the unembedding is (not) the input embedding
+        tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+        assert tied == (case != "llama-untied")
+    top = 4
+    neurons = [(0, 3), (1, 0), (1, 5)]
+    effects, caption = N.direct_effects(handle, neurons, top)
+    names = N.output_names(handle, int(_hand_logits(handle, 0, 0).shape[0]))
+    for layer, unit in neurons:
+        hand = _hand_logits(handle, layer, unit)
+        for side, sign in (("up", 1), ("down", -1)):
+            got = effects[(layer, unit)][side]
+            want = min(top, len(names) // 2)                     # the timm DeiT has 5 classes: 2 a side
+            assert len(got) == want and len({n for n, _ in got}) == want
+            np.testing.assert_allclose([v for _, v in got], sorted(hand.tolist(), key=lambda v: -sign * v)[:want],
+                                       rtol=1e-4, atol=1e-5)
+            for output, value in got:                            # each shown output has its own hand value
+                assert value == pytest.approx(float(hand[names.index(output)]), rel=1e-4, abs=1e-5)
+    assert "Not its total effect" in caption and "elementwise weight" in caption
+    if case == "llama-tied":
+        assert "tied to the input embedding" in caption
+    if case == "vit":                # 10 classes: asked for 8, each side lists 5, none on both sides
+        wide = N.direct_effects(handle, neurons[:1], 8)[0][neurons[0]]
+        assert len(wide["up"]) == len(wide["down"]) == 5
+        assert {n for n, _ in wide["up"]} | {n for n, _ in wide["down"]} == set(names)
+    if handle.kind == "image":
+        assert names[:2] == [str(model.config.id2label[i]) for i in range(2)] if case == "vit" else \
+            names[:2] == ["class 0", "class 1"]
+
+
+def test_every_architecture_has_a_readout_and_models_without_a_path_say_why():
+    from modsep_nb.models import ARCHITECTURES, READOUTS
+    assert set(ARCHITECTURES) <= set(READOUTS), "add the new classes' final norm and head to models.READOUTS"
+    handle = _tiny_lm("BertModel")
+    effects, note = N.direct_effects(handle, [(0, 1)])
+    assert effects == {} and "no output head" in note
+
+
+def test_ablation_effect_equals_a_brute_force_evaluation_with_the_neuron_zeroed_by_hand(tiny_llama, text_tasks):
+    from modsep_nb.evaluation import evaluate
+    from modsep_nb.statistics import bootstrap_weights
+    ctx, n_boot, seed = 8, 50, 3
+
+    def hits():
+        return {t: evaluate(tiny_llama, texts, ctx=ctx, per_document=True)["documents"]
+                for t, texts in text_tasks.items()}
+    neurons = [(0, 5), (1, 3), (1, 7)]
+    got = N.ablation_effects(tiny_llama, hits, neurons, n_boot=n_boot, seed=seed)
+    base = hits()
+    moved = 0
+    for layer, unit in neurons:
+        # zeroed by hand: the neuron's column of the output projection (its input coordinate) set to 0
+        weight = tiny_llama.model.model.layers[layer].mlp.down_proj.weight
+        saved = weight.detach().clone()
+        with torch.no_grad():
+            weight[:, unit] = 0
+        zeroed = hits()
+        with torch.no_grad():
+            weight.copy_(saved)
+        for i, task in enumerate(text_tasks):
+            n, before, after = base[task]["n"], base[task]["top1"], zeroed[task]["top1"]
+            e = got[(layer, unit)][task]
+            assert e["delta"] == pytest.approx(after.sum() / n.sum() - before.sum() / n.sum(), abs=1e-12)
+            assert e["base"] == pytest.approx(before.sum() / n.sum()) and e["n"] == len(n)
+            w = bootstrap_weights(len(n), n_boot, seed + i).numpy()         # the same documents for both
+            resampled = (w @ after - w @ before) / (w @ n)
+            assert e["ci"] == pytest.approx(tuple(np.percentile(resampled, [2.5, 97.5])))
+            moved += after.sum() != before.sum()
+    assert moved > 0                                  # some zeroed neuron changed some task's accuracy
+    assert all(np.array_equal(hits()[t]["top1"], base[t]["top1"]) for t in text_tasks)   # hooks removed: intact
+
+
+class _Sections(HTMLParser):
+    """Per <section>: its h3 titles, its tables as rows of cell texts, its captions and its context lines."""
+    def __init__(self):
+        super().__init__()
+        self.sections, self._tag, self._cls = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        self._tag.append(tag)
+        self._cls.append(attrs.get("class") or "")
+        if tag == "section":
+            self.sections.append({"h3": [], "tables": {}, "captions": [], "meta": []})
+        elif tag == "table":
+            self._table = self.sections[-1]["tables"].setdefault(attrs["class"].split()[-1], [])
+        elif tag == "tr":
+            self._table.append([])
+
+    def handle_endtag(self, tag):
+        while self._tag:                      # close up to the matching tag (<p>, <td> may be left open)
+            self._cls.pop()
+            if self._tag.pop() == tag:
+                break
+
+    def handle_data(self, data):
+        if not self.sections or not self._tag:
+            return
+        s, tag, cls = self.sections[-1], self._tag[-1], self._cls[-1]
+        if tag == "h3":
+            s["h3"].append(data)
+        elif tag in ("td", "th", "b") and "tr" in self._tag:
+            s["tables"][list(s["tables"])[-1]][-1].append(data)
+        elif tag == "p" and cls == "caption":
+            s["captions"].append(data)
+        elif cls == "meta":
+            s["meta"].append(data)
+
+
+def test_pages_show_direct_and_ablation_effects_and_name_documents(tmp_path, tiny_llama, text_tasks):
+    edges, _ = _edges(tiny_llama, text_tasks, NEURONS, ctx=8)
+    names = {t: [f"{t}-file-{d}.py" for d in range(len(texts))] for t, texts in text_tasks.items()}
+    ex = N.collect_examples(tiny_llama, text_tasks, NEURONS, picked={"a": NEURONS[:2], "b": NEURONS[2:]}, edges=edges,
+                            k=3, ctx=8, progress=False, names=names, direct=5)
+    from modsep_nb.evaluation import evaluate
+    hits = lambda: {t: evaluate(tiny_llama, x, ctx=8, per_document=True)["documents"]  # noqa: E731
+                    for t, x in text_tasks.items()}
+    N.add_ablations(ex, tiny_llama, hits, per_task=1, n_boot=20)
+    page = N.export(ex, tmp_path, "lm")[0]                          # lm-a.html: neurons (1, 3), then (0, 5)
+    parsed = _Sections()
+    parsed.feed(page.read_text())
+    assert len(parsed.sections) == 2
+    for section, neuron in zip(parsed.sections, NEURONS[:2]):
+        assert section["h3"][:2] == ["Direct effect on the outputs", "Ablation effect"]
+        assert any("Not its total effect" in c for c in section["captions"])      # what it is and is not
+        direct = section["tables"]["direct"]
+        assert len(direct) == 1 + 5
+        for row, (up, down) in zip(direct[1:], zip(ex.direct[neuron]["up"], ex.direct[neuron]["down"])):
+            assert row == [N._shown(up[0]), f"{up[1]:+.3f}", N._shown(down[0]), f"{down[1]:+.3f}"]
+        assert all(m.split(" · ")[1] in names[m.split(" · ")[0]] for m in section["meta"])   # named, not "doc N"
+        assert section["meta"] and not any(" · doc " in m for m in section["meta"])
+    first, second = parsed.sections
+    ablation = first["tables"]["ablation"]                          # (1, 3) is a's top neuron: ablated
+    assert [r[0] for r in ablation[1:]] == ["a", "b"]
+    e = ex.ablation[(1, 3)]["b"]
+    assert ablation[2][1:] == [str(e["n"]), f"{e['base']:.3f}", f"{e['delta']:+.4f}",
+                               f"[{e['ci'][0]:+.4f}, {e['ci'][1]:+.4f}]"]
+    assert "ablation" not in second["tables"]                       # (0, 5), a's second, is not ablated
+
+
+def test_bad_effect_arguments_are_named(tiny_llama, text_tasks):
+    with pytest.raises(ValueError, match="top .outputs shown"):
+        N.direct_effects(tiny_llama, [(0, 1)], top=0)
+    edges, _ = _edges(tiny_llama, text_tasks, NEURONS, ctx=8)
+    ex = N.collect_examples(tiny_llama, text_tasks, NEURONS, edges=edges, k=1, ctx=8, progress=False, direct=0)
+    assert ex.direct == {} and ex.direct_note == ""
+    with pytest.raises(ValueError, match="per_task .neurons ablated"):
+        N.add_ablations(ex, tiny_llama, lambda: {}, per_task=0)
+    calls = iter([{"a": {"n": np.array([3, 2]), "top1": np.array([1, 1])}},
+                  {"a": {"n": np.array([3]), "top1": np.array([1])}}])          # the second pass reads fewer
+    with pytest.raises(ValueError, match="same documents"):
+        N.ablation_effects(tiny_llama, lambda: next(calls), [(0, 1)])

@@ -1,4 +1,4 @@
-"""Overlap metrics (SPEC §5) and the pattern test (SPEC §6), checked against hand counts,
+"""Overlap metrics (docs/method.md §5.1) and the pattern test (§6), checked against hand counts,
 set arithmetic in plain Python, and scipy."""
 import math
 

@@ -18,7 +18,8 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "paper_scores"
 def _local_root():
     root = ps.default_scores_dir()
     if root is None or not root.is_dir():
-        pytest.skip("the released scores folder (../shared/paper_scores or $MODSEP_PAPER_SCORES) is absent")
+        pytest.skip("the released scores folder ($MODSEP_PAPER_SCORES, or shared/paper_scores beside the repository) "
+                    "is absent")
     return root
 
 

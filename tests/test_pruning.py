@@ -1,4 +1,4 @@
-"""Selective pruning (SPEC §3): scores find planted task-specific neurons; importances, eps, float64 scores
+"""Selective pruning (docs/method.md §3): scores find planted task-specific neurons; importances, eps, float64 scores
 and index tie-breaking; selection checks; ablation by hooks that leave the model exactly as it was."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Streaming neuron statistics (SPEC §2): equal to float64 statistics of activations captured with our own
+"""Streaming neuron statistics (docs/method.md §2): equal to float64 statistics of activations captured with our own
 hooks, independent of batching, exactly mergeable, saved and loaded intact; std and rms as defined; clear
 errors for NaN activations and wrong inputs."""
 from __future__ import annotations
@@ -382,3 +382,55 @@ def test_reading_passes_stop_after_the_last_hooked_layer(tiny_llama, tiny_vit):
     assert calls["classifier"] == 0
     vit.image_logits(images)
     assert calls["classifier"] == 1
+
+
+# -- counted positions (issue #26 item 2): position 0 out, every other position weighing alike --------------------
+def lm_positions_reference(handle, texts, ctx, skip=(0,), equal=True) -> dict:
+    """Each window run alone; the rows at `skip` dropped; with `equal`, each position's own mean over the windows
+    reaching it, then the plain mean of those over the positions present (every position weighs the same)."""
+    with capture_neuron_inputs(handle) as records, torch.no_grad():
+        for w in windows_of(texts, ctx):
+            ids = torch.tensor([w])
+            handle.model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    out = {k: [] for k in FIELDS}
+    for layer in range(handle.n_layers):
+        per_position = {}
+        for r in records[layer]:
+            for p, row in enumerate(r[0]):
+                if p not in skip:
+                    per_position.setdefault(p, []).append(row)
+        rows = [torch.stack(v) for v in per_position.values()]
+        if equal:
+            ref = reference_from_rows(rows)
+            for k in MEANS:
+                out[k].append(ref[k].mean(0))
+            out["count"].append(ref["count"].sum())
+        else:
+            ref = reference_from_rows([torch.cat(rows)])
+            for k in FIELDS:
+                out[k].append(ref[k][0])
+    return {k: (torch.tensor(v, dtype=torch.float64) if k == "count" else torch.stack(v)) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("skip, equal", [((0,), True), ((0,), False), ((0, 3), True), ((), True)])
+def test_skipped_and_equally_weighted_positions_equal_a_reference(tiny_llama, skip, equal):
+    from modsep_nb.shards import collect_blocks
+    from modsep_nb.statistics import collect_block_stats
+    ref = lm_positions_reference(tiny_llama, TEXTS, 12, skip, equal)
+    stats = collect_stats(tiny_llama, TEXTS, batch_size=4, ctx=12, progress=False, skip_positions=skip,
+                          equal_positions=equal)
+    assert stats.meta["skip_positions"] == list(skip) and stats.meta["equal_positions"] == equal
+    assert_stats_close(stats, ref)
+    # the same per block of documents; a block's weights are the whole task's, not its own few windows'
+    for collect in (collect_block_stats, collect_blocks):
+        blocks = collect(tiny_llama, TEXTS, 4, batch_size=3, ctx=12, progress=False, skip_positions=skip,
+                         equal_positions=equal)
+        assert_stats_close(blocks.merged(), ref)
+
+
+def test_skipping_position_0_removes_exactly_the_first_tokens(tiny_llama):
+    every = collect_stats(tiny_llama, TEXTS, ctx=12, progress=False)
+    skipped = collect_stats(tiny_llama, TEXTS, ctx=12, progress=False, skip_positions=(0,))
+    windows = windows_of(TEXTS, 12)
+    assert every.count[0] - skipped.count[0] == len(windows)          # one first token per window
+    assert every.meta["skip_positions"] == [] and every.meta["equal_positions"] is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,8 @@ def test_random_init_gets_the_same_data_and_budget_unless_told(tmp_path, llama_d
     assert random.tasks is trained.tasks                  # the same documents
     assert random.stats_budget == trained.stats_budget == 48
     assert "48 tokens" in random.describe() and "random init, seed 3" in random.describe()
-    assert random.stats(progress=False)["docs"].count[0] == trained.stats(progress=False)["docs"].count[0] == 48
+    # 48 tokens read: 3 windows of 16, whose first positions are not counted (lm.skip_positions)
+    assert random.stats(progress=False)["docs"].count[0] == trained.stats(progress=False)["docs"].count[0] == 48 - 3
     params["random_init"]["stats_tokens"] = 32            # a different budget only on purpose
     assert "32 tokens" in Study.from_params(params, "lm", random_seed=3).describe()
 
@@ -287,7 +289,7 @@ def test_claims_of_a_study_carry_interval_null_and_test(tmp_path, llama_dir):
     groups = {"legal": ["law", "licenses"], "other": ["docs"]}
     result = study.claims(0.1, groups)
     ids = [c.id for c in result["claims"]]
-    assert ids == ["selectivity", "overlap_above_null", "related_share_more"]
+    assert ids == ["selectivity", "selectivity_per_task", "overlap_above_null", "related_share_more"]
     for c in result["claims"]:
         # an undefined estimate (a tiny model's task never right before pruning) has no p, never a small one
         assert c.null == 0.0 and len(c.ci) == 2 and (c.p is None or 0 < c.p <= 1 or (c.undefined and math.isnan(c.p)))
@@ -305,7 +307,7 @@ def test_claims_of_a_study_carry_interval_null_and_test(tmp_path, llama_dir):
     assert again["claims"][0].ci == pytest.approx(result["claims"][0].ci, nan_ok=True)
     related = result["related"]
     assert related["p"] == pytest.approx((1 + (related["null"] >= related["difference"] - 1e-12).sum()) / 51)
-    overlap_claim = result["claims"][1]
+    overlap_claim = result["claims"][2]
     assert overlap_claim.estimate == pytest.approx(result["overlap"]["median"] - result["overlap"]["null_median"])
 
 
@@ -437,3 +439,98 @@ def test_dtype_per_section_and_auto(tmp_path, llama_dir, monkeypatch):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: native, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
         assert P.dtype_of({**params, "device": "cpu"}, "lm") == expected
+
+
+# -- a first-position (attention-sink) neuron and tasks of different document lengths (issue #26 item 2) ----------
+PLANTED = (0, 5)        # layer, neuron
+
+
+def _first_position_gpt2(directory, strength: float = 40.0, gain: float = 20.0):
+    """A tiny GPT-2 whose neuron PLANTED fires hugely at the first position of every window, whatever the token,
+    and is 0 everywhere else: residual dimensions 0 and 1 are equal at every position but the first (token
+    embeddings, later position embeddings and the attention's output alike there), the first position's
+    embedding sets them apart by 2 x strength, and the neuron reads only their difference."""
+    import transformers
+    from conftest import _hf_lm_configs, make_tokenizer, perturb_
+    torch.manual_seed(0)
+    model = perturb_(transformers.GPT2LMHeadModel(_hf_lm_configs()["GPT2LMHeadModel"]()), 0)
+    t, (layer, neuron) = model.transformer, PLANTED
+    block = t.h[layer]
+    with torch.no_grad():
+        t.wte.weight[:, 1] = t.wte.weight[:, 0]
+        t.wpe.weight[:, 1] = t.wpe.weight[:, 0]
+        t.wpe.weight[0, 0] += strength
+        t.wpe.weight[0, 1] -= strength
+        block.attn.c_proj.weight[:, 1] = block.attn.c_proj.weight[:, 0]      # Conv1D: [in, out]
+        block.attn.c_proj.bias[1] = block.attn.c_proj.bias[0]
+        block.ln_2.weight[:2] = 1.0
+        block.ln_2.bias[1] = block.ln_2.bias[0]
+        fc = block.mlp.c_fc
+        fc.weight[:, neuron] = 0.0
+        fc.weight[0, neuron], fc.weight[1, neuron], fc.bias[neuron] = gain, -gain, 0.0
+    model.save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def _length_tasks(folder) -> dict:
+    """Three tasks of the same words (every other one unknown to the tokenizer: [UNK]) that differ only in how
+    long their documents are: mostly 3-5, 12-20 and 40-60 words; every 8th document has 40-60 in each, so that
+    every task has windows reaching every position (no position is missing from a task's statistics)."""
+    import random as rnd
+    from conftest import WORDS
+    rng, tasks = rnd.Random(3), {}
+    for name, (lo, hi, n_docs) in {"short": (3, 5, 110), "middle": (12, 20, 50), "long": (40, 60, 30)}.items():
+        (folder / name).mkdir(parents=True)
+        for i in range(n_docs):
+            n_words = rng.randint(lo, hi) if i % 8 else rng.randint(40, 60)
+            words = [rng.choice(WORDS) if k % 2 else f"x{name}{i}k{k}" for k in range(n_words)]
+            (folder / name / f"{i:03d}.txt").write_text(" ".join(words))
+        tasks[name] = {"files": [str(folder / name / "*.txt")]}
+    return tasks
+
+
+def _planted_study(tmp_path, **lm):
+    params = load_params(None, {
+        "cache_dir": str(tmp_path / "cache"), "device": "cpu",
+        "lm": {"model": str(tmp_path / "gpt2"), "tasks": _length_tasks(tmp_path / "texts") if not
+               (tmp_path / "texts").exists() else {t: {"files": [str(tmp_path / "texts" / t / "*.txt")]}
+                                                   for t in ("short", "middle", "long")},
+               "stats_tokens": 320, "eval_tokens": 120, "ctx": 16, "batch_size": 8, **lm},
+        "pruning": {"frac": 0.05, "random_seeds": [0, 1]}, "overlap": {"frac": 0.05},
+        "evidence": {"n_boot": 200, "n_null": 20, "n_null_ablation": 5, "n_blocks": 8}})
+    return Study.from_params(params, "lm")
+
+
+def test_a_first_position_neuron_is_not_selected_for_short_documents(tmp_path):
+    _first_position_gpt2(tmp_path / "gpt2")
+    layer, neuron = PLANTED
+    # every token counted alike (the old statistics): the planted neuron's mean is its first-position value over
+    # the window length, so the domain of short documents looks specific to it, and the verdict follows
+    off = _predicting_unk(_planted_study(tmp_path, skip_positions=[], equal_positions=False))
+    counted = {t: float(s.mean_abs[layer, neuron]) for t, s in off.stats(progress=False).items()}
+    assert counted["short"] > 2 * counted["long"] and counted["short"] > counted["middle"] > counted["long"] > 0
+    assert bool(off.masks(0.05)["short"][layer, neuron])          # selected: the test below has teeth
+    assert {c.id: c for c in off.claims(0.05)["claims"]}["selectivity"].supported
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)             # every task reaches every position: no warning
+        study = _predicting_unk(_planted_study(tmp_path))          # the defaults: position 0 out, positions alike
+        stats = study.stats(progress=False)
+    assert study.settings["skip_positions"] == [0] and study.settings["equal_positions"] is True
+    assert all(float(s.mean_abs[layer, neuron]) < 1e-4 for s in stats.values())      # it never fires after position 0
+    assert not any(bool(m[layer, neuron]) for m in study.masks(0.05).values())
+    result = {c.id: c for c in study.claims(0.05)["claims"]}
+    for claim_id in ("selectivity", "selectivity_per_task"):
+        assert math.isfinite(result[claim_id].estimate) and not result[claim_id].supported, result[claim_id]
+    per_task = result["selectivity_per_task"].per_task
+    assert set(per_task) == {"short", "middle", "long"} and not any(r["selective"] for r in per_task.values())
+
+
+@pytest.mark.parametrize("skip", [[0, 0], [16], [-1], [True], list(range(16)), "0"])
+def test_skip_positions_must_be_distinct_positions_of_a_window(skip):
+    from modsep_nb.params import ParamsError
+    with pytest.raises(ParamsError, match="'lm.skip_positions' must be a list") as err:
+        load_params(None, {"lm": {"ctx": 16, "skip_positions": skip}})
+    assert "\n" not in str(err.value)
+    assert load_params(None, {"lm": {"ctx": 16, "skip_positions": [0, 15]}})["lm"]["skip_positions"] == [0, 15]

@@ -244,7 +244,7 @@ IMAGE_ERRORS = [
     ("mismatch", {}, r"train/ and test/ must hold the same classes; only in train: \['b'\], only in test: \[\]"),
     ("single", {}, r"classes \['b'\] have fewer than 2 images"),
     ("good", {"tasks": {"g": ["a", "zebra"]}}, r"unknown classes \['zebra'\]; the image folder's classes .* are a, b"),
-    ("good", {"tasks": "groups"}, r"'groups', which is defined for fashion-mnist only"),
+    ("good", {"tasks": "groups"}, r"'groups', which is defined for fashion-mnist \(its natural groups\) and cifar100"),
     ("one", {}, r"has 1 class; .* at least two class subfolders"),
     (None, {}, r"'vit.data_dir' must name the folder"),
 ]

@@ -1,0 +1,205 @@
+"""Localisers (notebook 07): each one finds a planted task neuron on a tiny model where the answer is known, and
+does not rank first a neuron that fires equally on every task; the attribution is checked against a finite
+difference of the task's loss, and the LAPE / t scores against hand computations from the statistics."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import VOCAB, VOCAB_SIZE, WORDS, make_tokenizer, random_texts
+from modsep_nb import collect_stats, load_model
+from modsep_nb.data import lm_batches
+from modsep_nb.pruning import (IMPORTANCES, LOCALISERS, attribution_scores, collect_attribution, importance,
+                               lape_scores, task_scores, ttest_scores)
+from modsep_nb.statistics import NeuronStats
+
+TASK_WORDS = {"planted": WORDS[:6], "a": WORDS[6:24], "b": WORDS[24:42]}
+PLANTED, EVERYWHERE = 5, 9          # layer-0 neurons: fires on the planted task's tokens only / on every token
+D_MODEL, D_MLP, CTX = 16, 32, 32
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """A one-layer Llama (attention output zeroed, so the MLP sees each token's normalised embedding). Every
+    embedding row has the same norm, so after RMSNorm a coordinate set equally in every row is the same for
+    every token. Coordinate 0 is 4 on the planted task's words only, coordinate 1 is 3 on every token; neuron
+    PLANTED reads coordinate 0 (silu(c)·c > 0 on planted words, exactly 0 elsewhere), neuron EVERYWHERE reads
+    coordinate 1 (one constant > 0 on every token). PLANTED writes along coordinate 2, which the unembedding
+    reads as +3 for the planted words and -3 for the rest: it lowers the planted task's loss. EVERYWHERE writes
+    nothing (its direct effect is 0). The other neurons are random (weights 10 x the initialiser's)."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=D_MODEL, intermediate_size=D_MLP,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    model = transformers.LlamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(1)
+    planted_ids = [VOCAB[w] for w in TASK_WORDS["planted"]]
+    with torch.no_grad():
+        rest = torch.randn(VOCAB_SIZE, D_MODEL - 3, generator=gen)
+        rest = rest / rest.norm(dim=1, keepdim=True)
+        emb = torch.zeros(VOCAB_SIZE, D_MODEL)
+        emb[:, 1] = 3.0
+        emb[:, 3:] = 5.0 * rest                        # norm² 9 + 25 = 34 ...
+        emb[planted_ids, 0] = 4.0
+        emb[planted_ids, 3:] = 3.0 * rest[planted_ids]   # ... and 16 + 9 + 9 = 34 for planted words
+        model.model.embed_tokens.weight.copy_(emb)
+        layer = model.model.layers[0]
+        layer.self_attn.o_proj.weight.zero_()
+        mlp = layer.mlp
+        for proj in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            proj.weight.mul_(10.0)                     # the other neurons: activations and effects of O(0.1)
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight[:, :3] = 0.0
+            proj.weight[PLANTED] = 0.0
+            proj.weight[PLANTED, 0] = 1.0
+            proj.weight[EVERYWHERE] = 0.0
+            proj.weight[EVERYWHERE, 1] = 1.0
+        mlp.down_proj.weight[2, :] = 0.0
+        mlp.down_proj.weight[:, PLANTED] = 0.0
+        mlp.down_proj.weight[2, PLANTED] = 0.3
+        mlp.down_proj.weight[:, EVERYWHERE] = 0.0
+        model.lm_head.weight[:, 2] = -3.0
+        model.lm_head.weight[planted_ids, 2] = 3.0
+    directory = tmp_path_factory.mktemp("planted_localisers")
+    model.save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    handle = load_model(directory)
+    texts = {t: random_texts(16, seed=20 + k, min_len=6, max_len=24, words=words)
+             for k, (t, words) in enumerate(TASK_WORDS.items())}
+    stats = {t: collect_stats(handle, docs, ctx=CTX, progress=False) for t, docs in texts.items()}
+    return handle, texts, stats
+
+
+def _first(scores: torch.Tensor) -> int:
+    """Index (layer 0) of the top score, ties to the lower index as select_neurons breaks them."""
+    flat = scores.flatten()
+    return int(torch.nonzero(flat == flat.max())[0])
+
+
+def test_planted_model_is_as_described(planted):
+    _, _, stats = planted
+    assert float(stats["planted"].frac_pos[0, PLANTED]) > 0.8                 # BOS positions are not planted words
+    assert float(stats["a"].mean_abs[0, PLANTED]) == 0 == float(stats["b"].mean_abs[0, PLANTED])
+    for st in stats.values():                                                 # one constant on every token
+        assert float(st.frac_pos[0, EVERYWHERE]) == 1.0
+        assert float(st.std[0, EVERYWHERE]) < 1e-2 * float(st.mean[0, EVERYWHERE])   # float32 sums' rounding
+
+
+@pytest.mark.parametrize("name", IMPORTANCES + LOCALISERS)
+def test_every_statistics_localiser_ranks_the_planted_neuron_first(planted, name):
+    _, _, stats = planted
+    scores = task_scores(stats, importance=name)
+    assert _first(scores["planted"]) == PLANTED
+    for task, s in scores.items():                 # the neuron that fires alike everywhere leads no task
+        assert _first(s) != EVERYWHERE, task
+
+
+def test_lape_matches_a_hand_computation(planted):
+    _, _, stats = planted
+    scores = lape_scores(stats)
+    assert float(scores["planted"][0, PLANTED]) == pytest.approx(1.0)       # fires on one task only: H = 0
+    assert float(scores["a"][0, PLANTED]) == 0.0
+    assert float(scores["planted"][0, EVERYWHERE]) == pytest.approx(0.0, abs=1e-12)   # H = log 3
+    p = [float(stats[t].frac_pos[0, 11]) for t in stats]                      # any other neuron, by hand
+    q = [x / sum(p) for x in p]
+    h = -sum(x * math.log(x) for x in q if x > 0)
+    assert float(scores["b"][0, 11]) == pytest.approx(q[2] * (1 - h / math.log(3)))
+
+
+def test_lape_of_a_neuron_that_never_fires_is_zero():
+    def stats(frac):
+        z = torch.zeros(1, 2, dtype=torch.float64)
+        return NeuronStats(torch.ones(1), z, z, z, torch.tensor([frac], dtype=torch.float64), z)
+    scores = lape_scores({"x": stats([0.0, 0.5]), "y": stats([0.0, 0.0])})
+    assert scores["x"].tolist() == [[0.0, 1.0]] and scores["y"].tolist() == [[0.0, 0.0]]
+
+
+def test_ttest_matches_welch_on_the_tokens(planted):
+    """t from the sums against Welch's t from the raw activations of the same tokens (captured)."""
+    handle, texts, stats = planted
+    acts = {}
+    for t, docs in texts.items():
+        with handle.capture([0]) as captured:
+            for ids, mask in lm_batches(handle.tokenizer, docs, ctx=CTX, batch_size=8):
+                handle.lm_logits(ids, mask)
+        acts[t] = torch.cat([x.reshape(-1, D_MLP)[m.reshape(-1).bool()] for x, (_, m) in
+                             zip(captured[0], lm_batches(handle.tokenizer, docs, ctx=CTX, batch_size=8))]).double()
+    scores = ttest_scores(stats)
+    for neuron in (3, 11, 20):
+        x, y = acts["a"][:, neuron], torch.cat([acts["planted"], acts["b"]])[:, neuron]
+        welch = (x.mean() - y.mean()) / (x.var() / len(x) + y.var() / len(y)).sqrt()
+        assert float(scores["a"][0, neuron]) == pytest.approx(float(welch), rel=1e-4)
+    assert float(scores["planted"][0, EVERYWHERE]) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_attribution_ranks_the_planted_neuron_first_and_is_zero_where_it_is_silent(planted):
+    handle, texts, _ = planted
+    attr = {t: collect_attribution(handle, docs, ctx=CTX, batch_size=8)["attribution"] for t, docs in texts.items()}
+    assert float(attr["planted"][0, PLANTED]) > 0                 # zeroing it raises the planted task's loss
+    for name in (False, True):
+        scores = attribution_scores(attr, contrast=name)
+        assert _first(scores["planted"]) == PLANTED
+        assert all(_first(s) != EVERYWHERE for s in scores.values())
+    assert float(attr["a"][0, PLANTED]) == 0.0 == float(attr["b"][0, PLANTED])        # activation exactly 0
+    assert float(attr["a"][0, EVERYWHERE]) == 0.0                                    # writes nothing
+
+
+def test_attribution_is_the_first_order_change_of_the_loss(planted):
+    """-Σ a·dL/da over a neuron's positions is -dL/dα at α = 1 when every neuron is scaled by its own α: checked
+    against autograd through such a scaling (every neuron) and, for the planted neuron, a central difference of
+    the summed cross-entropy; per target counted."""
+    handle, texts, _ = planted
+    handle.model.double()
+    try:
+        docs = texts["planted"][:6]
+        got = collect_attribution(handle, docs, ctx=CTX, batch_size=4)
+
+        def loss(alpha):
+            total, n = 0.0, 0
+            with handle.hooks({0: lambda x: x * alpha}):
+                for ids, mask in lm_batches(handle.tokenizer, docs, ctx=CTX, batch_size=4):
+                    logits = handle.lm_logits(ids, mask)[:, :-1]
+                    keep = (mask[:, 1:] * mask[:, :-1]).bool()
+                    total = total + torch.nn.functional.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum")
+                    n += int(keep.sum())
+            return total, n
+        alpha = torch.ones(D_MLP, dtype=torch.float64, requires_grad=True)
+        total, n = loss(alpha)
+        assert got["units"] == n
+        grad, = torch.autograd.grad(total, alpha)
+        torch.testing.assert_close(got["attribution"][0], -grad / n, rtol=1e-6, atol=1e-12)
+        h = 1e-3        # LlamaRMSNorm computes in float32: a smaller step only measures its rounding
+        with torch.no_grad():
+            up, down = (float(loss(1 + torch.eye(D_MLP, dtype=torch.float64)[PLANTED] * s)[0]) for s in (h, -h))
+        assert float(got["attribution"][0, PLANTED]) == pytest.approx(-(up - down) / (2 * h) / n, rel=1e-3)
+    finally:
+        handle.model.float()
+
+
+def test_attribution_of_images_needs_labels(tiny_vit):
+    with pytest.raises(ValueError, match="label"):
+        collect_attribution(tiny_vit, torch.zeros(2, *tiny_vit.image_shape))
+
+
+def test_localiser_names_are_refused_as_a_single_tasks_importance(planted):
+    _, _, stats = planted
+    with pytest.raises(ValueError, match="task_scores"):
+        importance(stats["a"], "lape")
+    with pytest.raises(ValueError, match="at least two tasks"):
+        task_scores({"a": stats["a"]}, importance="ttest")
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"methods": ["abs", "saliency"]}, "localisers.methods"), ({"methods": ["abs", "abs"]}, "localisers.methods"),
+    ({"methods": []}, "localisers.methods"), ({"lm_tasks": 1}, "localisers.lm_tasks"),
+    ({"random_seeds": []}, "localisers.random_seeds")])
+def test_localiser_params_are_checked(section, message):
+    from modsep_nb.params import ParamsError, load_params
+    smoke = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
+    with pytest.raises(ParamsError, match=message):
+        load_params(smoke, {"localisers": section})
+    assert load_params(smoke, {"pruning": {"importance": "lape"}})["pruning"]["importance"] == "lape"
