@@ -102,7 +102,7 @@ def collect_blocks(handle, data, n_blocks: int = 32, *, max_tokens: int | None =
                    distributed: bool | None = None, fused: bool = True, skip_positions=(),
                    equal_positions: bool = False) -> BlockStats:
     """collect_block_stats's result (the same documents, blocks and budget; the same sums to float32 rounding),
-    with each block batched alone: what the study cache holds. Under torchrun (distributed: default when
+    with each block batched alone: what the study cache holds with evidence.blocks_alone. Under torchrun (distributed: default when
     torch.distributed is initialised) rank r computes blocks r, r + world, ... and the ranks' sums are added,
     so every rank returns what one process computes, bit for bit."""
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:

@@ -33,7 +33,7 @@ from .statistics import (BlockStats, NeuronStats, StatsCollector, bootstrap_weig
 from .tasks import ImageTasks, TextTasks, data_hash
 
 # bump when the way statistics or splits are computed changes, so no cache from older code is reused
-CACHE_VERSION = 4      # 3: statistics files carry a checksum; 4: each block batched alone (shards.py)
+CACHE_VERSION = 4      # 3: statistics files carry a checksum; 4: session 8 (LM position settings, blocks_alone)
 SECTIONS = {"lm": TextTasks, "vit": ImageTasks}
 
 
