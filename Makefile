@@ -7,7 +7,7 @@ PARAMS ?= params/default.yaml
 DEBIAN_DATA := dataset-fashion-mnist fortunes fortunes-min
 LAB_PORT ?= 8888
 
-.PHONY: setup debian-data browser run lab test bench gpu-check smoke clean-outputs
+.PHONY: setup debian-data browser run lab test test-fast bench gpu-check smoke clean-outputs
 
 setup: $(STAMP) debian-data
 
@@ -56,6 +56,10 @@ lab: setup
 
 test: setup browser
 	$(PY) -m pytest -q
+
+# The unit tests only (markers from tests/conftest.py): no notebooks, browser, GPU or slow tests; about a minute.
+test-fast: setup
+	$(PY) -m pytest -q -m unit
 
 bench: setup
 	$(PY) benchmarks/bench.py

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     if args.command == "models":
         rows = supported_models()
         print(f"{len(rows)} model classes (modsep_nb.models.ARCHITECTURES); a layer's neurons are the input of a "
-              f"module inside each block:")
+              f"module inside each block (of a mixture of experts: each expert's hidden units):")
         for r in rows:
             print(f"{r['class']:28s} {r['kind']:5s} blocks {r['blocks']}; neurons: {r['neurons']}; W_in: {r['w_in']}")
         return 0
@@ -104,7 +104,7 @@ def _parallel(args) -> int:
     kinds = [k for k, nbs in plan.USES.items() if set(params["notebooks"]) & set(nbs)]
     n_tasks = {}
     if "vit" in kinds and not isinstance(params["vit"]["tasks"], dict):     # classes / groups: read the dataset's
-        n_tasks["vit"] = len(ImageTasks.from_params(params).names)
+        n_tasks["vit"] = plan.known_n_tasks(params) or len(ImageTasks.from_params(params).names)
     stages = plan.count(params, n_tasks)
     sizes = {k: plan.model_size(params, k) for k in kinds}
     rates = {} if args.no_measure else {k: plan.measure_rate(params, k) for k in kinds}

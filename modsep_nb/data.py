@@ -125,6 +125,27 @@ def embedded_text_domain(name: str) -> list[str]:
     return [d.text for d in embedded_documents(name)]
 
 
+def general_corpus(seed: int = 0, exclude=()) -> list[str]:
+    """The external general corpus of `retain: general` (docs/method.md §3), a stand-in for the paper's Pile that
+    holds none of the tasks: every fortune of Debian's categories that are not embedded domains (art, cookie,
+    debian, definitions, people, wisdom, zippy, ...), each text once, less any entry of an embedded domain and
+    any text in `exclude` (the study's own documents), in a seeded shuffled order, so that any budget reads a
+    sample of the whole source."""
+    if not FORTUNES_DIR.is_dir():
+        raise DataNotAvailableError(f"the general corpus reads {FORTUNES_DIR}: install Debian's packages "
+                                    f"`apt-get install fortunes fortunes-min` (make run does this when run as root)")
+    categories = sorted(p.name for p in FORTUNES_DIR.iterdir()
+                        if p.is_file() and not p.suffix and p.name not in EMBEDDED_TEXT_DOMAINS)
+    # some entries are in several categories: none of an embedded domain's may be in the corpus
+    excluded = set(exclude) | {d.text for c in EMBEDDED_TEXT_DOMAINS if (FORTUNES_DIR / c).is_file() for d in _fortunes(c)}
+    texts = list(dict.fromkeys(d.text for c in categories for d in _fortunes(c) if d.text not in excluded))
+    if not texts:
+        raise DataNotAvailableError(f"no fortunes outside the embedded domains in {FORTUNES_DIR}: install Debian's "
+                                    f"package `fortunes` for the general corpus")
+    order = np.random.default_rng(seed).permutation(len(texts))
+    return [texts[i] for i in order]
+
+
 def document_groups(docs: list[Document], n_chars: int = 200) -> list[int]:
     """A group label per document: documents of one family, and documents that share a passage of `n_chars`
     characters (directly or through others), get the same label.

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import copy
 import re
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import stats as sps
 
+from . import plots
 from .claims import Claim, resample_p
 from .correspondence import random_balanced_splits, task_correspondence
 from .evidence import _seeds, bootstrap_masks, paired_difference_ci, percentile_ci, ratio_of_sums
@@ -274,9 +277,21 @@ def settle_before_accuracy_claim(overlap_curve, overlap_samples, accuracy, accur
 
 
 # -- the whole notebook's numbers ---------------------------------------------------------------------------------
-def follow(studies: list, *, frac: float, groups: dict | None = None, progress: bool = True) -> dict:
+@dataclass
+class DynamicsRun:
+    """What follow() found over one training run, in checkpoint order (the final last)."""
+    steps: list                 # training steps
+    labels: list                # each checkpoint's model label
+    measures: list              # measure() at each checkpoint
+    versus: list                # against_final() of each checkpoint
+    claims: list                # dynamics_claims: structure_at_init, selectivity_grows, sets_settle_before_accuracy
+    settle: dict                # the steps (and checkpoint indices) where the sets and accuracy settle
+
+
+def follow(studies: list, *, frac: float, groups: dict | None = None, progress: bool = True,
+           suffix: str = "") -> DynamicsRun:
     """measure() at every checkpoint of `studies` ([(step, Study)], the final last) and against_final() for each;
-    then the claims. Returns {"steps", "labels", "measures", "versus", "claims", "settle"}."""
+    then the claims, their ids ending in `suffix` (e.g. "[lm]")."""
     steps = [s for s, _ in studies]
     params = studies[-1][1].params
     measures = []
@@ -286,9 +301,9 @@ def follow(studies: list, *, frac: float, groups: dict | None = None, progress: 
             print(f"step {step}: {study.label}: accuracy {measures[-1]['accuracy']['estimate']:.3f}", flush=True)
     versus = [against_final(m, measures[-1], n_perm=params["evidence"]["n_perm"], seed=params["seed"])
               for m in measures]
-    claims, settle = dynamics_claims(steps, measures, versus, n_perm=params["evidence"]["n_perm"], seed=params["seed"])
-    return {"steps": steps, "labels": [st.label for _, st in studies], "measures": measures, "versus": versus,
-            "claims": claims, "settle": settle}
+    claims, settle = dynamics_claims(steps, measures, versus, n_perm=params["evidence"]["n_perm"], seed=params["seed"],
+                                     suffix=suffix)
+    return DynamicsRun(steps, [st.label for _, st in studies], measures, versus, claims, settle)
 
 
 def dynamics_claims(steps, measures: list, versus: list, *, n_perm: int, seed: int, suffix: str = "") -> tuple:
@@ -308,10 +323,10 @@ def dynamics_claims(steps, measures: list, versus: list, *, n_perm: int, seed: i
     return [replace(c, id=c.id + suffix) for c in claims], at
 
 
-def curves(run: dict) -> dict:
+def curves(run: DynamicsRun) -> dict:
     """Per measure (estimate [C], low [C], high [C]) and its null, in checkpoint order: what the figures draw and
     the results JSON records."""
-    ms, vs = run["measures"], run["versus"]
+    ms, vs = run.measures, run.versus
     ci = lambda pairs: (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))   # noqa: E731
     overlap_ev = [m["evidence"]["overlap"] for m in ms]
     sel_claims = [next(c for c in m["claims"] if c.id == "selectivity") for m in ms]
@@ -333,10 +348,10 @@ def curves(run: dict) -> dict:
     }
 
 
-def record(run: dict) -> dict:
+def record(run: DynamicsRun) -> dict:
     """The results JSON's per-checkpoint record (no masks or resamples)."""
     rows = []
-    for step, label, m, v in zip(run["steps"], run["labels"], run["measures"], run["versus"]):
+    for step, label, m, v in zip(run.steps, run.labels, run.measures, run.versus):
         ov = m["evidence"]["overlap"]
         rows.append({"step": step, "model": label, "accuracy": {k: m["accuracy"][k] for k in ("estimate", "ci", "n")},
                      "claims": [c.as_dict() for c in m["claims"]], "cross_task": m["cross_task"],
@@ -348,7 +363,7 @@ def record(run: dict) -> dict:
                                                                    ("rho", "ci", "p", "null_band", "n_tasks")},
                      "correspondence": {k: m["correspondence"][k] for k in ("tasks", "task_z", "estimate", "ci",
                                                                              "null_band")}})
-    return {"steps": run["steps"], "checkpoints": rows, "settle": run["settle"]}
+    return {"steps": run.steps, "checkpoints": rows, "settle": run.settle}
 
 
 def findings(claims: list, settle: dict) -> str:
@@ -377,3 +392,140 @@ def findings(claims: list, settle: dict) -> str:
                + ("the neuron sets settle before accuracy arrives." if ok else
                   "not significant; this run does not show the sets settling first."))
     return "\n".join(out) + "\n"
+
+
+# -- notebook 06's steps ----------------------------------------------------------------------------------------
+FIGURES = (     # (curve, y label, null label, title, caption); the titles' {} are filled from the params
+    ("accuracy", "test accuracy (top-1)", "chance", "Test accuracy over training",
+     "Accuracy rises from chance; the other curves say whether the task structure forms before, with or after it."),
+    ("selectivity", "selectivity beyond random neurons", "null (0)",
+     "01's selectivity at {pruned:.0%} pruned, selected minus random",
+     "Modular: above 0 (pruning a task's neurons hurts it more than the others, beyond random neurons)."),
+    ("median_overlap", "median pairwise overlap", "pseudo-task null (95%)",
+     "Median pairwise overlap of top-{overlap:.0%} sets",
+     "Below the null band: the tasks' sets are more separate than same-distribution pseudo-tasks'."),
+    ("overlap_with_final", "overlap with the final set (mean over tasks)", "layer-matched chance",
+     "How settled each task's top-{frac:.0%} sets are: overlap with the final model's",
+     "A set has settled once its overlap with the final set stays high; thin lines: single tasks."),
+    ("pattern_rho", "Spearman rho with the final matrix", "permutation null (95%)",
+     "Pattern persistence: task x task overlap vs the final one",
+     "Above the band at step 0: the final pattern is already present at initialisation."),
+    ("correspondence_z", "mean z in the parameter split", "random splits (95%)",
+     "Correspondence of the tasks' per-layer top-{frac:.0%} sets with W_in's k-means split",
+     "Above the band: task neurons cluster in W_in's experts; compare when this appears with the accuracy curve."),
+)
+LM_CURVES = ("accuracy", "overlap_with_final", "pattern_rho", "correspondence_z")
+
+
+class TrainingDynamics:
+    """Notebook 06's steps: the embedded ViT's training checkpoints (and a language model's, where lm.revisions
+    names them). Every step computes what it needs on demand, so the cells run in any order after the setup cell.
+
+        td = TrainingDynamics(report)
+        td.checkpoints()              # the checkpoints of one training run
+        run = td.run                  # follow(): the pipeline and claims at every checkpoint (DynamicsRun)
+        td.figures()                  # each measure against the training step
+        td.evidence()                 # the claims, their forest plot and p
+        td.language_model()           # the same on lm.revisions, or one line saying it is skipped
+        text = td.findings()
+        report.save(td.results())
+    """
+
+    def __init__(self, report):
+        self.report, self.params = report, report.params
+        self.dyn = self.params["dynamics"]
+
+    @cached_property
+    def studies(self) -> list[tuple[int, Study]]:
+        return checkpoint_studies(self.params, "vit")
+
+    def checkpoints(self) -> list[tuple[int, Study]]:
+        final = self.studies[-1][1]
+        print(final.describe())
+        print("checkpoints (training steps):", [s for s, _ in self.studies])
+        print("final checkpoint:", final.label, "| test accuracy stored with it:", final.handle.info.get("test_accuracy"))
+        return self.studies
+
+    @cached_property
+    def run(self) -> DynamicsRun:
+        """follow() over the checkpoints; related tasks (tasks.groups) for the related_share_more claim."""
+        return follow(self.studies, frac=self.dyn["frac"], groups=self.studies[-1][1].tasks.groups)
+
+    @cached_property
+    def curves(self) -> dict:
+        return curves(self.run)
+
+    def check(self) -> dict:
+        """The steps, accuracy and mean overlap with the final sets at each checkpoint (rounded: a check)."""
+        return {"steps": self.run.steps, "accuracy": np.round(self.curves["accuracy"][0][0], 3).tolist(),
+                "overlap with the final sets": np.round(self.curves["overlap_with_final"][0][0], 2).tolist()}
+
+    def figures(self) -> None:
+        """Every measure against the training step, with its interval and null."""
+        run, names = self.run, {"pruned": self.params["pruning"]["frac"], "overlap": self.params["overlap"]["frac"],
+                                "frac": self.dyn["frac"]}
+        for key, ylabel, null_label, title, caption in FIGURES:
+            line, null = self.curves[key]
+            thin = ({t: [v["overlap"][k] for v in run.versus] for k, t in enumerate(run.versus[0]["tasks"])}
+                    if key == "overlap_with_final" else None)
+            self.report.show(plots.over_steps(run.steps, {ylabel: line}, null=null, null_label=null_label, thin=thin,
+                                              title=title.format(**names), ylabel=ylabel), f"06_{key}", caption)
+
+    @cached_property
+    def claims(self) -> list[Claim]:
+        """The run's claims, recorded in the report."""
+        self.report.claim(*self.run.claims)
+        return self.run.claims
+
+    def evidence(self) -> list[Claim]:
+        """The claims' forest plot, one line per claim, and where the sets and accuracy settle."""
+        self.report.claims_figure("06_claims", self.claims)
+        self.report.print_claims(self.claims)
+        print("sets settle at step", self.run.settle["sets_settle_step"], "| accuracy arrives at step",
+              self.run.settle["accuracy_step"])
+        return self.claims
+
+    @cached_property
+    def lm_run(self) -> DynamicsRun | None:
+        """follow() over lm.revisions (claims with "[lm]" in their ids, recorded), or None where it is not set."""
+        if not self.params["lm"]["revisions"]:
+            return None
+        run = follow(checkpoint_studies(self.params, "lm"), frac=self.dyn["frac"], suffix="[lm]")
+        self.report.claim(*run.claims)
+        return run
+
+    def language_model(self) -> DynamicsRun | None:
+        """The language model's curves, or one line saying the section is skipped and how to run it."""
+        if self.lm_run is None:
+            print("lm.revisions is not set: this section is skipped (set it to a model's training checkpoints, e.g. "
+                  "Pythia's hub revisions, to follow a language model).")
+            return None
+        lm_curves = curves(self.lm_run)
+        for key in LM_CURVES:
+            line, null = lm_curves[key]
+            self.report.show(plots.over_steps(self.lm_run.steps, {key: line}, null=null, ylabel=key,
+                                              title=f"{key} over training — {self.lm_run.labels[-1]}"),
+                             f"06_lm_{key}", "The same measures as above, on the language model's checkpoints.")
+        return self.lm_run
+
+    def findings(self) -> str:
+        """The findings in words, every number from this run's records; verdicts only through the claims."""
+        run, steps, acc = self.run, self.run.steps, self.curves["accuracy"][0][0]
+        if len(steps) < 3 or steps[0] != 0 or not np.all(np.diff(steps) > 0) or not np.all((acc >= 0) & (acc <= 1)):
+            raise RuntimeError(f"the checkpoints must be at least 3 increasing steps from 0 with accuracies in [0, 1]; "
+                               f"got steps {steps}, accuracies {acc.tolist()}")
+        text = (f"Model: {self.studies[-1][1].describe()}; {len(steps)} checkpoints of one training run, steps {steps} "
+                f"(step 0: the seeded initialisation, as in notebook 04; the last: the model of the other notebooks). "
+                f"Test accuracy on {run.measures[-1]['accuracy']['n']} "
+                f"images goes from {acc[0]:.3f} at step 0 to {acc[-1]:.3f} at the end.\n\n")
+        text += findings(self.report.adjusted(self.claims), run.settle)
+        if self.lm_run is not None:
+            text += f"\n**Language model** ({self.lm_run.labels[-1]}, checkpoints {self.lm_run.steps}):\n\n"
+            text += findings(self.report.adjusted(self.lm_run.claims), self.lm_run.settle)
+        return text
+
+    def results(self) -> dict:
+        """The numbers of this run for the results JSON (the claims recorded first: report.save lists them)."""
+        self.claims, self.lm_run        # noqa: B018
+        return {"vit": record(self.run), "lm": None if self.lm_run is None else record(self.lm_run),
+                "dynamics": self.dyn, "params": self.params}

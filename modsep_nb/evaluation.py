@@ -266,7 +266,8 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
     Tasks with equal per-layer counts (e.g. mode='per_layer' at a fixed frac) share the random set of a
     seed, which is then measured once.
     distributed: under torchrun (default: when torch.distributed is initialised) rank r measures the rows
-    (pruned tasks) r, r + world, ... and every rank returns the whole result, the one process's.
+    (pruned tasks) r, r + world, ... (and the unpruned accuracies of tasks r, r + world, ... not in `base`), and
+    every rank returns the whole result, the one process's.
     """
     if (frac is None) == (target is None):
         raise ValueError("give exactly one of frac (a fixed fraction) or target (e.g. 0.8 of unpruned accuracy)")
@@ -285,9 +286,14 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
         raw_all = lambda: {t: evaluators[t]() for t in tasks}  # noqa: E731
     raw_one = (lambda t: raw_all()[t]) if callable(evaluators) else (lambda t: evaluators[t]())  # noqa: E731
     evaluate_one = lambda t: accuracy_of(raw_one(t))  # noqa: E731
+    rank, world = _shard(distributed)
     base = dict(base) if base else {}       # accuracies, or per-document hits as the evaluators give them
-    if any(t not in base for t in tasks):
+    missing = [t for t in tasks if t not in base]
+    if missing and callable(evaluators):    # one pass gives every task: splitting it would save nothing
         base.update({t: v for t, v in raw_all().items() if t not in base})
+    elif missing:                           # torchrun: rank r measures every world-th missing task, then all share
+        measured = _gathered({t: evaluators[t]() for t in missing[rank::world]}, world)
+        base.update({t: measured[t] for t in missing})
     keep = frac is not None and all(_is_hits(base[t]) for t in tasks)
     documents = {"base": {t: base[t] for t in tasks}, "pruned": {}, "random": [{} for _ in random_seeds]} if keep else None
     base = {t: accuracy_of(v) for t, v in base.items()}
@@ -295,7 +301,6 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
     random_pruned = np.zeros((len(random_seeds), len(tasks), len(tasks)))
     fracs, converged, reached = {}, {}, {}
     seen_random: dict = {}      # equal per-layer counts and seed give the same random set: measure it once
-    rank, world = _shard(distributed)
     rows = {}                   # per pruned task: (frac, converged, reached, raw, raw of each random seed)
     for a in tqdm(tasks[rank::world], desc="cross-task", disable=not progress or rank > 0, leave=False):
         means_a = _means_for(means, a)
@@ -371,7 +376,10 @@ def _bisect_frac(handle, scores, evaluate_a, base_a, target, *, mode, ablation, 
     Returns (frac, converged, reached): converged is True when acc_A at frac is within tol × base_a of
     target × base_a; otherwise frac is max_frac (the target is out of reach) or the smallest fraction
     tried that fell below the target (the steps ran out). reached = acc_A(frac) / base_a.
+    A task the unpruned model never gets right (base_a 0) has no fraction to find: max_frac, not converged, nan.
     """
+    if not base_a > 0:
+        return max_frac, False, float("nan")
     goal, slack = target * base_a, tol * base_a
     lo, hi = 0.0, max_frac
 

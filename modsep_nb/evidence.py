@@ -14,6 +14,7 @@ import itertools
 import math
 import warnings
 from collections import Counter
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -22,7 +23,7 @@ import torch
 from .claims import ALPHA, Claim, holm, resample_p
 from .evaluation import own_and_others, selectivity
 from .overlaps import chance_overlap, layer_matched_chance_matrix, overlap_matrix, related_vs_unrelated
-from .pruning import ablate, select_neurons, task_scores
+from .pruning import ATTRIBUTIONS, BLOCK_LOCALISERS, LOCALISERS, ablate, select_neurons, task_scores
 from .statistics import BlockStats, bootstrap_weights, weighted_pool
 
 LEVEL = 0.95
@@ -137,13 +138,35 @@ def cross_task_intervals(result, n_boot: int, seed: int) -> dict:
 
 # -- the same pipeline on any statistics ------------------------------------------------------------------
 def pipeline_masks(stats: Mapping, *, frac: float, mode: str = "global", importance: str = "abs",
-                   eps: float = 1e-3, eps_relative: float | None = None, retain: str = "rest") -> dict[str, torch.Tensor]:
-    """Scores with the retain rule of Study.scores ('rest': the other tasks pooled; 'general': every task
-    pooled) and the top-`frac` selection: one function for the real tasks, their resamples and the null."""
-    general = weighted_pool(list(stats.values())) if retain == "general" else None
+                   eps: float = 1e-3, eps_relative: float | None = None, retain: str = "rest",
+                   general=None) -> dict[str, torch.Tensor]:
+    """Scores with the retain rule of Study.scores ('rest': the other tasks pooled; 'general': the general
+    corpus's NeuronStats `general`, the same for the real tasks, their resamples and the null) and the top-`frac`
+    selection: one function for the real tasks, their resamples and the null.
+    A block localiser (auroc) takes {task: BlockStats} (_resampled gives them), an attribution {task: [L, d_mlp]}."""
+    if importance in LOCALISERS + BLOCK_LOCALISERS + ATTRIBUTIONS:      # they contrast the tasks themselves
+        general = None
+    elif retain == "general" and general is None:
+        raise ValueError("retain='general' needs the general corpus's statistics as `general` (Study.general_stats())")
     scores = task_scores(dict(stats), importance=importance, eps=eps, eps_relative=eps_relative, retain=retain,
                          general=general)
     return {t: select_neurons(s, frac, mode) for t, s in scores.items()}
+
+
+def _resampled(blocks: BlockStats, weights, importance: str = "abs"):
+    """Yield what pipeline_masks reads for each row of weights [K, B]: the blocks merged with those weights, or for
+    a block localiser (it ranks blocks) the blocks repeated as many times as their weights say."""
+    if importance not in BLOCK_LOCALISERS:
+        yield from blocks.resamples(weights)
+        return
+    index = torch.arange(blocks.n_blocks)
+    for w in torch.as_tensor(weights):
+        yield blocks.subset(torch.repeat_interleave(index, w.long()))
+
+
+def _merged(task_blocks: Mapping[str, BlockStats], importance: str = "abs") -> dict:
+    """The tasks' statistics as pipeline_masks reads them (all blocks, once each)."""
+    return {t: b if importance in BLOCK_LOCALISERS else b.merged() for t, b in task_blocks.items()}
 
 
 def _pairs(masks: Mapping[str, torch.Tensor]) -> np.ndarray:
@@ -166,8 +189,8 @@ def bootstrap_masks(task_blocks: Mapping[str, BlockStats], n_boot: int, seed: in
     names = list(task_blocks)
     for t in names:
         _check_units(t, task_blocks[t].n_blocks, "blocks of documents")
-    draws = {t: task_blocks[t].resamples(bootstrap_weights(task_blocks[t].n_blocks, n_boot, s))
-             for t, s in zip(names, _seeds(seed, len(names)))}
+    draws = {t: _resampled(task_blocks[t], bootstrap_weights(task_blocks[t].n_blocks, n_boot, s),
+                           pipeline.get("importance", "abs")) for t, s in zip(names, _seeds(seed, len(names)))}
     for _ in range(n_boot):
         yield pipeline_masks({t: next(draws[t]) for t in names}, **pipeline)
 
@@ -175,12 +198,17 @@ def bootstrap_masks(task_blocks: Mapping[str, BlockStats], n_boot: int, seed: in
 def bootstrap_overlap(task_blocks: Mapping[str, BlockStats], n_boot: int, seed: int, **pipeline) -> dict:
     """The pairwise overlaps of the tasks' selections under a bootstrap over documents: each task's blocks are
     resampled independently (seeded), merged, and put through pipeline_masks(**pipeline).
-    Returns {"pairs" [n_boot, n_pairs], "median" [n_boot], "matrices" [n_boot, T, T]}."""
+    Returns {"pairs" [n_boot, n_pairs], "median" [n_boot], "matrices" [n_boot, T, T], "chance" [n_boot, n_pairs]:
+    each pair's layer-matched chance under the resample}."""
     names = list(task_blocks)
-    matrices = np.stack([overlap_matrix(masks)[1] for masks in bootstrap_masks(task_blocks, n_boot, seed, **pipeline)])
+    matrices, chance = [], []
+    for masks in bootstrap_masks(task_blocks, n_boot, seed, **pipeline):
+        matrices.append(overlap_matrix(masks)[1])
+        chance.append(layer_matched_chance_matrix(masks, metric="overlap")[1])
+    matrices, chance = np.stack(matrices), np.stack(chance)
     i, j = np.triu_indices(len(names), k=1)
     pairs = matrices[:, i, j]
-    return {"pairs": pairs, "median": np.median(pairs, axis=1), "matrices": matrices}
+    return {"pairs": pairs, "median": np.median(pairs, axis=1), "matrices": matrices, "chance": chance[:, i, j]}
 
 
 # -- the pseudo-task null -------------------------------------------------------------------------------------
@@ -219,7 +247,7 @@ def pseudo_task_null(domain: BlockStats, sizes: Sequence[int], n_null: int, seed
     for r, child in enumerate(_seeds(seed, n_null)):
         for k, part in enumerate(_partition(domain.n_blocks, sizes, child)):
             indicator[r, k, torch.from_numpy(part)] = 1.0
-    merged = domain.resamples(indicator.flatten(0, 1))          # every replicate's pseudo-tasks, in order
+    merged = _resampled(domain, indicator.flatten(0, 1), pipeline.get("importance", "abs"))   # replicates in order
     for _ in range(n_null):
         masks = pipeline_masks({f"pseudo{k}": next(merged) for k in range(len(sizes))}, **pipeline)
         pairs.append(_pairs(masks))
@@ -430,18 +458,24 @@ def null_sizes(sizes: Sequence[int], available: int) -> list[int]:
 
 def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockStats, *, frac: float, n_boot: int,
                      n_null: int, seed: int, mode: str = "global", importance: str = "abs", eps: float = 1e-3,
-                     eps_relative: float | None = None, retain: str = "rest") -> dict:
+                     eps_relative: float | None = None, retain: str = "rest", general=None) -> dict:
     """Median pairwise overlap of the tasks' selections against the pipeline's own null (pseudo-tasks of
     `null_domain` with the tasks' sizes in blocks), uniform and layer-matched chance, with bootstrap intervals
-    on every pair and on the median; and the claim `overlap_above_null`."""
-    pipeline = dict(frac=frac, mode=mode, importance=importance, eps=eps, eps_relative=eps_relative, retain=retain)
+    on every pair and on the median; and the claim `overlap_above_null`.
+    retain='general' (scores against the general corpus's statistics `general`): pseudo-tasks of one domain
+    would all select that domain's neurons, so the null is instead layer-matched chance (sets drawn at random
+    with each task's count per layer: no sharing), pair by pair under every resample; null_domain is not read."""
+    pipeline = dict(frac=frac, mode=mode, importance=importance, eps=eps, eps_relative=eps_relative, retain=retain,
+                    **({"general": general} if retain == "general" else {}))
     names = list(task_blocks)
     if len(names) < 2:
         raise ValueError("overlap needs at least two tasks")
-    masks = pipeline_masks({t: b.merged() for t, b in task_blocks.items()}, **pipeline)
+    masks = pipeline_masks(_merged(task_blocks, importance), **pipeline)
     pairs = _pairs(masks)
     observed = float(np.median(pairs))
     boot = bootstrap_overlap(task_blocks, n_boot, seed, **pipeline)
+    if retain == "general":
+        return _overlap_above_chance(names, masks, pairs, boot, seed)
     null = pseudo_task_null(null_domain, null_sizes([task_blocks[t].n_blocks for t in names], null_domain.n_blocks),
                             n_null, seed + 1, **pipeline)
     sizes = np.array([float(m.sum()) for m in masks.values()])
@@ -456,6 +490,30 @@ def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockSt
             "null_median": float(np.mean(null["median"])), "null_band": percentile_ci(null["median"]),
             "uniform_chance": float(np.mean(chance_overlap(sizes[i], sizes[j], n_all))),
             "layer_matched_chance": layer_matched_chance(masks), "boot": boot, "null": null, "claim": claim}
+
+
+def _overlap_above_chance(names, masks, pairs, boot, seed: int) -> dict:
+    """overlap_evidence under retain='general': each pair's overlap minus its layer-matched chance, the median
+    over pairs, with its bootstrap over statistics blocks (chance recomputed from each resample's sets) and
+    the one-sided bootstrap p; the record keeps the median overlap and the chance's band apart."""
+    i, j = np.triu_indices(len(names), k=1)
+    chance = layer_matched_chance_matrix(masks, metric="overlap")[1][i, j]
+    boot_chance = np.median(boot["chance"], axis=1)
+    claim = excess_claim("overlap_above_null", "tasks' neuron sets (scored against the general corpus) overlap more "
+                         "than random sets with the same count per layer (median over pairs of overlap minus "
+                         "layer-matched chance; one-sided bootstrap p)", float(np.median(pairs - chance)),
+                         np.median(boot["pairs"] - boot["chance"], axis=1), None, n=len(pairs), seed=seed)
+    claim = replace(claim, observed=float(np.median(pairs)), observed_ci=percentile_ci(boot["median"]),
+                    null_band=percentile_ci(boot_chance))
+    sizes = np.array([float(m.sum()) for m in masks.values()])
+    n_all = masks[names[0]].numel()
+    return {"names": names, "masks": masks, "pairs": pairs, "pairs_ci": [percentile_ci(boot["pairs"][:, k])
+                                                                        for k in range(len(pairs))],
+            "median": float(np.median(pairs)), "median_ci": percentile_ci(boot["median"]),
+            "null_median": float(np.median(chance)), "null_band": percentile_ci(boot_chance),
+            "null_label": "layer-matched chance",
+            "uniform_chance": float(np.mean(chance_overlap(sizes[i], sizes[j], n_all))),
+            "layer_matched_chance": layer_matched_chance(masks), "boot": boot, "null": None, "claim": claim}
 
 
 def selectivity_per_task(selected: dict, random: dict, *, unit: str = "task") -> Claim:

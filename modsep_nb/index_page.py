@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import quote, unquote
 
 from .files import write_text_atomic
+from .scorecard import scorecard_markdown
 
 # nbconvert's lab template, less the scripts it loads from CDNs (require.js, MathJax, mermaid, the widget
 # manager): offline they only fail to load. Without MathJax, TeX in Markdown cells shows as written.
@@ -88,7 +89,8 @@ def _summary_markdown(run_dir: Path) -> str:
     if summary.is_file():
         return summary.read_text(encoding="utf-8")
     findings = _finished(run_dir / "findings", "*.md")
-    return "\n\n".join(f.read_text(encoding="utf-8") for f in findings) or "_No findings were recorded in this run._"
+    text = "\n\n".join(f.read_text(encoding="utf-8") for f in findings) or "_No findings were recorded in this run._"
+    return scorecard_markdown(run_dir) + "\n" + text           # the scorecard first, as summary.md has it
 
 
 def _run_title(run_dir: Path) -> str:

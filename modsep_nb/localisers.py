@@ -9,10 +9,13 @@ one fraction, on one model, each step one call with its printed check.
     trial.table()        # localiser x measure, with 95% intervals
     report.save(trial.results())
 
-Localisers computed from the per-task statistics (selective pruning's importances, `lape`, `ttest`) share the
-statistics pass and go through Study's own scores, so their bootstraps and pseudo-task nulls are resamples of the
-block sums; the attribution needs one forward and one backward pass per statistics batch (the same data and
-budget), and has no cheap pseudo-task null (that would need a gradient pass over the null domain too).
+Localisers computed from the per-task statistics (selective pruning's importances, `lape`, `ttest`, `auroc`)
+share the statistics pass of notebooks 01/02 (cached), so their bootstraps and pseudo-task nulls are resamples of
+the block sums; the LM's null domain is notebook 02's (all of lm.tasks, cached), cut into pseudo-tasks of these
+tasks' sizes. The attribution needs one forward and one backward pass per batch, on the first
+localisers.attribution_tokens (attribution_images) of each task's statistics data and, for its pseudo-task null,
+on the null domain read with all tasks' attribution budget: kept per block of documents, so its bootstrap and
+null are resamples too, as for the statistics localisers.
 """
 from __future__ import annotations
 
@@ -28,26 +31,31 @@ from .data import ImageDataset
 from .evaluation import own_and_others
 from .evidence import cross_task_intervals, excess_claim, overlap_evidence, percentile_ci
 from .overlaps import layer_matched_chance, overlap
-from .pruning import attribution_scores, collect_attribution
-
-ATTRIBUTION = ("attribution", "attribution_contrast")
+from .pruning import (ATTRIBUTIONS as ATTRIBUTION, BLOCK_LOCALISERS, IMPORTANCES, attribution_scores,
+                      collect_attribution, task_scores)
+from .study import Study
 # no "|" in these: they go into the claims' markdown table
 WHAT = {"abs": "selective pruning, mean absolute activation ratio", "rms": "selective pruning, RMS ratio",
         "std": "selective pruning, std ratio", "freq": "selective pruning, P(active) ratio",
         "sqrt": "selective pruning, mean square-root activation ratio", "lape": "activation-probability entropy",
-        "ttest": "Welch t, task vs rest (per token)", "attribution": "-activation x gradient of the task's loss",
+        "ttest": "Welch t, task vs rest (per token)", "auroc": "AUROC, task vs rest (per block of documents)",
+        "attribution": "-activation x gradient of the task's loss",
         "attribution_contrast": "attribution minus the other tasks' mean"}
 
 
 def localiser_params(params: dict, kind: str) -> dict:
-    """The params with lm.tasks cut to the first localisers.lm_tasks (the LM's cross-task matrices cost tasks² x
-    evaluation passes per localiser); unchanged for the ViT."""
-    n = params["localisers"]["lm_tasks"]
-    if kind != "lm" or n is None:
-        return params
-    out = copy.deepcopy(params)
-    tasks = out["lm"]["tasks"]
-    out["lm"]["tasks"] = dict(list(tasks.items())[:n]) if isinstance(tasks, dict) else tasks[:n]
+    """The params notebook 07 runs `kind` with: lm.tasks cut to the first localisers.lm_tasks (the LM's cross-task
+    matrices cost tasks² evaluation passes per localiser), and the evaluation budget localisers.eval_tokens
+    (eval_images) where set (each localiser's matrix is one more set of tasks x (1 + random seeds) passes). The
+    statistics settings are not touched: 07 reads the statistics notebooks 01/02 cached."""
+    loc, out = params["localisers"], copy.deepcopy(params)
+    unit = "tokens" if kind == "lm" else "images"
+    if loc[f"eval_{unit}"] is not None:            # cheaper, never more than the section's
+        out[kind][f"eval_{unit}"] = min(loc[f"eval_{unit}"], params[kind][f"eval_{unit}"])
+    n = loc["lm_tasks"]
+    if kind == "lm" and n is not None:
+        tasks = out["lm"]["tasks"]
+        out["lm"]["tasks"] = dict(list(tasks.items())[:n]) if isinstance(tasks, dict) else tasks[:n]
     return out
 
 
@@ -57,15 +65,23 @@ class Localisers:
         self.params, self.frac = study.params, study.params["pruning"]["frac"]
         self.methods = list(study.params["localisers"]["methods"])
         self.all_scores = self.cost = self.fixed = self.boot = self.claims = self.overlap = self.agree = None
+        self.attribution_blocks = None
 
     def _study_with(self, importance: str):
         """This study scoring with another statistics localiser: the same model, tasks and cached statistics."""
         params = {**self.params, "pruning": {**self.params["pruning"], "importance": importance}}
         return dataclasses.replace(self.study, params=params)
 
-    def _attribution_data(self, task: str):
+    @property
+    def attribution_budget(self) -> int:
+        """Tokens (images) per task of the attribution's gradient pass: localisers.attribution_tokens
+        (attribution_images), at most the statistics budget; null: the statistics budget."""
+        own = self.params["localisers"][f"attribution_{self.study.tasks.unit}"]
+        return self.study.stats_budget if own is None else min(own, self.study.stats_budget)
+
+    def _attribution_data(self, task: str, budget: int):
         """A task's statistics data with what its loss needs (images: their labels), within the budget."""
-        budget, tasks = self.study.stats_budget, self.study.tasks
+        tasks = self.study.tasks
         if self.study.handle.kind == "lm":
             return tasks.statistics_data(task, budget)
         train = tasks.train
@@ -85,15 +101,18 @@ class Localisers:
         for name in self.methods:
             if name in ATTRIBUTION:
                 if attribution is None:
-                    s = self.settings_for_attribution()
-                    runs = {t: collect_attribution(self.study.handle, self._attribution_data(t), **s)
-                            for t in self.study.task_names}
+                    runs = {t: self._attribution(t, self.attribution_budget) for t in self.study.task_names}
                     attribution = ({t: r["attribution"] for t, r in runs.items()},
                                    sum(r["batches"] for r in runs.values()), sum(r["seconds"] for r in runs.values()))
+                    self.attribution_blocks = {t: r["blocks"] for t, r in runs.items()}
                 start = time.perf_counter()         # the pass's seconds are counted once, in attribution[2]
                 self.all_scores[name] = attribution_scores(attribution[0], contrast=name == "attribution_contrast")
                 self.cost[name] = {"seconds": attribution[2] + time.perf_counter() - start,
                                    "forward": attribution[1], "backward": attribution[1]}
+            elif name in BLOCK_LOCALISERS:          # ranks the cached statistics blocks
+                start = time.perf_counter()
+                self.all_scores[name] = task_scores(self.study.block_stats(progress=False), importance=name)
+                self.cost[name] = {"seconds": time.perf_counter() - start, "forward": "shared", "backward": 0}
             else:
                 start = time.perf_counter()
                 self.all_scores[name] = self._study_with(name).scores(stats=stats)
@@ -104,12 +123,16 @@ class Localisers:
             print(f"{name:>22}: {c['seconds']:.2f} s, forward passes {c['forward']}, backward {c['backward']}")
         return self.all_scores
 
-    def settings_for_attribution(self) -> dict:
-        s, budget = self.study.settings, self.study.stats_budget
+    def _attribution(self, task: str, budget: int, n_blocks: int | None = None) -> dict:
+        """collect_attribution on a task's first `budget` tokens (images), kept per block of documents (by default
+        evidence.n_blocks, as the statistics)."""
+        s = self.study.settings
         if self.study.handle.kind == "lm":
-            return {"max_tokens": budget, "ctx": s["ctx"], "batch_size": s["batch_size"],
-                    "skip_positions": s.get("skip_positions", ())}
-        return {"batch_size": s["batch_size"], "cls_only": s["cls_only"]}
+            options = {"max_tokens": budget, "ctx": s["ctx"], "skip_positions": s.get("skip_positions", ())}
+        else:
+            options = {"cls_only": s["cls_only"]}
+        return collect_attribution(self.study.handle, self._attribution_data(task, budget), batch_size=s["batch_size"],
+                                   n_blocks=n_blocks or self.params["evidence"]["n_blocks"], **options)
 
     def cross_task(self) -> dict:
         """Each localiser's cross-task matrix at pruning.frac (its own top sets ablated, with matched random sets in
@@ -120,7 +143,7 @@ class Localisers:
         for name in self.methods:       # each keeps its own unpruned hits: the intervals resample them per document
             self.fixed[name] = self.study.cross_task(frac=self.frac, scores=self.all_scores[name], random_seeds=seeds,
                                                      progress=False)
-            self.boot[name] = cross_task_intervals(self.fixed[name], ev["n_boot"], self.params["seed"])
+            self.boot[name] = cross_task_intervals(self.fixed[name], self.n_boot, self.params["seed"])
             sel = self.fixed[name].selectivity()
             print(f"{name:>22}: own {sel['own'].mean():.3f}, others {sel['others'].mean():.3f}; matched random: own "
                   f"{np.nanmean(sel['random_own']):.3f}, others {np.nanmean(sel['random_others']):.3f}")
@@ -131,10 +154,11 @@ class Localisers:
         selectivity: others' minus own relative accuracy, selected minus matched random, bootstrap over evaluation
             documents (the claim of notebooks 01/02, Study.claims);
         overlap_above_null: median pairwise overlap of the tasks' sets at pruning.frac against same-distribution
-            pseudo-tasks put through the same localiser (statistics localisers only: evidence.overlap_evidence)."""
+            pseudo-tasks put through the same localiser, bootstrap over blocks of documents (evidence.overlap_evidence;
+            the attribution's from its per-block gradient pass over the tasks and the null domain)."""
         ev, seed = self.params["evidence"], self.params["seed"]
         self.claims, self.overlap = [], {}
-        blocks = null = None
+        inputs = {}         # (task blocks, null domain blocks) of the statistics and of the attribution
         for name in self.methods:
             selected, matched = self.boot[name]["selected"], self.boot[name]["random"]
             self.claims.append(excess_claim(
@@ -143,13 +167,14 @@ class Localisers:
                 f"own relative accuracy, selected minus random)", selected["selectivity"] - matched["selectivity"],
                 selected["selectivity_samples"] - matched["selectivity_samples"], None,
                 n=int(sum(selected["n_documents"].values())), seed=seed))
-            if name in ATTRIBUTION:
-                continue
-            if blocks is None:
-                blocks, null = self.study.block_stats(progress=False), self.study.null_block_stats(progress=False)
-            pipeline = {**self.study.pipeline(self.frac), "importance": name}
-            self.overlap[name] = overlap_evidence(blocks, null, n_boot=ev["n_boot"], n_null=ev["n_null"], seed=seed,
-                                                  **pipeline)
+            source = "attribution" if name in ATTRIBUTION else "statistics"
+            if source not in inputs:
+                inputs[source] = self._null_inputs(source)
+            # selective pruning keeps pruning.retain; the others contrast the tasks themselves
+            pipeline = {**self.study.pipeline(self.frac, retain=None if name in IMPORTANCES else "rest"),
+                        "importance": name}
+            self.overlap[name] = overlap_evidence(*inputs[source], n_boot=ev["n_boot"], n_null=ev["n_null"],
+                                                  seed=seed, **pipeline)
             claim = self.overlap[name]["claim"]
             self.claims.append(dataclasses.replace(claim, id=f"overlap_above_null[{name}:{self.kind}]",
                                                    statement=f"{self.kind}, {WHAT[name]}: {claim.statement}"))
@@ -157,19 +182,33 @@ class Localisers:
         self.report.print_claims(self.claims)
         return self.claims
 
+    @property
+    def n_boot(self) -> int:
+        """Resamples of the evaluation documents behind each selectivity claim (localisers.n_boot, at least
+        evidence.n_boot): cheap sums, and enough that a Holm family of every localiser's claims can reach 0.05."""
+        return max(self.params["localisers"]["n_boot"], self.params["evidence"]["n_boot"])
+
+    def _null_inputs(self, source: str) -> tuple:
+        """(the tasks' blocks, the null domain's blocks) for the overlap evidence. Statistics: this study's cached
+        blocks; the null domain is that of all of <kind>.tasks (the one notebooks 01/02 collected and cached), whose
+        blocks are as large as the tasks'. Attribution: its per-block pass, and one more over this study's null
+        domain with every task's attribution budget (printed: its seconds and passes)."""
+        if source == "statistics":
+            full = Study.from_params(self.report.params, self.kind, handle=self.study.handle)
+            return self.study.block_stats(progress=False), full.null_block_stats(progress=False)
+        n, domain = len(self.study.task_names), self.study.null_domain()
+        run = self._attribution(domain, n * self.attribution_budget, n * self.params["evidence"]["n_blocks"])
+        print(f"attribution's pseudo-task null: {domain} read with {n} x {self.attribution_budget} "
+              f"{self.study.tasks.unit}, {run['seconds']:.1f} s, {run['batches']} forward and backward passes")
+        return self.attribution_blocks, run["blocks"]
+
     def agreement(self) -> dict:
-        """Overlap coefficient of two localisers' sets for the same task, averaged over tasks, and the same for
-        random sets with those counts per layer (layer-matched chance): {"names", "overlap" [M, M], "chance"
-        [M, M]}, shown as a heatmap of overlap minus chance."""
+        """Overlap coefficient of two localisers' sets for the same task, averaged over tasks, against random sets
+        with those counts per layer (layer-matched chance), with intervals over tasks (localiser_agreement), shown
+        as a heatmap of overlap minus chance."""
         masks = {m: self.study.masks(self.frac, scores=self.all_scores[m]) for m in self.methods}
-        tasks, n = self.study.task_names, len(self.methods)
-        agree, chance = np.ones((n, n)), np.ones((n, n))
-        for i, a in enumerate(self.methods):
-            for j, b in enumerate(self.methods):
-                if i != j:
-                    agree[i, j] = np.mean([float(overlap(masks[a][t], masks[b][t])) for t in tasks])
-                    chance[i, j] = np.mean([layer_matched_chance(masks[a][t], masks[b][t]) for t in tasks])
-        self.agree = {"names": self.methods, "overlap": agree, "chance": chance}
+        self.agree = localiser_agreement(masks, self.params["evidence"]["n_boot"], self.params["seed"])
+        agree, chance = self.agree["overlap"], self.agree["chance"]
         fig = plots.heatmap(agree - chance, self.methods, title=f"{self.study.label}: agreement of localisers at "
                             f"{self.frac:.1%} (overlap minus layer-matched chance, mean over tasks)",
                             cbar_label="overlap − chance", vmin=min(0.0, float((agree - chance).min())))
@@ -181,7 +220,8 @@ class Localisers:
     def table(self) -> list[dict]:
         """One row per localiser: own and others' relative accuracy and the selectivity beyond matched random, with
         95% intervals over evaluation documents; the median pairwise overlap's excess over the pseudo-task null
-        (interval); mean agreement with the other localisers (overlap, and layer-matched chance); cost."""
+        (interval); mean agreement with the other localisers (overlap, and layer-matched chance; the interval of
+        their difference, over tasks); cost."""
         by_id = {c.id: c for c in self.report.adjusted(self.claims)}
         rows = []
         for k, name in enumerate(self.methods):
@@ -198,6 +238,7 @@ class Localisers:
                          "overlap_excess": None if ov is None else ov.estimate, "overlap_ci": None if ov is None else ov.ci,
                          "agreement": float(self.agree["overlap"][k, other].mean()) if other else None,
                          "agreement_chance": float(self.agree["chance"][k, other].mean()) if other else None,
+                         "agreement_excess_ci": percentile_ci(self.agree["boot"][k, other].mean(0)) if other else None,
                          **{f"cost_{key}": v for key, v in self.cost[name].items()}})
         self.rows = rows
         print(markdown_table(rows, self.study.label))
@@ -210,6 +251,60 @@ class Localisers:
                 "cross_task_random": {m: f.random_matrix for m, f in self.fixed.items()}}
 
 
+def localiser_agreement(masks: dict, n_boot: int, seed: int) -> dict:
+    """How far localisers find the same neurons. masks: {localiser: {task: bool [L, d_mlp]}}, the same tasks for
+    every localiser. Per pair of localisers and task: the overlap coefficient of their sets and its layer-matched
+    chance (random sets with the same counts per layer). Returns {"names", "tasks", "per_task_overlap",
+    "per_task_chance" [M, M, T], "overlap", "chance" [M, M] (means over tasks; 1 on the diagonal), "boot"
+    [M, M, n_boot]: the mean over tasks of overlap minus chance under n_boot resamples of the tasks with
+    replacement (seeded), "excess_ci" [M, M, 2]: its 95% percentile interval}.
+    The bootstrap is over tasks, not documents: agreement is read as "on a task of this kind, do the two find the
+    same neurons", whose spread is between tasks; and the localisers' sets come from different passes (the
+    statistics, the attribution's smaller budget) with no common blocks of documents to resample jointly. With few
+    tasks (the LM's localisers.lm_tasks) the interval is coarse: it cannot be narrower than the tasks' spread."""
+    names = list(masks)
+    tasks = list(masks[names[0]])
+    m, t = len(names), len(tasks)
+    per, chance = np.ones((m, m, t)), np.ones((m, m, t))
+    for i in range(m):
+        for j in range(i + 1, m):          # both measures are symmetric in the two sets
+            for k, task in enumerate(tasks):
+                a, b = masks[names[i]][task], masks[names[j]][task]
+                per[i, j, k] = per[j, i, k] = float(overlap(a, b))
+                chance[i, j, k] = chance[j, i, k] = layer_matched_chance(a, b)
+    draws = np.random.default_rng(seed).integers(0, t, size=(n_boot, t))
+    boot = (per - chance)[:, :, draws].mean(-1)                        # [M, M, n_boot]
+    ci = np.array([[percentile_ci(boot[i, j]) for j in range(m)] for i in range(m)])
+    return {"names": names, "tasks": tasks, "per_task_overlap": per, "per_task_chance": chance,
+            "overlap": per.mean(-1), "chance": chance.mean(-1), "boot": boot, "excess_ci": ci}
+
+
+def findings(params: dict, trials: list) -> str:
+    """The notebook's findings: per model which localiser's sets are the most selective beyond matched random
+    neurons and which spare the other tasks most, with their 95% intervals, then each model's table."""
+    lines = [f"Every localiser at {params['pruning']['frac']:.1%} of the neurons ({params['pruning']['mode']} "
+             f"selection), its sets pruned against {len(params['localisers']['random_seeds'])} matched random set(s) "
+             f"per task.", ""]
+    for trial in trials:
+        top = max(trial.rows, key=lambda r: r["selectivity_beyond_random"])
+        spare = max(trial.rows, key=lambda r: r["others"])
+        lines.append(f"* {trial.study.describe()}: most selective beyond random: `{top['localiser']}` "
+                     f"({_ci(top['selectivity_beyond_random'], top['selectivity_ci'])}, Holm p "
+                     f"{_p(top['selectivity_p_adjusted'])}); least generic damage (others' relative accuracy kept): "
+                     f"`{spare['localiser']}` ({_ci(spare['others'], spare['others_ci'])}).")
+    lines += [""] + [markdown_table(t.rows, t.study.label) + "\n" for t in trials]
+    lines.append("Intervals: 95% bootstrap over evaluation documents (own, others, selectivity), over statistics "
+                 "blocks of documents (overlap; the attribution's from its own per-block gradient pass, against "
+                 "pseudo-tasks of its null domain), and over tasks (agreement: its excess over layer-matched chance). "
+                 "Agreement: mean overlap coefficient with the other localisers' sets for the same task, and in "
+                 "brackets the same for random sets with those counts per layer.")
+    return "\n".join(lines)
+
+
+def _p(p) -> str:
+    return "n/a" if p is None else f"{p:.3g}"
+
+
 def _ci(value, ci) -> str:
     if value is None:
         return "n/a"
@@ -219,12 +314,15 @@ def _ci(value, ci) -> str:
 def markdown_table(rows: list[dict], label: str) -> str:
     """The trial's table for one model, as markdown (the findings and the notebook print it)."""
     head = (f"**{label}**\n\n| localiser | own rel. accuracy | others' rel. accuracy | selectivity beyond random "
-            f"| p (Holm) | overlap excess over pseudo-task null | agreement (chance) | seconds | passes fwd / bwd |\n"
+            f"| p (Holm) | overlap excess over pseudo-task null | agreement (chance): excess over chance "
+            f"| seconds | passes fwd / bwd |\n"
             + "|---" * 9 + "|\n")
     lines = []
     for r in rows:
-        p = "n/a" if r["selectivity_p_adjusted"] is None else f"{r['selectivity_p_adjusted']:.3g}"
-        agree = "n/a" if r["agreement"] is None else f"{r['agreement']:.2f} ({r['agreement_chance']:.2f})"
+        p = _p(r["selectivity_p_adjusted"])
+        agree = "n/a" if r["agreement"] is None else (
+            f"{r['agreement']:.2f} ({r['agreement_chance']:.2f}): "
+            f"{_ci(r['agreement'] - r['agreement_chance'], r['agreement_excess_ci'])}")
         lines.append(f"| {r['localiser']} | {_ci(r['own'], r['own_ci'])} | {_ci(r['others'], r['others_ci'])} | "
                      f"{_ci(r['selectivity_beyond_random'], r['selectivity_ci'])} | {p} | "
                      f"{_ci(r['overlap_excess'], r['overlap_ci'])} | {agree} | {r['cost_seconds']:.1f} | "

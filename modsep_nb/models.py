@@ -31,6 +31,9 @@ class Architecture:
     w_in_transposed: bool = False   # GPT-2's Conv1D stores [d_model, d_mlp]
     # (i, n): W_in is the i-th of n equal row blocks of a fused weight (Phi-3's gate_up_proj: gate, then up)
     w_in_chunk: tuple[int, int] | None = None
+    # mixture of experts: dotted path, inside a block, of the sparse MoE block (its `gate` router and fused
+    # `experts`); its neurons are per expert (layer/expert/unit) and are read by modsep_nb.moe, not by hooks
+    moe: str | None = None
 
 
 _GATED = dict(neuron_module="mlp.down_proj", w_in="mlp.up_proj")
@@ -46,6 +49,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Olmo2ForCausalLM": Architecture("lm", "model.layers", **_GATED),
     # Phi-3: gate and up fused in one Linear; neuron = up(x) * act(gate(x)), the input of down_proj
     "Phi3ForCausalLM": Architecture("lm", "model.layers", "mlp.down_proj", "mlp.gate_up_proj", w_in_chunk=(1, 2)),
+    # mixtures of experts (transformers >= 5: experts fused in 3-D weights gate_up_proj [E, 2I, d], down_proj
+    # [E, d, I]); neuron (layer, expert, unit) = act(gate_e(x)) * up_e(x) for the tokens routed to expert e
+    **{name: Architecture("lm", "model.layers", "mlp.experts", "mlp.experts.gate_up_proj", moe="mlp")
+       for name in ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM")},
     # GELU MLPs
     "GPT2LMHeadModel": Architecture("lm", "transformer.h", "mlp.c_proj", "mlp.c_fc", True),
     # GPT-NeoX (Pythia, with public training checkpoints as hub revisions)
@@ -107,8 +114,10 @@ def supported_models() -> list[dict]:
     for name, arch in ARCHITECTURES.items():
         w_in = path(arch.w_in) + (f" (rows block {arch.w_in_chunk[0] + 1} of {arch.w_in_chunk[1]})"
                                   if arch.w_in_chunk else "")
-        rows.append({"class": name, "kind": arch.kind, "blocks": path(arch.blocks),
-                     "neurons": f"input of {path(arch.neuron_module)}", "w_in": w_in})
+        neurons = (f"per expert: {arch.moe}.experts's hidden units (layer/expert/unit, modsep_nb.moe)" if arch.moe
+                   else f"input of {path(arch.neuron_module)}")
+        rows.append({"class": name, "kind": arch.kind, "blocks": path(arch.blocks), "neurons": neurons,
+                     "w_in": w_in})
     return rows
 
 
@@ -151,6 +160,7 @@ class ModelHandle:
 
     def neuron_module(self, layer: int) -> nn.Module:
         """The module whose input is layer `layer`'s neuron vector (hooks go here)."""
+        self._not_moe()
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers")
         return _get(self.blocks[layer], self.arch.neuron_module)
@@ -168,12 +178,18 @@ class ModelHandle:
 
     def w_in(self, layer: int) -> torch.Tensor:
         """W_in rows of layer `layer`, shape [d_mlp, d_model] (detached)."""
+        self._not_moe()
         weight = _tensor(_get(self.blocks[layer], self.arch.w_in), "weight")
         weight = weight.T if self.arch.w_in_transposed else weight
         if self.arch.w_in_chunk is not None:
             i, n = self.arch.w_in_chunk
             weight = weight.chunk(n, dim=0)[i]
         return weight
+
+    def _not_moe(self) -> None:
+        if self.arch.moe:       # a layer has E x I expert units, each computed only for its routed tokens
+            raise TypeError(f"{self.label} is a mixture of experts: its neurons are per expert; read them with "
+                            f"modsep_nb.moe (params lm.moe_model), not as one dense MLP per layer")
 
     @property
     def device(self) -> torch.device:
@@ -458,7 +474,8 @@ _POST_NORM = Readout(missing="its MLM head runs a dense layer and GELU before th
                              "a LayerNorm, so no linear path leads from a neuron to the logits")
 READOUTS: dict[str, Readout] = {     # one entry per class of ARCHITECTURES (tests check that none is missing)
     **dict.fromkeys(("MistralForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                     "Phi3ForCausalLM"), _DECODER),
+                     "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+                     "OlmoeForCausalLM"), _DECODER),
     "GemmaForCausalLM": Readout(("model.norm",), offset=1.0),
     "Gemma2ForCausalLM": Readout(("model.norm",), block_norm="post_feedforward_layernorm", offset=1.0),
     "Gemma3ForCausalLM": Readout(("model.norm",), block_norm="post_feedforward_layernorm", offset=1.0),

@@ -18,6 +18,7 @@ there would read as "disjoint" and drag layer averages down.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -218,7 +219,25 @@ def overlap_matrix(masks: Mapping[str, torch.Tensor], metric: str = "overlap", p
     return names, _metric_value(inter, size_a, size_b, metric).cpu().numpy()
 
 
-def summary(masks: Mapping[str, torch.Tensor]) -> dict:
+@dataclass
+class OverlapSummary:
+    """What a notebook reports about one set of selections (summary)."""
+    names: list[str]
+    overlap: np.ndarray             # [T, T] overlap coefficients
+    jaccard: np.ndarray             # [T, T] Jaccard indices
+    n_selected: list[int]           # each task's selection size
+    n_all: int                      # neurons in all
+    chance: dict                    # {metric: uniform chance, mean over pairs} ({} under two tasks)
+    layer_chance: dict              # {metric: layer-matched chance, mean over pairs}
+    pairs: np.ndarray               # pairwise overlap coefficients (upper triangle, in names order)
+    median: float                   # their median
+
+    def __getitem__(self, key: str):
+        """summary["median"] as summary.median: the item access callers used when this was a dict."""
+        return getattr(self, key)
+
+
+def summary(masks: Mapping[str, torch.Tensor]) -> OverlapSummary:
     """Everything a notebook reports about one set of selections: task names, the overlap-coefficient and
     Jaccard matrices, selection sizes, uniform and layer-matched chance for both metrics (means over pairs),
     the pairwise overlaps (upper triangle, in names order) and their median."""
@@ -228,12 +247,13 @@ def summary(masks: Mapping[str, torch.Tensor]) -> dict:
     n_all = _as_mask(masks[names[0]]).numel()
     i, j = _upper_pairs(len(names))
     pairs = overlap_m[i, j]
-    return {"names": names, "overlap": overlap_m, "jaccard": jaccard_m, "n_selected": sizes, "n_all": n_all,
-            "chance": {m: float(np.mean(chance_overlap(np.array(sizes)[i], np.array(sizes)[j], n_all, metric=m)))
-                       for m in METRICS} if len(names) > 1 else {},
-            "layer_chance": {m: float(np.mean(layer_matched_chance_matrix(masks, metric=m)[1][i, j])) for m in METRICS}
-            if len(names) > 1 else {},
-            "pairs": pairs, "median": float(np.median(pairs)) if len(pairs) else float("nan")}
+    return OverlapSummary(
+        names=names, overlap=overlap_m, jaccard=jaccard_m, n_selected=sizes, n_all=n_all,
+        chance={m: float(np.mean(chance_overlap(np.array(sizes)[i], np.array(sizes)[j], n_all, metric=m)))
+                for m in METRICS} if len(names) > 1 else {},
+        layer_chance={m: float(np.mean(layer_matched_chance_matrix(masks, metric=m)[1][i, j])) for m in METRICS}
+        if len(names) > 1 else {},
+        pairs=pairs, median=float(np.median(pairs)) if len(pairs) else float("nan"))
 
 
 def _upper_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -338,12 +358,33 @@ def pattern_persistence(matrix_a, matrix_b, *, n_perm: int = 1000, seed: int = 0
     return out
 
 
+@dataclass
+class RandomInitComparison:
+    """Trained vs random-init selections of the same tasks (random_init_comparison); dataclasses.asdict for JSON."""
+    trained: np.ndarray             # pairwise overlaps of the trained model's sets (upper triangle, task order)
+    random: np.ndarray              # the same for every random seed, pooled
+    matrices: dict                  # {"trained": [T, T], "random": [[T, T] per seed]}
+    persistence: list               # pattern_persistence of trained vs each seed (None under 3 tasks)
+    between_seeds: list             # pattern_persistence between every two seeds
+    layers_trained: np.ndarray      # mean share of the selected neurons per layer
+    layers_random: np.ndarray
+
+    @property
+    def rhos(self) -> list[float]:
+        """Each seed's pattern-persistence rho (where defined)."""
+        return [p["rho"] for p in self.persistence if p]
+
+    @property
+    def between_rhos(self) -> list[float]:
+        return [p["rho"] for p in self.between_seeds if p]
+
+
 def random_init_comparison(trained: Mapping[str, torch.Tensor], randoms: Sequence[Mapping[str, torch.Tensor]], *,
-                           n_perm: int = 1000, seed: int = 0) -> dict:
+                           n_perm: int = 1000, seed: int = 0) -> RandomInitComparison:
     """Trained vs random-init selections of the same tasks (docs/method.md §6). trained: {task: mask}; randoms: one
-    such dict per random seed. Returns the pairwise overlaps ("trained"; "random": all seeds pooled), the
-    pattern persistence of the trained task × task matrix in each seed's ("persistence", one per seed),
-    the persistence between every two seeds' matrices ("between_seeds": can a random model's pattern be
+    such dict per random seed. Returns the pairwise overlaps (`trained`; `random`: all seeds pooled), the
+    pattern persistence of the trained task × task matrix in each seed's (`persistence`, one per seed),
+    the persistence between every two seeds' matrices (`between_seeds`: can a random model's pattern be
     told from another seed's?), and the mean layer distribution of each side."""
     _, m_trained = overlap_matrix(trained, metric="overlap")
     m_randoms = [overlap_matrix(r, metric="overlap")[1] for r in randoms]
@@ -351,13 +392,14 @@ def random_init_comparison(trained: Mapping[str, torch.Tensor], randoms: Sequenc
 
     def persistence(a, b):
         return pattern_persistence(a, b, n_perm=n_perm, seed=seed) if len(a) >= 3 else None
-    return {"trained": m_trained[i, j], "random": np.concatenate([m[i, j] for m in m_randoms]),
-            "matrices": {"trained": m_trained, "random": m_randoms},
-            "persistence": [persistence(m_trained, m) for m in m_randoms],
-            "between_seeds": [persistence(m_randoms[a], m_randoms[b])
-                              for a in range(len(m_randoms)) for b in range(a + 1, len(m_randoms))],
-            "layers_trained": np.mean([layer_distribution(m) for m in trained.values()], 0),
-            "layers_random": np.mean([layer_distribution(m) for r in randoms for m in r.values()], 0)}
+    return RandomInitComparison(
+        trained=m_trained[i, j], random=np.concatenate([m[i, j] for m in m_randoms]),
+        matrices={"trained": m_trained, "random": m_randoms},
+        persistence=[persistence(m_trained, m) for m in m_randoms],
+        between_seeds=[persistence(m_randoms[a], m_randoms[b])
+                       for a in range(len(m_randoms)) for b in range(a + 1, len(m_randoms))],
+        layers_trained=np.mean([layer_distribution(m) for m in trained.values()], 0),
+        layers_random=np.mean([layer_distribution(m) for r in randoms for m in r.values()], 0))
 
 
 def _corr_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -28,9 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from . import overlaps as ov
+from .claims import Claim
+from .evidence import percentile_ci, permutation_related_vs_unrelated
 from .files import atomic_file
 from .files import cache_dir as project_cache_dir
 from .pruning import select_neurons, ties_at_threshold
@@ -346,7 +349,6 @@ def replay_random_control(trained: str, *, fracs=(0.01, 0.05), root=None, n_perm
     """Trained vs random-init on a released pair of score sets (docs/method.md §6), over the tasks both have:
     pairwise overlaps at each frac, pattern persistence (Spearman between the two task × task overlap
     matrices with a permutation p-value), and where the global selections sit per layer."""
-    import numpy as np
 
     random_name = PAPER_SCORE_SETS[trained].control
     if random_name is None or PAPER_SCORE_SETS[trained].trained is False:
@@ -368,3 +370,31 @@ def replay_random_control(trained: str, *, fracs=(0.01, 0.05), root=None, n_perm
         out["persistence"][frac] = ov.pattern_persistence(out["matrices"][("trained", frac)],
                                                           out["matrices"][("random", frac)], n_perm=n_perm, seed=seed)
     return out
+
+
+def related_claim(replay: dict, n_perm: int, seed: int):
+    """02's `related_share_more` test on a released score set (replay_overlap's result), as its own claim
+    `related_share_more[<name>]`: within- minus across-family overlap of the top sets, family labels permuted over
+    tasks (evidence.permutation_related_vs_unrelated). Estimate: the difference's excess over the permutation
+    null's mean; interval: a leave-one-task-out jackknife of the difference (the release has one score per task,
+    no documents to resample), shifted by that mean; the record keeps the difference and the null's band apart."""
+    names, matrix = replay["tasks"], np.asarray(replay["matrix"], dtype=np.float64)
+    groups = {f: ts for f, ts in replay["families"].items() if ts}
+    test = permutation_related_vs_unrelated(matrix, names, groups, n_perm, seed)
+    left_out = []
+    for k, t in enumerate(names):             # the jackknife: each task left out in turn
+        keep = [i for i in range(len(names)) if i != k]
+        r = ov.related_vs_unrelated(matrix[np.ix_(keep, keep)], [names[i] for i in keep],
+                                    {f: [u for u in ts if u != t] for f, ts in groups.items()})
+        left_out.append(r["within"] - r["across"])
+    left_out = np.array(left_out)
+    n = len(left_out)
+    se = float(np.sqrt((n - 1) / n * np.sum((left_out - left_out.mean()) ** 2)))
+    diff, shift = test["difference"], float(np.mean(test["null"]))
+    ci = (diff - 1.96 * se, diff + 1.96 * se)
+    return Claim(f"related_share_more[{replay['name']}]", f"{replay['model']} (the authors' released scores, retain: "
+                 f"the Pile): related tasks (the same family) share more neurons than unrelated ones (within- minus "
+                 f"across-family overlap at top {replay['frac']:.0%}, excess over the same with family labels permuted; "
+                 f"interval: jackknife over tasks)", diff - shift, (ci[0] - shift, ci[1] - shift), 0.0, p=test["p"],
+                 n=len(names), p_floor=test["p_floor"], floor_n=test["floor_n"], observed=diff, observed_ci=ci,
+                 null_band=percentile_ci(test["null"]))

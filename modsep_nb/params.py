@@ -31,9 +31,8 @@ DEFAULTS: dict = {
     # float32 | bfloat16 | float16 | auto (bfloat16 where the device computes it natively: a GPU with bf16, a CPU
     # with AMX or AVX512-BF16; float32 elsewhere). lm.dtype / vit.dtype override it for one section
     "dtype": "float32",
-    # 07 (localisers) runs with --only 07: not yet in the default list, its LM attribution pass is not yet sized
-    # to make run's time
-    "notebooks": ["01", "02", "03", "04", "05", "06"],
+    # 07 (localisers) reads 01/02's cached statistics and has its own, cheaper budgets (the localisers section)
+    "notebooks": ["01", "02", "03", "04", "05", "06", "07"],
     # statistics and splits; None: $MODSEP_CACHE or ~/.cache/modsep, where models converted or trained here always go.
     # Relative paths in a parameter file (cache_dir, data_dir, model folders, ...) are read from the file's folder
     "cache_dir": None,
@@ -73,6 +72,9 @@ DEFAULTS: dict = {
         # hub revisions (e.g. Pythia's [step1000, ..., step143000], loaded with from_pretrained(revision=...)) or
         # local model folders; null: 06 follows the ViT only
         "revisions": None,
+        # a mixture-of-experts model (hub id or local folder: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE) for the MoE
+        # section (modsep_nb.moe): router choices per task and task neurons inside experts; null: skipped
+        "moe_model": None,
     },
     "vit": {
         "model": "fmnist-vit",
@@ -113,6 +115,10 @@ DEFAULTS: dict = {
     },
     "overlap": {
         "frac": 0.01,
+        # the retain rule of 01/02's overlap claims and figures: general (an external corpus none of the tasks use,
+        # as the paper's Pile: a neuron shared by a few tasks scores as high as a task's own) | rest (the other
+        # tasks: a shared neuron scores at most ~T-1, so sharing can hardly be seen)
+        "retain": "general",
         "sweep": [0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
     },
     "moefication": {
@@ -159,11 +165,23 @@ DEFAULTS: dict = {
     },
     "localisers": {              # notebook 07: ways of finding task neurons, through one pipeline at pruning.frac
         # abs/rms/std/freq/sqrt: selective pruning with that importance; lape: activation-probability entropy;
-        # ttest: Welch t of the task vs the rest; attribution: -activation x gradient of the task's loss (its own
+        # ttest: Welch t of the task vs the rest (per token); auroc: AUROC of the task's statistics blocks (documents)
+        # against the rest's; attribution: -activation x gradient of the task's loss (its own
         # forward and backward pass over the statistics data); attribution_contrast: that minus the other tasks' mean
-        "methods": ["abs", "lape", "ttest", "attribution", "attribution_contrast"],
+        "methods": ["abs", "lape", "ttest", "auroc", "attribution", "attribution_contrast"],
         "lm_tasks": 4,           # the first this many of lm.tasks (the cross-task matrix costs tasks^2 passes each)
         "random_seeds": [0],     # matched random ablations per localiser (pruning.random_seeds: 01 and 02)
+        # the attribution's forward and backward pass reads the first this many of each task's statistics tokens
+        # (images), and all tasks' worth of the null domain's; null: the statistics budget
+        "attribution_tokens": 1024,
+        "attribution_images": 200,
+        # each localiser's cross-task matrix evaluates these many tokens (images) instead of lm.eval_tokens
+        # (vit.eval_images); null: the section's
+        "eval_tokens": None,
+        "eval_images": 500,
+        # bootstrap resamples of the evaluation documents behind each selectivity claim (at least evidence.n_boot):
+        # every localiser makes 2 claims per model, and Holm over 24 claims needs p < 0.05 / 24 for the first
+        "n_boot": 1000,
     },
     "paper_scores": {
         "dir": None,             # None: $MODSEP_PAPER_SCORES or shared/paper_scores beside the repo (docs/method.md §13)
@@ -172,7 +190,8 @@ DEFAULTS: dict = {
 }
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
-LOCALISER_METHODS = ("abs", "rms", "std", "freq", "sqrt", "lape", "ttest", "attribution", "attribution_contrast")
+LOCALISER_METHODS = ("abs", "rms", "std", "freq", "sqrt", "lape", "ttest", "auroc", "attribution",
+                     "attribution_contrast")
 CHOICES = {
     "device": None,   # checked by _check_device
     "dtype": DTYPES,
@@ -182,6 +201,7 @@ CHOICES = {
     "vit.dataset": ("fashion-mnist", "cifar100", "image-folder"),
     "pruning.importance": ("abs", "rms", "std", "freq", "sqrt", "lape", "ttest"),
     "pruning.retain": ("rest", "general"),
+    "overlap.retain": ("rest", "general"),
     "pruning.mode": ("global", "per_layer"),
     "pruning.ablation": ("zero", "mean"),
 }
@@ -192,7 +212,9 @@ FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fra
 # keys whose default is null, and the type they take otherwise (moefication's are checked in validate)
 NULLABLE = {"cache_dir": str, "lm.data_dir": str, "vit.data_dir": str, "paper_scores.dir": str,
             "vit.training.n_train": int, "random_init.stats_tokens": int, "random_init.stats_images": int,
-            "lm.revisions": list, "lm.dtype": str, "vit.dtype": str, "localisers.lm_tasks": int}
+            "lm.revisions": list, "lm.moe_model": str, "lm.dtype": str, "vit.dtype": str, "localisers.lm_tasks": int,
+            "localisers.attribution_tokens": int, "localisers.attribution_images": int,
+            "localisers.eval_tokens": int, "localisers.eval_images": int}
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit.stats_images", "vit.eval_images",
             "vit.batch_size", "moefication.lm_experts", "moefication.vit_experts",
@@ -201,7 +223,8 @@ POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit
             "vit.training.epochs", "vit.training.checkpoints", "dynamics.stats_images", "dynamics.eval_images",
             "dynamics.n_boot", "dynamics.n_null", "dynamics.n_splits", "evidence.n_boot", "evidence.n_blocks", "evidence.n_null",
             "evidence.n_null_ablation", "evidence.n_perm", "vit.training.n_train", "vit.training.hidden_size",
-            "vit.training.num_hidden_layers", "vit.training.intermediate_size", "vit.training.patch_size")
+            "vit.training.num_hidden_layers", "vit.training.intermediate_size", "vit.training.patch_size",
+            "localisers.n_boot")
 OPTIONAL = ("random_init.stats_tokens", "random_init.stats_images",      # None: the trained model's value
             "vit.training.n_train")                                     # None: the whole training split
 MAX_SEED = 2**32 - 1        # numpy's legacy seeding, torch and random all take it
@@ -209,7 +232,8 @@ MAX_SEED = 2**32 - 1        # numpy's legacy seeding, torch and random all take 
 # each statistics block holds a copy of the per-neuron sums (5 x layers x neurons, float64) for every task
 MAX_RESAMPLES = 10_000
 UPPER = {**dict.fromkeys(("evidence.n_boot", "evidence.n_null", "evidence.n_perm", "dynamics.n_boot",
-                          "dynamics.n_null", "dynamics.n_splits", "random_init.n_perm", "correspondence.n_null"),
+                          "dynamics.n_null", "dynamics.n_splits", "random_init.n_perm", "correspondence.n_null",
+                          "localisers.n_boot"),
                          MAX_RESAMPLES), "evidence.n_blocks": 256}
 
 
@@ -526,6 +550,11 @@ def validate(params: dict) -> None:
     if lm_tasks is not None and (isinstance(lm_tasks, bool) or not isinstance(lm_tasks, int) or lm_tasks < 2):
         raise ParamsError(f"parameter 'localisers.lm_tasks' must be a whole number >= 2 (the first of lm.tasks) or "
                           f"null (all of them), got {show(lm_tasks)}")
+    for key in ("attribution_tokens", "attribution_images", "eval_tokens", "eval_images"):
+        value = params["localisers"][key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ParamsError(f"parameter 'localisers.{key}' must be a whole number >= 1 (per task) or null (the "
+                              f"statistics budget), got {show(value)}")
     if params["evidence"]["n_null_ablation"] > params["evidence"]["n_null"]:
         raise ParamsError("parameter 'evidence.n_null_ablation' cannot exceed 'evidence.n_null' (the ablated "
                           "replicates are some of the null's partitions)")
@@ -567,7 +596,7 @@ def base_dir(params: dict) -> Path:
 
 
 FOLDERS = ("cache_dir", "lm.data_dir", "vit.data_dir", "paper_scores.dir")     # always paths
-MODELS = ("lm.model", "vit.model")          # paths or names (a hub id, smollm2-135m, timm:NAME)
+MODELS = ("lm.model", "vit.model", "lm.moe_model")          # paths or names (a hub id, smollm2-135m, timm:NAME)
 
 
 def _resolve_paths(params: dict) -> None:

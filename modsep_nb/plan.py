@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .data import FASHION_MNIST_GROUPS
 from .models import load_model
 from .params import ParamsError, device_of, dtype_of
 from .statistics import block_of_documents
@@ -31,6 +32,15 @@ GPU_FLOPS = 2 * 7.24e9 * 34_700
 
 
 USES = {"vit": ("01", "03", "04", "05", "06"), "lm": ("02", "03", "04", "05", "06")}    # the notebooks a section runs in
+# tasks of the built-in image datasets (vit.tasks classes / groups), so that planning needs no download
+KNOWN_TASKS = {("fashion-mnist", "classes"): 10, ("fashion-mnist", "groups"): len(FASHION_MNIST_GROUPS),
+               ("cifar100", "classes"): 100, ("cifar100", "groups"): 20}
+
+
+def known_n_tasks(params: dict) -> int | None:
+    """vit's number of tasks where the params name them by a built-in dataset's classes or groups, else None."""
+    return KNOWN_TASKS.get((params["vit"]["dataset"], params["vit"]["tasks"])) \
+        if not isinstance(params["vit"]["tasks"], dict) else None
 
 
 @dataclass
@@ -133,6 +143,16 @@ def model_size(params: dict, kind: str) -> tuple[int, int]:
         return sum(p.numel() for p in model.parameters()), (cfg.image_size // cfg.patch_size) ** 2 + 1
     if spec == "smollm2-135m":
         return 134_515_008, 1      # SmolLM2-135M-Instruct (embedded; converting it is work, not planning)
+    if kind == "vit" and spec.startswith("timm:"):      # timm builds the architecture from its name alone
+        import timm
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(spec[len("timm:"):], pretrained=False)
+        except RuntimeError:        # timm's "Unknown model"
+            raise ParamsError(f"vit.model {spec!r}: timm has no architecture of that name (timm.list_models() "
+                              f"lists them)") from None
+        per = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
+        return sum(p.numel() for p in model.parameters()), per
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification
     try:
         cfg = AutoConfig.from_pretrained(spec)

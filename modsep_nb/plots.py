@@ -179,11 +179,11 @@ def cross_task(result, *, measure: str = "accuracy", intervals: dict | None = No
                    xlabel="evaluated on task B", ci=None if intervals is None else intervals["selected"]["ci"])
 
 
-def overlap_heatmap(summary: dict, metric: str, frac: float):
+def overlap_heatmap(summary: ov.OverlapSummary, metric: str, frac: float):
     """Task × task overlap (overlaps.summary) of the top-`frac` sets, with chance in the title."""
-    return heatmap(summary[metric], summary["names"], cbar_label=metric, vmax=1.0,
-                   title=f"{metric} of top-{frac:.1%} neuron sets\n(chance: uniform {summary['chance'][metric]:.3f}, "
-                         f"layer-matched {summary['layer_chance'][metric]:.3f})")
+    return heatmap(getattr(summary, metric), summary.names, cbar_label=metric, vmax=1.0,
+                   title=f"{metric} of top-{frac:.1%} neuron sets\n(chance: uniform {summary.chance[metric]:.3f}, "
+                         f"layer-matched {summary.layer_chance[metric]:.3f})")
 
 
 def overlap_sweep(sw: dict, *, what: str = "task pairs", title: str | None = None):
@@ -240,8 +240,9 @@ def overlap_pairs(evidence: dict, *, what: str = "task pairs", top: int = 40):
     order = np.argsort(-pairs, kind="stable")[:top]
     fig, ax = plt.subplots(figsize=(7, 0.22 * len(order) + 1.8))
     y = np.arange(len(order))
-    ax.axvspan(*evidence["null_band"], color="0.85", label="pseudo-task null: 95% of medians")
-    ax.axvline(evidence["null_median"], color="0.4", lw=1, label="pseudo-task null (median)")
+    null = evidence.get("null_label", "pseudo-task null")      # retain general: layer-matched chance
+    ax.axvspan(*evidence["null_band"], color="0.85", label=f"{null}: 95% of medians")
+    ax.axvline(evidence["null_median"], color="0.4", lw=1, label=f"{null} (median)")
     ax.axvline(evidence["uniform_chance"], color="k", ls="--", lw=1, label="uniform chance")
     ax.axvline(evidence["layer_matched_chance"], color="k", ls=":", lw=1, label="layer-matched chance")
     ax.errorbar(pairs[order], y, xerr=np.clip(np.stack([pairs[order] - ci[order, 0], ci[order, 1] - pairs[order]]), 0, None),

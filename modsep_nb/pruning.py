@@ -16,12 +16,18 @@ from typing import Iterator
 import torch
 
 from .data import images_and_labels, lm_batches
-from .statistics import weighted_pool
+from .statistics import BlockStats, _documents_read, block_of_documents, weighted_pool
 
 IMPORTANCES = ("abs", "rms", "std", "freq", "sqrt")
 # localisers that score each task against all the others at once from the same statistics (task_scores), not as
 # a ratio of two importances: LAPE-style activation-probability entropy, and a Welch t of the task vs the rest
 LOCALISERS = ("lape", "ttest")
+# localisers that rank documents, not tokens: they need each statistics block's mean (BlockStats), not the merged
+# sums: an AUROC of the task's blocks against every other task's (auroc_scores)
+BLOCK_LOCALISERS = ("auroc",)
+# localisers read from a gradient pass (collect_attribution), not from the statistics: task_scores takes {task:
+# attribution [L, d_mlp]} for them (AttributionBlocks.merged() gives it, whole or resampled)
+ATTRIBUTIONS = ("attribution", "attribution_contrast")
 SELECTION_MODES = ("global", "per_layer")
 ABLATION_MODES = ("zero", "mean")
 
@@ -38,10 +44,11 @@ def importance(stats, name: str = "abs") -> torch.Tensor:
         return stats.frac_pos
     if name == "sqrt":
         return stats.mean_sqrt
-    if name in LOCALISERS:
+    if name in LOCALISERS + BLOCK_LOCALISERS:
         raise ValueError(f"{name!r} scores a neuron across all tasks at once, not one task's statistics: use "
                          f"task_scores(stats, importance={name!r})")
-    raise ValueError(f"unknown importance {name!r}: choose one of {', '.join(IMPORTANCES + LOCALISERS)}")
+    raise ValueError(f"unknown importance {name!r}: choose one of "
+                     f"{', '.join(IMPORTANCES + LOCALISERS + BLOCK_LOCALISERS)}")
 
 
 def prune_scores(forget, retain, importance: str = "abs", eps: float = 1e-3,
@@ -88,11 +95,17 @@ def task_scores(stats: dict, *, importance="abs", eps=1e-3, eps_relative=None, r
     """Per task the selective-pruning score for forgetting it while retaining `retain`:
     'rest' (the other tasks pooled with equal weight) or 'general' (a NeuronStats given as `general`).
     eps / eps_relative: see prune_scores. importance "lape" or "ttest" (LOCALISERS): that localiser's scores
-    (lape_scores, ttest_scores), which contrast each task with all the others themselves (retain and eps unused)."""
+    (lape_scores, ttest_scores), which contrast each task with all the others themselves (retain and eps unused);
+    "auroc" (BLOCK_LOCALISERS) likewise, from {task: BlockStats} (auroc_scores); "attribution" and
+    "attribution_contrast" (ATTRIBUTIONS) from {task: attribution [L, d_mlp]} (attribution_scores)."""
     if importance == "lape":
         return lape_scores(stats)
     if importance == "ttest":
         return ttest_scores(stats)
+    if importance == "auroc":
+        return auroc_scores(stats)
+    if importance in ATTRIBUTIONS:
+        return attribution_scores(stats, contrast=importance == "attribution_contrast")
     scores = {}
     for name, st in stats.items():
         if retain == "rest":
@@ -147,6 +160,37 @@ def ttest_scores(stats: dict) -> dict:
     return out
 
 
+def auroc_scores(blocks: dict) -> dict:
+    """Per task the AUROC of each neuron's mean activation over the task's statistics blocks against every other
+    task's blocks (the probability that a block of the task is higher than one of the rest, ties counted half;
+    Mann-Whitney from mid-ranks), [L, d_mlp] float64 in [0, 1]: 1 for a neuron higher on every block of the task,
+    0.5 for one that does not tell them apart. `blocks`: {task: BlockStats}. The unit is the block of documents
+    (the bootstrap's), not the token: tokens of one document are not independent draws."""
+    names = _at_least_two(blocks)
+    if not all(isinstance(b, BlockStats) for b in blocks.values()):
+        raise ValueError("the auroc localiser ranks statistics blocks: give {task: BlockStats} (Study.block_stats()), "
+                         "not merged NeuronStats")
+    means = []
+    for t in names:
+        b = blocks[t]
+        keep = b.count[:, 0] > 0                           # a block that read no token has no mean
+        if int(keep.sum()) == 0:
+            raise ValueError(f"task {t!r} has no non-empty statistics block: collect its statistics first")
+        means.append(b.sums[keep, 0] / b.count[keep].unsqueeze(-1))       # [B_t, L, d]
+    sizes = [len(m) for m in means]
+    values = torch.cat(means).flatten(1).T.contiguous()    # [L*d, B]: every block's mean, one row per neuron
+    ordered = values.sort(dim=1).values
+    # mid-rank of each value (1-based): below it, plus half of its ties, plus one half
+    ranks = (torch.searchsorted(ordered, values, side="left") + torch.searchsorted(ordered, values, side="right")
+             + 1).double() / 2
+    out, start, total = {}, 0, sum(sizes)
+    for t, n in zip(names, sizes):
+        rank_sum = ranks[:, start:start + n].sum(1)
+        out[t] = ((rank_sum - n * (n + 1) / 2) / (n * (total - n))).view(means[0].shape[1:])
+        start += n
+    return out
+
+
 def _at_least_two(stats: dict) -> list:
     if len(stats) < 2:
         raise ValueError(f"a localiser contrasts each task with the others: give at least two tasks' statistics, "
@@ -164,8 +208,36 @@ def attribution_scores(attribution: dict, contrast: bool = False) -> dict:
     return {t: attribution[t] - torch.stack([attribution[u] for u in names if u != t]).mean(0) for t in names}
 
 
+class AttributionBlocks:
+    """A task's attribution kept per block of documents (collect_attribution(..., n_blocks=...)): sums [B, L, d]
+    of -a*g and units [B] (tokens or images whose loss was taken), read by evidence.py as it reads BlockStats:
+    merged(weights) is the attribution of the blocks taken `weights` times each (a resample, a pseudo-task)."""
+
+    def __init__(self, sums: torch.Tensor, units: torch.Tensor):
+        self.sums, self.units = sums, units.to(torch.float64)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.units)
+
+    def merged(self, weights=None) -> torch.Tensor:
+        w = torch.ones(self.n_blocks, dtype=torch.float64) if weights is None else \
+            torch.as_tensor(weights, dtype=torch.float64)
+        if float(w @ self.units) <= 0:
+            raise ValueError("the weighted blocks hold no token (image): give a non-empty block a weight")
+        return (w @ self.sums.flatten(1)).view(self.sums.shape[1:]) / (w @ self.units)
+
+    def resamples(self, weights):
+        yield from (self.merged(w) for w in torch.as_tensor(weights, dtype=torch.float64))
+
+    def subset(self, blocks) -> "AttributionBlocks":
+        idx = torch.as_tensor(blocks, dtype=torch.long)
+        return AttributionBlocks(self.sums[idx], self.units[idx])
+
+
 def collect_attribution(handle, data, *, max_tokens: int | None = None, batch_size: int | None = None,
-                        ctx: int = 256, cls_only: bool = False, skip_positions=(), progress: bool = False) -> dict:
+                        ctx: int = 256, cls_only: bool = False, skip_positions=(), progress: bool = False,
+                        n_blocks: int | None = None) -> dict:
     """Attribution of every neuron to the task's loss (attribution patching's first-order estimate): one
     forward and one backward pass per batch of `data`, read with the budget and windows of collect_stats.
 
@@ -174,13 +246,19 @@ def collect_attribution(handle, data, *, max_tokens: int | None = None, batch_si
     changes the loss by about -a*g there; the result sums -a*g over the positions collect_stats counts (not
     padding, not skip_positions; the CLS token only with cls_only) and divides by the number of tokens
     (images) whose loss was taken. Returns {"attribution" [L, d_mlp] float64 (positive: zeroing the neuron
-    raises the loss), "batches", "units", "seconds"}."""
+    raises the loss), "batches", "units", "seconds"}, and with n_blocks "blocks": AttributionBlocks of the
+    documents (images) read cut into min(n_blocks, documents) contiguous runs, as collect_block_stats cuts them,
+    for bootstraps over documents and pseudo-task nulls."""
     import time
     import torch.nn.functional as F
 
     start = time.perf_counter()
     total = torch.zeros(handle.n_layers, handle.d_mlp, dtype=torch.float64)
     acts: dict[int, torch.Tensor] = {}
+    if n_blocks is not None:         # per document (image) read first, then summed into blocks as statistics are
+        n_read = _documents_read(handle, data, max_tokens=max_tokens, ctx=ctx)
+        per_doc = torch.zeros(handle.n_layers, n_read, handle.d_mlp, dtype=torch.float64)
+        doc_units = torch.zeros(n_read, dtype=torch.float64)
 
     def keep(layer):
         def hook(x):
@@ -190,7 +268,7 @@ def collect_attribution(handle, data, *, max_tokens: int | None = None, batch_si
             return x
         return hook
 
-    def accumulate(loss, counted):
+    def accumulate(loss, counted, docs, units):
         layers = sorted(acts)
         grads = torch.autograd.grad(loss, [acts[l] for l in layers], allow_unused=True)
         for l, g in zip(layers, grads):
@@ -199,20 +277,25 @@ def collect_attribution(handle, data, *, max_tokens: int | None = None, batch_si
                 if counted is not None:
                     contrib = contrib * counted.to(contrib.device, contrib.dtype).unsqueeze(-1)
                 total[l] += contrib.reshape(-1, contrib.shape[-1]).sum(0).double().cpu()
+                if n_blocks is not None:
+                    rows = contrib.reshape(contrib.shape[0], -1, contrib.shape[-1]).sum(1).double().cpu()
+                    per_doc[l].index_add_(0, docs, rows)
+        if n_blocks is not None:
+            doc_units.index_add_(0, docs, units.double())
         acts.clear()
 
     batches = units = 0
     with torch.enable_grad(), handle.hooks({l: keep(l) for l in range(handle.n_layers)}):
         if handle.kind == "lm":
-            for ids, mask, weights in lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8,
-                                                 max_tokens=max_tokens, skip_positions=skip_positions,
-                                                 with_weights=True):
+            for ids, mask, docs, weights in lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8,
+                                                       max_tokens=max_tokens, skip_positions=skip_positions,
+                                                       with_weights=True, with_documents=True):
                 ids, mask = ids.to(handle.device), mask.to(handle.device)
                 logits = _at_least_float32(handle.lm_logits(ids, mask)[:, :-1])
                 targets = ids[:, 1:]
                 has_target = (mask[:, 1:] * mask[:, :-1]).bool()
                 loss = F.cross_entropy(logits[has_target], targets[has_target], reduction="sum")
-                accumulate(loss, weights > 0)
+                accumulate(loss, weights > 0, docs, has_target.sum(1).cpu())
                 batches, units = batches + 1, units + int(has_target.sum())
         else:
             images, labels, _ = images_and_labels(data)
@@ -230,12 +313,18 @@ def collect_attribution(handle, data, *, max_tokens: int | None = None, batch_si
                 if cls_only:             # statistics read the CLS token only: so does the attribution
                     counted = torch.zeros(x.shape[0], acts[0].shape[1], dtype=torch.bool)
                     counted[:, 0] = True
-                accumulate(loss, counted)
+                accumulate(loss, counted, torch.arange(i, i + len(x)), torch.ones(len(x)))
                 batches, units = batches + 1, units + len(x)
     if units == 0:
         raise ValueError("no tokens (images) were read for the attribution: the data is empty")
-    return {"attribution": total / units, "batches": batches, "units": units,
-            "seconds": time.perf_counter() - start}
+    out = {"attribution": total / units, "batches": batches, "units": units}
+    if n_blocks is not None:
+        block = block_of_documents(n_read, n_blocks)
+        used = int(block.max()) + 1
+        sums = torch.zeros(handle.n_layers, used, handle.d_mlp, dtype=torch.float64).index_add_(1, block, per_doc)
+        out["blocks"] = AttributionBlocks(sums.transpose(0, 1).contiguous(),
+                                          torch.zeros(used, dtype=torch.float64).index_add_(0, block, doc_units))
+    return {**out, "seconds": time.perf_counter() - start}
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,8 @@ from .files import file_name, write_text_atomic
 from .params import load_params
 from .runner import from_notebooks
 
+CLAIMS_CAPTION = "Supported claims have their whole interval (bar) on the claimed side of the null (dashed)."
+
 
 class Report:
     def __init__(self, notebook: str, params_file, out_dir, overrides: dict | None = None):
@@ -59,6 +61,12 @@ class Report:
         width = max((len(c.id) for c in shown), default=0) + 2
         for c in shown:
             print(claim_line(c, width))
+
+    def claims_figure(self, name: str, claims=None):
+        """The forest plot of the claims (all recorded so far, or these of them, adjusted as in the notebook's
+        family), saved as figures/<name>.png with the one caption every notebook's claims figure has."""
+        shown = self.claims if claims is None else self.adjusted(claims)
+        return self.show(plots.claims(shown), name, CLAIMS_CAPTION)
 
     def findings(self, title: str, text: str) -> None:
         table = ("**Claims** (supported: the 95% interval excludes the null, and p < 0.05 where there is a test, "

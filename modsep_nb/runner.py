@@ -19,6 +19,7 @@ from pathlib import Path
 from .files import cache_root, respect_umask, write_text_atomic
 from .index_page import write_index
 from .params import NOTEBOOKS, device_of, dtype_of, load_params
+from .scorecard import scorecard_markdown
 
 REPO = Path(__file__).resolve().parent.parent
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -297,6 +298,7 @@ def write_summary(run_dir: Path, params: dict, timings: dict) -> None:
     parts.append(f"Notebooks in this folder: {', '.join(state) or 'none finished'}"
                  f"{'; the run did not finish (see ' + INCOMPLETE + ')' if (run_dir / INCOMPLETE).is_file() else ''}."
                  f"\n")
+    parts.append(scorecard_markdown(run_dir))        # the paper's findings vs this run's claims, first
     for key, name in NOTEBOOKS.items():
         findings = run_dir / "findings" / f"{name}.md"
         if findings.is_file() and (run_dir / f"{name}.ipynb").is_file():

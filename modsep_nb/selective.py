@@ -64,10 +64,15 @@ class SelectivePruning:
                    f"entries stay near 1.")
         return self.target
 
+    def overlap_scores(self) -> dict:
+        """The scores behind the overlap sets, figures and claims: under overlap.retain (default the general
+        corpus, so that neurons several tasks share can be selected and seen)."""
+        return self.study.scores(retain=self.params["overlap"]["retain"])
+
     def overlaps(self) -> dict:
         """The tasks' top-overlap.frac sets: overlap and Jaccard heatmaps. Returns overlaps.summary of the sets."""
         frac = self.params["overlap"]["frac"]
-        self.masks = self.study.masks(frac)
+        self.masks = self.study.masks(frac, scores=self.overlap_scores())
         self.overlap = overlaps.summary(self.masks)
         for metric in ("overlap", "jaccard"):
             self._show(plots.overlap_heatmap(self.overlap, metric, frac), f"overlap_{metric}",
@@ -76,7 +81,7 @@ class SelectivePruning:
 
     def overlap_sweep(self) -> dict:
         """min / median / max pairwise overlap over overlap.sweep, against uniform and layer-matched chance."""
-        self.sweep = overlaps.overlap_sweep(self.study.scores(), self.params["overlap"]["sweep"], mode=self.pr["mode"],
+        self.sweep = overlaps.overlap_sweep(self.overlap_scores(), self.params["overlap"]["sweep"], mode=self.pr["mode"],
                                             metric="overlap")
         self._show(plots.overlap_sweep(self.sweep, what=f"{self.words['unit']} pairs"), "overlap_sweep",
                    "Modular: the band stays close to the chance line at small fractions and rises only as the sets grow.")
@@ -99,7 +104,8 @@ class SelectivePruning:
         layer and neuron."""
         # one more pass, only these neurons; then one evaluation pass per ablated neuron
         base = self.fixed.documents["base"] if self.fixed is not None and self.fixed.documents else None
-        shown = self.study.neuron_examples(self.masks, n=n, k=k, ablate=ablate, ablation_base=base)
+        shown = self.study.neuron_examples(self.masks, scores=self.overlap_scores(), n=n, k=k, ablate=ablate,
+                                           ablation_base=base)
         neurons.export(shown, self.report.out_dir, self.study.kind)
         return shown
 
@@ -112,11 +118,10 @@ class SelectivePruning:
         ov = ev["overlap"]
         self._show(plots.overlap_pairs(ov, what=f"{unit} pairs"), "overlap_pairs",
                    "Modular: related pairs to the right of the grey null band; the rest inside it or near chance.")
-        self._show(plots.claims(self.report.adjusted(ev["claims"])), "claims",
-                   "Supported claims have their whole interval (bar) on the claimed side of the null (dashed).")
+        self.report.claims_figure(f"{self.prefix}_claims", ev["claims"])
         self.report.print_claims(ev["claims"])          # p adjusted with the notebook's other claims
         print(f"median pairwise overlap {ov['median']:.3f} (95% CI {ov['median_ci'][0]:.3f}–{ov['median_ci'][1]:.3f}); "
-              f"pseudo-task null {ov['null_median']:.3f} (95% of null {ov['null_band'][0]:.3f}–{ov['null_band'][1]:.3f}); "
+              f"{ov.get('null_label', 'pseudo-task null')} {ov['null_median']:.3f} (95% of null {ov['null_band'][0]:.3f}–{ov['null_band'][1]:.3f}); "
               f"chance: uniform {ov['uniform_chance']:.3f}, layer-matched {ov['layer_matched_chance']:.3f}")
         return ev
 
@@ -159,8 +164,11 @@ Model: {self.study.describe()}.
         else:
             text += (f"* No {unit} came down to {pr['target']:.0%} of its {measure} within {max_frac:.1%} of the neurons "
                      f"(at that fraction they kept {np.mean(list(target.reached.values())):.2f} of it on average).\n")
-        text += (f"* At {self.params['overlap']['frac']:.1%} the median pairwise overlap coefficient is "
-                 f"{overlap['median']:.3f}; chance is {overlap['chance']['overlap']:.3f} (uniform) and "
+        against = {"general": "an external general corpus none of the tasks use",
+                   "rest": "the other tasks"}[self.params["overlap"]["retain"]]
+        text += (f"* At {self.params['overlap']['frac']:.1%} (each {unit}'s neurons scored against {against}) the "
+                 f"median pairwise overlap coefficient is {overlap['median']:.3f}; chance is "
+                 f"{overlap['chance']['overlap']:.3f} (uniform) and "
                  f"{overlap['layer_chance']['overlap']:.3f} (random sets with the same count per layer).\n")
         related = self.evidence_["related"] if self.evidence_ else None
         if related:

@@ -142,15 +142,57 @@ def _reduce(x: torch.Tensor) -> torch.Tensor:
     return torch.stack(sums)
 
 
-def _masked_reduce(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """The same five sums over the rows where `keep` [n] is True, without gathering them (a gather needs
-    the row count on the host: a GPU sync). Compiled, this is one kernel that reads the activations once
-    (docs/method.md §10: 1.04× against 1.22× for separate reductions on a GPU; on 2 CPU cores 30× faster than eager)."""
+ROW_CHUNKS = 256     # the two-stage reduction's chunks (_two_stage: which activations take it)
+
+
+def _five_sums(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """[..., n, d] activations -> [5, ..., d] float32 sums over the rows where `keep` [..., n] is True."""
     x = x.float()
     if keep is not None:
-        x = torch.where(keep.unsqueeze(1), x, 0.0)     # where, not multiply: NaN in padding stays out
+        x = torch.where(keep.unsqueeze(-1), x, 0.0)    # where, not multiply: NaN in padding stays out
     a = x.abs()
-    return torch.stack([x.sum(0), a.sum(0), (x * x).sum(0), (x > 0).sum(0).float(), a.sqrt().sum(0)])
+    return torch.stack([x.sum(-2), a.sum(-2), (x * x).sum(-2), (x > 0).float().sum(-2), a.sqrt().sum(-2)])
+
+
+def _plain_sums(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """[5, d] float64: one float32 sum over all rows (few rows)."""
+    return _five_sums(x, keep).double()
+
+
+def _chunked_sums(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """[5, d] float64 in two stages (n >= 2 × ROW_CHUNKS rows): the first ROW_CHUNKS · r rows (r = n // ROW_CHUNKS)
+    viewed as ROW_CHUNKS chunks of r rows, each summed in float32, then the partial sums added in float64; the
+    n − ROW_CHUNKS · r rows left over are read as the last ROW_CHUNKS rows with the earlier ones masked out, so
+    every size > 1 is symbolic and one compiled graph serves every n (a size 0 or 1 would be specialised)."""
+    n, d = x.shape
+    r = n // ROW_CHUNKS
+    m = ROW_CHUNKS * r
+    late = torch.arange(ROW_CHUNKS, device=x.device) >= ROW_CHUNKS - (n - m)      # rows m.. of the last chunk
+    head = _five_sums(x[:m].view(ROW_CHUNKS, r, d), None if keep is None else keep[:m].view(ROW_CHUNKS, r))
+    tail = _five_sums(x[n - ROW_CHUNKS:], late if keep is None else late & keep[n - ROW_CHUNKS:])
+    return head.double().sum(1) + tail.double()
+
+
+def _masked_reduce(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """The same five sums [5, d] (float64) over the rows where `keep` [n] is True, without gathering them (a
+    gather needs the row count on the host: a GPU sync). Compiled, this reads the activations once
+    (docs/method.md §10: 1.04× against 1.22× for separate reductions on a GPU; on 2 CPU cores 30× faster than eager).
+
+    On a GPU, many rows of few columns take two stages (_chunked_sums), a layout independent of the shape:
+    ROW_CHUNKS × d independent sums keep a GPU busy even for few columns (ViT-B/16: 3,072). A plain column sum
+    has only d, and how torch.compile splits it over rows is decided once, from the first call's sizes (dynamic
+    shapes: e.g. a 7B model's 14,336 columns, which need no split), then reused for every shape: the likely
+    reason the ViT's reduction took 3× longer inside the collector than compiled alone on its shape (issue #27)."""
+    return (_chunked_sums if _two_stage(x) else _plain_sums)(x, keep)
+
+
+def _two_stage(x: torch.Tensor) -> bool:
+    """Whether [n, d] activations take _chunked_sums: on an accelerator, for fewer than 8,192 columns (a plain
+    column sum's only parallelism) and at least 32 rows a chunk (so the float32 partial sums written add at most
+    about a third to the activations read). On the CPU never: two or so threads have work enough in d columns,
+    and the partial sums would only add memory traffic (on 2 cores 1.3-4.5× slower than the plain sums)."""
+    n, d = x.shape
+    return x.device.type != "cpu" and d < 8192 and n >= 32 * ROW_CHUNKS
 
 
 def _weighted_sums(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -166,14 +208,16 @@ _COMPILED: dict[str, object] = {}
 
 
 def _compiled_reduce(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | None:
-    """_masked_reduce compiled once per process (dynamic shapes), or None where torch.compile cannot
-    build it (no C compiler, no Triton): then a RuntimeWarning says so once and the eager paths serve."""
+    """_masked_reduce compiled once per process (dynamic shapes; its two layouts apart, each a graph per dtype and
+    with or without `keep`, within dynamo's limit of 8 recompiles), or None where torch.compile cannot build it
+    (no C compiler, no Triton): then a RuntimeWarning says so once and the eager paths serve."""
     fn = _COMPILED.get("reduce")
     if fn is False:
         return None
     try:
         if fn is None:
-            fn = _COMPILED["reduce"] = torch.compile(_masked_reduce, dynamic=True, fullgraph=True)
+            plain, chunked = (torch.compile(f, dynamic=True, fullgraph=True) for f in (_plain_sums, _chunked_sums))
+            fn = _COMPILED["reduce"] = lambda x, keep: (chunked if _two_stage(x) else plain)(x, keep)
         return fn(x, keep)
     except Exception as err:  # the toolchain is missing or broken: correctness first, speed second
         _COMPILED["reduce"] = False

@@ -1,5 +1,6 @@
 """A study: one model, its tasks, and what is derived from them (statistics, scores, the cross-task result,
-splits, the routing curve), with statistics and splits cached on disk.
+splits), with statistics and splits cached on disk. What one notebook alone derives (03's routing curves, 04's
+claims) lives in that notebook's steps module (routing.py, random_init.py).
 
 The glue the notebooks use, so that none of them re-implements loading, caching or evaluation:
 `Study.from_params(params, "lm")` (the params' `lm` section: a language model on text domains) or `"vit"`
@@ -15,25 +16,23 @@ import numpy as np
 import torch
 
 from .batches import run_batches
-from .claims import Claim, resample_p
 from .evaluation import CrossTaskResult, cross_task_matrix
-from .evidence import (bootstrap_overlap, combine_seeds, cross_task_intervals, excess_claim, null_sizes, overlap_evidence,
-                       percentile_ci, pipeline_masks, pseudo_cross_task, related_claim,
-                       pseudo_task_null, resampled_ratio, selectivity_per_task)
+from .evidence import (cross_task_intervals, excess_claim, null_sizes, overlap_evidence, pseudo_cross_task,
+                       pseudo_task_null, related_claim, selectivity_per_task)
 from .files import cache_dir, cached, file_name
 from .models import ModelHandle, check_outputs, load_model
-from .moefication import Router, check_n_experts, expert_routing, fit_router, predicted_routing, split_layers
-from .neurons import NeuronExamples, add_ablations, collect_examples, histogram_edges, pick_neurons
-from .overlaps import overlap, overlap_matrix
+from .moefication import check_n_experts, split_layers
+from .neuron_collection import NeuronExamples, add_ablations, collect_examples, histogram_edges, pick_neurons
+from .overlaps import overlap
 from .params import device_of, dtype_of
 from .pruning import select_neurons, task_scores
 from .shards import collect_blocks
-from .statistics import (BlockStats, NeuronStats, StatsCollector, bootstrap_weights, collect_block_stats,
-                         weighted_pool)
+from .statistics import BlockStats, NeuronStats, StatsCollector, collect_block_stats, weighted_pool
 from .tasks import ImageTasks, TextTasks, data_hash
 
 # bump when the way statistics or splits are computed changes, so no cache from older code is reused
 CACHE_VERSION = 4      # 3: statistics files carry a checksum; 4: session 8 (LM position settings, blocks_alone)
+GENERAL = "<general corpus>"   # the general corpus among the block statistics (block_entry reads its data)
 SECTIONS = {"lm": TextTasks, "vit": ImageTasks}
 
 
@@ -140,7 +139,7 @@ class Study:
         """(statistics data, collect options, cache key, cache file) of a task's block statistics (shards.py
         writes the same entries from job arrays)."""
         p = self.settings
-        task_data = self.tasks.statistics_data(name, budget)
+        task_data = self.general_data(budget) if name == GENERAL else self.tasks.statistics_data(name, budget)
         key = {"version": CACHE_VERSION, "model": self.handle.identity()["fingerprint"], "task": name,
                "data": data_hash(task_data), "budget": budget, "blocks": n_blocks, "ctx": p.get("ctx"),
                "cls_only": p.get("cls_only", False), "dtype": self.dtype,
@@ -180,24 +179,41 @@ class Study:
         suffix = f".random-seed{self.handle.seed}" if self.handle.random_init else ""
         for name, st in self.stats(progress=False).items():
             st.save(folder / f"{self.kind}-{file_name(name)}{suffix}.safetensors")
+        if not self.handle.random_init and "general" in (self.params["overlap"]["retain"], self.params["pruning"]["retain"]):
+            self.general_stats().save(folder / f"{self.kind}.general-corpus.safetensors")     # the retain set read
         return folder
+
+    def general_data(self, budget: int):
+        """The external general corpus (tasks' general_data): text none of the tasks use, or train images no
+        task's statistics read, seeded by the params' seed."""
+        if self.kind == "lm":
+            return self.tasks.general_data(self.params["seed"])
+        return self.tasks.general_data(self.params["seed"], budget,
+                                       max(self.settings["stats_images"], self.stats_budget))
+
+    def general_stats(self, *, progress: bool = False) -> NeuronStats:
+        """Statistics of the general corpus, the retain set of `retain: general` (docs/method.md §3): read with
+        the budget of all tasks together (as the null domain), on this model, cached on disk like a task's."""
+        n = len(self.task_names)
+        return self._block_stats(GENERAL, n * self.stats_budget, self.params["evidence"]["n_blocks"], progress).merged()
 
     def retain_stats(self, stats=None) -> dict[str, NeuronStats]:
         """Per task the retain set's statistics (docs/method.md §3): 'rest' = the other tasks pooled with equal weight;
-        'general' = every task of the study pooled, the forgotten one included (a broad corpus, as the
-        paper's Pile contains every task)."""
+        'general' = the external general corpus (general_stats), which holds none of the tasks, so a neuron shared
+        by some tasks scores as high as one of a single task."""
         stats = stats or self.stats()
         if self.params["pruning"]["retain"] == "general":
-            general = weighted_pool(list(stats.values()))
+            general = self.general_stats()
             return {t: general for t in stats}
         return {t: weighted_pool([s for n, s in stats.items() if n != t]) for t in stats}
 
-    def scores(self, *, stats=None) -> dict[str, torch.Tensor]:
+    def scores(self, *, stats=None, retain: str | None = None) -> dict[str, torch.Tensor]:
+        """Each task's selective-pruning scores under `retain` (default pruning.retain)."""
         pr = self.params["pruning"]
         stats = stats or self.stats()
-        general = weighted_pool(list(stats.values())) if pr["retain"] == "general" else None
+        retain = retain or pr["retain"]
         return task_scores(stats, importance=pr["importance"], eps=pr["eps"], eps_relative=pr["eps_relative"],
-                           retain=pr["retain"], general=general)
+                           retain=retain, general=self.general_stats() if retain == "general" else None)
 
     def masks(self, frac: float, *, mode: str | None = None, scores=None) -> dict[str, torch.Tensor]:
         """Each task's top-`frac` neurons (bool [L, d_mlp]) by the params' selection mode unless `mode`."""
@@ -258,11 +274,14 @@ class Study:
                                  mode=pr["mode"], ablation=pr["ablation"], means=means, base=base,
                                  progress=progress, **extra)
 
-    def pipeline(self, frac: float, mode: str | None = None) -> dict:
-        """The selection settings of this study as evidence.pipeline_masks takes them."""
+    def pipeline(self, frac: float, mode: str | None = None, retain: str | None = None) -> dict:
+        """The selection settings of this study as evidence.pipeline_masks takes them (retain: default
+        pruning.retain; 'general' brings this model's general-corpus statistics)."""
         pr = self.params["pruning"]
+        retain = retain or pr["retain"]
         return dict(frac=frac, mode=mode or pr["mode"], importance=pr["importance"], eps=pr["eps"],
-                    eps_relative=pr["eps_relative"], retain=pr["retain"])
+                    eps_relative=pr["eps_relative"], retain=retain,
+                    **({"general": self.general_stats()} if retain == "general" else {}))
 
     def claims(self, frac: float, groups: dict | None = None, *, seed: int | None = None,
                fixed: CrossTaskResult | None = None, selectivity_null: bool | None = None) -> dict:
@@ -276,8 +295,9 @@ class Study:
             them) where the params' <kind>.selectivity_null says so, else against 0 (exchangeability).
         selectivity_per_task: beside that mean, each task's own test, Holm across tasks, and the median task
             (evidence.selectivity_per_task), so one task cannot carry the verdict unseen.
-        overlap_above_null: the median pairwise overlap of the top-overlap.frac sets minus that of
-            same-distribution pseudo-tasks (the pipeline's own null), bootstrap over statistics blocks.
+        overlap_above_null: the median pairwise overlap of the top-overlap.frac sets (scored under overlap.retain)
+            minus that of same-distribution pseudo-tasks (the pipeline's own null), or under `general` minus
+            layer-matched chance pair by pair, bootstrap over statistics blocks.
         related_share_more: within-group minus across-group overlap, group labels permuted over tasks (only
             when `groups` put at least two tasks together).
         fixed: this study's cross_task(frac=frac) result, whose per-document hits are reused (no second pass).
@@ -302,9 +322,12 @@ class Study:
                                matched["selectivity"], beyond, pseudo, n=int(sum(selected["n_documents"].values())),
                                seed=seed),
                   selectivity_per_task(selected, matched)]         # beside the mean: each task's own test
-        overlap_ev = overlap_evidence(self.block_stats(progress=False), self.null_block_stats(progress=False),
+        # the overlap claims under overlap.retain: against the general corpus a shared neuron can be selected
+        retain = self.params["overlap"]["retain"]
+        overlap_ev = overlap_evidence(self.block_stats(progress=False),
+                                      None if retain == "general" else self.null_block_stats(progress=False),
                                       n_boot=ev["n_boot"], n_null=ev["n_null"], seed=seed,
-                                      **self.pipeline(self.params["overlap"]["frac"]))
+                                      **self.pipeline(self.params["overlap"]["frac"], retain=retain))
         claims.append(overlap_ev["claim"])
         related = None
         if groups and any(len([t for t in ts if t in self.task_names]) > 1 for ts in groups.values()):
@@ -390,83 +413,6 @@ class Study:
         return cached(path, compute, load=lambda p: torch.load(p, weights_only=True), save=torch.save,
                       what="split")
 
-    def routing_evidence(self, splits: dict, keep_fracs, tasks=None) -> dict:
-        """MoEfication's oracle routing for each split in `splits` ({method: labels}, with "random" among them),
-        from per-document hits: "curve" {method: {keep_frac: {task: accuracy relative to dense}}} (as
-        routing_curve), "bands" {method: {keep_frac: 95% interval of the mean over tasks}}, and the claims
-        `<method>_routing_beats_random[<kind>]`: the relative accuracy averaged
-        over tasks and over the kept fractions below 1, method minus random, with a bootstrap over evaluation
-        documents (the same resampled documents for every method), against 0."""
-        if "random" not in splits:
-            raise ValueError("routing_evidence compares each split with the random one: include 'random' in splits")
-        ev, seed = self.params["evidence"], self.params["seed"]
-        tasks = list(tasks or self.task_names)
-        dense = {t: h["top1"] for t, h in self.document_hits(tasks).items()}
-        curve, hits = {}, {}
-        for method, labels in splits.items():
-            curve[method], hits[method] = {}, {}
-            for frac in keep_fracs:
-                k = max(1, int(round(frac * self.n_experts)))
-                if k >= self.n_experts:
-                    curve[method][frac] = {t: 1.0 for t in tasks}
-                    continue
-                with expert_routing(self.handle, labels, k):
-                    hits[method][frac] = {t: h["top1"] for t, h in self.document_hits(tasks).items()}
-                curve[method][frac] = {t: float(resampled_ratio(hits[method][frac][t], dense[t])) for t in tasks}
-        weights = {t: bootstrap_weights(len(dense[t]), ev["n_boot"], seed + i).numpy() for i, t in enumerate(tasks)}
-        # each routed point's relative accuracy per task and resample [T, n_boot]: the same resampled documents
-        # for every method, so bands and claims are read off one set of ratios
-        resampled = {m: {f: np.stack([resampled_ratio(hits[m][f][t], dense[t], weights[t]) for t in tasks])
-                         for f in hits[m]} for m in splits}
-
-        def mean_relative(method):      # observed and per resample: the mean over tasks and routed fractions
-            observed = np.mean([curve[method][f][t] for f in hits[method] for t in tasks])
-            return observed, np.mean([resampled[method][f] for f in hits[method]], axis=(0, 1))
-        bands = {}          # 95% interval of each curve point (mean over tasks), the same resamples as the claims
-        for method in splits:
-            bands[method] = {f: (1.0, 1.0) for f in keep_fracs if f not in hits[method]}   # every expert kept
-            for f in hits[method]:
-                bands[method][f] = percentile_ci(np.nanmean(resampled[method][f], axis=0))
-        claims = []
-        for method in splits:
-            if method == "random" or not hits[method]:
-                continue
-            (obs, boot), (obs_random, boot_random) = mean_relative(method), mean_relative("random")
-            diff, observed = boot - boot_random, float(obs - obs_random)
-            claims.append(excess_claim(f"{method}_routing_beats_random[{self.kind}]", f"{self.kind}: with {method}-split "
-                                       f"experts, oracle top-k routing keeps more of the dense accuracy than with random "
-                                       f"experts (relative accuracy, mean over tasks and kept fractions < 1, {method} "
-                                       f"minus random)", observed, diff, None,
-                                       n=int(sum(len(dense[t]) for t in tasks)), seed=seed))
-        return {"curve": curve, "bands": bands, "claims": claims}
-
-    def fit_router(self, labels: torch.Tensor, *, progress: bool = False) -> Router:
-        """A learned router for split `labels`: per layer a linear predictor of each expert's score from the
-        MLP input, fitted on the statistics data of every task (coactivation_tokens in all), never on the
-        evaluation data the routing curve is scored on."""
-        n_tokens = self.params["moefication"]["coactivation_tokens"]
-        per_task = self.tasks.sample_budget(max(1, n_tokens // len(self.task_names)))
-        options = self.tasks.collect_options(n_tokens)
-        return fit_router(self.handle, self.tasks.interleaved(per_task), labels, max_tokens=options.get("max_tokens"),
-                          batch_size=self.settings["batch_size"], ctx=options.get("ctx", 256), progress=progress)
-
-    def routing_curve(self, labels: torch.Tensor, keep_fracs, tasks=None, *, router: Router | None = None) -> dict:
-        """Accuracy relative to the dense model, per task, when each token keeps only its top-k experts
-        (k = keep_frac × n_experts): chosen from the true activations (MoEfication's ground-truth routing, an
-        oracle), or, with `router`, predicted from the MLP's input (a router one could deploy)."""
-        tasks = list(tasks or self.task_names)
-        dense = self.evaluate_tasks(tasks)
-        curve = {}
-        for frac in keep_fracs:
-            k = max(1, int(round(frac * self.n_experts)))
-            if k >= self.n_experts:
-                curve[frac] = {t: 1.0 for t in tasks}
-                continue
-            with expert_routing(self.handle, labels, k) if router is None else predicted_routing(self.handle, router, k):
-                acc = self.evaluate_tasks(tasks)
-            curve[frac] = {t: acc[t] / dense[t] if dense[t] > 0 else float("nan") for t in tasks}
-        return curve
-
 
 def cache_entries(params: dict, kinds=None):
     """Yield (study, task, budget, n_blocks) for the block statistics that notebooks 01-05 of `params` read (each
@@ -482,7 +428,10 @@ def cache_entries(params: dict, kinds=None):
         yield from ((study, t, study.stats_budget, n_blocks) for t in study.task_names)
         if {"vit": "01", "lm": "02"}[kind] in notebooks:
             n = len(study.task_names)
-            yield study, study.null_domain(), n * study.stats_budget, n * n_blocks
+            if params["overlap"]["retain"] != "general" or params[kind]["selectivity_null"]:   # pseudo-task nulls
+                yield study, study.null_domain(), n * study.stats_budget, n * n_blocks
+            if "general" in (params["overlap"]["retain"], params["pruning"]["retain"]):
+                yield study, GENERAL, n * study.stats_budget, n_blocks       # the general corpus (general_stats)
         if {"04", "05"} & notebooks:        # 05 reads the first seed's model only
             for seed in params["random_init"]["seeds"][:None if "04" in notebooks else 1]:
                 random = study.with_random_init(seed)
@@ -504,44 +453,3 @@ def load_random(handle: ModelHandle, seed: int) -> ModelHandle:
                         random_init=True, seed=seed)
     random.name = handle.name
     return random
-
-
-def random_init_claims(kind: str, trained: Study, randoms: list[Study], persistence: list, frac: float, *,
-                       mode: str | None = None) -> list[Claim]:
-    """Notebook 04's claims for one model (`kind` names it in the ids):
-    trained_overlap_differs_from_random: median pairwise overlap of the top-`frac` sets, trained minus random
-        init (all seeds pooled), bootstrap over statistics blocks of both, two-sided, against 0;
-    pattern_persists: every seed's pattern-persistence rho combined (median rho, interval over seeds, the
-        largest Holm-adjusted p: the pattern must persist in every seed)."""
-    ev, seed = trained.params["evidence"], trained.params["seed"]
-    pipeline = trained.pipeline(frac, mode)
-    observed_trained = float(np.median(_pairs_of(trained, pipeline)))
-    observed_random = float(np.median(np.concatenate([_pairs_of(r, pipeline) for r in randoms])))
-    boot_trained = bootstrap_overlap(trained.block_stats(progress=False), ev["n_boot"], seed, **pipeline)["median"]
-    boot_random = np.median(np.stack([bootstrap_overlap(r.block_stats(progress=False), ev["n_boot"], seed + 1 + i,
-                                                        **pipeline)["pairs"] for i, r in enumerate(randoms)], 1)
-                            .reshape(ev["n_boot"], -1), axis=1)
-    diff = boot_trained - boot_random
-    observed = observed_trained - observed_random          # two-sided; an undefined resample counts against
-    p = float(np.minimum(1.0, 2 * min(resample_p(diff, diff <= 0, observed), resample_p(diff, diff >= 0, observed))))
-    claims = [Claim(f"trained_overlap_differs_from_random[{kind}]", f"{kind}: the trained model's tasks overlap "
-                    f"differently from the random-init model's (median pairwise overlap, trained minus random, "
-                    f"{pipeline['mode']} selection)", observed_trained - observed_random,
-                    percentile_ci(diff), 0.0, p=p, n=len(randoms) + 1, direction="two-sided",
-                    p_floor=min(1.0, 2 / (1 + ev["n_boot"])), floor_n=f"{ev['n_boot']} bootstrap resamples")]
-    usable = [r for r in persistence if r]
-    if usable:
-        combined = combine_seeds(usable, ev["n_boot"], seed)
-        claims.append(Claim(f"pattern_persists[{kind}]", f"{kind}: the trained task x task overlap pattern persists "
-                            f"at random init in every seed (median Spearman rho over {combined['n']} seeds, "
-                            f"largest Holm-adjusted permutation p)", combined["median_rho"], combined["ci"], 0.0,
-                            p=combined["p_combined"], n=combined["n"], correction="holm",
-                            p_floor=combined["p_floor"], floor_n=combined["floor_n"]))
-    return claims
-
-
-def _pairs_of(study: Study, pipeline: dict) -> np.ndarray:
-    masks = pipeline_masks(study.stats(progress=False), **pipeline)
-    _, matrix = overlap_matrix(masks)
-    i, j = np.triu_indices(len(matrix), 1)
-    return matrix[i, j]

@@ -62,6 +62,12 @@ class TextTasks:
         """The name of each statistics document, as tasks.json names it (file name, fortune id, topic)."""
         return list(self.tasks[name].collect_ids)
 
+    def general_data(self, seed: int) -> list[str]:
+        """The external general corpus (data.general_corpus) without any of the study's documents, in a seeded
+        order: the retain set of `retain: general` (the collector stops at its budget)."""
+        used = [text for task in self.tasks.values() for text in (*task.collect, *task.evaluate)]
+        return D.general_corpus(seed, exclude=used)
+
     def collect_options(self, budget: int) -> dict:
         """Keyword arguments of collect_stats for this modality and budget (positions: params lm.skip_positions,
         lm.equal_positions)."""
@@ -140,6 +146,12 @@ class ImageTasks:
         return cls(tasks, train, test, p)
 
     @property
+    def groups(self) -> dict[str, list[str]] | None:
+        """Related tasks for the `related_share_more` claim: the dataset's own groups of classes (Fashion-MNIST's
+        natural groups, CIFAR-100's superclasses) when each task is one class; None otherwise."""
+        return dict(self.train.groups) if self.settings["tasks"] == "classes" and self.train.groups else None
+
+    @property
     def names(self) -> list[str]:
         return list(self.tasks)
 
@@ -153,6 +165,18 @@ class ImageTasks:
     def statistics_names(self, name: str, budget: int) -> list[str]:
         """The name of each statistics image, as tasks.json names it ("train:i" or the dataset's id)."""
         return [self._id(self.train, "train", i) for i in self._indices(self.train, self.tasks[name])[:budget]]
+
+    def general_data(self, seed: int, budget: int, used: int) -> torch.Tensor:
+        """The general corpus of `retain: general` for images (no class is left out of the tasks to play the
+        paper's ImageNet): `budget` train images of every class drawn at random (seeded), none of them among the
+        first `used` images of any task, which its statistics read; evaluation reads the test split."""
+        taken = {i for classes in self.tasks.values() for i in self._indices(self.train, classes)[:used]}
+        free = np.array([i for i in range(len(self.train)) if i not in taken])
+        if len(free) < budget:
+            raise ValueError(f"the general corpus needs {budget} train images that no task's statistics read, but "
+                             f"only {len(free)} are left: lower vit.stats_images")
+        pick = np.sort(np.random.default_rng(seed).choice(free, size=budget, replace=False))
+        return self.train.images[torch.from_numpy(pick)]
 
     def collect_options(self, budget: int) -> dict:
         return {"cls_only": self.settings["cls_only"]}

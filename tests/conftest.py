@@ -244,9 +244,148 @@ def waits_for_notebooks(item) -> int:
     return 2 if "nbval_run" in item.fixturenames else int("smoke_run" in item.fixturenames)
 
 
+# -- markers (registered in pyproject.toml): `make test-fast` runs `-m unit`, `make test` everything ----------
+# Every test file's markers, given to all its tests. Whatever its file, a test that reads the notebooks' runs
+# (smoke_run, nbval_run) is also `notebooks` and one that opens Chromium (browser) also `browser`. `unit` goes to
+# every test with none of notebooks, browser, gpu or slow. A file missing here stops collection, so a new slow
+# file cannot land in test-fast unnoticed (tests/test_markers.py checks this table against the files).
+FILE_MARKERS = {
+    "test_notebooks.py": ("notebooks",), "test_lab.py": ("notebooks", "browser"), "test_gpu.py": ("gpu",),
+    **{name: () for name in (
+        "test_api.py", "test_attack3_data.py", "test_attack3_numbers.py", "test_attack3_outputs.py",
+        "test_attack3_params.py", "test_bench.py", "test_correspondence.py", "test_data.py", "test_distributed.py",
+        "test_docs.py", "test_dynamics.py", "test_evaluation.py", "test_evidence.py", "test_export.py",
+        "test_general_corpus.py", "test_hub_data.py", "test_index_page.py", "test_localisers.py", "test_markers.py", "test_models.py",
+        "test_moe.py", "test_moefication.py", "test_neurons.py", "test_overlaps.py", "test_paper_scores.py",
+        "test_peers.py", "test_pruning.py", "test_reliability.py", "test_scorecard.py", "test_shards.py", "test_statistics.py", "test_steps.py", "test_study.py", "test_tasks_custom.py")},
+}
+FIXTURE_MARKERS = {"smoke_run": "notebooks", "nbval_run": "notebooks", "browser": "browser"}
+# "file::test function" (every parametrisation): 4.5 s or more each in a `-m unit --durations` run on 2 cores under
+# heavy contention (the 58 slowest: 95% of its time); left out of test-fast, still in `make test`
+SLOW = {f"{file}::{test}" for file, tests in {
+    "test_api.py": (
+        "test_handle_and_stats_attributes",
+    ),
+    "test_attack3_data.py": (
+        "test_images_are_resized_as_they_are_loaded",
+        "test_splitting_a_large_domain_has_bounded_memory",
+        "test_symlink_loops_do_not_make_check_hang",
+    ),
+    "test_attack3_numbers.py": (
+        "test_changed_statistics_bytes_are_recomputed_with_a_warning",
+    ),
+    "test_attack3_outputs.py": (
+        "test_a_dtype_resolved_otherwise_is_other_parameters",
+        "test_neuron_pages_of_tasks_named_alike_show_their_own_images",
+        "test_overwrite_with_other_params_removes_every_stale_output",
+        "test_text_is_written_as_utf8_under_an_ascii_locale",
+    ),
+    "test_attack3_params.py": (
+        "test_injected_parameters_hold_no_absolute_paths",
+    ),
+    "test_bench.py": (
+        "test_gpu_section_runs_at_tiny_size_on_cpu",
+    ),
+    "test_data.py": (
+        "test_budget_spread_over_documents",
+        "test_fmnist_vit_trains_caches_and_is_deterministic",
+        "test_statistics_documents_are_a_seeded_sample_of_the_domain",
+        "test_tasks_record_names_exactly_the_documents_used",
+        "test_text_split_disjoint_and_complete",
+    ),
+    "test_distributed.py": (
+        "test_blocks_and_cross_task_matrix_split_over_two_gloo_ranks_equal_one_process",
+        "test_two_process_gloo_equals_single_process",
+    ),
+    "test_dynamics.py": (
+        "test_lm_revisions_as_local_folders",
+        "test_trend_claim_against_scipy_and_the_exact_permutation_share",
+    ),
+    "test_evidence.py": (
+        "test_ground_truth_over_20_seeds",
+        "test_image_study_document_hits",
+        "test_pseudo_cross_task_null",
+        "test_study_block_stats_null_domain_and_document_hits",
+    ),
+    "test_export.py": (
+        "test_exports_hold_the_studys_own_tensors",
+    ),
+    "test_general_corpus.py": (
+        "test_under_rest_the_same_shared_neurons_are_never_selected",
+    ),
+    "test_models.py": (
+        "test_embedded_lm_predicts_code",
+    ),
+    "test_moe.py": (
+        "test_section_end_to_end_on_smoke_moe",
+    ),
+    "test_moefication.py": (
+        "test_large_layers_default_to_one_plain_restart",
+        "test_real_smollm2_layer_matches_k_means_constrained",
+    ),
+    "test_neurons.py": (
+        "test_pages_import_the_collection_never_the_reverse_and_neurons_keeps_every_public_name",
+        "test_static_export_writes_pages_whose_links_resolve",
+    ),
+    "test_reliability.py": (
+        "test_changed_parameter_never_reuses_stale_stats",
+        "test_cli_rejects_bad_params_before_work",
+        "test_concurrent_builds_of_a_cache_folder",
+        "test_corrupted_cache_is_recomputed_with_warning",
+        "test_killed_build_leaves_no_temporary_folder",
+        "test_killed_run_resumes_with_identical_results",
+        "test_overwrite_with_other_params_removes_stale_results",
+        "test_sigint_is_one_line_and_marks_the_folder_incomplete",
+    ),
+    "test_shards.py": (
+        "test_merge_refuses_missing_or_mixed_shards",
+        "test_plan_counts_what_statistics_and_the_cross_task_matrix_run",
+        "test_two_shards_merged_are_the_one_process_cache_bit_for_bit",
+    ),
+    "test_steps.py": (
+        "test_layerwise_cells_in_any_order",
+        "test_random_init_results_keep_the_saved_layout",
+    ),
+    "test_study.py": (
+        "test_a_first_position_neuron_is_not_selected_for_short_documents",
+        "test_claims_of_a_study_carry_interval_null_and_test",
+        "test_dtype_per_section_and_auto",
+        "test_image_record_lists_the_images_used",
+        "test_image_tasks_budget_and_accuracy_per_task",
+        "test_modules_import_each_other_at_the_top_and_without_a_cycle",
+        "test_random_init_claims",
+        "test_random_init_gets_the_same_data_and_budget_unless_told",
+        "test_rest_mean_ablation_uses_each_tasks_own_retain_mean",
+        "test_retain_general_and_mean_ablation_run_end_to_end",
+        "test_routing_evidence_matches_the_routing_curve",
+        "test_selectivity_claim_against_pseudo_tasks",
+    ),
+    "test_tasks_custom.py": (
+        "test_file_tasks_end_to_end",
+    ),
+}.items() for test in tests}
+NOT_UNIT = {"notebooks", "browser", "gpu", "slow"}
+
+
+def markers_of(item) -> set[str]:
+    """The markers conftest gives `item` (see FILE_MARKERS)."""
+    name = item.path.name
+    if name not in FILE_MARKERS:
+        raise pytest.UsageError(f"tests/{name} has no marker classification: add it to FILE_MARKERS in "
+                                f"tests/conftest.py (() for unit tests)")
+    marks = set(FILE_MARKERS[name]) | {m for f, m in FIXTURE_MARKERS.items() if f in item.fixturenames}
+    if f"{name}::{getattr(item, 'originalname', item.name)}" in SLOW:
+        marks.add("slow")
+    return marks if marks & NOT_UNIT else marks | {"unit"}
+
+
+@pytest.hookimpl(tryfirst=True)      # before `-m` deselects by these markers
 def pytest_collection_modifyitems(items):
-    """The tests that wait for the notebook pipeline go last (nbval's last of all), so that the others run
-    while it does; the order within each group is kept."""
+    """Mark every test (markers_of); the tests that wait for the notebook pipeline go last (nbval's last of
+    all), so that the others run while it does; the order within each group is kept."""
+    for item in items:
+        for marker in sorted(markers_of(item)):
+            item.add_marker(marker)
     items.sort(key=waits_for_notebooks)
 
 

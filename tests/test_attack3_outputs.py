@@ -109,7 +109,9 @@ def test_file_names_of_tasks_are_unique_and_plain():
 
 def _fake_study(kind, stats, seed=None):
     handle = SimpleNamespace(random_init=seed is not None, seed=seed)
-    return SimpleNamespace(kind=kind, handle=handle, stats=lambda progress=True: stats,
+    # retain rest: no general corpus to save (this test is about the tasks' file names)
+    params = {"overlap": {"retain": "rest"}, "pruning": {"retain": "rest"}}
+    return SimpleNamespace(kind=kind, handle=handle, params=params, stats=lambda progress=True: stats,
                            record=lambda: {t: {"source": "s", "statistics": [t], "evaluation": []} for t in stats})
 
 

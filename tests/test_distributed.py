@@ -60,3 +60,7 @@ def test_blocks_and_cross_task_matrix_split_over_two_gloo_ranks_equal_one_proces
             assert all(np.array_equal(r2[a][b]["top1"], r1[a][b]["top1"])
                        for r2, r1 in zip(docs_two["random"], docs_one["random"]))
     assert list(two["fixed"].fracs) == ["a", "b", "c"]          # gathered back into the tasks' order
+    # the evaluations: one process runs T unpruned + T x T pruned; two ranks split both, none runs twice
+    # (rank 0 rows a, c and their base accuracies; rank 1 row b and its base accuracy)
+    assert [len(c) for c in one["calls"]] == [3 + 3 * 3]
+    assert [sorted(c) for c in two["calls"]] == [sorted("ac" + "abc" * 2), sorted("b" + "abc")]

@@ -327,6 +327,18 @@ def test_cross_task_matrix_reports_convergence(toy):
     assert [fixed.reached[t] for t in fixed.tasks] == pytest.approx(np.diag(fixed.matrix).tolist())
 
 
+def test_bisection_of_a_task_the_model_never_gets_right(toy):
+    """Unpruned accuracy 0 (a random-weight model): no fraction to find, so the bisection reports the bound, not
+    converged, reached nan, after no evaluation of its own (it used to divide by the zero accuracy)."""
+    handle, tasks, weights, scale, scores, evaluators = toy
+    calls = []
+    zero = {**evaluators, "a": lambda: calls.append(1) or 0.0}
+    result = cross_task_matrix(handle, scores, zero, target=0.8, max_frac=0.5, progress=False)
+    assert result.fracs["a"] == 0.5 and result.converged["a"] is False and np.isnan(result.reached["a"])
+    assert len(calls) == 1 + len(tasks)            # its unpruned accuracy and its cell in each row, nothing else
+    assert result.converged["b"] is True and result.converged["c"] is True
+
+
 def test_matched_random_mask_keeps_per_layer_counts():
     gen = torch.Generator().manual_seed(3)
     scores = torch.rand(4, 50, generator=gen)

@@ -357,3 +357,62 @@ def test_step_axis_labels_show_no_raw_mathtext():
     labels = [t.get_text() for t in axis.get_ticklabels() if t.get_text()]
     assert labels and not any("$" in text for text in labels), labels
     assert {"0", "10", "100", "1000"} <= set(labels)
+
+
+def _document_hits(handle, n: int = 6):
+    """hits() for add_ablations: per task top-1 hits per evaluation document of a tiny model as it is when
+    called: random texts (LM), or random images labelled with the intact model's own predictions (ViT)."""
+    import numpy as np
+    from conftest import random_texts
+    from modsep_nb.evaluation import evaluate
+    if handle.kind == "lm":
+        texts = {t: random_texts(n, seed=10 + k) for k, t in enumerate("ab")}
+        return lambda: {t: evaluate(handle, x, ctx=8, per_document=True)["documents"] for t, x in texts.items()}
+    images = {t: torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(20 + k)) for k, t in enumerate("ab")}
+    with torch.no_grad():
+        labels = {t: handle.image_logits(x).argmax(-1) for t, x in images.items()}
+
+    def hits():
+        with torch.no_grad():
+            return {t: {"n": np.ones(n), "top1": (handle.image_logits(x).argmax(-1) == labels[t]).double().numpy()}
+                    for t, x in images.items()}
+    return hits
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_vit"])
+def test_neuron_pages_show_direct_and_ablation_effects_in_chromium(browser, request, model, tmp_path,  # noqa: F811
+                                                                    capsys):
+    """The neuron pages (neurons/<kind>-<task>.html) of a language model and of a ViT, as notebooks 01/02 write
+    them, opened in Chromium: every neuron shows its direct effect on the outputs (caption and a table of
+    pushed-up and pushed-down outputs with values), and each task's first neuron its ablation effect (a row per
+    task with the interval), all visible with text in every cell."""
+    from modsep_nb import neurons as N
+    handle = request.getfixturevalue(model)
+    ex = tiny_examples(handle)
+    N.add_ablations(ex, handle, _document_hits(handle), per_task=1, n_boot=20,
+                    unit="tokens" if handle.kind == "lm" else "images")
+    pages = N.export(ex, tmp_path, "lm" if handle.kind == "lm" else "vit")
+    assert len(pages) == 2
+    for path in pages:
+        page = browser.new_page()
+        page.goto(path.resolve().as_uri())
+        page.wait_for_load_state("load")
+        sections = page.locator("section")
+        assert sections.count() >= 1, path
+        for i in range(sections.count()):
+            section = sections.nth(i)
+            heads = section.locator("h3").all_inner_texts()
+            assert "Direct effect on the outputs" in heads, (path, i)
+            for kind in ["direct"] + (["ablation"] if i == 0 else []):     # the first of each task is ablated
+                table = section.locator(f"table.effects.{kind}")
+                assert table.is_visible() and table.bounding_box()["height"] > 10, (path, i, kind)
+                rows = table.locator("tr").all()
+                assert len(rows) >= 2, (path, i, kind)                     # a header and at least one row
+                cells = [c for r in rows[1:] for c in r.locator("td").all_inner_texts()]
+                assert cells and all(c.strip() for c in cells), (path, i, kind, cells)
+                caption = table.locator("xpath=preceding-sibling::p[contains(@class, 'caption')][1]")
+                assert caption.is_visible() and len(caption.inner_text()) > 40, (path, i, kind)
+            if i == 0:
+                assert "Ablation effect" in heads, (path, i)
+        save_screenshot(page, f"neuron_page_{model}_{path.stem}", capsys)
+        page.close()

@@ -6,15 +6,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from conftest import VOCAB, VOCAB_SIZE, WORDS, make_tokenizer, random_texts
 from modsep_nb import collect_stats, load_model
 from modsep_nb.data import lm_batches
-from modsep_nb.pruning import (IMPORTANCES, LOCALISERS, attribution_scores, collect_attribution, importance,
-                               lape_scores, task_scores, ttest_scores)
-from modsep_nb.statistics import NeuronStats
+from modsep_nb.evidence import bootstrap_masks, pipeline_masks
+from modsep_nb.pruning import (IMPORTANCES, LOCALISERS, attribution_scores, auroc_scores, collect_attribution,
+                               importance, lape_scores, select_neurons, task_scores, ttest_scores)
+from modsep_nb.statistics import BlockStats, NeuronStats, bootstrap_weights, collect_block_stats
 
 TASK_WORDS = {"planted": WORDS[:6], "a": WORDS[6:24], "b": WORDS[24:42]}
 PLANTED, EVERYWHERE = 5, 9          # layer-0 neurons: fires on the planted task's tokens only / on every token
@@ -136,6 +138,63 @@ def test_ttest_matches_welch_on_the_tokens(planted):
     assert float(scores["planted"][0, EVERYWHERE]) == pytest.approx(0.0, abs=1e-3)
 
 
+@pytest.fixture(scope="module")
+def planted_blocks(planted):
+    """The planted model's statistics kept per document (16 blocks of one document per task)."""
+    handle, texts, _ = planted
+    return {t: collect_block_stats(handle, docs, 16, ctx=CTX, progress=False) for t, docs in texts.items()}
+
+
+def test_auroc_ranks_the_planted_neuron_first(planted_blocks):
+    scores = task_scores(planted_blocks, importance="auroc")
+    assert float(scores["planted"][0, PLANTED]) == 1.0      # > 0 on every planted document, exactly 0 on the rest
+    assert float(scores["a"][0, PLANTED]) == pytest.approx(16 / 2 / 32)   # 0 on a and b alike: ties count half
+    assert _first(scores["planted"]) == PLANTED
+    for task, s in scores.items():                 # the neuron that fires alike everywhere leads no task
+        assert _first(s) != EVERYWHERE, task
+
+
+def test_auroc_is_mann_whitney_on_the_documents_means(planted_blocks):
+    """Against scipy's Mann-Whitney U / (n1 n2) on each document's mean activation, computed here from the sums."""
+    from scipy.stats import mannwhitneyu
+    scores = auroc_scores(planted_blocks)
+    means = {t: (b.sums[:, 0, 0] / b.count[:, :1]) for t, b in planted_blocks.items()}    # [16, d_mlp], layer 0
+    for neuron in (3, 11, 20):
+        x = means["b"][:, neuron].numpy()
+        y = torch.cat([means["planted"], means["a"]])[:, neuron].numpy()
+        u = mannwhitneyu(x, y).statistic
+        assert float(scores["b"][0, neuron]) == pytest.approx(u / (len(x) * len(y)))
+
+
+def _blocks(values):
+    """BlockStats of one layer and one neuron whose blocks' mean activations are `values` (one token each)."""
+    n = len(values)
+    sums = torch.zeros(n, 5, 1, 1, dtype=torch.float64)
+    sums[:, 0, 0, 0] = torch.tensor(values, dtype=torch.float64)
+    return BlockStats(torch.ones(n, 1, dtype=torch.float64), sums, torch.ones(n))
+
+
+def test_auroc_counts_ties_half_by_hand():
+    # task x: 1, 2, 2 against the rest 2, 0: pairs won 0 + 1, 0.5 + 1, 0.5 + 1 = 4 of 6
+    scores = auroc_scores({"x": _blocks([1.0, 2.0, 2.0]), "y": _blocks([2.0, 0.0])})
+    assert float(scores["x"][0, 0]) == pytest.approx(4 / 6)
+    assert float(scores["y"][0, 0]) == pytest.approx(2 / 6)
+    with pytest.raises(ValueError, match="BlockStats"):
+        auroc_scores({"x": _blocks([1.0]).merged(), "y": _blocks([2.0]).merged()})
+
+
+def test_auroc_bootstrap_repeats_the_drawn_blocks(planted_blocks):
+    """A bootstrap resample of a block localiser ranks the drawn blocks, repeated as often as drawn."""
+    pipeline = dict(frac=0.05, mode="global", importance="auroc")
+    got = next(bootstrap_masks(planted_blocks, 1, seed=3, **pipeline))
+    from modsep_nb.evidence import _seeds
+    drawn = {t: planted_blocks[t].subset(torch.repeat_interleave(torch.arange(16), w[0].long()))
+             for t, w in zip(planted_blocks, (bootstrap_weights(16, 1, s) for s in _seeds(3, 3)))}
+    expected = {t: select_neurons(s, 0.05, "global") for t, s in auroc_scores(drawn).items()}
+    assert all(torch.equal(got[t], expected[t]) for t in planted_blocks)
+    assert pipeline_masks(planted_blocks, **pipeline)["planted"][0, PLANTED]
+
+
 def test_attribution_ranks_the_planted_neuron_first_and_is_zero_where_it_is_silent(planted):
     handle, texts, _ = planted
     attr = {t: collect_attribution(handle, docs, ctx=CTX, batch_size=8)["attribution"] for t, docs in texts.items()}
@@ -196,10 +255,69 @@ def test_localiser_names_are_refused_as_a_single_tasks_importance(planted):
 @pytest.mark.parametrize("section, message", [
     ({"methods": ["abs", "saliency"]}, "localisers.methods"), ({"methods": ["abs", "abs"]}, "localisers.methods"),
     ({"methods": []}, "localisers.methods"), ({"lm_tasks": 1}, "localisers.lm_tasks"),
-    ({"random_seeds": []}, "localisers.random_seeds")])
+    ({"random_seeds": []}, "localisers.random_seeds"), ({"attribution_tokens": 0}, "localisers.attribution_tokens"),
+    ({"attribution_images": True}, "localisers.attribution_images"), ({"eval_images": -5}, "localisers.eval_images"),
+    ({"eval_tokens": 1.5}, "localisers.eval_tokens"), ({"n_boot": 0}, "localisers.n_boot"),
+    ({"methods": ["abs", "auroc", "kurtosis"]}, "localisers.methods")])
 def test_localiser_params_are_checked(section, message):
     from modsep_nb.params import ParamsError, load_params
     smoke = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
     with pytest.raises(ParamsError, match=message):
         load_params(smoke, {"localisers": section})
     assert load_params(smoke, {"pruning": {"importance": "lape"}})["pruning"]["importance"] == "lape"
+    assert load_params(smoke, {"localisers": {"methods": ["auroc", "attribution"], "eval_images": None}})
+
+
+def test_localiser_budgets_are_cut_never_raised():
+    """07's own budgets: the first lm_tasks domains, and eval_tokens / eval_images only where below the section's."""
+    from modsep_nb.localisers import localiser_params
+    from modsep_nb.params import load_params
+    smoke = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
+    p = load_params(smoke, {"localisers": {"eval_images": 100, "eval_tokens": 10_000}})
+    vit, lm = localiser_params(p, "vit"), localiser_params(p, "lm")
+    assert vit["vit"]["eval_images"] == 100 and lm["lm"]["eval_tokens"] == p["lm"]["eval_tokens"] == 128
+    assert lm["lm"]["tasks"] == p["lm"]["tasks"][:2] and vit["lm"]["tasks"] == p["lm"]["tasks"]
+    assert p["vit"]["eval_images"] == 300                       # the params themselves are not changed
+
+
+def test_localiser_agreement_against_hand_counts_and_a_bootstrap_over_tasks():
+    """Two localisers on two tasks of two layers x 4 neurons, every number by hand. Task s: A = {0, 1} and
+    B = {0, 2} in layer 0: overlap 1/2, layer-matched chance 2*2/4 / 2 = 1/2, excess 0. Task u: A = {0} in layer 0,
+    B = {4} in layer 1: nothing shared, chance 0 (no layer in common), excess 0; task v: A = B = {5, 6}:
+    overlap 1, chance 2*2/4 / 2 = 1/2, excess 1/2. Resampling three tasks, the mean excess takes the values k/6
+    (k of the three draws are v), so the 95% interval of 4000 resamples is [0, 1/2] exactly (P(k = 0) = P(k = 3)
+    = 8/27 > 2.5%)."""
+    from modsep_nb.localisers import localiser_agreement
+
+    def mask(*neurons):
+        m = torch.zeros(2, 4, dtype=torch.bool)
+        for n in neurons:
+            m[n // 4, n % 4] = True
+        return m
+    masks = {"A": {"s": mask(0, 1), "u": mask(0), "v": mask(5, 6)},
+             "B": {"s": mask(0, 2), "u": mask(4), "v": mask(5, 6)}}
+    got = localiser_agreement(masks, 4000, seed=0)
+    assert got["per_task_overlap"][0, 1].tolist() == [0.5, 0.0, 1.0]
+    assert got["per_task_chance"][1, 0].tolist() == [0.5, 0.0, 0.5]
+    assert got["overlap"][0, 1] == pytest.approx(0.5) and got["chance"][0, 1] == pytest.approx(1 / 3)
+    assert got["excess_ci"][0, 1].tolist() == [0.0, 0.5]
+    assert sorted(set(np.round(got["boot"][0, 1] * 6, 9))) == [0, 1, 2, 3]         # only the values k/6
+    assert got["overlap"][0, 0] == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:task .* rests on 4 blocks", "ignore:the null domain has 4 blocks")
+def test_attribution_blocks_are_the_attribution_of_their_documents(planted):
+    """Kept per block (4 blocks of 4 documents), the attribution of one block is that of its documents alone, the
+    blocks merged give the whole attribution, and they go through the overlap evidence's bootstrap and pseudo-task
+    null as statistics blocks do."""
+    from modsep_nb.evidence import overlap_evidence
+    handle, texts, _ = planted
+    runs = {t: collect_attribution(handle, docs, ctx=CTX, batch_size=8, n_blocks=4) for t, docs in texts.items()}
+    blocks = runs["planted"]["blocks"]
+    assert blocks.n_blocks == 4 and float(blocks.units.sum()) == runs["planted"]["units"]
+    torch.testing.assert_close(blocks.merged(), runs["planted"]["attribution"], rtol=1e-5, atol=1e-9)
+    alone = collect_attribution(handle, texts["planted"][4:8], ctx=CTX, batch_size=8)["attribution"]
+    torch.testing.assert_close(blocks.subset([1]).merged(), alone, rtol=1e-4, atol=1e-7)
+    ev = overlap_evidence({t: r["blocks"] for t, r in runs.items()}, runs["a"]["blocks"], frac=0.05, n_boot=5,
+                          n_null=5, seed=0, importance="attribution_contrast")
+    assert bool(ev["masks"]["planted"][0, PLANTED]) and ev["null"]["median"].shape == (5,)

@@ -16,6 +16,8 @@ from browser import assert_links_resolve
 from conftest import VOCAB, encode, random_texts
 from modsep_nb import collect_stats, load_model
 from modsep_nb import neurons as N
+from modsep_nb.neuron_collection import _TaskTopK
+from modsep_nb.neuron_pages import _shown
 from modsep_nb.files import file_name
 from modsep_nb.index_page import write_index
 from modsep_nb.params import load_params
@@ -218,13 +220,13 @@ def test_ties_go_to_the_earlier_position_and_the_same_input_gives_the_same_resul
 
 def test_running_state_is_k_per_neuron_whatever_the_data_length(tiny_llama, monkeypatch):
     sizes = []
-    real = N._TaskTopK.merge
+    real = _TaskTopK.merge
 
     def spy(self, fields):
         real(self, fields)
         sizes.append(tuple(tuple(getattr(self, name).shape) for name in ("value", "signed", "document", "position",
                                                                           "ids", "context", "hist")))
-    monkeypatch.setattr(N._TaskTopK, "merge", spy)
+    monkeypatch.setattr(_TaskTopK, "merge", spy)
     k, w = 3, 2
     for n_docs in (4, 40):
         texts = random_texts(n_docs, seed=n_docs, min_len=5)
@@ -538,7 +540,7 @@ def test_pages_show_direct_and_ablation_effects_and_name_documents(tmp_path, tin
         direct = section["tables"]["direct"]
         assert len(direct) == 1 + 5
         for row, (up, down) in zip(direct[1:], zip(ex.direct[neuron]["up"], ex.direct[neuron]["down"])):
-            assert row == [N._shown(up[0]), f"{up[1]:+.3f}", N._shown(down[0]), f"{down[1]:+.3f}"]
+            assert row == [_shown(up[0]), f"{up[1]:+.3f}", _shown(down[0]), f"{down[1]:+.3f}"]
         assert all(m.split(" · ")[1] in names[m.split(" · ")[0]] for m in section["meta"])   # named, not "doc N"
         assert section["meta"] and not any(" · doc " in m for m in section["meta"])
     first, second = parsed.sections
@@ -562,3 +564,23 @@ def test_bad_effect_arguments_are_named(tiny_llama, text_tasks):
                   {"a": {"n": np.array([3]), "top1": np.array([1])}}])          # the second pass reads fewer
     with pytest.raises(ValueError, match="same documents"):
         N.ablation_effects(tiny_llama, lambda: next(calls), [(0, 1)])
+
+
+def test_pages_import_the_collection_never_the_reverse_and_neurons_keeps_every_public_name():
+    """neuron_collection computes, neuron_pages shows: loading the collection in a fresh interpreter must not load
+    the pages (nor the neurons face that imports them), and every public name of either is importable from neurons."""
+    import subprocess
+    import sys
+    from modsep_nb import neuron_collection, neuron_pages
+    loaded = subprocess.run([sys.executable, "-c", "import sys, modsep_nb.neuron_collection; print(sorted(m for m in "
+                             "sys.modules if m.startswith('modsep_nb.neuron')))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "['modsep_nb.neuron_collection']"
+    assert neuron_pages.NeuronExamples is neuron_collection.NeuronExamples        # the pages read the collection's
+    for module in (neuron_collection, neuron_pages):
+        public = {name for name, value in vars(module).items() if not name.startswith("_")
+                  and getattr(value, "__module__", module.__name__) == module.__name__ and name.isidentifier()
+                  and (callable(value) or name.isupper())}
+        assert public <= set(N.__all__), f"{module.__name__} defines {sorted(public - set(N.__all__))} not in neurons"
+        for name in public:
+            assert getattr(N, name) is getattr(module, name)

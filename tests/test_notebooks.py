@@ -79,8 +79,11 @@ def test_results_json_holds_this_runs_numbers(smoke_run):
         saved = json.loads((smoke_run / "statistics" / f"{name}.json").read_text())
         stats = {t: NeuronStats.load(smoke_run / "statistics" / f"{prefix}-{file_name(t)}.safetensors")
                  for t in saved["tasks"]}
+        retain = params["overlap"]["retain"]          # the overlap sets' retain rule (general: the corpus saved)
+        general = (NeuronStats.load(smoke_run / "statistics" / f"{prefix}.general-corpus.safetensors")
+                   if retain == "general" else None)
         scores = task_scores(stats, importance=pr["importance"], eps=pr["eps"], eps_relative=pr["eps_relative"],
-                             retain=pr["retain"])
+                             retain=retain, general=general)
         masks = {t: select_neurons(s, params["overlap"]["frac"], pr["mode"]) for t, s in scores.items()}
         np.testing.assert_allclose(np.array(saved["overlap"], dtype=float), overlap_matrix(masks)[1], rtol=1e-12)
         sweep = overlap_sweep(scores, params["overlap"]["sweep"], mode=pr["mode"])

@@ -217,6 +217,17 @@ ATTACKS = [
     ("neuron pages for a model with no linear path to its outputs (BertModel)",
      "the direct-effect section says why (no output head) instead of failing",
      "test_neurons.py::test_every_architecture_has_a_readout_and_models_without_a_path_say_why"),
+    ("localisers.attribution_tokens / attribution_images / eval_tokens / eval_images not a whole number >= 1, localisers.n_boot 0, an unknown localiser in localisers.methods", "ParamsError naming the key and what is allowed", "test_localisers.py::test_localiser_params_are_checked"),
+    ("the auroc localiser given merged NeuronStats instead of {task: BlockStats}", "ValueError: the auroc localiser ranks statistics blocks: give {task: BlockStats}", "test_localisers.py::test_auroc_counts_ties_half_by_hand"),
+    ("lm.moe_model: 5 (not a hub id or folder)", "ParamsError naming lm.moe_model before any work", "test_moe.py::test_moe_model_must_be_a_name_or_folder_of_a_mixture_of_experts"),
+    ("lm.moe_model pointing at a dense (non-MoE) model", "one-line TypeError: not a mixture of experts, set lm.moe_model to a Mixtral/Qwen-MoE/OLMoE", "test_moe.py::test_moe_model_must_be_a_name_or_folder_of_a_mixture_of_experts"),
+    ("a MoE model read by the dense neuron hooks (neuron_module)", "one-line TypeError pointing to modsep_nb.moe instead of reading [T, d] inputs as neurons", "test_moe.py::test_family_loads_with_its_experts"),
+    ("ablate_units with a mask of the wrong shape", "ValueError naming the expected [MoE layers, experts x units]", "test_moe.py::test_ablation_equals_zeroed_down_projection_columns"),
+    ("plan on a ViT parameter set naming an unknown timm model (vit.model: timm:no_such_vit)", "one-line error: timm has no architecture of that name (timm.list_models() lists them)", "test_shards.py::test_plan_counts_the_paper_vit_notebooks_without_the_dataset"),
+    ("bisection on a task the unpruned model never gets right (accuracy 0)", "no ZeroDivisionError: the bound, not converged, reached nan, no further evaluation", "test_evaluation.py::test_bisection_of_a_task_the_model_never_gets_right"),
+    ("overlap.retain set to an unknown rule (e.g. pile)", "ParamsError naming overlap.retain and the choices rest, general", "test_general_corpus.py::test_overlap_retain_is_a_checked_param"),
+    ("retain='general' without the general corpus's statistics", "ValueError: needs the general corpus's statistics as `general` (Study.general_stats())", "test_general_corpus.py::test_retain_general_without_a_corpus_is_an_error"),
+    ("image general corpus larger than the train images no task's statistics read", "ValueError: only N are left: lower vit.stats_images", "test_general_corpus.py::test_image_general_corpus_is_a_seeded_sample_no_task_statistics_read"),
 ]
 import json
 import os

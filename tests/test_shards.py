@@ -51,18 +51,21 @@ def test_two_shards_merged_are_the_one_process_cache_bit_for_bit(tmp_path, llama
     for i in (0, 1):
         assert main(["collect", params_file, "--shard", f"{i}/2", "--out", str(tmp_path / f"shard{i}")]) == 0
     assert main(["merge", str(tmp_path / "shard0"), str(tmp_path / "shard1"), "--out", str(merged_cache)]) == 0
-    # one process: what the notebooks compute (01/02: tasks and null domain; 04: the random-init model's tasks)
+    # one process: what the notebooks compute (01/02: tasks, the general corpus of overlap.retain: general and the
+    # ViT's pseudo-task null (vit.selectivity_null; lm's is off); 04: the random-init model's tasks)
     params = load_params(params_file)
     n_entries = 0
     for kind in ("lm", "vit"):
         study = Study.from_params(params, kind)
-        n_entries += 2 * len(study.task_names) + 1      # its tasks, the null domain, the random-init model's tasks
+        n_entries += 2 * len(study.task_names) + 1 + (kind == "vit")
         study.block_stats(progress=False)
-        study.null_block_stats(progress=False)
+        if kind == "vit":
+            study.null_block_stats(progress=False)
+        study.general_stats()
         study.with_random_init(1).block_stats(progress=False)
     one = sorted(p.name for p in (one_cache / "stats").iterdir())
     assert one == sorted(p.name for p in (merged_cache / "stats").iterdir())
-    assert len(one) == n_entries == 7 + 11              # lm: 3 tasks; vit: Fashion-MNIST's 5 groups
+    assert len(one) == n_entries == 7 + 12              # lm: 3 tasks; vit: Fashion-MNIST's 5 groups
     for name in one:     # the same tensors, bit for bit (their SHA-256), and the same metadata, character for character
         # (not the files' bytes: safetensors writes its header's metadata entries in an arbitrary order)
         a, b = (safe_open(str(c / "stats" / name), "pt") for c in (one_cache, merged_cache))
@@ -77,7 +80,8 @@ def test_two_shards_merged_are_the_one_process_cache_bit_for_bit(tmp_path, llama
     merged = load_params(params_file, {"cache_dir": str(merged_cache)})
     study = Study.from_params(merged, "lm")
     blocks = study.block_stats(progress=False)
-    assert blocks["law"].meta["max_tokens"] == 120 and study.null_block_stats(progress=False).meta["max_tokens"] == 360
+    assert blocks["law"].meta["max_tokens"] == 120
+    assert torch.equal(study.general_stats().count, Study.from_params(params, "lm").general_stats().count)
 
 
 def test_merge_refuses_missing_or_mixed_shards(tmp_path, llama_dir):
@@ -168,3 +172,29 @@ def test_plan_prints_each_notebook_and_the_gpu_time_of_a_7b_model(tmp_path, caps
     line = next(x for x in out.splitlines() if x.startswith("02  lm   statistics"))
     assert f"{2 * 34_700 * 60:,d} tokens" in line and line.rstrip().endswith(" 2 min")    # 2 tasks x 60 s
     assert "notebook 02:" in out and "all:" in out
+
+
+def test_plan_counts_the_paper_vit_notebooks_without_the_dataset(tmp_path, capsys, monkeypatch):
+    """params/paper_vit_cifar100.yaml with a timm ViT-B/16: the 20 superclasses are known without downloading
+    CIFAR-100, the model's size comes from timm's architecture alone (86,567,656 parameters, 196 patches + CLS)."""
+    from modsep_nb import data
+    monkeypatch.setattr(data, "cifar100", lambda *a, **k: pytest.fail("plan downloaded CIFAR-100"))
+    from pathlib import Path
+    params = yaml.safe_load((Path(__file__).parent.parent / "params" / "paper_vit_cifar100.yaml").read_text())
+    params["vit"]["model"] = "timm:vit_base_patch16_224"
+    params["notebooks"] = ["01"]
+    path = tmp_path / "vit.yaml"
+    path.write_text(yaml.safe_dump(params))
+    assert main(["plan", str(path), "--no-measure"]) == 0
+    out = capsys.readouterr().out
+    stats = next(x for x in out.splitlines() if x.startswith("01  vit  statistics"))
+    # 20 tasks x 3000 images in batches of 256: 12 batches a task
+    gpu_s = 2 * 86_567_656 * 197 * 20 * 3000 / (2 * 7.24e9 * 34_700)
+    assert " 240 " in stats and "60,000 images" in stats and stats.rstrip().endswith(f"{gpu_s:.1f} s")
+    base = next(x for x in out.splitlines() if "unpruned accuracy" in x)
+    assert " 40 " in base and "10,000 images" in base       # 10,000 test images, 500 a task: 2 batches each
+    assert "notebook 01:" in out and "02  lm" not in out
+    from modsep_nb import plan
+    from modsep_nb.params import ParamsError
+    with pytest.raises(ParamsError, match="timm has no architecture of that name"):
+        plan.model_size({"vit": {"model": "timm:no_such_vit"}}, "vit")

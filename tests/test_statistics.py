@@ -318,23 +318,45 @@ def test_nan_in_padding_is_ignored_and_flagged_elsewhere(tiny_llama, monkeypatch
 
 
 def test_compiled_reduction_equals_eager(recwarn, monkeypatch):
+    from torch._dynamo.utils import counters
     from modsep_nb import statistics
+    # the two-stage layout serves accelerators only; here it takes every activation of at least two chunks' rows
+    monkeypatch.setattr(statistics, "_two_stage", lambda x: x.shape[0] >= 2 * statistics.ROW_CHUNKS)
     # a fresh compile: earlier tests in this process (many shapes and dtypes) may have used up dynamo's
     # recompile budget, after which the reduction falls back to eager for the rest of the process
     monkeypatch.setattr(statistics, "_COMPILED", {})
     torch._dynamo.reset()
+    counters.clear()
     gen = torch.Generator().manual_seed(0)
-    for n in (37, 300):                               # two sizes: one dynamic-shape graph serves both
-        x = torch.randn(n, 24, generator=gen).to(torch.bfloat16)
-        keep = torch.rand(n, generator=gen) > 0.3
-        for k in (keep, None):
-            torch.testing.assert_close(statistics._compiled_reduce(x, k), statistics._masked_reduce(x, k),
-                                       rtol=1e-5, atol=1e-4)
-        rows = x[keep].double()
-        torch.testing.assert_close(statistics._compiled_reduce(x, keep).double()[3], (rows > 0).sum(0).double())
+    c = statistics.ROW_CHUNKS
+    # plain (few rows) and two-stage layouts, the latter with and without rows left over past whole chunks
+    for n in (37, 300, 2 * c, 2 * c + 1, 3 * c - 1, 5 * c + 17, 40 * c + 200):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(n, 24, generator=gen).to(dtype)
+            keep = torch.rand(n, generator=gen) > 0.3
+            for k in (keep, None):
+                rows = (x if k is None else x[k]).double()     # independent: gathered rows, float64
+                expected = torch.stack([rows.sum(0), rows.abs().sum(0), (rows * rows).sum(0),
+                                        (rows > 0).sum(0).double(), rows.abs().sqrt().sum(0)])
+                for fn in (statistics._compiled_reduce, statistics._masked_reduce):
+                    got = fn(x, k)
+                    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+                    assert torch.equal(got[3], expected[3])      # counts exactly
     if shutil.which("cc") or shutil.which("gcc"):     # a C compiler is all torch.compile needs on the CPU
         assert statistics._COMPILED["reduce"] not in (False, statistics._masked_reduce)
         assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+        # one graph per layout, dtype and mask or none, whatever the number of rows: no recompile per shape
+        assert counters["stats"]["unique_graphs"] == 2 * 2 * 2
+
+
+def test_two_stage_layout_where_a_plain_column_sum_leaves_a_gpu_idle():
+    """ViT-B/16 at batch 256 (50,432 rows x 3,072 columns) on an accelerator: two stages; a 7B model's 14,336
+    columns, few rows, or the CPU: the plain column sums (so the CPU's statistics are those of before)."""
+    from modsep_nb.statistics import _two_stage
+    assert _two_stage(torch.empty(256 * 197, 3072, device="meta"))
+    assert not _two_stage(torch.empty(8 * 1024, 14336, device="meta"))
+    assert not _two_stage(torch.empty(16 * 64, 1536, device="meta"))
+    assert not _two_stage(torch.empty(1, 3072, dtype=torch.bfloat16).expand(256 * 197, 3072))
 
 
 def test_reading_passes_stop_after_the_last_hooked_layer(tiny_llama, tiny_vit):

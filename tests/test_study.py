@@ -107,9 +107,12 @@ def test_retain_general_and_mean_ablation_run_end_to_end(tmp_path, llama_dir, mo
     seen = _spy(monkeypatch)
     study = Study.from_params(_params(tmp_path, llama_dir, retain="general", ablation="mean"), "lm")
     stats = study.stats(progress=False)
-    general = weighted_pool(list(stats.values()))
+    general = study.general_stats()     # the external corpus: none of the tasks' documents, not their pool
+    used = {d for t in study.task_names for d in (*study.tasks[t].collect, *study.tasks[t].evaluate)}
+    assert study.general_data(0) and not used & set(study.general_data(0))
+    assert not torch.equal(general.mean_abs, weighted_pool(list(stats.values())).mean_abs)
     scores = study.scores()
-    for t in study.task_names:          # general = every task pooled, the forgotten one included
+    for t in study.task_names:
         torch.testing.assert_close(scores[t], prune_scores(stats[t], general, eps_relative=0.01))
     result = study.cross_task(frac=0.2, progress=False)
     assert result.settings["ablation"] == "mean" and result.pruned.shape == (3, 3)
@@ -355,29 +358,31 @@ def test_selectivity_claim_against_pseudo_tasks(tmp_path, llama_dir):
 
 def test_random_init_claims(tmp_path, llama_dir):
     from modsep_nb import overlaps
-    from modsep_nb.study import random_init_claims
+    from modsep_nb.random_init import random_init_claims
     params = _params(tmp_path, llama_dir)
     params["lm"]["tasks"] = ["docs", "law", "licenses", "science"]
     params["evidence"].update({"n_boot": 40, "n_blocks": 4})
     trained = Study.from_params(params, "lm")
     randoms = [trained.with_random_init(s) for s in (1, 2)]
     comparison = overlaps.random_init_comparison(trained.masks(0.1), [r.masks(0.1) for r in randoms], n_perm=50)
-    differs, persists = random_init_claims("lm", trained, randoms, comparison["persistence"], 0.1)
+    differs, persists = random_init_claims("lm", trained, randoms, comparison.persistence, 0.1)
     assert differs.id == "trained_overlap_differs_from_random[lm]" and differs.direction == "two-sided"
-    assert differs.estimate == pytest.approx(float(np.median(comparison["trained"]) - np.median(comparison["random"])),
+    assert differs.estimate == pytest.approx(float(np.median(comparison.trained) - np.median(comparison.random)),
                                              nan_ok=True)
     assert persists.id == "pattern_persists[lm]" and persists.n == 2 and persists.correction == "holm"
-    rhos = sorted(p["rho"] for p in comparison["persistence"])
+    rhos = sorted(p["rho"] for p in comparison.persistence)
+    assert comparison.rhos == [p["rho"] for p in comparison.persistence]
     assert persists.estimate == pytest.approx(float(np.median(rhos)), nan_ok=True)
     if math.isnan(persists.estimate):       # no ranking in a tiny model's matrices: undefined, so no p either
         assert math.isnan(persists.p) and not persists.supported
     else:
-        assert persists.p == pytest.approx(max(min(1.0, 2 * min(p["p_value"] for p in comparison["persistence"])),
-                                               max(p["p_value"] for p in comparison["persistence"])), nan_ok=True)
+        assert persists.p == pytest.approx(max(min(1.0, 2 * min(p["p_value"] for p in comparison.persistence)),
+                                               max(p["p_value"] for p in comparison.persistence)), nan_ok=True)
 
 
 def test_routing_evidence_matches_the_routing_curve(tmp_path, llama_dir):
     from modsep_nb.moefication import random_balanced_split
+    from modsep_nb.routing import routing_curve, routing_evidence
     params = _params(tmp_path, llama_dir)
     params["moefication"]["lm_experts"] = 4
     params["evidence"]["n_boot"] = 40
@@ -385,9 +390,9 @@ def test_routing_evidence_matches_the_routing_curve(tmp_path, llama_dir):
     d = study.handle.d_mlp
     splits = {"param": torch.stack([random_balanced_split(d, 4, seed=10 + i) for i in range(study.handle.n_layers)]),
               "random": torch.stack([random_balanced_split(d, 4, seed=20 + i) for i in range(study.handle.n_layers)])}
-    result = study.routing_evidence(splits, [0.25, 0.5, 1.0], ["docs", "law"])
+    result = routing_evidence(study, splits, [0.25, 0.5, 1.0], ["docs", "law"])
     for method, labels in splits.items():
-        expected = study.routing_curve(labels, [0.25, 0.5, 1.0], ["docs", "law"])
+        expected = routing_curve(study, labels, [0.25, 0.5, 1.0], ["docs", "law"])
         for frac in (0.25, 0.5, 1.0):
             assert result["curve"][method][frac] == pytest.approx(expected[frac], nan_ok=True)
     (claim,) = result["claims"]
@@ -395,10 +400,10 @@ def test_routing_evidence_matches_the_routing_curve(tmp_path, llama_dir):
     means = {m: np.nanmean([result["curve"][m][f][t] for f in (0.25, 0.5) for t in ("docs", "law")]) for m in splits}
     assert claim.estimate == pytest.approx(means["param"] - means["random"], nan_ok=True)
     with pytest.raises(ValueError, match="random"):
-        study.routing_evidence({"param": splits["param"]}, [0.5])
+        routing_evidence(study, {"param": splits["param"]}, [0.5])
     # each curve point's band: a 95% interval that holds it, (1, 1) where every expert is kept
     study = _predicting_unk(study)
-    result = study.routing_evidence(splits, [0.25, 0.5, 1.0], ["docs", "law"])
+    result = routing_evidence(study, splits, [0.25, 0.5, 1.0], ["docs", "law"])
     for method in splits:
         assert result["bands"][method][1.0] == (1.0, 1.0)
         for frac in (0.25, 0.5):

@@ -24,7 +24,16 @@ evaluators = {t: (lambda d=d: evaluate(handle, d, max_tokens=48, ctx=16, batch_s
 gen = torch.Generator().manual_seed(0)
 scores = {t: torch.rand(handle.n_layers, handle.d_mlp, generator=gen) for t in tasks}
 fixed = cross_task_matrix(handle, scores, evaluators, frac=0.1, random_seeds=[0, 1], progress=False)
+# evaluations each rank runs (no random seeds: every call is a base accuracy or a cell of the matrix)
+calls = []
+counted = {t: (lambda f=f, t=t: calls.append(t) or f()) for t, f in evaluators.items()}
+cross_task_matrix(handle, scores, counted, frac=0.1, progress=False)
+per_rank = [None] * (dist.get_world_size() if ranked else 1)
+if ranked:
+    dist.all_gather_object(per_rank, calls)
+else:
+    per_rank[0] = calls
 if not ranked or dist.get_rank() == 0:
-    torch.save({"blocks": blocks, "fixed": fixed}, out)
+    torch.save({"blocks": blocks, "fixed": fixed, "calls": per_rank}, out)
 if ranked:
     dist.destroy_process_group()

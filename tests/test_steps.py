@@ -1,0 +1,108 @@
+"""The notebooks' steps modules (routing 03, random_init 04, layerwise 05) and the result types notebooks index
+into: cells run in any order after the setup cell and give what the notebook's order gives, claims are recorded
+once, and the claims figure has its one caption."""
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from modsep_nb import overlaps
+from modsep_nb.data import FASHION_MNIST_GROUPS
+from modsep_nb.report import CLAIMS_CAPTION, Report, plain
+from modsep_nb.tasks import ImageTasks
+
+
+@pytest.fixture(scope="module")
+def llama3_dir(tmp_path_factory):
+    """The tiny Llama with three layers: early, middle and late thirds for the ends-vs-middle findings."""
+    import transformers
+    from conftest import _hf_lm_configs, make_tokenizer, perturb_
+    config = _hf_lm_configs()["LlamaForCausalLM"]()
+    config.num_hidden_layers = 3
+    torch.manual_seed(0)
+    directory = tmp_path_factory.mktemp("llama3")
+    perturb_(transformers.LlamaForCausalLM(config), 0).save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def _report(tmp_path, llama_dir, notebook: str, **sections) -> Report:
+    overrides = {"cache_dir": str(tmp_path / "cache"), "device": "cpu",
+                 "lm": {"model": str(llama_dir), "tasks": ["docs", "law", "licenses"], "stats_tokens": 48,
+                        "eval_tokens": 24, "ctx": 16, "batch_size": 4},
+                 "evidence": {"n_boot": 20, "n_blocks": 4, "n_perm": 20}, **sections}
+    return Report(notebook, None, tmp_path / "run", overrides)
+
+
+def test_layerwise_cells_in_any_order(tmp_path, llama3_dir):
+    from modsep_nb.layerwise import Layerwise
+    sections = {"moefication": {"lm_experts": 4}, "correspondence": {"fracs": [0.2, 0.5], "n_null": 10}}
+    in_order = Layerwise(_report(tmp_path / "a", llama3_dir, "05_layerwise_correspondence", **sections), kinds=("lm",))
+    in_order.models()
+    in_order.per_layer()
+    rows = in_order.ends_vs_middle()
+    in_order.evidence()
+    text = in_order.findings()
+    # a fresh notebook whose reader runs the findings cell first: everything it needs is computed on demand
+    report = _report(tmp_path / "b", llama3_dir, "05_layerwise_correspondence", **sections)
+    first = Layerwise(report, kinds=("lm",))
+    assert first.findings() == text
+    assert first.rows == rows and len(rows) == 2 * 2          # (trained, random init) x two fractions
+    ids = ["correspondence_above_control[lm]", "ends_stronger_than_middle[lm]"]
+    assert [c.id for c in report.claims] == ids               # the findings refer to the claims: recorded
+    first.evidence()                                          # run after the findings: no second record
+    assert [c.id for c in report.claims] == ids
+    assert json.dumps(plain(first.results())) == json.dumps(plain(in_order.results()))
+    assert sorted(first.results()) == [f"lm|{w}|{f}" for w in ("random init", "trained") for f in (0.2, 0.5)]
+    # the claims figure: saved under the notebook's name with the one caption
+    assert (tmp_path / "b" / "run" / "figures" / "05_claims.png").is_file()
+    assert report.captions["05_claims"] == CLAIMS_CAPTION
+
+
+def test_random_init_results_keep_the_saved_layout(tmp_path, llama_dir):
+    """RandomInit.results() writes the comparison (a dataclass) as the dict notebook 04 always saved."""
+    from modsep_nb.random_init import RandomInit
+    report = _report(tmp_path, llama_dir, "04_random_init_control",
+                     random_init={"seeds": [1, 2], "fracs": [0.1, 0.2], "n_perm": 20})
+    ri = RandomInit(report, kinds=("lm",))
+    saved = plain(ri.results())               # the results cell first: every step computes what it needs
+    trained, randoms = ri.studies["lm"]["trained"], ri.studies["lm"]["randoms"]
+    expected = overlaps.random_init_comparison(trained.masks(0.2), [r.masks(0.2) for r in randoms], n_perm=20)
+    entry = saved["summary"]["lm@0.2"]
+    assert list(entry) == ["trained", "random", "matrices", "persistence", "between_seeds", "layers_trained",
+                           "layers_random"]
+    assert entry["trained"] == plain(expected.trained) and entry["random"] == plain(expected.random)
+    assert entry["persistence"] == plain(expected.persistence)
+    assert [c.id for c in report.claims] == ["trained_overlap_differs_from_random[lm]", "pattern_persists[lm]"]
+    modes = saved["selection_modes"]["lm|per_layer"]
+    per_layer = [overlaps.summary(st.masks(0.2, mode="per_layer")) for st in [trained] + randoms]
+    assert modes["trained"] == pytest.approx(per_layer[0].median, nan_ok=True)
+    assert modes["random"] == pytest.approx(float(np.median(np.concatenate([s.pairs for s in per_layer[1:]]))),
+                                            nan_ok=True)
+
+
+def test_overlap_summary_fields():
+    masks = {"a": torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0]], dtype=torch.bool),
+             "b": torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool),
+             "c": torch.tensor([[0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)}
+    s = overlaps.summary(masks)
+    assert isinstance(s, overlaps.OverlapSummary)
+    assert s.names == ["a", "b", "c"] and s.n_selected == [2, 2, 3] and s.n_all == 8
+    # |a∩b| = 1 of min(2, 2); c shares nothing with either
+    np.testing.assert_allclose(s.pairs, [0.5, 0.0, 0.0])
+    assert s.median == 0.0 and s.overlap[0, 1] == 0.5 and s.jaccard[0, 1] == pytest.approx(1 / 3)
+    # uniform chance of the overlap coefficient: E|A∩B| / min = (|A||B| / N) / min(|A|, |B|), mean over pairs
+    assert s.chance["overlap"] == pytest.approx(np.mean([2 * 2 / 8 / 2, 2 * 3 / 8 / 2, 2 * 3 / 8 / 2]))
+    assert s["median"] == s.median and s["layer_chance"] is s.layer_chance      # 01/02's item access
+
+
+def test_image_tasks_groups():
+    """tasks.groups: the dataset's own groups when each task is one class (the related_share_more claim's)."""
+    train = SimpleNamespace(groups=dict(FASHION_MNIST_GROUPS))
+    assert ImageTasks({}, train, None, {"tasks": "classes"}).groups == FASHION_MNIST_GROUPS
+    assert ImageTasks({}, train, None, {"tasks": "groups"}).groups is None          # the groups are the tasks
+    assert ImageTasks({}, SimpleNamespace(groups=None), None, {"tasks": "classes"}).groups is None
