@@ -173,7 +173,7 @@ class Localisers:
             # selective pruning keeps pruning.retain; the others contrast the tasks themselves
             pipeline = {**self.study.pipeline(self.frac, retain=None if name in IMPORTANCES else "rest"),
                         "importance": name}
-            self.overlap[name] = overlap_evidence(*inputs[source], n_boot=ev["n_boot"], n_null=ev["n_null"],
+            self.overlap[name] = overlap_evidence(*inputs[source], n_boot=ev["n_boot"], n_null=self.n_null,
                                                   seed=seed, **pipeline)
             claim = self.overlap[name]["claim"]
             self.claims.append(dataclasses.replace(claim, id=f"overlap_above_null[{name}:{self.kind}]",
@@ -187,6 +187,12 @@ class Localisers:
         """Resamples of the evaluation documents behind each selectivity claim (localisers.n_boot, at least
         evidence.n_boot): cheap sums, and enough that a Holm family of every localiser's claims can reach 0.05."""
         return max(self.params["localisers"]["n_boot"], self.params["evidence"]["n_boot"])
+
+    @property
+    def n_null(self) -> int:
+        """Pseudo-task resamples behind each overlap claim (localisers.n_null, at least evidence.n_null), for the
+        same reason as n_boot."""
+        return max(self.params["localisers"]["n_null"], self.params["evidence"]["n_null"])
 
     def _null_inputs(self, source: str) -> tuple:
         """(the tasks' blocks, the null domain's blocks) for the overlap evidence. Statistics: this study's cached

@@ -204,13 +204,21 @@ def test_section_skipped_in_one_line(capsys):
     assert len(out) == 1 and "lm.moe_model" in out[0] and "skipped" in out[0]
 
 
+NOTEBOOK_05 = ROOT / "notebooks" / "05_layerwise_correspondence.ipynb"
+
+
 def test_section_end_to_end_on_smoke_moe(mixtral_dir, tmp_path, capsys):
     import json
     from modsep_nb.report import Report
     report = Report("05_layerwise_correspondence", ROOT / "params" / "smoke_moe.yaml", tmp_path / "s9-moe",
                     {"lm": {"moe_model": str(mixtral_dir)}})
     params = report.params
-    moe = run_section(params, report)
+    # notebook 05's own MoE cell, run as the notebook runs it (its params and report)
+    cell = next("".join(c["source"]) for c in json.loads(NOTEBOOK_05.read_text())["cells"]
+                if c["cell_type"] == "code" and "run_section(params, report)" in "".join(c["source"]))
+    namespace = {"params": params, "report": report}
+    exec(cell, namespace)
+    moe = namespace["moe"]
     assert isinstance(moe, MoeSection)
     res = moe.results()
     tasks = params["lm"]["tasks"]
