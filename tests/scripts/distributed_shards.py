@@ -36,4 +36,6 @@ else:
 if not ranked or dist.get_rank() == 0:
     torch.save({"blocks": blocks, "fixed": fixed, "calls": per_rank}, out)
 if ranked:
+    # both ranks leave together: a rank tearing gloo down while the other still writes can abort the process
+    dist.barrier()
     dist.destroy_process_group()

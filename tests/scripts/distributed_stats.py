@@ -24,4 +24,5 @@ try:
     raise AssertionError(f"rank {dist.get_rank()} accepted NaN statistics")
 except ms.statistics.NonFiniteActivationError as err:
     assert "layers [1]" in str(err), str(err)
+dist.barrier()      # both ranks leave together (see distributed_shards.py)
 dist.destroy_process_group()
