@@ -12,15 +12,26 @@ from modsep_nb.statistics import MEANS, NeuronStats
 from conftest import random_texts
 
 SCRIPT = Path(__file__).parent / "scripts" / "distributed_stats.py"
+# gloo can abort a rank while the process group is torn down after the work is done (C++ "terminate called without
+# an active exception", seen on a loaded machine in about one of two clean-clone CI runs, never on a rerun); such a
+# run is run again, at most twice more; any other failure, and wrong results, still fail the test
+TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def run_ranks(cmd: list[str]) -> subprocess.CompletedProcess:
+    for _ in range(3):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0 or TEARDOWN_ABORT not in proc.stderr:
+            break
+    return proc
 
 
 def test_two_process_gloo_equals_single_process(tmp_path, llama_dir):
     docs = random_texts(80, seed=1, max_len=40)
     (tmp_path / "docs.txt").write_text("\n\f\n".join(docs))
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(llama_dir),
-                           str(tmp_path / "docs.txt"), str(tmp_path / "dist.safetensors")],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_ranks([torchrun, "--standalone", "--nproc_per_node", "2", str(SCRIPT), str(llama_dir),
+                      str(tmp_path / "docs.txt"), str(tmp_path / "dist.safetensors")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     parallel = NeuronStats.load(tmp_path / "dist.safetensors")
     handle = ms.load_model(str(llama_dir))
@@ -41,7 +52,7 @@ def test_blocks_and_cross_task_matrix_split_over_two_gloo_ranks_equal_one_proces
     args = [str(script), str(llama_dir), str(tmp_path / "docs.txt")]
     for cmd in ([torchrun, "--standalone", "--nproc_per_node", "2", *args, str(tmp_path / "two.pt")],
                 [sys.executable, *args, str(tmp_path / "one.pt")]):
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        proc = run_ranks(cmd)
         assert proc.returncode == 0, proc.stderr[-3000:]
     two, one = (torch.load(tmp_path / f"{n}.pt", weights_only=False) for n in ("two", "one"))
     assert two["blocks"].n_blocks == 5 and two["blocks"].meta == one["blocks"].meta
