@@ -185,7 +185,7 @@ def modsep_ablation(handle, batches, masks) -> list[float]:
         with ablate(handle, mask):
             for ids, attn, _ in batches:
                 ids, attn = ids.to(handle.device), attn.to(handle.device)
-                m = lm_token_metrics(handle.lm_logits(ids, attn), ids, attn, bos_token_id=bos, topk=1)
+                m = lm_token_metrics(handle.lm_logits(ids, attn), ids, attn, bos_token_id=bos, top1_only=True)
                 n, hits = n + m["n"], hits + m["top1"]
         out.append(hits / n)
     return out

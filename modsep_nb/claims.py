@@ -7,13 +7,16 @@ Corrections for many tests live here too: Holm (family-wise) and Benjamini-Hochb
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from statistics import NormalDist
 
 import numpy as np
 import torch
 
 DIRECTIONS = ("greater", "less", "two-sided")
 ALPHA = 0.05
+MIN_N = 20          # a claim resting on fewer independent units gets "insufficient data", not a verdict (#26 item 7)
+POWER = 0.8         # the power at which `detectable` is the smallest effect the test would see
 
 
 @dataclass(frozen=True)
@@ -27,7 +30,12 @@ class Claim:
     resample count, or an exact enumeration such as "6 layers"). p_adjusted, family, p_reachable: set by
     `correct` for the claims of one notebook (its family): the Holm-adjusted p, which `supported` reads, and
     the smallest adjusted p the family's floors allow. observed, observed_ci, null_band: for a claim read
-    against a null distribution, the statistic itself with its own bootstrap interval, and the null's 95% band."""
+    against a null distribution, the statistic itself with its own bootstrap interval, and the null's 95% band.
+    unit: what `n` counts (the claim's resampling unit, e.g. "evaluation documents"); a bootstrap test over fewer
+    than MIN_N of them gives the verdict "insufficient data" (never supported, outside the Holm family). A record without a unit
+    (a builder whose n is not yet audited) is not judged on n. test: the test's name as
+    printed beside p (e.g. "one-sided bootstrap p"). null_values / boot_se: what `detectable` (the smallest
+    effect the test could have detected) is computed from: the null's values, else the bootstrap's SE."""
     id: str
     statement: str
     estimate: float
@@ -47,6 +55,10 @@ class Claim:
     observed_ci: tuple[float, float] | None = None
     null_band: tuple[float, float] | None = None
     per_task: dict | None = None      # a claim about all tasks: each task's own result ({task: {...}})
+    unit: str | None = None
+    test: str | None = None
+    null_values: np.ndarray | None = field(default=None, repr=False, compare=False)
+    boot_se: float | None = None
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -62,9 +74,20 @@ class Claim:
             raise ValueError(f"claim {self.id!r}: p must lie in [0, 1], got {self.p}")
 
     @property
+    def insufficient(self) -> bool:
+        """A bootstrap over fewer than MIN_N independent units (its `unit`): too few for its interval to show the
+        uncertainty, so no verdict is read from it. Exact tests (permutations, sign flips) over few units are valid
+        and are judged by their p-floor instead."""
+        return (self.n is not None and self.unit is not None and self.n < MIN_N
+                and "bootstrap" in (self.test or ""))
+
+    @property
     def supported(self) -> bool:
         """The one rule: the 95% interval lies wholly on the claimed side of the null, and p < 0.05 where
-        there is a p (p_adjusted once the notebook's claims are corrected together). NaN anywhere: not supported."""
+        there is a p (p_adjusted once the notebook's claims are corrected together). NaN anywhere, or fewer
+        than MIN_N units: not supported."""
+        if self.insufficient:
+            return False
         lo, hi = self.ci
         if any(math.isnan(x) for x in (lo, hi, float(self.null), float(self.estimate))):
             return False
@@ -79,6 +102,8 @@ class Claim:
     def verdict(self) -> str:
         """"supported", or why not: undefined, a test that can never reach p < 0.05 (its floor), one that cannot
         once the family is corrected, or plain "not supported" (a test that could have succeeded and did not)."""
+        if self.insufficient:
+            return f"insufficient data (n = {self.n} {self.unit or 'units'} < {MIN_N})"
         if self.supported:
             return "supported"
         if self.undefined:
@@ -88,7 +113,47 @@ class Claim:
         if self.p_reachable is not None and self.p_reachable >= ALPHA:
             return (f"cannot reach p < 0.05 with n = {self.floor_n} in a family of {self.family_size} claims "
                     f"(smallest possible adjusted p {_fmt(self.p_reachable)})")
+        if self.detectable is not None:
+            return f"not supported; could have detected ≥ {_fmt(self.detectable)}"
         return "not supported"
+
+    @property
+    def alpha_adjusted(self) -> float:
+        """The level a claim's own p must beat whatever the others' p: Holm's first step, ALPHA / family size."""
+        return ALPHA / (self.family_size or 1)
+
+    @property
+    def detectable(self) -> float | None:
+        """The smallest effect (in the estimate's units, on the claimed side) this test would detect with 80% power at
+        alpha_adjusted: with a null, its (1 − alpha) quantile minus its mean (the other tail for "less"); without,
+        (z_(1−alpha) + z_0.8) × SE, SE the bootstrap's standard error (boot_se) or, where the record has neither,
+        the 95% interval's width / (2 × 1.96). None for an undefined claim. detectable_method names which."""
+        return self._power()[0]
+
+    @property
+    def detectable_method(self) -> str | None:
+        return self._power()[1]
+
+    def _power(self) -> tuple[float | None, str | None]:
+        if self.undefined:
+            return None, None
+        alpha = self.alpha_adjusted / (2 if self.direction == "two-sided" else 1)
+        z = NormalDist().inv_cdf
+        if self.null_values is not None:
+            null = np.asarray(self.null_values, dtype=np.float64)
+            null = null[~np.isnan(null)]
+            if null.size:
+                if self.direction == "less":
+                    return float(null.mean() - np.quantile(null, alpha)), f"null's {alpha:.3g} quantile minus its mean"
+                return (float(np.quantile(null, 1 - alpha) - null.mean()),
+                        f"null's {1 - alpha:.3g} quantile minus its mean")
+        se, method = self.boot_se, "bootstrap SE"
+        if se is None:
+            lo, hi = self.ci
+            se, method = (hi - lo) / (2 * z(1 - (1 - 0.95) / 2)), "SE from the 95% interval's width"
+        if math.isnan(se):
+            return None, None
+        return float((z(1 - alpha) + z(POWER)) * se), f"(z_{1 - alpha:.3g} + z_{POWER}) x {method}"
 
     @property
     def undefined(self) -> bool:
@@ -98,11 +163,15 @@ class Claim:
     def as_dict(self) -> dict:
         return {"id": self.id, "statement": self.statement, "estimate": _num(self.estimate),
                 "ci": [_num(self.ci[0]), _num(self.ci[1])], "null": _num(self.null),
-                "p": None if self.p is None else _num(self.p), "n": self.n, "supported": self.supported,
+                "p": None if self.p is None else _num(self.p), "n": self.n, "unit": self.unit, "test": self.test,
+                "supported": self.supported,
                 "direction": self.direction, "correction": self.correction,
                 "p_adjusted": None if self.p_adjusted is None else _num(self.p_adjusted),
                 "family": self.family, "family_size": self.family_size, "p_floor": self.p_floor, "floor_n": self.floor_n,
-                "verdict": self.verdict, "observed": None if self.observed is None else _num(self.observed),
+                "verdict": self.verdict,
+                "detectable": None if self.supported or self.detectable is None else _num(self.detectable),
+                "detectable_method": None if self.supported else self.detectable_method,
+                "observed": None if self.observed is None else _num(self.observed),
                 "observed_ci": None if self.observed_ci is None else [_num(x) for x in self.observed_ci],
                 "null_band": None if self.null_band is None else [_num(x) for x in self.null_band],
                 "per_task": self.per_task}
@@ -123,7 +192,8 @@ def claims_table(claims) -> str:
     summary.md). Where a claim reports its statistic and the null separately, both follow the statement."""
     rows = ["| claim | estimate | 95% interval | null | p | adjusted p | verdict |", "|---|---|---|---|---|---|---|"]
     for c in claims:
-        p = "–" if c.p is None else f"{_fmt(c.p)}{' (' + c.correction + ')' if c.correction else ''}"
+        labels = ", ".join(x for x in (c.test, c.correction) if x)
+        p = "–" if c.p is None else f"{_fmt(c.p)}{' (' + labels + ')' if labels else ''}"
         untestable = c.p_adjusted is None or (c.p_floor or 0.0) >= ALPHA      # outside the family: no adjusted p
         adjusted = "–" if untestable else f"{_fmt(c.p_adjusted)} (of {c.family_size})"
         parts = ""
@@ -137,7 +207,7 @@ def claims_table(claims) -> str:
 
 def claim_line(c: Claim, width: int = 40) -> str:
     """One claim on one line (the notebooks' printout): estimate, interval, p, adjusted p and verdict."""
-    p = "–" if c.p is None else format(c.p, ".3g")
+    p = "–" if c.p is None else format(c.p, ".3g") + (f" ({c.test})" if c.test else "")
     adjusted = "" if c.p_adjusted is None else f" (adjusted {c.p_adjusted:.3g} of {c.family_size})"
     return (f"{c.id:{width}s} estimate {c.estimate:+.3f}  95% CI [{c.ci[0]:+.3f}, {c.ci[1]:+.3f}]  "
             f"p {p}{adjusted}  {c.verdict}")
@@ -192,15 +262,15 @@ def correct(claims, method: str = "holm", family: str = "claims") -> list[Claim]
     """The claims of one family (one notebook's) with their p-values adjusted together ("holm" or "bh") into
     p_adjusted (p stays the raw p), each marked with the family's name and size, and p_reachable: the adjusted
     p the family would give if every test sat at its floor (both procedures are monotone, so no data can
-    do better). A claim whose own test can never reach p < ALPHA (p_floor >= ALPHA, e.g. 6 layers) is left
-    out of the family: it can never be supported, so counting it would only weaken the others (Tarone's
-    argument). Claims without a p are returned unchanged."""
+    do better). A claim whose own test can never reach p < ALPHA (p_floor >= ALPHA, e.g. 6 layers), or that
+    rests on fewer than MIN_N units (insufficient data), is left out of the family: it can never be supported,
+    so counting it would only weaken the others (Tarone's argument). Claims without a p are returned unchanged."""
     if method not in ("holm", "bh"):
         raise ValueError(f"unknown correction {method!r}: choose 'holm' or 'bh'")
     adjust = holm if method == "holm" else (lambda x: benjamini_hochberg(x).numpy())
     claims = list(claims)
     for i, c in enumerate(claims):       # untestable or undefined: its raw p is all there is, outside the family
-        if c.p is not None and (math.isnan(c.p) or (c.p_floor or 0.0) >= ALPHA):
+        if c.p is not None and (math.isnan(c.p) or (c.p_floor or 0.0) >= ALPHA or c.insufficient):
             claims[i] = replace(c, p_adjusted=c.p, family=family, family_size=1, p_reachable=c.p_floor)
     tested = [i for i, c in enumerate(claims) if c.p is not None and c.p_adjusted is None]
     if not tested:

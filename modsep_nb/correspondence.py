@@ -20,7 +20,7 @@ import torch
 from scipy.stats import hypergeom
 from tqdm.auto import tqdm
 
-from .claims import Claim, benjamini_hochberg
+from .claims import Claim, benjamini_hochberg, resample_p
 from .evidence import paired_difference_ci, percentile_ci
 from .moefication import _check_labels, check_n_experts, layer_seeds
 from .pruning import as_mask, select_neurons
@@ -340,23 +340,59 @@ def layer_correspondence(selected_mask: torch.Tensor, labels: torch.Tensor, *, n
 
 
 def correspondence_claims(kind: str, by_frac: dict, control_by_frac: dict, *, n_boot: int, seed: int,
-                          n_perm: int = 1000) -> list[Claim]:
+                          n_perm: int = 1000, resampled: dict | None = None) -> list[Claim]:
     """Notebook 05's claims for one model, each with the unit its hypothesis is about (not layer x task x
     fraction cells):
     correspondence_above_control: each task's mean z (over layers and fractions) minus the mean z of a
-        selection by activation alone (top neurons by mean |activation| on the pooled data, the same fraction),
-        paired across tasks; the control takes out what any activation-based selection shows under a
-        parameter split (neurons with similar W_in rows have correlated activations).
+        selection by activation alone (top neurons by mean |activation| on the pooled data, the same fraction);
+        the control takes out what any activation-based selection shows under a parameter split (neurons with
+        similar W_in rows have correlated activations). The control is measured on the same data as the tasks,
+        so it varies with them: with `resampled` ({"task_z" [n_boot, T], "control_z" [n_boot]}, both from the same
+        resampled statistics blocks, resampled_correspondence_z) the interval and a one-sided bootstrap p
+        resample tasks and blocks together, the control with them (issue #26: not a constant). Without, the
+        control is held fixed and tasks are the units of a sign-flip test (the statement says so).
     ends_stronger_than_middle: a claim about layers, so layers are the units (ends_claim): each layer's z
         averaged over tasks and fractions, early and late thirds each against the middle third.
     by_frac: {frac: {task: LayerCorrespondence}}; control_by_frac: {frac: LayerCorrespondence}."""
     tasks = list(next(iter(by_frac.values())))
     task_z = np.array([np.nanmean([np.nanmean(by_frac[f][t].z.numpy()) for f in by_frac]) for t in tasks])
     control_z = float(np.nanmean([np.nanmean(control_by_frac[f].z.numpy()) for f in by_frac]))
-    above = paired_difference_ci(task_z, np.full(len(tasks), control_z), n_boot, seed)
+    statement = (f"{kind}: tasks' selected neurons concentrate in parameter-split experts more than neurons selected "
+                 f"by activation alone (mean z, task minus control, tasks as units")
+    if resampled is None:
+        above = paired_difference_ci(task_z, np.full(len(tasks), control_z), n_boot, seed)
+        claim = Claim(f"correspondence_above_control[{kind}]", statement + "; the control held fixed)",
+                      above["estimate"], above["ci"], 0.0, p=above["p"], n=above["n"], p_floor=above["p_floor"],
+                      floor_n=f"{above['n']} tasks", unit="tasks")
+    else:
+        boot_tasks, boot_control = (np.asarray(resampled[k], dtype=np.float64) for k in ("task_z", "control_z"))
+        drawn = np.random.default_rng(seed).integers(0, len(tasks), size=boot_tasks.shape)   # tasks, per resample
+        diffs = np.nanmean(np.take_along_axis(boot_tasks, drawn, 1), 1) - boot_control
+        observed = float(np.nanmean(task_z) - control_z)
+        claim = Claim(f"correspondence_above_control[{kind}]", statement + ", the control resampled with them)",
+                      observed, percentile_ci(diffs), 0.0, p=resample_p(diffs, diffs <= 0, observed), n=len(tasks),
+                      p_floor=1 / (1 + len(diffs)), floor_n=f"{len(diffs)} bootstrap resamples",
+                      unit="tasks (and their statistics blocks, resampled together)", test="one-sided bootstrap p")
     layer_z = np.nanmean([by_frac[f][t].z.numpy() for f in by_frac for t in tasks], axis=0)   # [n_layers]
-    return [Claim(f"correspondence_above_control[{kind}]", f"{kind}: tasks' selected neurons concentrate in "
-                  f"parameter-split experts more than neurons selected by activation alone (mean z, task minus "
-                  f"control, tasks as units)", above["estimate"], above["ci"], 0.0, p=above["p"], n=above["n"],
-                  p_floor=above["p_floor"], floor_n=f"{above['n']} tasks"),
-            ends_claim(kind, layer_z, n_boot=n_boot, n_perm=n_perm, seed=seed + 1)]
+    return [claim, ends_claim(kind, layer_z, n_boot=n_boot, n_perm=n_perm, seed=seed + 1)]
+
+
+def mean_z_against(selected_mask: torch.Tensor, labels: torch.Tensor, reference: LayerCorrespondence) -> float:
+    """The mean over layers of a selection's concentration z in `labels`, read against the null of `reference`
+    (a layer_correspondence of a selection with the same count per layer: a random balanced split's AUC
+    distribution depends on the count only, so a resample's z needs no new null draws). Every layer at once:
+    concentration_auc's curve and normalisation on the [layers, experts] counts."""
+    counts = selected_mask.sum(1).cpu()
+    if not torch.equal(counts, reference.n_selected):
+        raise ValueError("the resampled selection's count per layer differs from the reference's: select per layer")
+    labels = labels.cpu().long()
+    per_expert = torch.zeros(labels.shape[0], reference.n_experts, dtype=torch.float64)
+    per_expert.scatter_add_(1, labels, selected_mask.cpu().to(torch.float64))
+    top = torch.sort(per_expert, dim=1, descending=True).values
+    curve = torch.cat([torch.zeros_like(top[:, :1]), torch.cumsum(top, 1) / top.sum(1, keepdim=True)], 1)
+    best = torch.tensor([packed_auc(int(c), labels.shape[1], reference.n_experts) if c else float("nan")
+                         for c in counts], dtype=torch.float64)
+    auc = torch.where(best > 0.5, (_trapezoid_auc(curve) - 0.5) / (best - 0.5), float("nan"))   # as concentration_auc
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (auc.numpy() - reference.null_mean.numpy()) / reference.null_std.numpy()
+    return float(np.nanmean(np.where(counts.numpy() > 0, z, np.nan)))

@@ -29,9 +29,10 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from . import plots
+from . import plots, selective
 from .claims import Claim, resample_p
 from .correspondence import random_balanced_splits, task_correspondence
+from .evaluation import selectivity
 from .evidence import _seeds, bootstrap_masks, paired_difference_ci, percentile_ci, ratio_of_sums
 from .models import load_model
 from .overlaps import layer_matched_chance, overlap, overlap_matrix, pattern_persistence
@@ -119,7 +120,8 @@ def measure(study: Study, *, frac: float, groups: dict | None = None, seed: int 
     # checkpoints, paired by seed; the full baseline and null are 01's, on the final model)
     fixed = study.cross_task(frac=params["pruning"]["frac"], random_seeds=params["pruning"]["random_seeds"][:1],
                              progress=False)
-    evidence = study.claims(params["pruning"]["frac"], groups, seed=seed, fixed=fixed, selectivity_null=False)
+    evidence = selective.claims(study, params["pruning"]["frac"], groups, seed=seed, fixed=fixed,
+                                selectivity_null=False)
     hits = study.document_hits()
     top1 = np.concatenate([h["top1"] for h in hits.values()]).astype(np.float64)
     n = np.concatenate([h["n"] for h in hits.values()]).astype(np.float64)
@@ -137,9 +139,25 @@ def measure(study: Study, *, frac: float, groups: dict | None = None, seed: int 
     return {"evidence": evidence, "claims": evidence["claims"], "accuracy": accuracy,
             "chance_accuracy": _chance_accuracy(study), "masks": masks, "boot_masks": boot_masks,
             "matrix": overlap_matrix(masks)[1], "names": list(masks), "correspondence": corr,
-            "selectivity": {"estimate": float(selected["selectivity"] - random["selectivity"]),
-                            "samples": selected["selectivity_samples"] - random["selectivity_samples"]},
+            "selectivity": selectivity_of_right_tasks(selected, random),
             "cross_task": {"tasks": selected["tasks"], "selected": selected["matrix"], "random": random["matrix"]}}
+
+
+def selectivity_of_right_tasks(selected: dict, random: dict) -> dict:
+    """Selectivity beyond random neurons (selected minus random, observed and per resample) over the tasks the
+    checkpoint gets right at all: a task at zero unpruned accuracy has no relative accuracy (its column is NaN)
+    and is left out, instead of the whole checkpoint (issue #26 item 9; early checkpoints miss some classes).
+    selected, random: cross_task_bootstrap results on the same documents. NaN with fewer than 2 such tasks."""
+    tasks = list(selected["tasks"])
+    right = ~(np.isnan(selected["matrix"]).all(0) | np.isnan(random["matrix"]).all(0))
+    if right.sum() < 2:
+        return {"estimate": float("nan"), "samples": np.full(len(selected["selectivity_samples"]), np.nan),
+                "tasks": [t for t, r in zip(tasks, right) if r]}
+    sub = np.ix_(right, right)
+    return {"estimate": float(selectivity(selected["matrix"][sub]) - selectivity(random["matrix"][sub])),
+            "samples": (selectivity(selected["samples"][:, right][:, :, right])
+                        - selectivity(random["samples"][:, right][:, :, right])),
+            "tasks": [t for t, r in zip(tasks, right) if r]}
 
 
 def _chance_accuracy(study: Study) -> float | None:
@@ -203,13 +221,13 @@ def _rho(a: np.ndarray, b: np.ndarray) -> float:
 def structure_at_init_claim(pattern: dict | None) -> Claim:
     """`structure_at_init`: the final task x task overlap pattern is already present at the first checkpoint
     (Spearman rho of the two matrices; bootstrap interval over statistics blocks; permutation p over task labels)."""
-    statement = ("the final model's task x task overlap pattern is already present at initialisation (Spearman rho "
-                 "of the first checkpoint's overlap matrix with the final one)")
+    statement = ("the task x task overlap pattern at initialisation correlates positively with the final model's "
+                 "(Spearman rho of the first checkpoint's overlap matrix with the final one, above 0)")
     if pattern is None:
         return Claim("structure_at_init", statement + " [needs at least 3 tasks]", float("nan"),
                      (float("nan"), float("nan")), 0.0, p=float("nan"))
     return Claim("structure_at_init", statement, pattern["rho"], pattern["ci"], 0.0, p=pattern["p"],
-                 n=pattern["n_tasks"])
+                 n=pattern["n_tasks"], unit="tasks (permuted labels)")
 
 
 def trend_claim(claim_id: str, statement: str, values, samples, *, n_perm: int, seed: int) -> Claim:
@@ -231,7 +249,7 @@ def trend_claim(claim_id: str, statement: str, values, samples, *, n_perm: int, 
     rng = np.random.default_rng(seed)
     null = np.array([_spearman(order, rng.permutation(values)) for _ in range(n_perm)])
     p = resample_p(null, null >= rho - 1e-12, rho)      # NaN (constant values): no test
-    return Claim(claim_id, statement, rho, percentile_ci(boot), 0.0, p=p, n=int(len(values)))
+    return Claim(claim_id, statement, rho, percentile_ci(boot), 0.0, p=p, n=int(len(values)), unit="checkpoints")
 
 
 def _spearman(x, y) -> float:
@@ -254,13 +272,15 @@ def settled_at(curve, threshold) -> np.ndarray | float:
 
 
 def settle_before_accuracy_claim(overlap_curve, overlap_samples, accuracy, accuracy_samples, steps, *,
-                                 settled: float = SETTLED_OVERLAP, share: float = ACCURACY_SHARE) -> tuple[Claim, dict]:
+                                 settled: float = SETTLED_OVERLAP, share: float = ACCURACY_SHARE,
+                                 n: int | None = None) -> tuple[Claim, dict]:
     """`sets_settle_before_accuracy`: the checkpoint from which the tasks' mean top-set overlap with the final
     sets stays >= `settled`, against the checkpoint from which accuracy stays >= `share` x the final accuracy.
     Estimate: the difference in checkpoints (log-spaced steps), accuracy's minus the sets'; positive = the sets
     settle first. Interval: the same difference in each paired resample (overlap_samples and accuracy_samples
     [n_boot, C], the final accuracy being each resample's own last value); p: the share of resamples where the
-    sets do not settle first. Also returns both steps."""
+    sets do not settle first. n: the evaluation documents (images) the resamples draw (the claim's unit: its
+    interval and p come from resampling them, not the checkpoints). Also returns both steps."""
     overlap_curve, accuracy = np.asarray(overlap_curve, float), np.asarray(accuracy, float)
     overlap_samples, accuracy_samples = np.asarray(overlap_samples, float), np.asarray(accuracy_samples, float)
     sets_at = settled_at(overlap_curve, settled)
@@ -271,9 +291,25 @@ def settle_before_accuracy_claim(overlap_curve, overlap_samples, accuracy, accur
     claim = Claim("sets_settle_before_accuracy", f"the tasks' top neuron sets settle (mean overlap with the final "
                   f"sets stays >= {settled:g}) before accuracy arrives (stays >= {share:.0%} of the final accuracy); "
                   f"difference in log-spaced checkpoints", acc_at - sets_at, percentile_ci(diff), 0.0, p=p,
-                  n=len(overlap_curve))
+                  n=n, unit="evaluation documents (paired resamples at every checkpoint)", test="one-sided bootstrap p")
     return claim, {"sets_settle_step": step(sets_at), "accuracy_step": step(acc_at), "sets_settle_index": sets_at,
                    "accuracy_index": acc_at}
+
+
+def settle_sensitivity(run, settled_values, share_values) -> list[dict]:
+    """sets_settle_before_accuracy at every pair of thresholds (a sensitivity table beside the claim, not more tests):
+    per pair the estimate, interval, raw p and the two steps, from the run's curves and paired resamples."""
+    overlap = ([v["mean_overlap"] for v in run.versus], np.stack([v["mean_overlap_samples"] for v in run.versus], 1))
+    accuracy = ([m["accuracy"]["estimate"] for m in run.measures],
+                np.stack([m["accuracy"]["samples"] for m in run.measures], 1))
+    rows = []
+    for settled in settled_values:
+        for share in share_values:
+            claim, at = settle_before_accuracy_claim(*overlap, *accuracy, run.steps, settled=settled, share=share)
+            rows.append({"settled_overlap": settled, "accuracy_share": share, "estimate": claim.estimate,
+                         "ci": claim.ci, "p": claim.p, "sets_settle_step": at["sets_settle_step"],
+                         "accuracy_step": at["accuracy_step"]})
+    return rows
 
 
 # -- the whole notebook's numbers ---------------------------------------------------------------------------------
@@ -301,24 +337,29 @@ def follow(studies: list, *, frac: float, groups: dict | None = None, progress: 
             print(f"step {step}: {study.label}: accuracy {measures[-1]['accuracy']['estimate']:.3f}", flush=True)
     versus = [against_final(m, measures[-1], n_perm=params["evidence"]["n_perm"], seed=params["seed"])
               for m in measures]
+    dyn = params["dynamics"]
     claims, settle = dynamics_claims(steps, measures, versus, n_perm=params["evidence"]["n_perm"], seed=params["seed"],
-                                     suffix=suffix)
+                                     suffix=suffix, settled=dyn["settled_overlap"], share=dyn["accuracy_share"])
     return DynamicsRun(steps, [st.label for _, st in studies], measures, versus, claims, settle)
 
 
-def dynamics_claims(steps, measures: list, versus: list, *, n_perm: int, seed: int, suffix: str = "") -> tuple:
+def dynamics_claims(steps, measures: list, versus: list, *, n_perm: int, seed: int, suffix: str = "",
+                    settled: float = SETTLED_OVERLAP, share: float = ACCURACY_SHARE) -> tuple:
     """The three claims of notebook 06 (ids structure_at_init, selectivity_grows, sets_settle_before_accuracy,
-    with `suffix` appended, e.g. "[lm]"), and the steps where sets and accuracy settle."""
+    with `suffix` appended, e.g. "[lm]"), and the steps where sets and accuracy settle (settled, share: the
+    thresholds, dynamics.settled_overlap and dynamics.accuracy_share)."""
     from dataclasses import replace
     init = structure_at_init_claim(versus[0]["pattern"])
     grows = trend_claim("selectivity_grows", "selectivity (01's: others' minus own relative accuracy, selected minus "
-                        "random neurons) grows over training (Spearman rho with the checkpoint order)",
+                        "random neurons, over the tasks each checkpoint gets right at all) grows over training "
+                        "(Spearman rho with the checkpoint order)",
                         [m["selectivity"]["estimate"] for m in measures],
                         np.stack([m["selectivity"]["samples"] for m in measures], 1), n_perm=n_perm, seed=seed)
     settle, at = settle_before_accuracy_claim([v["mean_overlap"] for v in versus],
                                               np.stack([v["mean_overlap_samples"] for v in versus], 1),
                                               [m["accuracy"]["estimate"] for m in measures],
-                                              np.stack([m["accuracy"]["samples"] for m in measures], 1), steps)
+                                              np.stack([m["accuracy"]["samples"] for m in measures], 1), steps,
+                                              settled=settled, share=share, n=measures[-1]["accuracy"]["n"])
     claims = [init, grows, settle]
     return [replace(c, id=c.id + suffix) for c in claims], at
 
@@ -329,13 +370,13 @@ def curves(run: DynamicsRun) -> dict:
     ms, vs = run.measures, run.versus
     ci = lambda pairs: (np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs]))   # noqa: E731
     overlap_ev = [m["evidence"]["overlap"] for m in ms]
-    sel_claims = [next(c for c in m["claims"] if c.id == "selectivity") for m in ms]
     pattern = [v["pattern"] or {"rho": np.nan, "ci": (np.nan, np.nan), "null_band": (np.nan, np.nan), "p": np.nan}
                for v in vs]
     return {
         "accuracy": ((np.array([m["accuracy"]["estimate"] for m in ms]), *ci([m["accuracy"]["ci"] for m in ms])),
                      ms[-1]["chance_accuracy"]),
-        "selectivity": ((np.array([c.estimate for c in sel_claims]), *ci([c.ci for c in sel_claims])), 0.0),
+        "selectivity": ((np.array([m["selectivity"]["estimate"] for m in ms]),
+                         *ci([percentile_ci(m["selectivity"]["samples"]) for m in ms])), 0.0),
         "median_overlap": ((np.array([e["median"] for e in overlap_ev]), *ci([e["median_ci"] for e in overlap_ev])),
                            ci([e["null_band"] for e in overlap_ev])),
         "overlap_with_final": ((np.array([v["mean_overlap"] for v in vs]), *ci([v["mean_overlap_ci"] for v in vs])),
@@ -355,6 +396,7 @@ def record(run: DynamicsRun) -> dict:
         ov = m["evidence"]["overlap"]
         rows.append({"step": step, "model": label, "accuracy": {k: m["accuracy"][k] for k in ("estimate", "ci", "n")},
                      "claims": [c.as_dict() for c in m["claims"]], "cross_task": m["cross_task"],
+                     "selectivity": {"estimate": m["selectivity"]["estimate"], "tasks": m["selectivity"]["tasks"]},
                      "overlap": {"median": ov["median"], "median_ci": ov["median_ci"], "null_median": ov["null_median"],
                                  "null_band": ov["null_band"], "layer_matched_chance": ov["layer_matched_chance"]},
                      "overlap_with_final": {"tasks": v["tasks"], "per_task": v["overlap"], "mean": v["mean_overlap"],
@@ -377,8 +419,9 @@ def findings(claims: list, settle: dict) -> str:
     c = by_id["structure_at_init"]
     numbers, ok = verdict(c)
     out.append(f"* `{c.id}`: the overlap pattern at initialisation against the final one, Spearman rho {numbers}: "
-               + ("the final task x task pattern is already present at step 0." if ok else
-                  "not significant; this run does not show the final pattern at step 0."))
+               + (f"the step-0 task x task pattern correlates positively with the final one (a partial rank "
+                  f"agreement, rho {c.estimate:.2f}; not a test that the final pattern is already there)." if ok else
+                  "not significant; this run does not show the step-0 pattern correlating with the final one."))
     c = by_id["selectivity_grows"]
     numbers, ok = verdict(c)
     out.append(f"* `{c.id}`: the trend of selectivity over {c.n} checkpoints, Spearman rho {numbers}: "
@@ -403,13 +446,14 @@ FIGURES = (     # (curve, y label, null label, title, caption); the titles' {} a
      "Modular: above 0 (pruning a task's neurons hurts it more than the others, beyond random neurons)."),
     ("median_overlap", "median pairwise overlap", "pseudo-task null (95%)",
      "Median pairwise overlap of top-{overlap:.0%} sets",
-     "Below the null band: the tasks' sets are more separate than same-distribution pseudo-tasks'."),
+     "Read as 01/02's overlap_above_null: above the null band, the tasks' sets overlap more than the null's; "
+     "below it, they are more separate."),
     ("overlap_with_final", "overlap with the final set (mean over tasks)", "layer-matched chance",
      "How settled each task's top-{frac:.0%} sets are: overlap with the final model's",
      "A set has settled once its overlap with the final set stays high; thin lines: single tasks."),
     ("pattern_rho", "Spearman rho with the final matrix", "permutation null (95%)",
      "Pattern persistence: task x task overlap vs the final one",
-     "Above the band at step 0: the final pattern is already present at initialisation."),
+     "Above the band: the checkpoint's pattern correlates with the final one beyond shuffled task labels."),
     ("correspondence_z", "mean z in the parameter split", "random splits (95%)",
      "Correspondence of the tasks' per-layer top-{frac:.0%} sets with W_in's k-means split",
      "Above the band: task neurons cluster in W_in's experts; compare when this appears with the accuracy curve."),
@@ -485,6 +529,17 @@ class TrainingDynamics:
               self.run.settle["accuracy_step"])
         return self.claims
 
+    def sensitivity(self) -> list[dict]:
+        """sets_settle_before_accuracy under every pair of dynamics.settled_sweep x dynamics.share_sweep, one table
+        row each (the claim itself uses dynamics.settled_overlap and accuracy_share, fixed in advance)."""
+        rows = settle_sensitivity(self.run, self.dyn["settled_sweep"], self.dyn["share_sweep"])
+        print("| settled overlap | accuracy share | sets settle at step | accuracy at step | estimate | 95% interval | p |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['settled_overlap']:g} | {r['accuracy_share']:g} | {r['sets_settle_step']} | "
+                  f"{r['accuracy_step']} | {r['estimate']:.2f} | [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] | {r['p']:.2g} |")
+        return rows
+
     @cached_property
     def lm_run(self) -> DynamicsRun | None:
         """follow() over lm.revisions (claims with "[lm]" in their ids, recorded), or None where it is not set."""
@@ -528,4 +583,5 @@ class TrainingDynamics:
         """The numbers of this run for the results JSON (the claims recorded first: report.save lists them)."""
         self.claims, self.lm_run        # noqa: B018
         return {"vit": record(self.run), "lm": None if self.lm_run is None else record(self.lm_run),
+                "settle_sensitivity": settle_sensitivity(self.run, self.dyn["settled_sweep"], self.dyn["share_sweep"]),
                 "dynamics": self.dyn, "params": self.params}

@@ -21,16 +21,29 @@ from .statistics import _shard
 
 def lm_token_metrics(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                      bos_token_id=None, skip_tokens: torch.Tensor | None = None, topk: int = 10,
-                     per_row: bool = False) -> dict:
+                     per_row: bool = False, top1_only: bool = False) -> dict:
     """Sums over one batch: counted targets, top-1 hits, top-k hits, summed cross-entropy (float64).
-    per_row=True adds "rows": counted targets and top-1 hits of each row (window) [batch], int64."""
-    logits = logits[:, :-1].float()
+    per_row=True adds "rows": counted targets and top-1 hits of each row (window) [batch], int64.
+    top1_only=True gives "n", "top1" and "finite" only, from one max over the vocabulary in the logits' own
+    dtype (no float copy, no softmax, no top-k): what an ablation matrix reads, where the rest is wasted work."""
     targets = input_ids[:, 1:]
     counted = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
     if bos_token_id is not None:
         counted &= targets != bos_token_id
     if skip_tokens is not None and skip_tokens.numel():
         counted &= ~torch.isin(targets, skip_tokens.to(targets.device))
+    if top1_only:
+        # max propagates NaN and +inf, so a finite maximum of every counted row is the check CE gave before
+        best, top = logits[:, :-1][counted].max(-1)
+        targets = targets[counted]
+        hit = top == targets
+        out = {"n": int(len(targets)), "top1": int(hit.sum()), "finite": bool(torch.isfinite(best).all())}
+        if per_row:
+            row = torch.nonzero(counted)[:, 0]
+            out["rows"] = {"n": torch.bincount(row, minlength=len(counted)).cpu(),
+                           "top1": torch.bincount(row, weights=hit.double(), minlength=len(counted)).long().cpu()}
+        return out
+    logits = logits[:, :-1].float()
     logits, targets = logits[counted], targets[counted]
     ce = F.cross_entropy(logits, targets, reduction="sum") if len(targets) else logits.new_zeros(())
     top = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices if len(targets) else targets[:, None]
@@ -67,7 +80,8 @@ def check_finite_logits(finite: bool, task: str | None, dtype) -> None:
 
 @torch.no_grad()
 def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx=256, skip_top: int = 0,
-             classes=None, progress=False, doc_tokens=None, per_document: bool = False, task: str | None = None) -> dict:
+             classes=None, progress=False, doc_tokens=None, per_document: bool = False, task: str | None = None,
+             top1_only: bool = False) -> dict:
     """Metrics of the model on `data` (docs/method.md §4, §11).
 
     LM (data: list[str]): top1, top10, loss (mean cross-entropy), perplexity = exp(loss), n targets; the
@@ -78,18 +92,20 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
     counted targets and top-1 hits; images: 1 and the top-1 hit of each image, plus "labels"), so the
     accuracy over any resample of documents is a ratio of sums (evidence.py) without another pass.
     task: named in the error raised when the logits are NaN or infinite (never a number read from them).
+    top1_only=True (LM): top1 and n only (and "documents"), without the cross-entropy and top-10 over the
+    vocabulary, for passes that read only top-1 hits (the ablation matrices); the same top1 numbers.
     """
     if handle.kind == "lm":
         skip = (frequent_targets(handle.tokenizer, data, skip_top, ctx=ctx, max_tokens=max_tokens,
                                  doc_tokens=doc_tokens) if skip_top else None)
-        totals = {"n": 0, "top1": 0, "top10": 0, "ce": 0.0}
+        totals = {"n": 0, "top1": 0} if top1_only else {"n": 0, "top1": 0, "top10": 0, "ce": 0.0}
         bos = handle.tokenizer.bos_token_id
         per_doc = {"n": np.zeros(len(data), dtype=np.int64), "top1": np.zeros(len(data), dtype=np.int64)}
 
         def add(logits, ids, mask, docs=None):
             m = lm_token_metrics(logits, ids, mask, bos_token_id=bos, skip_tokens=skip, topk=10,
-                                 per_row=per_document)
-            check_finite_logits(math.isfinite(m["ce"]), task, handle.dtype)   # NaN or inf logits make ce so
+                                 per_row=per_document, top1_only=top1_only)
+            check_finite_logits(m["finite"] if top1_only else math.isfinite(m["ce"]), task, handle.dtype)
             for k in totals:
                 totals[k] += m[k]
             if per_document:
@@ -101,9 +117,12 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
         n = totals["n"]
         if n == 0:
             raise ValueError("no target tokens to evaluate: the data is empty or too short")
-        loss = totals["ce"] / n
-        out = {"top1": totals["top1"] / n, "top10": totals["top10"] / n, "loss": loss,
-               "perplexity": math.exp(loss) if loss < 709 else math.inf, "n": n}     # exp overflows past 709
+        if top1_only:
+            out = {"top1": totals["top1"] / n, "n": n}
+        else:
+            loss = totals["ce"] / n
+            out = {"top1": totals["top1"] / n, "top10": totals["top10"] / n, "loss": loss,
+                   "perplexity": math.exp(loss) if loss < 709 else math.inf, "n": n}     # exp overflows past 709
         if per_document:
             read = int(np.flatnonzero(per_doc["n"]).max()) + 1     # documents past the budget were not read
             out["documents"] = {k: v[:read] for k, v in per_doc.items()}

@@ -20,10 +20,10 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from .claims import ALPHA, Claim, holm, resample_p
+from .claims import ALPHA, MIN_N, Claim, holm, resample_p
 from .evaluation import own_and_others, selectivity
 from .overlaps import chance_overlap, layer_matched_chance_matrix, overlap_matrix, related_vs_unrelated
-from .pruning import ATTRIBUTIONS, BLOCK_LOCALISERS, LOCALISERS, ablate, select_neurons, task_scores
+from .pruning import BLOCK_LOCALISERS, Selection, ablate, select_neurons
 from .statistics import BlockStats, bootstrap_weights, weighted_pool
 
 LEVEL = 0.95
@@ -140,17 +140,11 @@ def cross_task_intervals(result, n_boot: int, seed: int) -> dict:
 def pipeline_masks(stats: Mapping, *, frac: float, mode: str = "global", importance: str = "abs",
                    eps: float = 1e-3, eps_relative: float | None = None, retain: str = "rest",
                    general=None) -> dict[str, torch.Tensor]:
-    """Scores with the retain rule of Study.scores ('rest': the other tasks pooled; 'general': the general
-    corpus's NeuronStats `general`, the same for the real tasks, their resamples and the null) and the top-`frac`
-    selection: one function for the real tasks, their resamples and the null.
+    """pruning.Selection(...).masks(stats), Study.scores/masks' route ('rest': the other tasks pooled; 'general':
+    the general corpus's NeuronStats `general`, the same for the real tasks, their resamples and the null): one
+    function for the real tasks, their resamples and the null.
     A block localiser (auroc) takes {task: BlockStats} (_resampled gives them), an attribution {task: [L, d_mlp]}."""
-    if importance in LOCALISERS + BLOCK_LOCALISERS + ATTRIBUTIONS:      # they contrast the tasks themselves
-        general = None
-    elif retain == "general" and general is None:
-        raise ValueError("retain='general' needs the general corpus's statistics as `general` (Study.general_stats())")
-    scores = task_scores(dict(stats), importance=importance, eps=eps, eps_relative=eps_relative, retain=retain,
-                         general=general)
-    return {t: select_neurons(s, frac, mode) for t, s in scores.items()}
+    return Selection(frac, mode, importance, eps, eps_relative, retain, general).masks(stats)
 
 
 def _resampled(blocks: BlockStats, weights, importance: str = "abs"):
@@ -236,16 +230,76 @@ def _partition(n: int, sizes: Sequence[int], seed: int) -> list[np.ndarray]:
     return [np.sort(order[bounds[k]:bounds[k + 1]]) for k in range(len(sizes))]
 
 
-def pseudo_task_null(domain: BlockStats, sizes: Sequence[int], n_null: int, seed: int, *,
+def matched_sizes(task_blocks: Mapping[str, BlockStats], domain: BlockStats) -> list[tuple[float, int]]:
+    """Pseudo-task sizes matched to the real tasks (issue #26 item 6): each task's (tokens, documents) — images
+    for an image model, whose tokens are its patches — as its statistics blocks hold them; where the null domain
+    holds fewer tokens or documents than the tasks together, both scaled down in proportion to fit (a warning
+    says so: smaller pseudo-tasks are noisier, so the null is then conservative for overlap)."""
+    targets = [(float(b.count[:, 0].sum()), int(b.n_documents.sum())) for b in task_blocks.values()]
+    have = float(domain.count[:, 0].sum()), int(domain.n_documents.sum())
+    scale = min(1.0, have[0] / sum(t for t, _ in targets), have[1] / sum(d for _, d in targets))
+    if scale < 1:
+        scaled = [(t * scale, max(1, round(d * scale))) for t, d in targets]
+        warnings.warn(f"the null domain holds {have[0]:.0f} tokens in {have[1]} documents but the tasks use "
+                      f"{sum(t for t, _ in targets):.0f} in {sum(d for _, d in targets)}: pseudo-tasks scaled to "
+                      f"{scale:.2f} of the tasks' sizes", RuntimeWarning, stacklevel=2)
+        return scaled
+    return targets
+
+
+def _matched_partition(domain: BlockStats, targets: Sequence[tuple[float, int]], seed: int,
+                       window: int = 8) -> list[np.ndarray]:
+    """Disjoint random parts of the domain's blocks, one per (tokens, documents) target, built a block at a time:
+    of the free blocks that bring the part nearer its targets (relative distance in tokens plus in documents), the
+    best of the first `window` in a seeded order, until none does. So parts match the tasks in both where the
+    domain's blocks allow, and differ from seed to seed (the window keeps the choice random)."""
+    tokens, docs = domain.count[:, 0].double().numpy(), domain.n_documents.double().numpy()
+    order = np.random.default_rng(seed).permutation(domain.n_blocks)
+    free = np.ones(domain.n_blocks, dtype=bool)
+    parts = []
+    for tok, doc in targets:
+        part, t, d = [], 0.0, 0.0
+        while True:
+            cand = order[free[order]]
+            after = np.abs(tok - t - tokens[cand]) / tok + np.abs(doc - d - docs[cand]) / doc
+            nearer = after < abs(tok - t) / tok + abs(doc - d) / doc - 1e-12
+            if not nearer.any():
+                break
+            b = cand[nearer][np.argmin(after[nearer][:window])]
+            part.append(b)
+            free[b], t, d = False, t + tokens[b], d + docs[b]
+        if not part:
+            raise ValueError(f"no block of the null domain fits a pseudo-task of {tok:.0f} tokens in {doc} documents: "
+                             f"use more evidence.n_blocks or a larger null domain")
+        parts.append(np.sort(np.array(part)))
+    return parts
+
+
+def pseudo_task_null(domain: BlockStats | Sequence[BlockStats], sizes, n_null: int, seed: int, *,
                      keep_masks: bool = False, **pipeline) -> dict:
     """The pipeline's own null for overlap: n_null times, the domain's blocks are split at random into
-    pseudo-tasks of `sizes` blocks (the real tasks' sizes), each merged and put through pipeline_masks.
+    pseudo-tasks of `sizes` (the real tasks' sizes: blocks, or (tokens, documents) pairs from matched_sizes, matched
+    by _matched_partition), each merged and put through pipeline_masks.
+    Several domains (a list of BlockStats, `sizes` one list per domain): the null is their pool, n_null split as
+    evenly as can be over the domains in order, so no verdict hinges on which one domain is split.
     Returns {"pairs" [n_null, n_pairs], "median" [n_null], "layer_matched" [n_null], "masks" (keep_masks:
-    one {pseudo-task: mask} per replicate, for pseudo_cross_task)}."""
+    one {pseudo-task: mask} per replicate, for pseudo_cross_task), "domain" [n_null]: the domain of each}."""
+    if isinstance(domain, (list, tuple)):
+        counts = np.diff(np.round(np.linspace(0, n_null, len(domain) + 1))).astype(int)
+        seeds = [seed] if len(domain) == 1 else _seeds(seed, len(domain))
+        parts = [pseudo_task_null(d, z, int(k), child, keep_masks=keep_masks, **pipeline)
+                 for d, z, k, child in zip(domain, sizes, counts, seeds) if k]
+        return {"pairs": np.concatenate([p["pairs"] for p in parts]),
+                "median": np.concatenate([p["median"] for p in parts]),
+                "layer_matched": np.concatenate([p["layer_matched"] for p in parts]),
+                "masks": [m for p in parts for m in p["masks"]] if keep_masks else None,
+                "domain": np.repeat(np.arange(len(domain))[counts > 0], counts[counts > 0])}
     pairs, layer_matched, kept = [], [], []
     indicator = torch.zeros(n_null, len(sizes), domain.n_blocks, dtype=torch.float64)
+    matched = not isinstance(sizes[0], (int, np.integer))
     for r, child in enumerate(_seeds(seed, n_null)):
-        for k, part in enumerate(_partition(domain.n_blocks, sizes, child)):
+        split = _matched_partition(domain, sizes, child) if matched else _partition(domain.n_blocks, sizes, child)
+        for k, part in enumerate(split):
             indicator[r, k, torch.from_numpy(part)] = 1.0
     merged = _resampled(domain, indicator.flatten(0, 1), pipeline.get("importance", "abs"))   # replicates in order
     for _ in range(n_null):
@@ -256,7 +310,7 @@ def pseudo_task_null(domain: BlockStats, sizes: Sequence[int], n_null: int, seed
             kept.append(masks)
     pairs = np.stack(pairs)
     return {"pairs": pairs, "median": np.median(pairs, axis=1), "layer_matched": np.array(layer_matched),
-            "masks": kept if keep_masks else None}
+            "masks": kept if keep_masks else None, "domain": np.zeros(n_null, dtype=int)}
 
 
 def pseudo_cross_task(handle, null_masks: Sequence[Mapping[str, torch.Tensor]], evaluate_documents, n_documents: int,
@@ -285,7 +339,7 @@ def pseudo_cross_task(handle, null_masks: Sequence[Mapping[str, torch.Tensor]], 
 
 # -- claims against a null --------------------------------------------------------------------------------------
 def excess_claim(claim_id: str, statement: str, observed: float, boot, null=None, *, n: int | None = None,
-                 direction: str = "greater", seed: int = 0) -> Claim:
+                 direction: str = "greater", seed: int = 0, unit: str | None = None, test: str | None = None) -> Claim:
     """A claim that `observed` exceeds the pipeline's null, reported as the excess observed − mean(null).
 
     boot: bootstrap samples of the statistic (over documents); null: its values on pseudo-tasks (None: the
@@ -295,14 +349,17 @@ def excess_claim(claim_id: str, statement: str, observed: float, boot, null=None
     one-sided share on the wrong side of 0. Undefined (NaN) resamples or null values count against the claim
     (claims.resample_p); an undefined `observed` gives estimate and p NaN: not supported. With a null the
     record also keeps the statistic's own bootstrap interval and the null's 95% band, apart (issue #26 item 5);
-    p_floor: 1/(1 + the values p is counted from)."""
+    p_floor: 1/(1 + the values p is counted from). unit: what n counts; test: the test's name in the record
+    (default "one-sided bootstrap p" or "rank among null values"). The record keeps what Claim.detectable reads:
+    the null's values, else the bootstrap's standard error."""
     boot = np.asarray(boot, dtype=np.float64)
     rng = np.random.default_rng(seed)
     if null is None:
         excess, ci = float(observed), percentile_ci(boot)
         p = resample_p(boot, boot <= 0 if direction == "greater" else boot >= 0, observed)
         return Claim(claim_id, statement, excess, ci, 0.0, p=p, n=n, direction=direction, p_floor=1 / (1 + boot.size),
-                     floor_n=f"{boot.size} bootstrap resamples")
+                     floor_n=f"{boot.size} bootstrap resamples", unit=unit, test=test or "one-sided bootstrap p",
+                     boot_se=_se(boot))
     null = np.asarray(null, dtype=np.float64)
     known = null[~np.isnan(null)]           # the null's mean from its defined values; p counts the rest against
     if known.size:
@@ -313,7 +370,14 @@ def excess_claim(claim_id: str, statement: str, observed: float, boot, null=None
     p = resample_p(null, null >= observed if direction == "greater" else null <= observed, excess)
     return Claim(claim_id, statement, excess, ci, 0.0, p=p, n=n, direction=direction, p_floor=1 / (1 + null.size),
                  floor_n=f"{null.size} null values", observed=float(observed), observed_ci=percentile_ci(boot),
-                 null_band=percentile_ci(null))
+                 null_band=percentile_ci(null), unit=unit, test=test or "rank among null values", null_values=null)
+
+
+def _se(boot) -> float:
+    """The bootstrap's standard error (NaN resamples left out; NaN with fewer than two)."""
+    x = np.asarray(boot, dtype=np.float64).ravel()
+    x = x[~np.isnan(x)]
+    return float(np.std(x, ddof=1)) if x.size > 1 else float("nan")
 
 
 # -- tests of comparisons -----------------------------------------------------------------------------------------
@@ -370,8 +434,10 @@ def related_claim(evidence: Mapping, groups: Mapping[str, Sequence[str]], n_perm
     claim = Claim("related_share_more", "related tasks (the same group) share more neurons than unrelated ones "
                   "(within-group minus across-group overlap, excess over the same with group labels permuted)",
                   float(related["difference"] - shift), percentile_ci(boot - shift), 0.0, p=related["p"],
-                  n=len(names), p_floor=related["p_floor"], floor_n=related["floor_n"],
-                  observed=related["difference"], observed_ci=percentile_ci(boot), null_band=percentile_ci(null))
+                  n=len([t for t in names if any(t in v for v in groups.values())]), unit="grouped tasks",
+                  p_floor=related["p_floor"], floor_n=related["floor_n"], test="permutation of group labels",
+                  observed=related["difference"], observed_ci=percentile_ci(boot), null_band=percentile_ci(null),
+                  null_values=null)
     return {**related, "boot": boot}, claim
 
 
@@ -460,7 +526,8 @@ def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockSt
                      n_null: int, seed: int, mode: str = "global", importance: str = "abs", eps: float = 1e-3,
                      eps_relative: float | None = None, retain: str = "rest", general=None) -> dict:
     """Median pairwise overlap of the tasks' selections against the pipeline's own null (pseudo-tasks of
-    `null_domain` with the tasks' sizes in blocks), uniform and layer-matched chance, with bootstrap intervals
+    `null_domain`, or pooled over several domains given as a list, matched to the tasks in tokens and documents:
+    matched_sizes), uniform and layer-matched chance, with bootstrap intervals
     on every pair and on the median; and the claim `overlap_above_null`.
     retain='general' (scores against the general corpus's statistics `general`): pseudo-tasks of one domain
     would all select that domain's neurons, so the null is instead layer-matched chance (sets drawn at random
@@ -475,15 +542,19 @@ def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockSt
     observed = float(np.median(pairs))
     boot = bootstrap_overlap(task_blocks, n_boot, seed, **pipeline)
     if retain == "general":
-        return _overlap_above_chance(names, masks, pairs, boot, seed)
-    null = pseudo_task_null(null_domain, null_sizes([task_blocks[t].n_blocks for t in names], null_domain.n_blocks),
-                            n_null, seed + 1, **pipeline)
+        return _overlap_above_chance(names, masks, pairs, boot, seed, task_blocks)
+    domains = list(null_domain) if isinstance(null_domain, (list, tuple)) else [null_domain]
+    blocks_only = not all(isinstance(b, BlockStats) for b in (*domains, *task_blocks.values()))   # e.g. attributions
+    sizes = [null_sizes([task_blocks[t].n_blocks for t in names], d.n_blocks) if blocks_only
+             else matched_sizes(task_blocks, d) for d in domains]
+    null = pseudo_task_null(domains, sizes, n_null, seed + 1, **pipeline)
     sizes = np.array([float(m.sum()) for m in masks.values()])
     n_all = masks[names[0]].numel()
     i, j = np.triu_indices(len(names), k=1)
     claim = excess_claim("overlap_above_null", "tasks' neuron sets overlap more than same-distribution "
                          "pseudo-tasks' do (median pairwise overlap, excess over the null)", observed,
-                         boot["median"], null["median"], n=len(pairs), seed=seed)
+                         boot["median"], null["median"], seed=seed, test="rank among pseudo-task null values",
+                         **_block_units(task_blocks))
     return {"names": names, "masks": masks, "pairs": pairs, "pairs_ci": [percentile_ci(boot["pairs"][:, k])
                                                                         for k in range(len(pairs))],
             "median": observed, "median_ci": percentile_ci(boot["median"]),
@@ -492,7 +563,13 @@ def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockSt
             "layer_matched_chance": layer_matched_chance(masks), "boot": boot, "null": null, "claim": claim}
 
 
-def _overlap_above_chance(names, masks, pairs, boot, seed: int) -> dict:
+def _block_units(task_blocks: Mapping[str, BlockStats]) -> dict:
+    """n and unit of a claim bootstrapped over each task's statistics blocks: the fewest blocks of any task (each
+    task's selection rests on its own blocks; the pairs of tasks are not independent units)."""
+    return {"n": min(b.n_blocks for b in task_blocks.values()), "unit": "statistics blocks (fewest of any task)"}
+
+
+def _overlap_above_chance(names, masks, pairs, boot, seed: int, task_blocks) -> dict:
     """overlap_evidence under retain='general': each pair's overlap minus its layer-matched chance, the median
     over pairs, with its bootstrap over statistics blocks (chance recomputed from each resample's sets) and
     the one-sided bootstrap p; the record keeps the median overlap and the chance's band apart."""
@@ -502,7 +579,8 @@ def _overlap_above_chance(names, masks, pairs, boot, seed: int) -> dict:
     claim = excess_claim("overlap_above_null", "tasks' neuron sets (scored against the general corpus) overlap more "
                          "than random sets with the same count per layer (median over pairs of overlap minus "
                          "layer-matched chance; one-sided bootstrap p)", float(np.median(pairs - chance)),
-                         np.median(boot["pairs"] - boot["chance"], axis=1), None, n=len(pairs), seed=seed)
+                         np.median(boot["pairs"] - boot["chance"], axis=1), None, seed=seed,
+                         **_block_units(task_blocks))
     claim = replace(claim, observed=float(np.median(pairs)), observed_ci=percentile_ci(boot["median"]),
                     null_band=percentile_ci(boot_chance))
     sizes = np.array([float(m.sum()) for m in masks.values()])
@@ -516,14 +594,18 @@ def _overlap_above_chance(names, masks, pairs, boot, seed: int) -> dict:
             "layer_matched_chance": layer_matched_chance(masks), "boot": boot, "null": None, "claim": claim}
 
 
-def selectivity_per_task(selected: dict, random: dict, *, unit: str = "task") -> Claim:
+def selectivity_per_task(selected: dict, random: dict, *, unit: str = "task",
+                         documents: str = "evaluation documents") -> Claim:
     """`selectivity_per_task`: whether selectivity is typical rather than carried by one task (issue #26: one
     class can carry the mean). Each task's own others' − own relative accuracy, selected minus matched random
     (cross_task_intervals' "selected" and "random", the same resampled documents), with its own one-sided
     bootstrap p, Holm-adjusted across tasks: a task is selective when that p < 0.05 and its interval lies above 0.
     The claim: the median task's value above 0 (bootstrap of the median over tasks); `per_task` keeps each
-    task's estimate, interval, p and Holm p, and the statement how many tasks are selective."""
+    task's estimate, interval, p and Holm p, and the statement how many tasks are selective. A task with fewer
+    than MIN_N evaluation documents is "insufficient data", never selective. n: every task's `documents` together
+    (the units the bootstrap resamples)."""
     tasks = list(selected["tasks"])
+    counts = selected["n_documents"]
 
     def beyond_random(sel, rand):          # [..., T]: (others − own) of the selected minus of the random
         (own, others), (r_own, r_others) = own_and_others(sel), own_and_others(rand)
@@ -535,17 +617,23 @@ def selectivity_per_task(selected: dict, random: dict, *, unit: str = "task") ->
     per_task = {}
     for i, t in enumerate(tasks):
         ci = percentile_ci(boot[:, i])
+        enough = counts[t] >= MIN_N
         per_task[t] = {"estimate": float(observed[i]), "ci": list(ci), "p": float(p[i]), "p_holm": float(p_holm[i]),
-                       "selective": bool(ci[0] > 0 and p_holm[i] < ALPHA)}
+                       "n": int(counts[t]), "selective": bool(enough and ci[0] > 0 and p_holm[i] < ALPHA),
+                       "verdict": None if enough else f"insufficient data (n = {counts[t]} {documents} < {MIN_N})"}
     n_selective = sum(r["selective"] for r in per_task.values())
+    few = sum(counts[t] < MIN_N for t in tasks)
+    few = f", {few} with fewer than {MIN_N} {documents}: insufficient data" if few else ""
     with warnings.catch_warnings():          # a resample where every task is undefined: NaN, counted against
         warnings.simplefilter("ignore", RuntimeWarning)
         median, boot_median = float(np.nanmedian(observed)), np.nanmedian(boot, axis=1)
     return Claim("selectivity_per_task", f"pruning its selected neurons hurts the median {unit} more than the "
                  f"others, beyond as many random neurons ({n_selective} of {len(tasks)} {unit}s selective on their "
-                 f"own one-sided bootstrap test, Holm across {unit}s; estimate: the median {unit}'s)", median,
-                 percentile_ci(boot_median), 0.0, p=resample_p(boot_median, boot_median <= 0, median), n=len(tasks),
-                 p_floor=1 / (1 + len(boot)), floor_n=f"{len(boot)} bootstrap resamples", per_task=per_task)
+                 f"own one-sided bootstrap test, Holm across {unit}s{few}; estimate: the median {unit}'s)", median,
+                 percentile_ci(boot_median), 0.0, p=resample_p(boot_median, boot_median <= 0, median),
+                 n=int(sum(counts.values())), unit=documents, test="one-sided bootstrap p",
+                 p_floor=1 / (1 + len(boot)), floor_n=f"{len(boot)} bootstrap resamples", per_task=per_task,
+                 boot_se=_se(boot_median))
 
 
 def selectivity_claim(bootstrap: dict, *, seed: int = 0) -> Claim:
@@ -555,4 +643,4 @@ def selectivity_claim(bootstrap: dict, *, seed: int = 0) -> Claim:
     n = int(sum(bootstrap["n_documents"].values()))
     return excess_claim("selectivity", "pruning a task's neurons hurts that task more than the others "
                         "(mean over tasks of others' minus own relative accuracy)", bootstrap["selectivity"],
-                        bootstrap["selectivity_samples"], None, n=n, seed=seed)
+                        bootstrap["selectivity_samples"], None, n=n, seed=seed, unit="evaluation documents")

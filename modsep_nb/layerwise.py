@@ -20,11 +20,35 @@ import numpy as np
 from . import plots
 from .claims import Claim
 from .correspondence import (LayerCorrespondence, correspondence_claims, ends_vs_middle, layer_correspondence,
-                             task_correspondence)
-from .evidence import activation_control_mask
+                             mean_z_against, task_correspondence)
+from .evidence import _resampled, _seeds, activation_control_mask
+from .pruning import select_neurons
+from .statistics import bootstrap_weights
 from .study import Study
 
 WHICH = ("trained", "random init")
+
+
+def resampled_correspondence_z(study: Study, by_frac: dict, control_by_frac: dict, n_boot: int) -> dict:
+    """The tasks' and the activation-only control's mean z (over layers and fractions) under n_boot resamples of the
+    statistics blocks (each task's blocks drawn as evidence.bootstrap_masks draws them): each resample's scores,
+    per-layer selections and control selection, all from the same resampled statistics, read against the
+    observed nulls (mean_z_against). {"task_z" [n_boot, T], "control_z" [n_boot]}: what correspondence_claims
+    resamples so that the control's own sampling variability enters the test."""
+    blocks, labels = study.block_stats(progress=False), study.splits("param", progress=False)
+    names, importance = list(next(iter(by_frac.values()))), study.params["pruning"]["importance"]
+    draws = {t: _resampled(blocks[t], bootstrap_weights(blocks[t].n_blocks, n_boot, s), importance)
+             for t, s in zip(names, _seeds(study.params["seed"], len(names)))}
+    task_z, control_z = np.empty((n_boot, len(names))), np.empty(n_boot)
+    for k in range(n_boot):
+        stats = {t: next(draws[t]) for t in names}
+        scores = study.scores(stats=stats)
+        per_frac = [[mean_z_against(select_neurons(scores[t], f, "per_layer"), labels, by_frac[f][t]) for t in names]
+                    for f in by_frac]
+        task_z[k] = np.nanmean(per_frac, axis=0)
+        control_z[k] = np.nanmean([mean_z_against(activation_control_mask(stats.values(), f), labels, control_by_frac[f])
+                                   for f in by_frac])
+    return {"task_z": task_z, "control_z": control_z}
 
 
 class Layerwise:
@@ -127,9 +151,11 @@ class Layerwise:
             labels = st.splits("param", progress=False)
             control = {f: layer_correspondence(activation_control_mask(st.stats(progress=False).values(), f), labels,
                                                n_null=self.co["n_null"], seed=self.params["seed"]) for f in self.fracs}
-            claims += correspondence_claims(kind, {f: self.correspondence[(kind, "trained", f)] for f in self.fracs},
-                                            control, n_boot=self.params["evidence"]["n_boot"],
-                                            seed=self.params["seed"], n_perm=self.params["evidence"]["n_perm"])
+            by_frac = {f: self.correspondence[(kind, "trained", f)] for f in self.fracs}
+            claims += correspondence_claims(kind, by_frac, control, n_boot=self.params["evidence"]["n_boot"],
+                                            seed=self.params["seed"], n_perm=self.params["evidence"]["n_perm"],
+                                            resampled=resampled_correspondence_z(st, by_frac, control,
+                                                                                 self.params["evidence"]["n_boot"]))
         self.report.claim(*claims)
         return claims
 

@@ -11,8 +11,9 @@ one fraction, on one model, each step one call with its printed check.
 
 Localisers computed from the per-task statistics (selective pruning's importances, `lape`, `ttest`, `auroc`)
 share the statistics pass of notebooks 01/02 (cached), so their bootstraps and pseudo-task nulls are resamples of
-the block sums; the LM's null domain is notebook 02's (all of lm.tasks, cached), cut into pseudo-tasks of these
-tasks' sizes. The attribution needs one forward and one backward pass per batch, on the first
+the block sums; the null domain is read with these tasks' budget (the ViT's is notebook 01's, cached; the LM's,
+for its localisers.lm_tasks, one pass of 07's own), cut into pseudo-tasks of these tasks' sizes and drawn in two
+stages (Localisers._overlap). The attribution needs one forward and one backward pass per batch, on the first
 localisers.attribution_tokens (attribution_images) of each task's statistics data and, for its pseudo-task null,
 on the null domain read with all tasks' attribution budget: kept per block of documents, so its bootstrap and
 null are resamples too, as for the statistics localisers.
@@ -24,16 +25,16 @@ import dataclasses
 import time
 
 import numpy as np
-import torch
 
 from . import plots
-from .data import ImageDataset
 from .evaluation import own_and_others
 from .evidence import cross_task_intervals, excess_claim, overlap_evidence, percentile_ci
 from .overlaps import layer_matched_chance, overlap
 from .pruning import (ATTRIBUTIONS as ATTRIBUTION, BLOCK_LOCALISERS, IMPORTANCES, attribution_scores,
                       collect_attribution, task_scores)
-from .study import Study
+# the overlap null's first stage (Localisers._overlap): stop when STOP_AFTER of NULL_FIRST values reach the observed
+# (Monte Carlo p >= 11/51 there: a claim whose p is below Holm's 0.05 / 20 stops with probability < 1e-15)
+NULL_FIRST, STOP_AFTER = 50, 10
 # no "|" in these: they go into the claims' markdown table
 WHAT = {"abs": "selective pruning, mean absolute activation ratio", "rms": "selective pruning, RMS ratio",
         "std": "selective pruning, std ratio", "freq": "selective pruning, P(active) ratio",
@@ -45,13 +46,16 @@ WHAT = {"abs": "selective pruning, mean absolute activation ratio", "rms": "sele
 
 def localiser_params(params: dict, kind: str) -> dict:
     """The params notebook 07 runs `kind` with: lm.tasks cut to the first localisers.lm_tasks (the LM's cross-task
-    matrices cost tasks² evaluation passes per localiser), and the evaluation budget localisers.eval_tokens
+    matrices cost tasks² evaluation passes per localiser), the LM's localisers localisers.lm_methods where set, and
+    the evaluation budget localisers.eval_tokens
     (eval_images) where set (each localiser's matrix is one more set of tasks x (1 + random seeds) passes). The
     statistics settings are not touched: 07 reads the statistics notebooks 01/02 cached."""
     loc, out = params["localisers"], copy.deepcopy(params)
     unit = "tokens" if kind == "lm" else "images"
     if loc[f"eval_{unit}"] is not None:            # cheaper, never more than the section's
         out[kind][f"eval_{unit}"] = min(loc[f"eval_{unit}"], params[kind][f"eval_{unit}"])
+    if kind == "lm" and loc["lm_methods"] is not None:
+        out["localisers"]["methods"] = list(loc["lm_methods"])
     n = loc["lm_tasks"]
     if kind == "lm" and n is not None:
         tasks = out["lm"]["tasks"]
@@ -78,16 +82,6 @@ class Localisers:
         (attribution_images), at most the statistics budget; null: the statistics budget."""
         own = self.params["localisers"][f"attribution_{self.study.tasks.unit}"]
         return self.study.stats_budget if own is None else min(own, self.study.stats_budget)
-
-    def _attribution_data(self, task: str, budget: int):
-        """A task's statistics data with what its loss needs (images: their labels), within the budget."""
-        tasks = self.study.tasks
-        if self.study.handle.kind == "lm":
-            return tasks.statistics_data(task, budget)
-        train = tasks.train
-        keep = torch.isin(train.labels, torch.tensor([train.class_names.index(c) for c in tasks[task]]))
-        return ImageDataset(train.images[keep][:budget], train.labels[keep][:budget], train.class_names, train.name,
-                            None, None)
 
     def scores(self) -> dict:
         """Every localiser's scores {name: {task: [L, d_mlp]}} and its cost: seconds, and passes over the statistics
@@ -126,12 +120,12 @@ class Localisers:
     def _attribution(self, task: str, budget: int, n_blocks: int | None = None) -> dict:
         """collect_attribution on a task's first `budget` tokens (images), kept per block of documents (by default
         evidence.n_blocks, as the statistics)."""
-        s = self.study.settings
-        if self.study.handle.kind == "lm":
-            options = {"max_tokens": budget, "ctx": s["ctx"], "skip_positions": s.get("skip_positions", ())}
-        else:
-            options = {"cls_only": s["cls_only"]}
-        return collect_attribution(self.study.handle, self._attribution_data(task, budget), batch_size=s["batch_size"],
+        tasks = self.study.tasks
+        options = tasks.collect_options()
+        options.pop("equal_positions", None)        # the loss weighs every counted position alike
+        # the statistics' own documents (images: their seeded sample, with the labels the loss needs)
+        return collect_attribution(self.study.handle, tasks.labelled_data(task, budget), max_tokens=budget,
+                                   batch_size=self.study.settings["batch_size"],
                                    n_blocks=n_blocks or self.params["evidence"]["n_blocks"], **options)
 
     def cross_task(self) -> dict:
@@ -156,7 +150,7 @@ class Localisers:
         overlap_above_null: median pairwise overlap of the tasks' sets at pruning.frac against same-distribution
             pseudo-tasks put through the same localiser, bootstrap over blocks of documents (evidence.overlap_evidence;
             the attribution's from its per-block gradient pass over the tasks and the null domain)."""
-        ev, seed = self.params["evidence"], self.params["seed"]
+        seed = self.params["seed"]
         self.claims, self.overlap = [], {}
         inputs = {}         # (task blocks, null domain blocks) of the statistics and of the attribution
         for name in self.methods:
@@ -173,8 +167,7 @@ class Localisers:
             # selective pruning keeps pruning.retain; the others contrast the tasks themselves
             pipeline = {**self.study.pipeline(self.frac, retain=None if name in IMPORTANCES else "rest"),
                         "importance": name}
-            self.overlap[name] = overlap_evidence(*inputs[source], n_boot=ev["n_boot"], n_null=self.n_null,
-                                                  seed=seed, **pipeline)
+            self.overlap[name] = self._overlap(inputs[source], pipeline)
             claim = self.overlap[name]["claim"]
             self.claims.append(dataclasses.replace(claim, id=f"overlap_above_null[{name}:{self.kind}]",
                                                    statement=f"{self.kind}, {WHAT[name]}: {claim.statement}"))
@@ -194,14 +187,33 @@ class Localisers:
         same reason as n_boot."""
         return max(self.params["localisers"]["n_null"], self.params["evidence"]["n_null"])
 
+    def _overlap(self, inputs: tuple, pipeline: dict) -> dict:
+        """overlap_evidence with its pseudo-task null drawn in two stages (Besag and Clifford's sequential Monte
+        Carlo test): the first NULL_FIRST values; if STOP_AFTER or more of them already reach the observed overlap,
+        the claim is not supported and keeps that (valid, large) Monte Carlo p; otherwise all n_null are drawn. A
+        claim is only ever supported through the full null, so the test's size and floor 1/(1 + n_null) stay; the
+        stop saves the LM's most expensive resamples where the answer is already clear."""
+        ev, seed = self.params["evidence"], self.params["seed"]
+        first = min(NULL_FIRST, self.n_null)
+        out = overlap_evidence(*inputs, n_boot=ev["n_boot"], n_null=first, seed=seed, **pipeline)
+        reached = int((~(out["null"]["median"] < out["median"])).sum())     # undefined (NaN) values count too
+        if first == self.n_null:
+            return out
+        if reached < STOP_AFTER:            # it could still be supported: the whole null (its first values the same)
+            return overlap_evidence(*inputs, n_boot=ev["n_boot"], n_null=self.n_null, seed=seed, **pipeline)
+        claim = dataclasses.replace(out["claim"], p_floor=1 / (1 + self.n_null),
+                                    floor_n=f"{self.n_null} null values (stopped after {first}: {reached} reached "
+                                            f"the observed)")
+        return {**out, "claim": claim}
+
     def _null_inputs(self, source: str) -> tuple:
         """(the tasks' blocks, the null domain's blocks) for the overlap evidence. Statistics: this study's cached
-        blocks; the null domain is that of all of <kind>.tasks (the one notebooks 01/02 collected and cached), whose
-        blocks are as large as the tasks'. Attribution: its per-block pass, and one more over this study's null
-        domain with every task's attribution budget (printed: its seconds and passes)."""
+        blocks, and its null domain read with these tasks' budget (Study.null_block_stats: for the LM's
+        localisers.lm_tasks, half of what all 8 domains' null would read; pseudo-tasks only need these tasks'
+        sizes). Attribution: its per-block pass, and one more over the same null domain with every task's
+        attribution budget (printed: its seconds and passes)."""
         if source == "statistics":
-            full = Study.from_params(self.report.params, self.kind, handle=self.study.handle)
-            return self.study.block_stats(progress=False), full.null_block_stats(progress=False)
+            return self.study.block_stats(progress=False), self.study.null_block_stats(progress=False)
         n, domain = len(self.study.task_names), self.study.null_domain()
         run = self._attribution(domain, n * self.attribution_budget, n * self.params["evidence"]["n_blocks"])
         print(f"attribution's pseudo-task null: {domain} read with {n} x {self.attribution_budget} "

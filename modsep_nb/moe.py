@@ -294,7 +294,7 @@ class MoeSection:
         self.handle = handle
         self.layers = moe_layers(self.handle)
         self.n_experts, self.d_expert, self.top_k = shape(self.handle)
-        self.tasks = TextTasks.from_params(params)
+        self.tasks = TextTasks.from_params(params, tokenizer=self.handle.tokenizer)
         self.stats = self.scores = self.masks = self.matrix = self.random_matrix = self.base = self.claim = None
 
     @staticmethod

@@ -19,6 +19,11 @@ from .neuron_collection import NeuronExamples
 from .plots import interactive, show_png, untracked_figure
 
 _POSITIVE, _NEGATIVE = (214, 39, 40), (31, 119, 180)
+# what the pages call things, per modality (NeuronExamples.kind, the model's: "lm" or "image")
+_WORDS = {"lm": {"output": "token", "evaluated": "documents", "position": "token",
+                "shown": ", with {window} tokens either side (red positive, blue negative)."},
+         "image": {"output": "class", "evaluated": "images", "position": "token (CLS or patch)",
+                   "shown": ", the neuron's activation drawn over every patch (red positive, blue negative)."}}
 _TOKEN_CSS = """.ex{font-family:ui-monospace,monospace;font-size:.85rem;margin:.15rem 0;white-space:pre-wrap}
 .ex .tok{border-radius:2px}.ex .hit{outline:2px solid #000}
 .ex .meta{color:#555;font-family:system-ui,sans-serif;font-size:.8rem;margin-right:.5rem}
@@ -82,7 +87,7 @@ def direct_html(ex: NeuronExamples, neuron) -> str:
     effects = ex.direct.get(tuple(neuron))
     if effects is None:
         return head
-    unit = "token" if ex.kind == "lm" else "class"
+    unit = _WORDS[ex.kind]["output"]
     rows = [f"<tr><th>pushes up ({unit})</th><th>logit</th><th>pushes down ({unit})</th><th>logit</th></tr>"]
     for (up, u), (down, d) in zip(effects["up"], effects["down"]):
         rows.append(f'<tr><td class="tk">{_shown(up)}</td><td class="num">{u:+.3f}</td>'
@@ -100,7 +105,7 @@ def ablation_html(ex: NeuronExamples, neuron) -> str:
     if effects is None:
         return head + "\n<p>Not ablated: only the top neurons of each task's set are.</p>"
     owners = set(ex.owners(neuron))
-    rows = [f"<tr><th>task</th><th>{'documents' if ex.kind == 'lm' else 'images'}</th><th>top-1 intact</th>"
+    rows = [f"<tr><th>task</th><th>{_WORDS[ex.kind]['evaluated']}</th><th>top-1 intact</th>"
             "<th>change when zeroed</th><th>95% interval</th></tr>"]
     for task, e in effects.items():
         name = f"<b>{html.escape(task)}</b>" if task in owners else html.escape(task)
@@ -248,7 +253,7 @@ def export(ex: NeuronExamples, out_dir, kind: str | None = None) -> list[Path]:
                              f'neuron {u}">')
             sections.append("\n".join(parts) + "\n</section>")
         toc = " · ".join(f'<a href="#L{l}-N{u}">L{l} N{u}</a>' for l, u in neurons)
-        unit = "token" if ex.kind == "lm" else "token (CLS or patch)"
+        unit = _WORDS[ex.kind]["position"]
         page = "\n".join([
             f"<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
             f"<title>Neurons of {html.escape(task)}</title>\n<style>\n{_PAGE_CSS}\n</style>\n</head>\n<body>",
@@ -259,8 +264,7 @@ def export(ex: NeuronExamples, out_dir, kind: str | None = None) -> list[Path]:
             f"its activation distribution on every task's statistics data, and the {ex.k} "
             f"{unit} positions where its |activation| is largest{' ' if ex.rank == 'abs' else ' (signed) '}on "
             f"this task and on the other tasks"
-            + (f", with {ex.window} tokens either side (red positive, blue negative)." if ex.kind == "lm" else
-               ", the neuron's activation drawn over every patch (red positive, blue negative).") + "</p>",
+            + _WORDS[ex.kind]["shown"].format(window=ex.window) + "</p>",
             f"<p>{toc}</p>", *sections, "</body>\n</html>\n"])
         path = folder / f"{file_name(kind)}-{file_name(task)}.html"
         write_text_atomic(path, page)

@@ -396,5 +396,6 @@ def related_claim(replay: dict, n_perm: int, seed: int):
                  f"the Pile): related tasks (the same family) share more neurons than unrelated ones (within- minus "
                  f"across-family overlap at top {replay['frac']:.0%}, excess over the same with family labels permuted; "
                  f"interval: jackknife over tasks)", diff - shift, (ci[0] - shift, ci[1] - shift), 0.0, p=test["p"],
-                 n=len(names), p_floor=test["p_floor"], floor_n=test["floor_n"], observed=diff, observed_ci=ci,
-                 null_band=percentile_ci(test["null"]))
+                 n=len(names), unit="tasks", test="permutation of family labels", p_floor=test["p_floor"],
+                 floor_n=test["floor_n"], observed=diff, observed_ci=ci, null_band=percentile_ci(test["null"]),
+                 null_values=np.asarray(test["null"]))

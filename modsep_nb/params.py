@@ -31,9 +31,8 @@ DEFAULTS: dict = {
     # float32 | bfloat16 | float16 | auto (bfloat16 where the device computes it natively: a GPU with bf16, a CPU
     # with AMX or AVX512-BF16; float32 elsewhere). lm.dtype / vit.dtype override it for one section
     "dtype": "float32",
-    # 07 (localisers) runs with --only 07: on 2 cores it takes over 8 minutes at its budgets (BENCHMARKS.md), too
-    # long for the default run yet
-    "notebooks": ["01", "02", "03", "04", "05", "06"],
+    # 07 (localisers) reads 01/02's cached statistics and has its own, cheaper budgets (the localisers section)
+    "notebooks": ["01", "02", "03", "04", "05", "06", "07"],
     # statistics and splits; None: $MODSEP_CACHE or ~/.cache/modsep, where models converted or trained here always go.
     # Relative paths in a parameter file (cache_dir, data_dir, model folders, ...) are read from the file's folder
     "cache_dir": None,
@@ -121,6 +120,9 @@ DEFAULTS: dict = {
         # tasks: a shared neuron scores at most ~T-1, so sharing can hardly be seen)
         "retain": "general",
         "sweep": [0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
+        # the pseudo-task nulls (overlap under retain: rest, the selectivity null) are pooled over this many domains
+        # (the tasks with the most statistics data), so a verdict does not hinge on which one domain is split
+        "null_domains": 3,
     },
     "moefication": {
         "lm_experts": 48,
@@ -130,13 +132,24 @@ DEFAULTS: dict = {
         "coactivation_tokens": 1024,
         "max_degree": None,      # co-activation graph: keep each neuron's heaviest edges (needed at Mistral scale)
         "keep_fracs": [0.125, 0.25, 0.5, 1.0],
+        # routing curves and claims on the first this many tasks; None: every task. Not every task by default: each
+        # costs (1 + 4 x kept fractions + n_seeds - 1) evaluations, and 8 LM domains would add minutes to 03
         "eval_tasks": 3,
+        # the routing claims' outer loop (issue #26 item 8): the random split redrawn under this many seeds (the params'
+        # seed first), and the parameter split too for the kinds in reseed_param (the LM's k-means takes ~7 minutes a
+        # seed on 2 cores, the ViT's seconds); the interval resamples seeds and documents together
+        "n_seeds": 10,
+        "reseed_param": ["vit"],
+        # the claims' kept fraction, fixed in advance (in keep_fracs); None: the mean over every kept fraction < 1,
+        # which costs each further seed one evaluation per fraction instead of one
+        "claim_frac": 0.25,
     },
     "random_init": {
         "seeds": [1, 2, 3],
         "stats_tokens": None,    # None: the trained model's budget (same data, same budget); a number only on purpose
         "stats_images": None,
-        "fracs": [0.01, 0.02, 0.05],   # fractions compared in notebook 04 (figures and findings use the largest)
+        "fracs": [0.01, 0.02, 0.05],   # fractions compared in notebook 04 (a description: the sweep figure)
+        "frac": 0.01,            # the claims' fraction, fixed in advance (the paper's 1%); figures and findings use it
         "n_perm": 1000,          # permutations of the pattern-persistence test
     },
     "correspondence": {
@@ -158,11 +171,20 @@ DEFAULTS: dict = {
     },
     "dynamics": {                # notebook 06: 01's pipeline and claims at every training checkpoint, kept cheap
         "stats_images": 100,     # per task and checkpoint: the first of the images 01 reads (at most vit.stats_images)
-        "eval_images": 200,      # test images per checkpoint, the first of 01's (at most vit.eval_images)
+        # test images per checkpoint, the first of 01's (at most vit.eval_images): 500 leave ~50 per Fashion-MNIST class,
+        # so a class right at all is rarely resampled to zero hits (200 left ~20 and dropped checkpoints, #26 item 9)
+        "eval_images": 500,
         "frac": 0.05,            # top sets followed over training (overlap with the final set, pattern, W_in split)
         "n_boot": 100,           # bootstrap resamples at each checkpoint (documents or statistics blocks)
         "n_null": 100,           # pseudo-task partitions of the overlap null at each checkpoint
         "n_splits": 20,          # random balanced splits standing in for W_in's split (the correspondence null band)
+        # sets_settle_before_accuracy's thresholds: a task's set has settled once its overlap with the final set stays
+        # >= settled_overlap; accuracy has arrived once it stays >= accuracy_share x the final accuracy. The claim uses
+        # these; 06 also shows the claim at every pair of the sweeps (a sensitivity table, not a second test)
+        "settled_overlap": 0.5,
+        "accuracy_share": 0.9,
+        "settled_sweep": [0.4, 0.5, 0.6],
+        "share_sweep": [0.8, 0.9, 0.95],
     },
     "localisers": {              # notebook 07: ways of finding task neurons, through one pipeline at pruning.frac
         # abs/rms/std/freq/sqrt: selective pruning with that importance; lape: activation-probability entropy;
@@ -170,6 +192,10 @@ DEFAULTS: dict = {
         # against the rest's; attribution: -activation x gradient of the task's loss (its own
         # forward and backward pass over the statistics data); attribution_contrast: that minus the other tasks' mean
         "methods": ["abs", "lape", "ttest", "auroc", "attribution", "attribution_contrast"],
+        # the LM's localisers (null: methods): each costs SmolLM2 a cross-task matrix and 2 claims' resamples over
+        # 30 x 1536 neurons, so the LM leaves out the per-token twin of auroc (ttest) and the attribution that
+        # scores what every task needs (attribution): 07 then fits about 3 minutes of make run (BENCHMARKS.md)
+        "lm_methods": ["abs", "lape", "auroc", "attribution_contrast"],
         "lm_tasks": 4,           # the first this many of lm.tasks (the cross-task matrix costs tasks^2 passes each)
         "random_seeds": [0],     # matched random ablations per localiser (pruning.random_seeds: 01 and 02)
         # the attribution's forward and backward pass reads the first this many of each task's statistics tokens
@@ -184,8 +210,10 @@ DEFAULTS: dict = {
         # every localiser makes 2 claims per model, and Holm over 24 claims needs p < 0.05 / 24 for the first
         "n_boot": 1000,
         # pseudo-task resamples behind each overlap claim (at least evidence.n_null): 2 claims per localiser and model
-        # make a Holm family of 24, whose first test needs p < 0.05 / 24, so more than 480 null values
-        "n_null": 1000,
+        # (6 on the ViT, 4 on the LM) make a Holm family of 20, whose first test needs p < 0.05 / 20, so at least 400
+        # null values (floor 20/401 = 0.0499). Drawn in two stages: a claim whose first 50 already show it
+        # unsupported stops there
+        "n_null": 400,
     },
     "paper_scores": {
         "dir": None,             # None: $MODSEP_PAPER_SCORES or shared/paper_scores beside the repo (docs/method.md §13)
@@ -210,15 +238,18 @@ CHOICES = {
     "pruning.ablation": ("zero", "mean"),
 }
 FRACTIONS = ("pruning.frac", "pruning.target", "overlap.frac", "dynamics.frac", "lm.eval_frac", "lm.max_frac",
-             "vit.max_frac", "paper_scores.frac", "pruning.tol", "vit.eval_frac")
+             "vit.max_frac", "paper_scores.frac", "pruning.tol", "vit.eval_frac", "random_init.frac",
+             "dynamics.settled_overlap", "dynamics.accuracy_share")
 FRACTION_LISTS = ("overlap.sweep", "correspondence.fracs", "moefication.keep_fracs", "random_init.fracs",
-                  "lm.stability_fractions")
+                  "lm.stability_fractions", "dynamics.settled_sweep", "dynamics.share_sweep")
 # keys whose default is null, and the type they take otherwise (moefication's are checked in validate)
 NULLABLE = {"cache_dir": str, "lm.data_dir": str, "vit.data_dir": str, "paper_scores.dir": str,
             "vit.training.n_train": int, "random_init.stats_tokens": int, "random_init.stats_images": int,
             "lm.revisions": list, "lm.moe_model": str, "lm.dtype": str, "vit.dtype": str, "localisers.lm_tasks": int,
+            "localisers.lm_methods": list,
             "localisers.attribution_tokens": int, "localisers.attribution_images": int,
-            "localisers.eval_tokens": int, "localisers.eval_images": int}
+            "localisers.eval_tokens": int, "localisers.eval_images": int, "moefication.eval_tasks": int,
+            "moefication.claim_frac": float}
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit.stats_images", "vit.eval_images",
             "vit.batch_size", "moefication.lm_experts", "moefication.vit_experts",
@@ -228,9 +259,9 @@ POSITIVE = ("lm.stats_tokens", "lm.eval_tokens", "lm.ctx", "lm.batch_size", "vit
             "dynamics.n_boot", "dynamics.n_null", "dynamics.n_splits", "evidence.n_boot", "evidence.n_blocks", "evidence.n_null",
             "evidence.n_null_ablation", "evidence.n_perm", "vit.training.n_train", "vit.training.hidden_size",
             "vit.training.num_hidden_layers", "vit.training.intermediate_size", "vit.training.patch_size",
-            "localisers.n_boot", "localisers.n_null")
+            "localisers.n_boot", "localisers.n_null", "moefication.n_seeds", "overlap.null_domains")
 OPTIONAL = ("random_init.stats_tokens", "random_init.stats_images",      # None: the trained model's value
-            "vit.training.n_train")                                     # None: the whole training split
+            "vit.training.n_train", "moefication.eval_tasks")                                     # None: the whole training split
 MAX_SEED = 2**32 - 1        # numpy's legacy seeding, torch and random all take it
 # resamples cost memory as well as time (bootstrap weights are n_boot x documents; 1e9 resamples needed ~300 GB);
 # each statistics block holds a copy of the per-neuron sums (5 x layers x neurons, float64) for every task
@@ -238,7 +269,7 @@ MAX_RESAMPLES = 10_000
 UPPER = {**dict.fromkeys(("evidence.n_boot", "evidence.n_null", "evidence.n_perm", "dynamics.n_boot",
                           "dynamics.n_null", "dynamics.n_splits", "random_init.n_perm", "correspondence.n_null",
                           "localisers.n_boot", "localisers.n_null"),
-                         MAX_RESAMPLES), "evidence.n_blocks": 256}
+                         MAX_RESAMPLES), "evidence.n_blocks": 256, "moefication.n_seeds": 100}
 
 
 class ParamsError(ValueError):
@@ -546,10 +577,13 @@ def validate(params: dict) -> None:
                                   or len(set(revisions)) != len(revisions)):
         raise ParamsError(f"parameter 'lm.revisions' must be null or a list of at least two distinct revision names "
                           f"or model folders (oldest first, the final model last), got {revisions!r}")
-    methods, allowed = params["localisers"]["methods"], LOCALISER_METHODS
-    if not methods or any(m not in allowed for m in methods) or len(set(methods)) != len(methods):
-        raise ParamsError(f"parameter 'localisers.methods' must list distinct localisers of {', '.join(allowed)}, "
-                          f"got {show(methods)}")
+    allowed = LOCALISER_METHODS
+    for key in ("methods", "lm_methods"):
+        methods = params["localisers"][key]
+        if (key == "methods" or methods is not None) and (
+                not methods or any(m not in allowed for m in methods) or len(set(methods)) != len(methods)):
+            raise ParamsError(f"parameter 'localisers.{key}' must list distinct localisers of {', '.join(allowed)}"
+                              f"{' (or be null: methods)' if key == 'lm_methods' else ''}, got {show(methods)}")
     lm_tasks = params["localisers"]["lm_tasks"]
     if lm_tasks is not None and (isinstance(lm_tasks, bool) or not isinstance(lm_tasks, int) or lm_tasks < 2):
         raise ParamsError(f"parameter 'localisers.lm_tasks' must be a whole number >= 2 (the first of lm.tasks) or "
@@ -570,6 +604,13 @@ def validate(params: dict) -> None:
         raise ParamsError(f"parameter 'moefication.max_degree' must be a whole number >= 1 or null, got {max_degree!r}")
     if refine is not None and not isinstance(refine, bool):
         raise ParamsError(f"parameter 'moefication.refine' must be true, false or null (auto), got {refine!r}")
+    mo = params["moefication"]
+    if mo["claim_frac"] is not None and mo["claim_frac"] not in [f for f in mo["keep_fracs"] if f < 1]:
+        raise ParamsError(f"parameter 'moefication.claim_frac' ({mo['claim_frac']}) must be one of "
+                          f"moefication.keep_fracs below 1 ({show(mo['keep_fracs'])}), or null for their mean")
+    if not isinstance(mo["reseed_param"], list) or any(k not in ("lm", "vit") for k in mo["reseed_param"]):
+        raise ParamsError(f"parameter 'moefication.reseed_param' must list model kinds (lm, vit), got "
+                          f"{show(mo['reseed_param'])}")
     for key in ("lm_experts", "vit_experts"):
         if params["moefication"][key] < 1:
             raise ParamsError(f"parameter 'moefication.{key}' must be at least 1")

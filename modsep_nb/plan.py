@@ -22,7 +22,7 @@ from .data import FASHION_MNIST_GROUPS
 from .models import load_model
 from .params import ParamsError, device_of, dtype_of
 from .statistics import block_of_documents
-from .study import training_options
+from .study import SECTIONS, training_options
 from .vit_training import DEFAULT_TRAINING, vit_config
 
 # Mistral-7B-Instruct-v0.2 (7.24e9 parameters), bf16, batch 8 x 1024, plain forward on one H200: 34.7k tokens/s
@@ -31,7 +31,7 @@ GPU_NAME = "H200 (bf16)"
 GPU_FLOPS = 2 * 7.24e9 * 34_700
 
 
-USES = {"vit": ("01", "03", "04", "05", "06"), "lm": ("02", "03", "04", "05", "06")}    # the notebooks a section runs in
+USES = {"vit": ("01", "03", "04", "05", "06", "07"), "lm": ("02", "03", "04", "05", "06", "07")}    # the notebooks a section runs in
 # tasks of the built-in image datasets (vit.tasks classes / groups), so that planning needs no download
 KNOWN_TASKS = {("fashion-mnist", "classes"): 10, ("fashion-mnist", "groups"): len(FASHION_MNIST_GROUPS),
                ("cifar100", "classes"): 100, ("cifar100", "groups"): 20}
@@ -59,27 +59,27 @@ class Costs:
     def __init__(self, params: dict, kind: str):
         self.p, self.kind, self.params = params[kind], kind, params
         self.n_tasks = len(self.p["tasks"]) if isinstance(self.p["tasks"], (list, dict)) else None
+        self.lm = kind == "lm"
+        self.row = self.p["ctx"] if self.lm else 1          # units in one batch row: a window of tokens, an image
 
     def read(self, units: int) -> int:
         """Forward calls of one pass over `units` tokens (images)."""
-        if self.kind == "lm":
-            return math.ceil(math.ceil(units / self.p["ctx"]) / self.p["batch_size"])
-        return math.ceil(units / self.p["batch_size"])
+        return math.ceil(math.ceil(units / self.row) / self.p["batch_size"])
 
     def stats(self, nb, what, n_passes, budget, exact=True, n_blocks=None) -> Stage:
         """n_passes statistics passes of `budget`; with n_blocks and evidence.blocks_alone, each block of documents
         batched alone (shards.py); otherwise blocks share batches."""
         if n_blocks is None or not self.params["evidence"]["blocks_alone"]:
             return Stage(nb, self.kind, what, n_passes * self.read(budget), n_passes * budget, exact)
-        windows = math.ceil(budget / self.p["ctx"]) if self.kind == "lm" else budget    # one per document
+        windows = math.ceil(budget / self.row)          # one per document
         sizes = torch.bincount(block_of_documents(windows, n_blocks)).tolist()
         per = sum(math.ceil(n / self.p["batch_size"]) for n in sizes)
         return Stage(nb, self.kind, what, n_passes * per, n_passes * budget, exact)
 
     def evals(self, nb, what, n_evals, exact=True) -> Stage:
         """n_evals evaluations of one task: eval_tokens each (LM), or its share of the test images (ViT)."""
-        per = self.p["eval_tokens"] if self.kind == "lm" else math.ceil(self.p["eval_images"] / self.n_tasks)
-        return Stage(nb, self.kind, what, n_evals * self.read(per), n_evals * per, exact and self.kind == "lm")
+        per = self.p["eval_tokens"] if self.lm else math.ceil(self.p["eval_images"] / self.n_tasks)
+        return Stage(nb, self.kind, what, n_evals * self.read(per), n_evals * per, exact and self.lm)
 
 
 def count(params: dict, n_tasks: dict | None = None) -> list[Stage]:
@@ -94,7 +94,7 @@ def count(params: dict, n_tasks: dict | None = None) -> list[Stage]:
         c.n_tasks = (n_tasks or {}).get(kind, c.n_tasks)
         if c.n_tasks is None:
             raise ValueError(f"{kind}.tasks is {c.p['tasks']!r}: pass n_tasks={{'{kind}': N}} (plan loads the tasks)")
-        T, B, S = c.n_tasks, c.p[f"stats_{'tokens' if kind == 'lm' else 'images'}"], len(pr["random_seeds"])
+        T, B, S = c.n_tasks, c.p[SECTIONS[kind].stats_key], len(pr["random_seeds"])
         if own in nbs:
             nbk = ev["n_blocks"]
             out += [c.stats(own, "statistics", T, B, n_blocks=nbk),
@@ -109,12 +109,15 @@ def count(params: dict, n_tasks: dict | None = None) -> list[Stage]:
             tokens = params["moefication"]["coactivation_tokens"]
             sample = tokens if kind == "lm" else T * max(1, tokens // T // 8)     # tasks.sample_budget
             kept = len([f for f in params["moefication"]["keep_fracs"] if f < 1])
-            n_eval = min(params["moefication"]["eval_tasks"], T)
+            n_eval = min(params["moefication"]["eval_tasks"] or T, T)
+            mo = params["moefication"]      # the claims' further seeds: random (and param) splits at the claim's fractions
+            reseeded = ((1 + (kind in mo["reseed_param"])) * (1 if mo["claim_frac"] else kept) * (mo["n_seeds"] - 1))
             out += [c.stats("03", "co-activation sample and learned router", 2, sample, False),
-                    c.evals("03", "routing curves (3 splits, oracle and learned router)", n_eval * (2 + 4 * kept))]
+                    c.evals("03", "routing curves (3 splits, oracle and learned router; the claims' further split seeds)",
+                            n_eval * (2 + 4 * kept + reseeded))]
         if "04" in nbs or "05" in nbs:
             seeds = len(ri["seeds"]) if "04" in nbs else 1
-            budget = ri[f"stats_{'tokens' if kind == 'lm' else 'images'}"] or B
+            budget = ri[SECTIONS[kind].stats_key] or B
             out.append(c.stats("04" if "04" in nbs else "05", f"statistics of {seeds} random-init models", seeds * T,
                                budget, n_blocks=ev["n_blocks"]))
         if "06" in nbs and (kind == "vit" or c.p.get("revisions")):

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass, field, fields
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from .data import images_and_labels, lm_batches
@@ -179,16 +181,29 @@ def auroc_scores(blocks: dict) -> dict:
         means.append(b.sums[keep, 0] / b.count[keep].unsqueeze(-1))       # [B_t, L, d]
     sizes = [len(m) for m in means]
     values = torch.cat(means).flatten(1).T.contiguous()    # [L*d, B]: every block's mean, one row per neuron
-    ordered = values.sort(dim=1).values
-    # mid-rank of each value (1-based): below it, plus half of its ties, plus one half
-    ranks = (torch.searchsorted(ordered, values, side="left") + torch.searchsorted(ordered, values, side="right")
-             + 1).double() / 2
+    ranks = _mid_ranks(values)
     out, start, total = {}, 0, sum(sizes)
     for t, n in zip(names, sizes):
         rank_sum = ranks[:, start:start + n].sum(1)
         out[t] = ((rank_sum - n * (n + 1) / 2) / (n * (total - n))).view(means[0].shape[1:])
         start += n
     return out
+
+
+def _mid_ranks(values: torch.Tensor) -> torch.Tensor:
+    """1-based mid-ranks of each row of values [N, B] (ties share the mean of their ranks), float64. numpy's sort:
+    about 10x faster than torch's for many short rows on a CPU, and notebook 07 ranks every resample's blocks."""
+    x = values.numpy()
+    order = x.argsort(axis=1)
+    ordered = np.take_along_axis(x, order, 1)
+    ranks = np.empty(x.shape)
+    np.put_along_axis(ranks, order, np.arange(1.0, x.shape[1] + 1), 1)     # right wherever no value repeats
+    tied = (ordered[:, 1:] == ordered[:, :-1]).any(1)
+    if tied.any():      # rows with repeated values (e.g. a neuron that never fires): below, plus half the ties
+        row, sorted_row = torch.from_numpy(x[tied]), torch.from_numpy(ordered[tied])
+        ranks[tied] = ((torch.searchsorted(sorted_row, row, side="left")
+                        + torch.searchsorted(sorted_row, row, side="right") + 1).double() / 2).numpy()
+    return torch.from_numpy(ranks)
 
 
 def _at_least_two(stats: dict) -> list:
@@ -395,6 +410,45 @@ def select_neurons(scores: torch.Tensor, frac: float, mode: str = "global") -> t
     if mode == "global":
         return top_k_mask(scores.flatten(), n_selected(scores.numel(), frac)).view(n_layers, d_mlp)
     return top_k_mask(scores, n_selected(d_mlp, frac))
+
+
+@dataclass(frozen=True)
+class Selection:
+    """How statistics become each task's selected neurons (docs/method.md §3), the one route for Study.scores /
+    Study.masks and for evidence.pipeline_masks (the real tasks, their resamples and the nulls): scores by
+    `importance` against the `retain` set (task_scores; eps / eps_relative: prune_scores), then the top `frac` by
+    `mode`. general: the general corpus's NeuronStats, needed when retain is 'general' (not compared: data)."""
+    frac: float | None = None
+    mode: str = "global"
+    importance: str = "abs"
+    eps: float = 1e-3
+    eps_relative: float | None = None
+    retain: str = "rest"
+    general: object = field(default=None, compare=False, repr=False)
+
+    def scores(self, stats) -> dict:
+        """{task: scores [L, d_mlp]} from {task: NeuronStats} (a block localiser: BlockStats; an attribution:
+        [L, d_mlp])."""
+        general = self.general
+        if self.importance in LOCALISERS + BLOCK_LOCALISERS + ATTRIBUTIONS:      # they contrast the tasks themselves
+            general = None
+        elif self.retain == "general" and general is None:
+            raise ValueError("retain='general' needs the general corpus's statistics as `general` "
+                             "(Study.general_stats())")
+        return task_scores(dict(stats), importance=self.importance, eps=self.eps, eps_relative=self.eps_relative,
+                           retain=self.retain, general=general)
+
+    def select(self, scores) -> dict:
+        """{task: bool mask [L, d_mlp]}: each task's top `frac` of its scores by `mode`."""
+        return {t: select_neurons(s, self.frac, self.mode) for t, s in scores.items()}
+
+    def masks(self, stats) -> dict:
+        """Statistics to selection: select(scores(stats))."""
+        return self.select(self.scores(stats))
+
+    def kwargs(self) -> dict:
+        """The settings as keyword arguments (evidence.pipeline_masks, bootstrap_masks, pseudo_task_null take them)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def ties_at_threshold(scores: torch.Tensor, mask: torch.Tensor) -> int:

@@ -37,13 +37,17 @@ def _kept(study: Study, frac: float) -> int:
     return max(1, int(round(frac * study.n_experts)))
 
 
-def routing_evidence(study: Study, splits: dict, keep_fracs, tasks=None) -> dict:
+def routing_evidence(study: Study, splits: dict, keep_fracs, tasks=None, *, reseeded=(), claim_frac=None) -> dict:
     """MoEfication's oracle routing for each split in `splits` ({method: labels}, with "random" among them),
     from per-document hits: "curve" {method: {keep_frac: {task: accuracy relative to dense}}} (as
     routing_curve), "bands" {method: {keep_frac: 95% interval of the mean over tasks}}, and the claims
-    `<method>_routing_beats_random[<kind>]`: the relative accuracy averaged
-    over tasks and over the kept fractions below 1, method minus random, with a bootstrap over evaluation
-    documents (the same resampled documents for every method), against 0."""
+    `<method>_routing_beats_random[<kind>]`: the relative accuracy averaged over tasks at `claim_frac` (None: over
+    the kept fractions below 1), method minus random, against 0.
+    reseeded: further seeds' splits [{method: labels}] (a method left out keeps the first seed's split, e.g. a
+    deterministic partitioner): the claims' outer loop (issue #26 item 8). Each seed's difference is read on the
+    same resampled documents; the claim's estimate is the mean over seeds and its interval and one-sided bootstrap
+    p resample seeds and documents together, so no verdict rests on one split or one random draw.
+    "seeds" {method: each seed's difference} records the spread."""
     if "random" not in splits:
         raise ValueError("routing_evidence compares each split with the random one: include 'random' in splits")
     ev, seed, kind = study.params["evidence"], study.params["seed"], study.kind
@@ -53,39 +57,64 @@ def routing_evidence(study: Study, splits: dict, keep_fracs, tasks=None) -> dict
     for method, labels in splits.items():
         curve[method], hits[method] = {}, {}
         for frac in keep_fracs:
-            k = _kept(study, frac)
-            if k >= study.n_experts:
+            if _kept(study, frac) >= study.n_experts:
                 curve[method][frac] = {t: 1.0 for t in tasks}
                 continue
-            with expert_routing(study.handle, labels, k):
-                hits[method][frac] = {t: h["top1"] for t, h in study.document_hits(tasks).items()}
+            hits[method][frac] = _routed_hits(study, labels, frac, tasks)
             curve[method][frac] = {t: float(resampled_ratio(hits[method][frac][t], dense[t])) for t in tasks}
     weights = {t: bootstrap_weights(len(dense[t]), ev["n_boot"], seed + i).numpy() for i, t in enumerate(tasks)}
-    # each routed point's relative accuracy per task and resample [T, n_boot]: the same resampled documents
-    # for every method, so bands and claims are read off one set of ratios
-    resampled = {m: {f: np.stack([resampled_ratio(hits[m][f][t], dense[t], weights[t]) for t in tasks])
-                     for f in hits[m]} for m in splits}
 
-    def mean_relative(method):      # observed and per resample: the mean over tasks and routed fractions
-        observed = np.mean([curve[method][f][t] for f in hits[method] for t in tasks])
-        return observed, np.mean([resampled[method][f] for f in hits[method]], axis=(0, 1))
+    def relative(method_hits, mean=np.mean):     # {frac: {task: hits}} -> observed, [n_boot]: mean over tasks, fracs
+        observed = mean([resampled_ratio(h[t], dense[t]) for h in method_hits.values() for t in tasks])
+        boot = mean([[resampled_ratio(h[t], dense[t], weights[t]) for t in tasks] for h in method_hits.values()],
+                    axis=(0, 1))
+        return float(observed), boot
     bands = {}          # 95% interval of each curve point (mean over tasks), the same resamples as the claims
     for method in splits:
         bands[method] = {f: (1.0, 1.0) for f in keep_fracs if f not in hits[method]}   # every expert kept
         for f in hits[method]:
-            bands[method][f] = percentile_ci(np.nanmean(resampled[method][f], axis=0))
-    claims = []
+            bands[method][f] = percentile_ci(relative({f: hits[method][f]}, np.nanmean)[1])
+    claim_fracs = list(hits["random"]) if claim_frac is None else [claim_frac]
+    if any(f not in hits["random"] for f in claim_fracs):
+        raise ValueError(f"claim_frac {claim_frac} is not among the routed keep_fracs {list(hits['random'])}")
+    per_seed = [{m: {f: hits[m][f] for f in claim_fracs} for m in splits}]
+    for other in reseeded:              # only the redrawn splits are routed again
+        per_seed.append({m: ({f: _routed_hits(study, other[m], f, tasks) for f in claim_fracs} if m in other
+                             else per_seed[0][m]) for m in splits})
+    claims, seeds = [], {}
     for method in splits:
         if method == "random" or not hits[method]:
             continue
-        (obs, boot), (obs_random, boot_random) = mean_relative(method), mean_relative("random")
-        diff, observed = boot - boot_random, float(obs - obs_random)
+        diffs = [(relative(s[method])[0] - relative(s["random"])[0], relative(s[method])[1] - relative(s["random"])[1])
+                 for s in per_seed]
+        observed, boot = seeds_and_documents(np.array([d[0] for d in diffs]), np.stack([d[1] for d in diffs]), seed)
+        seeds[method] = [d[0] for d in diffs]
+        where = "kept fractions < 1" if claim_frac is None else f"{claim_frac:.1%} of the experts kept"
         claims.append(excess_claim(f"{method}_routing_beats_random[{kind}]", f"{kind}: with {method}-split "
                                    f"experts, oracle top-k routing keeps more of the dense accuracy than with random "
-                                   f"experts (relative accuracy, mean over tasks and kept fractions < 1, {method} "
-                                   f"minus random)", observed, diff, None,
-                                   n=int(sum(len(dense[t]) for t in tasks)), seed=seed))
-    return {"curve": curve, "bands": bands, "claims": claims}
+                                   f"experts (relative accuracy, mean over {len(tasks)} tasks at {where}, {method} "
+                                   f"minus random, mean over {len(per_seed)} split seeds)", observed, boot, None,
+                                   n=int(sum(len(dense[t]) for t in tasks)), seed=seed,
+                                   unit="evaluation documents (with the split seeds resampled too)",
+                                   test="one-sided bootstrap p over seeds and documents"))
+    return {"curve": curve, "bands": bands, "claims": claims, "seeds": seeds}
+
+
+def _routed_hits(study: Study, labels: torch.Tensor, frac: float, tasks: list) -> dict:
+    """{task: top-1 hits per evaluation document} with each token routed to its top-k experts of `labels`."""
+    with expert_routing(study.handle, labels, _kept(study, frac)):
+        return {t: h["top1"] for t, h in study.document_hits(tasks).items()}
+
+
+def seeds_and_documents(observed, boot, seed: int) -> tuple[float, np.ndarray]:
+    """A statistic measured under S seeds (observed [S]), each with bootstrap resamples over the same documents
+    (boot [S, n_boot], column k the same documents in every row): the mean over seeds, and its resamples with
+    the seeds drawn with replacement too (resample k: the mean of boot[s, k] over S seeds drawn for it), so the
+    interval carries the spread between seeds as well as the documents'."""
+    observed, boot = np.asarray(observed, dtype=np.float64), np.asarray(boot, dtype=np.float64)
+    n_seeds, n_boot = boot.shape
+    drawn = np.random.default_rng(seed).integers(0, n_seeds, size=(n_boot, n_seeds))    # [n_boot, S] seed indices
+    return float(observed.mean()), boot[drawn, np.arange(n_boot)[:, None]].mean(1)
 
 
 def fit_study_router(study: Study, labels: torch.Tensor, *, progress: bool = False) -> Router:
@@ -94,9 +123,10 @@ def fit_study_router(study: Study, labels: torch.Tensor, *, progress: bool = Fal
     evaluation data the routing curve is scored on."""
     n_tokens = study.params["moefication"]["coactivation_tokens"]
     per_task = study.tasks.sample_budget(max(1, n_tokens // len(study.task_names)))
-    options = study.tasks.collect_options(n_tokens)
-    return fit_router(study.handle, study.tasks.interleaved(per_task), labels, max_tokens=options.get("max_tokens"),
-                      batch_size=study.settings["batch_size"], ctx=options.get("ctx", 256), progress=progress)
+    # the budget in the tasks' unit (images: about n_tokens rows), which the interleaved sample stays within
+    return fit_router(study.handle, study.tasks.interleaved(per_task), labels,
+                      max_tokens=study.tasks.sample_budget(n_tokens), batch_size=study.settings["batch_size"],
+                      ctx=study.tasks.collect_options().get("ctx", 256), progress=progress)
 
 
 def routing_curve(study: Study, labels: torch.Tensor, keep_fracs, tasks=None, *, router: Router | None = None) -> dict:
@@ -202,15 +232,22 @@ class Routing:
 
     @cached_property
     def evidence(self) -> dict:
-        """{kind: routing_evidence} on the first moefication.eval_tasks tasks; the claims are recorded."""
-        out = {}
+        """{kind: routing_evidence} on the first moefication.eval_tasks tasks, its claims over moefication.n_seeds
+        split seeds (the params' seed and the next ones: the random split redrawn, and the parameter split for the
+        kinds in moefication.reseed_param); the claims are recorded."""
+        out, seed = {}, self.params["seed"]
         for kind, st in self.studies.items():
-            out[kind] = routing_evidence(st, self.splits[kind], self.mo["keep_fracs"], self._tasks(kind))
+            redrawn = ["random"] + (["param"] if kind in self.mo["reseed_param"] else [])
+            reseeded = [{m: st.splits(m, seed=seed + k, progress=False) for m in redrawn}
+                        for k in range(1, self.mo["n_seeds"])]
+            out[kind] = routing_evidence(st, self.splits[kind], self.mo["keep_fracs"], self._tasks(kind),
+                                         reseeded=reseeded, claim_frac=self.mo["claim_frac"])
+            out[kind]["redrawn"] = redrawn
             self.report.claim(*out[kind]["claims"])
         return out
 
     def _tasks(self, kind: str) -> list[str]:
-        return self.studies[kind].task_names[: self.mo["eval_tasks"]]
+        return self.studies[kind].task_names[: self.mo["eval_tasks"] or None]
 
     @cached_property
     def routing(self) -> dict:
@@ -256,7 +293,6 @@ class Routing:
                 continue
             mean = {m: {f: float(np.mean(list(self.routing[kind][m][f].values()))) for f in fr} for m in METHODS}
             area = {m: float(np.mean(list(mean[m].values()))) for m in METHODS}     # the curve's mean height below 100%
-            best = max(area, key=area.get)        # the highest curve; whether it beats random is the claim
             inert = {m: float(v.mean()) for m, v in self.layer_inertias[kind].items()}
             if inert["param"] >= inert["random"]:
                 raise RuntimeError(f"{kind}: the parameter split's W_in inertia is not below the random split's: "
@@ -264,14 +300,19 @@ class Routing:
             f_hi = max(fr)
             text += (f"* {st.label}, {st.n_experts} experts per layer: relative accuracy (routed / dense) averaged over "
                      f"keeping {', '.join(f'{f:.0%}' for f in fr)} of the experts per token: "
-                     + ", ".join(f"{m} {area[m]:.2f}" for m in METHODS) + f"; best: **{best}**"
-                     + (" (whether it beats random beyond chance: the claims above)" if best != 'random' else "")
+                     + ", ".join(f"{m} {area[m]:.2f}" for m in METHODS)
+                     + " (whether each split beats random beyond chance: the claims above; the splits are not tested "
+                       "against each other)"
                      + (f". At {f_hi:.0%} of the experts: " + ", ".join(f"{m} {mean[m][f_hi]:.2f}" for m in METHODS)
                         if len(fr) > 1 else "") + "."
                      + f" The parameter split's W_in inertia is {inert['param'] / inert['random']:.2f}× the random split's.\n")
             fitted = float(np.mean([np.mean(list(self.routing[kind][FITTED][f].values())) for f in fr]))
             text += (f"  With a router fitted on the statistics data that sees only the layer's input, the parameter "
                      f"split keeps {fitted:.2f} (vs {area['param']:.2f} with oracle routing).\n")
+            ev = self.evidence[kind]
+            text += (f"  The claims' difference from random per split seed ({len(ev['seeds'].get('param', []))} seeds; "
+                     f"redrawn: {', '.join(ev['redrawn'])} split): "
+                     + "; ".join(f"{m} " + ", ".join(f"{x:.3f}" for x in v) for m, v in ev["seeds"].items()) + ".\n")
             text += ("  Agreement between splits (adjusted Rand index, mean over layers): "
                      + ", ".join(f"{name} {float(v.mean()):.2f}" for name, v in self.agreement[kind].items()) + ".\n")
         return text + ("\nThe three method curves use oracle routing (experts chosen from the true dense activations): "
@@ -280,4 +321,6 @@ class Routing:
     def results(self) -> dict:
         """The numbers of this run for the results JSON."""
         return {"routing": self.routing, "n_experts": {k: st.n_experts for k, st in self.studies.items()},
+                "claim_seeds": {k: {"redrawn": ev["redrawn"], "difference_per_seed": ev["seeds"]}
+                                for k, ev in self.evidence.items()},
                 "split_agreement": self.agreement}

@@ -13,10 +13,14 @@ own question. The words differ by modality ("task"/"domain", "accuracy"/"top-1")
 """
 from __future__ import annotations
 
+from functools import cached_property
+
 import numpy as np
 
 from . import export, neurons, overlaps, plots
-from .evidence import cross_task_intervals
+from .evaluation import CrossTaskResult
+from .evidence import (cross_task_intervals, excess_claim, matched_sizes, overlap_evidence, pseudo_cross_task,
+                       pseudo_task_null, related_claim, selectivity_per_task)
 
 WORDS = {"lm": {"unit": "domain", "measure": "top-1", "counted": "tokens"},
          "vit": {"unit": "task", "measure": "accuracy", "counted": "images"}}
@@ -27,7 +31,36 @@ class SelectivePruning:
         self.study, self.report, self.prefix = study, report, prefix
         self.params, self.pr = study.params, study.params["pruning"]
         self.words = WORDS[study.kind]
-        self.fixed = self.target = self.intervals = self.masks = self.overlap = self.sweep = self.evidence_ = None
+        self.evidence_ = None          # set by evidence(groups): the findings and results use it when it is there
+
+    # what the steps show, computed on demand, so that cells run in any order after the setup cell
+    @cached_property
+    def fixed(self):
+        """The cross-task matrix at pruning.frac (keeps every ablation's per-document hits)."""
+        return self.study.cross_task(frac=self.pr["frac"])
+
+    @cached_property
+    def intervals(self) -> dict:
+        return cross_task_intervals(self.fixed, self.params["evidence"]["n_boot"], self.params["seed"])
+
+    @cached_property
+    def target(self):
+        """The cross-task matrix at the fractions found by bisection (reusing the fixed matrix's base)."""
+        return self.study.cross_task(target=self.pr["target"], base=self.fixed.base)
+
+    @cached_property
+    def masks(self) -> dict:
+        """Each task's top-overlap.frac set under overlap.retain."""
+        return self.study.masks(self.params["overlap"]["frac"], scores=self.overlap_scores())
+
+    @cached_property
+    def overlap(self) -> dict:
+        return overlaps.summary(self.masks)
+
+    @cached_property
+    def sweep(self) -> dict:
+        return overlaps.overlap_sweep(self.overlap_scores(), self.params["overlap"]["sweep"], mode=self.pr["mode"],
+                                      metric="overlap")
 
     def _show(self, fig, name: str, caption: str):
         return self.report.show(fig, f"{self.prefix}_{name}", caption)
@@ -44,9 +77,7 @@ class SelectivePruning:
         """The cross-task matrix at pruning.frac, with matched random ablations and 95% intervals over evaluation
         documents: the heatmap and the selectivity bars."""
         unit, measure = self.words["unit"], self.words["measure"]
-        self.fixed = self.study.cross_task(frac=self.pr["frac"])       # keeps every ablation's per-document hits
         print(f"unpruned {measure} per {unit}:", {t: round(a, 3) for t, a in self.fixed.base.items()})
-        self.intervals = cross_task_intervals(self.fixed, self.params["evidence"]["n_boot"], self.params["seed"])
         self._show(plots.cross_task(self.fixed, measure=measure, intervals=self.intervals), "cross_task_fixed",
                    f"Modular: a dark diagonal (pruning A's neurons hurts A) on a bright background (the other {unit}s "
                    f"are spared).")
@@ -58,7 +89,6 @@ class SelectivePruning:
     def cross_task_target(self):
         """The fraction that brings each task to pruning.target × its unpruned accuracy (bisection), and the
         matrix at those fractions."""
-        self.target = self.study.cross_task(target=self.pr["target"], base=self.fixed.base)
         self._show(plots.cross_task(self.target, measure=self.words["measure"]), "cross_task_target",
                    f"Modular: small fractions bring each {self.words['unit']} down to the target while the off-diagonal "
                    f"entries stay near 1.")
@@ -72,8 +102,6 @@ class SelectivePruning:
     def overlaps(self) -> dict:
         """The tasks' top-overlap.frac sets: overlap and Jaccard heatmaps. Returns overlaps.summary of the sets."""
         frac = self.params["overlap"]["frac"]
-        self.masks = self.study.masks(frac, scores=self.overlap_scores())
-        self.overlap = overlaps.summary(self.masks)
         for metric in ("overlap", "jaccard"):
             self._show(plots.overlap_heatmap(self.overlap, metric, frac), f"overlap_{metric}",
                        f"Modular: off-diagonal entries near chance, except between related {self.words['unit']}s.")
@@ -81,8 +109,6 @@ class SelectivePruning:
 
     def overlap_sweep(self) -> dict:
         """min / median / max pairwise overlap over overlap.sweep, against uniform and layer-matched chance."""
-        self.sweep = overlaps.overlap_sweep(self.overlap_scores(), self.params["overlap"]["sweep"], mode=self.pr["mode"],
-                                            metric="overlap")
         self._show(plots.overlap_sweep(self.sweep, what=f"{self.words['unit']} pairs"), "overlap_sweep",
                    "Modular: the band stays close to the chance line at small fractions and rises only as the sets grow.")
         return self.sweep
@@ -103,17 +129,18 @@ class SelectivePruning:
         neurons/<kind>-<task>.html in the run's folder; in JupyterLab an explorer (neurons.explorer) picks task,
         layer and neuron."""
         # one more pass, only these neurons; then one evaluation pass per ablated neuron
-        base = self.fixed.documents["base"] if self.fixed is not None and self.fixed.documents else None
+        computed = self.__dict__.get("fixed")       # reuse its base hits if the matrix is there; never run it for them
+        base = computed.documents["base"] if computed is not None and computed.documents else None
         shown = self.study.neuron_examples(self.masks, scores=self.overlap_scores(), n=n, k=k, ablate=ablate,
                                            ablation_base=base)
         neurons.export(shown, self.report.out_dir, self.study.kind)
         return shown
 
     def evidence(self, groups: dict | None) -> dict:
-        """The notebook's claims (Study.claims, reusing the fixed matrix's hits), recorded in the report, with the
+        """The notebook's claims (`claims`, reusing the fixed matrix's hits), recorded in the report, with the
         pairwise-overlap figure against the pseudo-task null and the forest plot; printed one per line."""
         unit = self.words["unit"]
-        self.evidence_ = ev = self.study.claims(self.pr["frac"], groups, fixed=self.fixed)
+        self.evidence_ = ev = claims(self.study, self.pr["frac"], groups, fixed=self.fixed)
         self.report.claim(*ev["claims"])
         ov = ev["overlap"]
         self._show(plots.overlap_pairs(ov, what=f"{unit} pairs"), "overlap_pairs",
@@ -143,6 +170,7 @@ Model: {self.study.describe()}.
   at {np.nanmean(sel['random_own']):.2f} and the others at {np.nanmean(sel['random_others']):.2f}: selectivity (others − own)
   {np.nanmean(sel['selectivity']):.2f} for the selected neurons vs {np.nanmean(sel['random_selectivity']):.2f} for random ones.
 """
+        text += _every_other_below(self.fixed, unit, measure)
         if null is not None:
             text += (f"  Same-distribution pseudo-tasks put through the same pipeline reach a selectivity of "
                      f"{np.mean(null):.2f} on average ({len(null)} partitions): the null of the claim `selectivity`.\n")
@@ -150,8 +178,10 @@ Model: {self.study.describe()}.
         if per_task:
             values = {t: r["estimate"] for t, r in per_task.items() if np.isfinite(r["estimate"])}
             selective = [t for t, r in per_task.items() if r["selective"]]
+            few = [f"{t} (n = {r['n']})" for t, r in per_task.items() if r.get("verdict")]
             text += (f"* Each {unit} on its own (selected minus random, others − own; Holm across {unit}s): "
                      f"{len(selective)} of {len(per_task)} selective{': ' + ', '.join(selective) if selective else ''}"
+                     + (f" (insufficient data, fewer than 20 evaluation units: {', '.join(few)})" if few else "")
                      + (f"; median {np.median(list(values.values())):.3f}, largest {max(values.values()):.3f} "
                         f"({max(values, key=values.get)})" if values else "") + ": the claim `selectivity_per_task`.\n")
         reached = [t for t in target.tasks if target.converged.get(t)]
@@ -196,3 +226,101 @@ Model: {self.study.describe()}.
                 "target_reached": target.reached, "overlap": overlap["overlap"],
                 "overlap_chance": {"uniform": overlap["chance"], "layer_matched": overlap["layer_chance"]},
                 "overlap_sweep": self.sweep, "params": self.params}
+
+
+BROKEN = 0.5        # a relative accuracy below this: the ablation wrecks that task, whatever it was selected for
+
+
+def _every_other_below(result, unit: str, measure: str) -> str:
+    """The findings' sentence naming the tasks whose ablation leaves every other task below BROKEN of its unpruned
+    accuracy (such rows make "others at 0.8 on average" a mean of intact and wrecked tasks); "" if none."""
+    m = np.asarray(result.matrix, dtype=np.float64)
+    rows = [i for i in range(len(m)) if np.all(np.delete(m[i], i) < BROKEN)]
+    if not rows:
+        return ""
+    others = np.concatenate([np.delete(m[i], i) for i in rows])
+    return (f"  Pruning the neurons of {', '.join(result.tasks[i] for i in rows)} leaves every other {unit} below "
+            f"{BROKEN:.2f} of its unpruned {measure} ({others.min():.2f}–{others.max():.2f}).\n")
+
+
+def claims(study, frac: float, groups: dict | None = None, *, seed: int | None = None,
+           fixed: CrossTaskResult | None = None, selectivity_null: bool | None = None) -> dict:
+    """The evidence behind notebook 01/02's headline claims (issue #15) for `study`, from per-document evaluation
+    and per-block statistics, so intervals and nulls are resamples of sums already collected:
+
+    selectivity: (others' − own relative accuracy) after pruning each task's top-`frac` neurons, minus the
+        same after pruning as many random neurons with the same count per layer (mean over
+        pruning.random_seeds); bootstrap over evaluation documents (the same resampled documents for
+        both); against the selectivity of same-distribution pseudo-tasks (evidence.n_null_ablation of
+        them, pseudo_selectivity) where the params' <kind>.selectivity_null says so, else against 0
+        (exchangeability).
+    selectivity_per_task: beside that mean, each task's own test, Holm across tasks, and the median task
+        (evidence.selectivity_per_task), so one task cannot carry the verdict unseen.
+    overlap_above_null: the median pairwise overlap of the top-overlap.frac sets (scored under overlap.retain)
+        minus that of same-distribution pseudo-tasks (the pipeline's own null), or under `general` minus
+        layer-matched chance pair by pair, bootstrap over statistics blocks.
+    related_share_more: within-group minus across-group overlap, group labels permuted over tasks (only
+        when `groups` put at least two tasks together).
+    fixed: the study's cross_task(frac=frac) result, whose per-document hits are reused (no second pass).
+    selectivity_null: whether to ablate pseudo-tasks for the selectivity null (default: <kind>.selectivity_null).
+    Returns {"claims": [Claim], "selectivity": {"selected", "random", "null"}, "overlap": ..., "related": ...}."""
+    params, ev = study.params, study.params["evidence"]
+    seed = params["seed"] if seed is None else seed
+    if fixed is None or fixed.documents is None or fixed.settings.get("frac") != frac:
+        fixed = study.cross_task(frac=frac, progress=False)
+    boot = cross_task_intervals(fixed, ev["n_boot"], seed)
+    selected, matched = boot["selected"], boot["random"]
+    if matched is None:
+        raise ValueError("the selectivity claim compares with matched random ablations: set pruning.random_seeds "
+                         "(e.g. [0, 1, 2])")
+    beyond = selected["selectivity_samples"] - matched["selectivity_samples"]     # the same documents
+    documents = f"evaluation {'images' if study.tasks.unit == 'images' else 'documents'}"     # what n counts
+    pseudo = (pseudo_selectivity(study, frac, ev["n_null_ablation"], seed=seed + 2)
+              if (study.settings["selectivity_null"] if selectivity_null is None else selectivity_null) else None)
+    found = [excess_claim("selectivity", "pruning a task's selected neurons hurts it more than the other tasks, "
+                          "beyond what as many random neurons in the same layers do (others' minus own relative "
+                          "accuracy, selected minus random" + (", excess over same-distribution pseudo-tasks)"
+                                                               if pseudo is not None else ")"),
+                          selected["selectivity"] - matched["selectivity"], beyond, pseudo,
+                          n=int(sum(selected["n_documents"].values())), seed=seed, unit=documents),
+             selectivity_per_task(selected, matched, documents=documents)]     # beside the mean: each task's own test
+    # the overlap claims under overlap.retain: against the general corpus a shared neuron can be selected
+    retain = params["overlap"]["retain"]
+    overlap_ev = overlap_evidence(study.block_stats(progress=False),
+                                  None if retain == "general" else
+                                  [study.null_block_stats(d, progress=False) for d in study.null_domains()],
+                                  n_boot=ev["n_boot"], n_null=ev["n_null"], seed=seed,
+                                  **study.pipeline(params["overlap"]["frac"], retain=retain))
+    found.append(overlap_ev["claim"])
+    related = None
+    if groups and any(len([t for t in ts if t in study.task_names]) > 1 for ts in groups.values()):
+        related, claim = related_claim(overlap_ev, groups, ev["n_perm"], seed)
+        found.append(claim)
+    return {"claims": found, "selectivity": {"selected": selected, "random": matched, "null": pseudo},
+            "overlap": overlap_ev, "related": related}
+
+
+def pseudo_selectivity(study, frac: float, n_null: int, *, seed: int | None = None) -> np.ndarray:
+    """The selectivity of same-distribution pseudo-tasks (the null of the `selectivity` claim): n_null times,
+    a null domain's statistics blocks are split into pseudo-tasks of the real tasks' sizes in tokens and documents
+    (pooled over study.null_domains()), put through the same scores and selection, and each pseudo-task's neurons
+    are ablated on its domain's evaluation documents (read with all tasks' budget together, split at random into
+    one part per pseudo-task). Random ablation of as many neurons has selectivity 0 on exchangeable parts, so these
+    values are directly comparable with the claim's selected-minus-random estimate. Returns [n_null]."""
+    seed = study.params["seed"] if seed is None else seed
+    n, ablation, domains = len(study.task_names), study.params["pruning"]["ablation"], study.null_domains()
+    blocks = [study.null_block_stats(d, progress=False) for d in domains]
+    tasks = study.block_stats(progress=False)
+    null = pseudo_task_null(blocks, [matched_sizes(tasks, b) for b in blocks], n_null, seed, keep_masks=True,
+                            **study.pipeline(frac))
+    out = np.full(n_null, np.nan)
+    for k, (domain, b) in enumerate(zip(domains, blocks)):    # each domain's pseudo-tasks on its own documents
+        at = null["domain"] == k
+        if not at.any():
+            continue
+
+        def hits(domain=domain):
+            return study.tasks.document_hits(study.handle, [domain], scale=n)[domain]["top1"]
+        out[at] = pseudo_cross_task(study.handle, [m for m, a in zip(null["masks"], at) if a], hits, len(hits()),
+                                    seed + k, ablation=ablation, means=b.merged().mean if ablation == "mean" else None)
+    return out

@@ -633,3 +633,18 @@ def bootstrap_weights(n_blocks: int, n_boot: int, seed: int) -> torch.Tensor:
 def bootstrap_stats(blocks: BlockStats, seed: int) -> NeuronStats:
     """One bootstrap resample of a task's statistics: its blocks drawn with replacement (seeded), merged."""
     return blocks.merged(bootstrap_weights(blocks.n_blocks, 1, seed)[0])
+
+
+def activation_sample(handle, tasks, n_tokens: int, batch_size: int) -> list[torch.Tensor]:
+    """A bounded sample of activations per layer ([about n_tokens, d_mlp]), drawn evenly from every task's
+    statistics data (tasks: a tasks.Tasks), for MoEfication's co-activation split."""
+    per_task = max(1, n_tokens // len(tasks.names))
+    samples = None
+    for name in tasks.names:
+        budget = tasks.sample_budget(per_task)          # images: enough of them for about per_task rows
+        with StatsCollector(handle, sample_tokens=per_task) as collector:
+            run_batches(handle, tasks.statistics_data(name, budget), collector, max_tokens=budget,
+                        batch_size=batch_size, ctx=tasks.collect_options().get("ctx", 256), progress=False)
+        layers = [collector.sample(layer) for layer in range(handle.n_layers)]
+        samples = layers if samples is None else [torch.cat([a, b]) for a, b in zip(samples, layers)]
+    return samples

@@ -1,6 +1,6 @@
 """A study: one model, its tasks, and what is derived from them (statistics, scores, the cross-task result,
-splits), with statistics and splits cached on disk. What one notebook alone derives (03's routing curves, 04's
-claims) lives in that notebook's steps module (routing.py, random_init.py).
+splits), with statistics and splits cached on disk. What one notebook alone derives (01/02's claims, 03's routing
+curves, 04's claims) lives in that notebook's steps module (selective.py, routing.py, random_init.py).
 
 The glue the notebooks use, so that none of them re-implements loading, caching or evaluation:
 `Study.from_params(params, "lm")` (the params' `lm` section: a language model on text domains) or `"vit"`
@@ -12,28 +12,24 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .batches import run_batches
 from .evaluation import CrossTaskResult, cross_task_matrix
-from .evidence import (cross_task_intervals, excess_claim, null_sizes, overlap_evidence, pseudo_cross_task,
-                       pseudo_task_null, related_claim, selectivity_per_task)
 from .files import cache_dir, cached, file_name
-from .models import ModelHandle, check_outputs, load_model
+from .models import ModelHandle, load_model
 from .moefication import check_n_experts, split_layers
 from .neuron_collection import NeuronExamples, add_ablations, collect_examples, histogram_edges, pick_neurons
 from .overlaps import overlap
 from .params import device_of, dtype_of
-from .pruning import select_neurons, task_scores
+from .pruning import Selection
 from .shards import collect_blocks
-from .statistics import BlockStats, NeuronStats, StatsCollector, collect_block_stats, weighted_pool
+from .statistics import BlockStats, NeuronStats, activation_sample, collect_block_stats, weighted_pool
 from .tasks import ImageTasks, TextTasks, data_hash
 
 # bump when the way statistics or splits are computed changes, so no cache from older code is reused
 CACHE_VERSION = 4      # 3: statistics files carry a checksum; 4: session 8 (LM position settings, blocks_alone)
 GENERAL = "<general corpus>"   # the general corpus among the block statistics (block_entry reads its data)
-SECTIONS = {"lm": TextTasks, "vit": ImageTasks}
+SECTIONS = {tasks.section: tasks for tasks in (TextTasks, ImageTasks)}      # params section -> its tasks
 
 
 @dataclass
@@ -62,9 +58,8 @@ class Study:
             handle = load_random(handle, random_seed)
         # an image folder without a processor is resized to what the model takes
         shape = {"image_shape": handle.image_shape} if p.get("dataset") == "image-folder" else {}
-        tasks = SECTIONS[kind].from_params(params, processor=handle.processor, **shape)
-        if handle.kind == "image":          # output i must be class i, before any statistics are read
-            check_outputs(handle, tasks.test.class_names)
+        tasks = SECTIONS[kind].from_params(params, processor=handle.processor, tokenizer=handle.tokenizer, **shape)
+        tasks.check_model(handle)           # e.g. an image model's output i must be class i, before any statistics
         return cls(handle, params, kind, tasks)
 
     def with_random_init(self, seed: int) -> "Study":
@@ -93,7 +88,7 @@ class Study:
     def stats_budget(self) -> int:
         """Statistics budget per task (tokens or images): random-init models read their own from
         params.random_init when it is set."""
-        key = f"stats_{self.tasks.unit}"
+        key = self.tasks.stats_key
         if self.handle.random_init and self.params["random_init"][key] is not None:
             return self.params["random_init"][key]
         return self.settings[key]
@@ -148,7 +143,8 @@ class Study:
                **{k: p[k] for k in ("skip_positions", "equal_positions") if k in p}}
         expect = data_hash(key)
         path = Path(self.params.get("cache_dir") or cache_dir()) / "stats" / f"{self.kind}-{expect}.safetensors"
-        return task_data, {"batch_size": p["batch_size"], **self.tasks.collect_options(budget)}, expect, path
+        options = {"batch_size": p["batch_size"], "max_tokens": budget, **self.tasks.collect_options()}
+        return task_data, options, expect, path
 
     def _block_stats(self, name: str, budget: int, n_blocks: int, progress: bool) -> BlockStats:
         task_data, options, expect, path = self.block_entry(name, budget, n_blocks)
@@ -186,10 +182,8 @@ class Study:
     def general_data(self, budget: int):
         """The external general corpus (tasks' general_data): text none of the tasks use, or train images no
         task's statistics read, seeded by the params' seed."""
-        if self.kind == "lm":
-            return self.tasks.general_data(self.params["seed"])
-        return self.tasks.general_data(self.params["seed"], budget,
-                                       max(self.settings["stats_images"], self.stats_budget))
+        used = max(self.settings[self.tasks.stats_key], self.stats_budget)     # what any task's statistics read
+        return self.tasks.general_data(self.params["seed"], budget, used)
 
     def general_stats(self, *, progress: bool = False) -> NeuronStats:
         """Statistics of the general corpus, the retain set of `retain: general` (docs/method.md §3): read with
@@ -207,18 +201,23 @@ class Study:
             return {t: general for t in stats}
         return {t: weighted_pool([s for n, s in stats.items() if n != t]) for t in stats}
 
+    def selection(self, frac: float | None = None, mode: str | None = None, retain: str | None = None) -> Selection:
+        """The params' selection (pruning.*) at `frac`, by `mode` and against `retain` where given; 'general'
+        brings this model's general-corpus statistics."""
+        pr = self.params["pruning"]
+        retain = retain or pr["retain"]
+        return Selection(frac, mode or pr["mode"], pr["importance"], pr["eps"], pr["eps_relative"], retain,
+                         self.general_stats() if retain == "general" else None)
+
     def scores(self, *, stats=None, retain: str | None = None) -> dict[str, torch.Tensor]:
         """Each task's selective-pruning scores under `retain` (default pruning.retain)."""
-        pr = self.params["pruning"]
-        stats = stats or self.stats()
-        retain = retain or pr["retain"]
-        return task_scores(stats, importance=pr["importance"], eps=pr["eps"], eps_relative=pr["eps_relative"],
-                           retain=retain, general=self.general_stats() if retain == "general" else None)
+        return self.selection(retain=retain).scores(stats or self.stats())
 
     def masks(self, frac: float, *, mode: str | None = None, scores=None) -> dict[str, torch.Tensor]:
         """Each task's top-`frac` neurons (bool [L, d_mlp]) by the params' selection mode unless `mode`."""
-        mode = mode or self.params["pruning"]["mode"]
-        return {t: select_neurons(s, frac, mode) for t, s in (scores or self.scores()).items()}
+        # selecting from scores reads no statistics: the general corpus is not loaded for it
+        pr = self.params["pruning"]
+        return Selection(frac, mode or pr["mode"]).select(scores or self.scores())
 
     def neuron_examples(self, masks: dict, *, scores=None, n: int = 4, k: int = 8, window: int = 8,
                         bins: int = 200, progress: bool = True, ablate: int = 0,
@@ -235,7 +234,7 @@ class Study:
         neurons = list(dict.fromkeys(nr for ns in picked.values() for nr in ns))
         budget = self.stats_budget
         data = {t: self.tasks.statistics_data(t, budget) for t in self.task_names}
-        options = self.tasks.collect_options(budget)
+        options = {"max_tokens": budget, **self.tasks.collect_options()}
         options.pop("equal_positions", None)      # top-k and histograms count positions: weights do not apply
         ex = collect_examples(self.handle, data, neurons, picked=picked, k=k, window=window,
                               edges=histogram_edges(stats, neurons, bins), batch_size=self.settings["batch_size"],
@@ -260,7 +259,7 @@ class Study:
                    base: dict | None = None, random_seeds=None, progress: bool = True) -> CrossTaskResult:
         """The cross-task matrix (docs/method.md §4) with the params' selection and ablation settings: a fixed `frac`,
         or the fraction found by bisection that brings each task to `target` × its unpruned accuracy. A
-        fixed-`frac` result keeps every ablation's per-document hits (evidence.cross_task_intervals, `claims`
+        fixed-`frac` result keeps every ablation's per-document hits (evidence.cross_task_intervals, selective.claims
         reuses them). base: unpruned accuracies (e.g. an earlier result's `.base`) to skip that pass.
         random_seeds: the matched random ablations' seeds (default pruning.random_seeds)."""
         pr = self.params["pruning"]
@@ -275,89 +274,18 @@ class Study:
                                  progress=progress, **extra)
 
     def pipeline(self, frac: float, mode: str | None = None, retain: str | None = None) -> dict:
-        """The selection settings of this study as evidence.pipeline_masks takes them (retain: default
-        pruning.retain; 'general' brings this model's general-corpus statistics)."""
-        pr = self.params["pruning"]
-        retain = retain or pr["retain"]
-        return dict(frac=frac, mode=mode or pr["mode"], importance=pr["importance"], eps=pr["eps"],
-                    eps_relative=pr["eps_relative"], retain=retain,
-                    **({"general": self.general_stats()} if retain == "general" else {}))
-
-    def claims(self, frac: float, groups: dict | None = None, *, seed: int | None = None,
-               fixed: CrossTaskResult | None = None, selectivity_null: bool | None = None) -> dict:
-        """The evidence behind notebook 01/02's headline claims (issue #15), from per-document evaluation and
-        per-block statistics, so intervals and nulls are resamples of sums already collected:
-
-        selectivity: (others' − own relative accuracy) after pruning each task's top-`frac` neurons, minus the
-            same after pruning as many random neurons with the same count per layer (mean over
-            pruning.random_seeds); bootstrap over evaluation documents (the same resampled documents for
-            both); against the selectivity of same-distribution pseudo-tasks (evidence.n_null_ablation of
-            them) where the params' <kind>.selectivity_null says so, else against 0 (exchangeability).
-        selectivity_per_task: beside that mean, each task's own test, Holm across tasks, and the median task
-            (evidence.selectivity_per_task), so one task cannot carry the verdict unseen.
-        overlap_above_null: the median pairwise overlap of the top-overlap.frac sets (scored under overlap.retain)
-            minus that of same-distribution pseudo-tasks (the pipeline's own null), or under `general` minus
-            layer-matched chance pair by pair, bootstrap over statistics blocks.
-        related_share_more: within-group minus across-group overlap, group labels permuted over tasks (only
-            when `groups` put at least two tasks together).
-        fixed: this study's cross_task(frac=frac) result, whose per-document hits are reused (no second pass).
-        selectivity_null: whether to ablate pseudo-tasks for the selectivity null (default: <kind>.selectivity_null).
-        Returns {"claims": [Claim], "selectivity": {"selected", "random", "null"}, "overlap": ..., "related": ...}."""
-        ev = self.params["evidence"]
-        seed = self.params["seed"] if seed is None else seed
-        if fixed is None or fixed.documents is None or fixed.settings.get("frac") != frac:
-            fixed = self.cross_task(frac=frac, progress=False)
-        boot = cross_task_intervals(fixed, ev["n_boot"], seed)
-        selected, matched = boot["selected"], boot["random"]
-        if matched is None:
-            raise ValueError("the selectivity claim compares with matched random ablations: set pruning.random_seeds "
-                             "(e.g. [0, 1, 2])")
-        beyond = selected["selectivity_samples"] - matched["selectivity_samples"]     # the same documents
-        pseudo = (self.selectivity_null(frac, ev["n_null_ablation"], seed=seed + 2)
-                  if (self.settings["selectivity_null"] if selectivity_null is None else selectivity_null) else None)
-        claims = [excess_claim("selectivity", "pruning a task's selected neurons hurts it more than the other "
-                               "tasks, beyond what as many random neurons in the same layers do (others' minus own "
-                               "relative accuracy, selected minus random" + (", excess over same-distribution "
-                               "pseudo-tasks)" if pseudo is not None else ")"), selected["selectivity"] -
-                               matched["selectivity"], beyond, pseudo, n=int(sum(selected["n_documents"].values())),
-                               seed=seed),
-                  selectivity_per_task(selected, matched)]         # beside the mean: each task's own test
-        # the overlap claims under overlap.retain: against the general corpus a shared neuron can be selected
-        retain = self.params["overlap"]["retain"]
-        overlap_ev = overlap_evidence(self.block_stats(progress=False),
-                                      None if retain == "general" else self.null_block_stats(progress=False),
-                                      n_boot=ev["n_boot"], n_null=ev["n_null"], seed=seed,
-                                      **self.pipeline(self.params["overlap"]["frac"], retain=retain))
-        claims.append(overlap_ev["claim"])
-        related = None
-        if groups and any(len([t for t in ts if t in self.task_names]) > 1 for ts in groups.values()):
-            related, claim = related_claim(overlap_ev, groups, ev["n_perm"], seed)
-            claims.append(claim)
-        return {"claims": claims, "selectivity": {"selected": selected, "random": matched, "null": pseudo}, "overlap": overlap_ev,
-                "related": related}
+        """selection(...) as the keyword arguments evidence.pipeline_masks (bootstrap_masks, ...) takes."""
+        return self.selection(frac, mode, retain).kwargs()
 
     def null_domain(self) -> str:
         """The task whose data the pseudo-task nulls split: the one with the most statistics documents (images)."""
-        return max(self.task_names, key=lambda t: len(self.tasks.statistics_data(t, self.stats_budget)))
+        return max(self.task_names, key=lambda t: len(self.tasks.statistics_data(t, None)))
 
-    def selectivity_null(self, frac: float, n_null: int, *, seed: int | None = None) -> np.ndarray:
-        """The selectivity of same-distribution pseudo-tasks (the null of the `selectivity` claim): n_null times,
-        the null domain's statistics blocks are split into pseudo-tasks of the real tasks' sizes, put through the
-        same scores and selection, and each pseudo-task's neurons are ablated on the domain's evaluation
-        documents (read with all tasks' budget together, split at random into one part per pseudo-task).
-        Random ablation of as many neurons has selectivity 0 on exchangeable parts, so these values are directly
-        comparable with the claim's selected-minus-random estimate. Returns [n_null]."""
-        seed = self.params["seed"] if seed is None else seed
-        domain, n = self.null_domain(), len(self.task_names)
-        blocks = self.null_block_stats(domain, progress=False)
-        sizes = null_sizes([b.n_blocks for b in self.block_stats(progress=False).values()], blocks.n_blocks)
-        null = pseudo_task_null(blocks, sizes, n_null, seed, keep_masks=True, **self.pipeline(frac))
-        fill = blocks.merged().mean if self.params["pruning"]["ablation"] == "mean" else None
-
-        def hits():
-            return self.tasks.document_hits(self.handle, [domain], scale=n)[domain]["top1"]
-        return pseudo_cross_task(self.handle, null["masks"], hits, len(hits()), seed,
-                                 ablation=self.params["pruning"]["ablation"], means=fill)
+    def null_domains(self) -> list[str]:
+        """The overlap.null_domains tasks with the most statistics documents (images), the first the null_domain:
+        the pseudo-task nulls are pooled over them, so no verdict hinges on which one domain is split."""
+        size = {t: len(self.tasks.statistics_data(t, None)) for t in self.task_names}
+        return sorted(self.task_names, key=lambda t: -size[t])[:self.params["overlap"]["null_domains"]]
 
     def record(self) -> dict:
         """What each task is in this study: {task: {"source", "statistics": [ids], "evaluation": [ids]}}."""
@@ -370,26 +298,9 @@ class Study:
     # -- MoEfication ---------------------------------------------------------------------------------
     @property
     def n_experts(self) -> int:
-        n = self.params["moefication"][f"{self.kind}_experts"]
+        n = self.params["moefication"][self.tasks.experts_key]
         check_n_experts(self.handle.d_mlp, n)
         return n
-
-    def activation_sample(self, n_tokens: int | None = None) -> list[torch.Tensor]:
-        """A bounded sample of activations per layer ([n_tokens, d_mlp]), drawn evenly from every task's
-        statistics data (for the co-activation split)."""
-        n_tokens = n_tokens or self.params["moefication"]["coactivation_tokens"]
-        per_task = max(1, n_tokens // len(self.task_names))
-        samples = None
-        for name in self.task_names:
-            budget = self.tasks.sample_budget(per_task)
-            options = self.tasks.collect_options(per_task)
-            with StatsCollector(self.handle, sample_tokens=per_task) as collector:
-                run_batches(self.handle, self.tasks.statistics_data(name, budget), collector,
-                            max_tokens=options.get("max_tokens"), batch_size=self.settings["batch_size"],
-                            ctx=options.get("ctx", 256), progress=False)
-            layer_samples = [collector.sample(layer) for layer in range(self.handle.n_layers)]
-            samples = layer_samples if samples is None else [torch.cat([a, b]) for a, b in zip(samples, layer_samples)]
-        return samples
 
     def splits(self, method: str, *, seed: int | None = None, progress: bool = True) -> torch.Tensor:
         """Expert labels [n_layers, d_mlp] by `method` ("param", "coactivation", "random"), cached on disk.
@@ -407,7 +318,8 @@ class Study:
         kwargs = {k: mo[k] for k in names if mo[k] is not None}
 
         def compute():
-            acts = self.activation_sample() if method == "coactivation" else None
+            acts = (activation_sample(self.handle, self.tasks, mo["coactivation_tokens"], self.settings["batch_size"])
+                    if method == "coactivation" else None)
             return split_layers(self.handle, method, self.n_experts, seed=seed, acts=acts,
                                 progress=progress, **kwargs)
         return cached(path, compute, load=lambda p: torch.load(p, weights_only=True), save=torch.save,
@@ -429,7 +341,7 @@ def cache_entries(params: dict, kinds=None):
         if {"vit": "01", "lm": "02"}[kind] in notebooks:
             n = len(study.task_names)
             if params["overlap"]["retain"] != "general" or params[kind]["selectivity_null"]:   # pseudo-task nulls
-                yield study, study.null_domain(), n * study.stats_budget, n * n_blocks
+                yield from ((study, d, n * study.stats_budget, n * n_blocks) for d in study.null_domains())
             if "general" in (params["overlap"]["retain"], params["pruning"]["retain"]):
                 yield study, GENERAL, n * study.stats_budget, n_blocks       # the general corpus (general_stats)
         if {"04", "05"} & notebooks:        # 05 reads the first seed's model only

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import json
 from itertools import chain, zip_longest
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from . import data as D
 from .evaluation import evaluate
+from .models import check_outputs
 from .params import base_dir
 
 
@@ -34,18 +36,46 @@ def data_hash(obj) -> str:
     return h.hexdigest()[:16]
 
 
-class TextTasks:
-    """Text domains (docs/method.md §9). settings: the params' `lm` section."""
-    unit = "tokens"
+@runtime_checkable
+class Tasks(Protocol):
+    """What a Study asks of its tasks, whatever the modality (TextTasks, ImageTasks): the seam between them.
+    A budget counts `unit` (tokens or images) per task; `section` is the params section the tasks come from."""
+    unit: str                   # what a budget counts: "tokens" or "images"
+    section: str                # the params section: "lm" or "vit"
+    stats_key: str              # the params key of the statistics budget in that section (and in random_init)
+    experts_key: str            # the params key of MoEfication's number of experts (moefication section)
 
-    def __init__(self, tasks: dict[str, D.TextTask], settings: dict):
-        self.tasks, self.settings = tasks, settings
+    @property
+    def names(self) -> list[str]: ...
+    def __getitem__(self, name: str): ...
+    def statistics_data(self, name: str, budget: int | None): ...
+    def statistics_names(self, name: str, budget: int | None) -> list[str]: ...
+    def labelled_data(self, name: str, budget: int | None): ...
+    def general_data(self, seed: int, budget: int, used: int): ...
+    def collect_options(self) -> dict: ...
+    def check_model(self, handle) -> None: ...
+    def sample_budget(self, n_tokens: int) -> int: ...
+    def accuracy(self, handle, names=None) -> dict[str, float]: ...
+    def document_hits(self, handle, names=None, *, scale: int = 1, budget: int | None = None) -> dict[str, dict]: ...
+    def evaluators(self, handle): ...
+    def describe(self) -> dict: ...
+    def record(self, handle, budget: int) -> dict: ...
+    def interleaved(self, per_task: int): ...
+
+
+class TextTasks:
+    """Text domains (docs/method.md §9). settings: the params' `lm` section. tokenizer: the model's, which turns a
+    token budget into the documents it reads."""
+    unit, section, stats_key, experts_key = "tokens", "lm", "stats_tokens", "lm_experts"
+
+    def __init__(self, tasks: dict[str, D.TextTask], settings: dict, tokenizer=None):
+        self.tasks, self.settings, self.tokenizer = tasks, settings, tokenizer
 
     @classmethod
-    def from_params(cls, params: dict, processor=None) -> "TextTasks":
+    def from_params(cls, params: dict, processor=None, tokenizer=None) -> "TextTasks":
         p = params["lm"]
         return cls(D.text_tasks(p["tasks"], eval_frac=p["eval_frac"], seed=params["seed"], source=p["source"],
-                                data_dir=p["data_dir"], root=base_dir(params)), p)
+                                data_dir=p["data_dir"], root=base_dir(params)), p, tokenizer)
 
     @property
     def names(self) -> list[str]:
@@ -54,26 +84,44 @@ class TextTasks:
     def __getitem__(self, name: str) -> D.TextTask:
         return self.tasks[name]
 
-    def statistics_data(self, name: str, budget: int) -> list[str]:
-        """The task's statistics documents (the collector stops at `budget` tokens)."""
-        return self.tasks[name].collect
+    def statistics_data(self, name: str, budget: int | None) -> list[str]:
+        """The task's statistics documents that `budget` tokens read (collect_stats' windows; None: all)."""
+        return self._read(self.tasks[name].collect, budget)
 
-    def statistics_names(self, name: str, budget: int) -> list[str]:
-        """The name of each statistics document, as tasks.json names it (file name, fortune id, topic)."""
-        return list(self.tasks[name].collect_ids)
+    def statistics_names(self, name: str, budget: int | None) -> list[str]:
+        """The name of each statistics document read, as tasks.json names it (file name, fortune id, topic)."""
+        return list(self.tasks[name].collect_ids)[:len(self.statistics_data(name, budget))]
 
-    def general_data(self, seed: int) -> list[str]:
-        """The external general corpus (data.general_corpus) without any of the study's documents, in a seeded
-        order: the retain set of `retain: general` (the collector stops at its budget)."""
-        used = [text for task in self.tasks.values() for text in (*task.collect, *task.evaluate)]
-        return D.general_corpus(seed, exclude=used)
+    def labelled_data(self, name: str, budget: int | None) -> list[str]:
+        """The statistics data with what a loss needs (a text is its own target): statistics_data."""
+        return self.statistics_data(name, budget)
 
-    def collect_options(self, budget: int) -> dict:
-        """Keyword arguments of collect_stats for this modality and budget (positions: params lm.skip_positions,
-        lm.equal_positions)."""
+    def general_data(self, seed: int, budget: int, used: int) -> list[str]:
+        """The external general corpus (data.general_corpus) without any of the study's documents (so `used`, what
+        each task's statistics read, is excluded whatever it is), in a seeded order, as far as `budget` tokens
+        read: the retain set of `retain: general`."""
+        study_texts = [text for task in self.tasks.values() for text in (*task.collect, *task.evaluate)]
+        return self._read(D.general_corpus(seed, exclude=study_texts), budget)
+
+    def _read(self, texts: list[str], budget: int | None) -> list[str]:
+        """The first documents of `texts`, up to the last one a budget of `budget` tokens reads (the collector
+        visits documents in order, so it reads the same windows from these as from all of them)."""
+        if budget is None:
+            return texts
+        if self.tokenizer is None:
+            raise ValueError("a token budget needs the model's tokenizer: build TextTasks with tokenizer=")
+        used = D.used_documents(self.tokenizer, texts, ctx=self.settings["ctx"], max_tokens=budget)
+        return texts[:max(used) + 1] if used else []
+
+    def collect_options(self) -> dict:
+        """Keyword arguments of collect_stats for this modality, besides the budget (positions: params
+        lm.skip_positions, lm.equal_positions)."""
         p = self.settings
-        return {"max_tokens": budget, "ctx": p["ctx"], "skip_positions": tuple(p.get("skip_positions", ())),
+        return {"ctx": p["ctx"], "skip_positions": tuple(p.get("skip_positions", ())),
                 "equal_positions": p.get("equal_positions", False)}
+
+    def check_model(self, handle) -> None:
+        """Any language model reads text: nothing to check."""
 
     def sample_budget(self, n_tokens: int) -> int:
         """Budget that yields about n_tokens activation rows (one row per token)."""
@@ -92,7 +140,8 @@ class TextTasks:
         p = self.settings
         tokens = budget or scale * p["eval_tokens"]
         return {t: evaluate(handle, self.tasks[t].evaluate, max_tokens=tokens, ctx=p["ctx"],
-                            batch_size=p["batch_size"], skip_top=p["skip_top"], per_document=True, task=t)["documents"]
+                            batch_size=p["batch_size"], skip_top=p["skip_top"], per_document=True, task=t,
+                            top1_only=True)["documents"]
                 for t in (names or self.names)}
 
     def evaluators(self, handle):
@@ -111,21 +160,26 @@ class TextTasks:
         return D.tasks_record(self.tasks, handle.tokenizer, budget, p["eval_tokens"], p["ctx"])
 
     def interleaved(self, per_task: int) -> list[str]:
-        """Every task's statistics documents, alternating between tasks (a pooled sample for fitting)."""
+        """Every task's statistics documents, alternating between tasks (a pooled sample for fitting, read up to
+        the number of tasks × per_task tokens in all). Not cut at per_task tokens per task: that would change the
+        documents 03's router is fitted on (measured on the default params: 23 windows instead of 22)."""
         lists = [task.collect for task in self.tasks.values()]
         return [doc for doc in chain.from_iterable(zip_longest(*lists)) if doc is not None]
 
 
 class ImageTasks:
-    """Classes or groups of classes of an image dataset. settings: the params' `vit` section."""
-    unit = "images"
+    """Classes or groups of classes of an image dataset. settings: the params' `vit` section. seed: the params'
+    seed, which draws each task's statistics images (a seeded sample, not the first in dataset order)."""
+    unit, section, stats_key, experts_key = "images", "vit", "stats_images", "vit_experts"
 
-    def __init__(self, tasks: dict[str, list[str]], train: D.ImageDataset, test: D.ImageDataset, settings: dict):
-        self.tasks, self.train, self.test, self.settings = tasks, train, test, settings
+    def __init__(self, tasks: dict[str, list[str]], train: D.ImageDataset, test: D.ImageDataset, settings: dict,
+                 seed: int = 0):
+        self.tasks, self.train, self.test, self.settings, self.seed = tasks, train, test, settings, seed
 
     @classmethod
-    def from_params(cls, params: dict, processor=None, image_shape=None) -> "ImageTasks":
-        """image_shape (C, H, W): the size an image folder's images are resized to when there is no processor."""
+    def from_params(cls, params: dict, processor=None, image_shape=None, tokenizer=None) -> "ImageTasks":
+        """image_shape (C, H, W): the size an image folder's images are resized to when there is no processor.
+        tokenizer: unused (an image budget counts images), taken as TextTasks takes it."""
         p = params["vit"]
         if p["dataset"] == "fashion-mnist":
             train, test = D.fashion_mnist("train"), D.fashion_mnist("test")
@@ -143,7 +197,7 @@ class ImageTasks:
             if not bool(torch.isin(test.labels, torch.tensor([test.class_names.index(c) for c in classes])).any()):
                 raise ValueError(f"task {t!r} has no test images among the first vit.eval_images = {n} of the test "
                                  f"split: raise vit.eval_images (or give its classes more test images)")
-        return cls(tasks, train, test, p)
+        return cls(tasks, train, test, p, seed=params["seed"])
 
     @property
     def groups(self) -> dict[str, list[str]] | None:
@@ -158,19 +212,33 @@ class ImageTasks:
     def __getitem__(self, name: str) -> list[str]:
         return self.tasks[name]
 
-    def statistics_data(self, name: str, budget: int) -> torch.Tensor:
-        """Up to `budget` train images of the task's classes."""
-        return self.train.subset(self.tasks[name], max_images=budget)
+    def statistics_data(self, name: str, budget: int | None) -> torch.Tensor:
+        """Up to `budget` train images of the task's classes (None: all), a seeded sample (statistics_indices); the
+        statistics' cache key hashes these images, so another seed or sample is another cache entry."""
+        return self.train.images[torch.tensor(self.statistics_indices(name, budget), dtype=torch.long)]
 
-    def statistics_names(self, name: str, budget: int) -> list[str]:
+    def labelled_data(self, name: str, budget: int | None) -> D.ImageDataset:
+        """The statistics images (statistics_data's seeded sample) with their labels, which a loss needs."""
+        index = torch.tensor(self.statistics_indices(name, budget), dtype=torch.long)
+        t = self.train
+        return D.ImageDataset(t.images[index], t.labels[index], t.class_names, t.name, None, None)
+
+    def statistics_indices(self, name: str, budget: int | None) -> list[int]:
+        """The train indices a task's statistics read, in dataset order: the first `budget` of a seeded permutation
+        of its classes' images (seed and task name), so a smaller budget reads a subset of a larger one's."""
+        indices = np.array(self._indices(self.train, self.tasks[name]), dtype=np.int64)
+        rng = np.random.default_rng([self.seed, int(data_hash(name), 16)])
+        return sorted(indices[rng.permutation(len(indices))[:budget]].tolist())
+
+    def statistics_names(self, name: str, budget: int | None) -> list[str]:
         """The name of each statistics image, as tasks.json names it ("train:i" or the dataset's id)."""
-        return [self._id(self.train, "train", i) for i in self._indices(self.train, self.tasks[name])[:budget]]
+        return [self._id(self.train, "train", i) for i in self.statistics_indices(name, budget)]
 
     def general_data(self, seed: int, budget: int, used: int) -> torch.Tensor:
         """The general corpus of `retain: general` for images (no class is left out of the tasks to play the
         paper's ImageNet): `budget` train images of every class drawn at random (seeded), none of them among the
-        first `used` images of any task, which its statistics read; evaluation reads the test split."""
-        taken = {i for classes in self.tasks.values() for i in self._indices(self.train, classes)[:used]}
+        `used` images of any task its statistics read (at any budget up to `used`); evaluation reads the test split."""
+        taken = {i for t in self.tasks for i in self.statistics_indices(t, used)}
         free = np.array([i for i in range(len(self.train)) if i not in taken])
         if len(free) < budget:
             raise ValueError(f"the general corpus needs {budget} train images that no task's statistics read, but "
@@ -178,8 +246,13 @@ class ImageTasks:
         pick = np.sort(np.random.default_rng(seed).choice(free, size=budget, replace=False))
         return self.train.images[torch.from_numpy(pick)]
 
-    def collect_options(self, budget: int) -> dict:
+    def collect_options(self) -> dict:
+        """Keyword arguments of collect_stats for this modality, besides the budget."""
         return {"cls_only": self.settings["cls_only"]}
+
+    def check_model(self, handle) -> None:
+        """Refuse a model whose output i is not class i (models.check_outputs)."""
+        check_outputs(handle, self.test.class_names)
 
     def sample_budget(self, n_tokens: int) -> int:
         """Images that yield at least ~n_tokens activation rows (each image has many tokens)."""
@@ -227,7 +300,7 @@ class ImageTasks:
         """{task: {"source", "statistics": ["train:i", ...], "evaluation": ["test:i", ...]}}: the images used."""
         out = {}
         for t, classes in self.tasks.items():
-            used = self._indices(self.train, classes)[:budget]
+            used = self.statistics_indices(t, budget)
             out[t] = {"source": self.train.name.split("/")[0],
                       "statistics": [self._id(self.train, "train", i) for i in used],
                       "evaluation": [self._id(self.test, "test", i) for i in self._indices(self.test, classes)]}

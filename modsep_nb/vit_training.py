@@ -39,14 +39,19 @@ def vit_config(settings: dict):
                      architectures=["ViTForImageClassification"])
 
 
-def fmnist_vit_dir(**overrides) -> Path:
-    """The cached model folder for these training settings; trains it first if missing."""
+def fmnist_vit_path(**overrides) -> tuple[Path, dict]:
+    """(the cache folder of the model trained with these settings, whether or not it is there yet; the settings)."""
     unknown = sorted(set(overrides) - set(DEFAULT_TRAINING))
     if unknown:
         raise TypeError(f"unknown fmnist-vit training options {unknown}; known: {sorted(DEFAULT_TRAINING)}")
     settings = {**DEFAULT_TRAINING, **overrides}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
-    target = cache_dir() / f"fmnist-vit-{key}"
+    return cache_dir() / f"fmnist-vit-{key}", settings
+
+
+def fmnist_vit_dir(**overrides) -> Path:
+    """The cached model folder for these training settings; trains it first if missing."""
+    target, settings = fmnist_vit_path(**overrides)
     # verified against its manifest on every load; trained (again) when missing or different. The key covers
     # every setting, `checkpoints` included, so a folder saved before checkpoints existed is never reused
     return cached_dir(target, lambda tmp: train_fmnist_vit(tmp, settings), what="Fashion-MNIST ViT")

@@ -223,6 +223,44 @@ def test_correspondence_claims_use_their_units():
     assert not correspondence_claims("lm", flat, control, n_boot=200, seed=0)[1].supported
 
 
+def test_the_control_varies_with_the_data_it_is_measured_on():
+    """Issue #26 (minor, 05): the activation-only control is measured on the same data as the tasks, so its own
+    spread must enter the test. Tasks 0.5 above the control in every task: held fixed, the control gives the
+    sign-flip floor and a point interval; resampled with a spread of 1 around it, the interval holds 0 and p is
+    large."""
+    from types import SimpleNamespace
+
+    from modsep_nb.correspondence import correspondence_claims
+    n_layers, tasks = 6, [f"t{i}" for i in range(6)]
+    by_frac = {0.1: {t: SimpleNamespace(z=torch.full((n_layers,), 1.0, dtype=torch.float64)) for t in tasks}}
+    control = {0.1: SimpleNamespace(z=torch.full((n_layers,), 0.5, dtype=torch.float64))}
+    fixed, _ = correspondence_claims("vit", by_frac, control, n_boot=400, seed=0)
+    assert fixed.estimate == pytest.approx(0.5) and fixed.p == pytest.approx(1 / 64) and fixed.ci == (0.5, 0.5)
+    assert "held fixed" in fixed.statement
+    spread = 0.5 + np.random.default_rng(0).normal(0, 1.0, 400)
+    resampled = {"task_z": np.ones((400, len(tasks))), "control_z": spread}
+    moving, _ = correspondence_claims("vit", by_frac, control, n_boot=400, seed=0, resampled=resampled)
+    assert moving.estimate == pytest.approx(0.5) and moving.n == len(tasks)
+    lo, hi = moving.ci
+    assert lo < 0 < hi and lo == pytest.approx(np.percentile(1 - spread, 2.5))
+    assert moving.p == pytest.approx((1 + np.sum(1 - spread <= 0)) / 401) and moving.p > 0.2
+    assert "resampled with them" in moving.statement
+
+
+def test_a_resampled_selection_is_read_against_its_reference_null():
+    """mean_z_against a selection's own layer_correspondence gives back that correspondence's mean z."""
+    from modsep_nb.correspondence import layer_correspondence, mean_z_against
+    g = torch.Generator().manual_seed(0)
+    labels = torch.stack([torch.randperm(32, generator=g) // 8 for _ in range(3)])       # 4 experts of 8, 3 layers
+    selected = torch.zeros(3, 32, dtype=torch.bool)
+    for layer in range(3):
+        selected[layer, torch.randperm(32, generator=g)[:6]] = True
+    ref = layer_correspondence(selected, labels, n_null=50, seed=1)
+    assert mean_z_against(selected, labels, ref) == pytest.approx(float(np.nanmean(ref.z.numpy())))
+    with pytest.raises(ValueError, match="count per layer"):
+        mean_z_against(selected & (torch.arange(32) < 16), labels, ref)
+
+
 def test_ends_needs_both_ends_with_layers_as_units():
     """Issue #26 item 1: early > middle but late = middle, in every task (tasks as units this was supported:
     every task's ends-minus-middle is positive), is not `ends`; with 6 layers no test can reach 0.05."""

@@ -166,6 +166,49 @@ def test_settle_before_accuracy_by_hand():
     assert reverse.estimate == -1.0 and not reverse.supported
 
 
+def test_a_class_at_zero_accuracy_drops_that_task_not_the_checkpoint():
+    """Issue #26 item 9: at an early checkpoint one class is never right; its column of the cross-task matrix is
+    undefined. Selectivity is then read over the other tasks (by hand below), where before the whole checkpoint
+    was NaN and left out of selectivity_grows."""
+    from modsep_nb.evidence import cross_task_bootstrap
+    base = {"a": np.array([1, 1, 0, 1, 1, 0, 1, 1]), "b": np.array([1, 0, 1, 1, 0, 1, 1, 1]),
+            "c": np.zeros(8, dtype=int)}                                 # class c: zero accuracy
+    own = {"a": {"a": np.array([0, 0, 0, 1, 0, 0, 1, 0]), "b": base["b"], "c": base["c"]},
+           "b": {"a": base["a"], "b": np.array([1, 0, 0, 0, 0, 0, 1, 0]), "c": base["c"]},
+           "c": {"a": base["a"], "b": base["b"], "c": base["c"]}}
+    rand = {a: {b: base[b] for b in base} for a in base}               # random neurons change nothing
+    selected, random = (cross_task_bootstrap(base, p, 50, 0) for p in (own, rand))
+    assert np.isnan(selected["selectivity"])                            # the old reading: no value at all
+    got = dy.selectivity_of_right_tasks(selected, random)
+    # a and b only: pruning a keeps 2/6 of a and all of b, pruning b keeps all of a and 2/6 of b
+    assert got["tasks"] == ["a", "b"] and got["estimate"] == pytest.approx(((1 - 2 / 6) + (1 - 2 / 6)) / 2)
+    assert got["samples"].shape == (50,) and np.isfinite(got["samples"]).mean() > 0.9
+    only_a = {**base, "b": np.zeros(8, dtype=int)}
+    one = dy.selectivity_of_right_tasks(*(cross_task_bootstrap(only_a, p, 20, 0) for p in (
+        {a: {b: only_a[b] for b in only_a} for a in only_a},) * 2))
+    assert np.isnan(one["estimate"]) and one["tasks"] == ["a"]         # one task left: no selectivity
+
+
+def test_settle_thresholds_are_params_with_a_sensitivity_table():
+    """sets_settle_before_accuracy reads dynamics.settled_overlap / accuracy_share; settle_sensitivity gives the
+    claim at every pair of the sweeps, each equal to the claim computed at that pair."""
+    from types import SimpleNamespace
+    steps = [0, 1, 3, 10, 30, 100]
+    sets = np.array([0.1, 0.3, 0.45, 0.55, 0.9, 1.0])
+    acc = np.array([0.1, 0.2, 0.4, 0.6, 0.78, 0.8])
+    run = SimpleNamespace(steps=steps, versus=[{"mean_overlap": v, "mean_overlap_samples": np.full(30, v)} for v in sets],
+                          measures=[{"accuracy": {"estimate": a, "samples": np.full(30, a)}} for a in acc])
+    rows = dy.settle_sensitivity(run, [0.4, 0.5], [0.7, 0.9])
+    assert [(r["settled_overlap"], r["accuracy_share"]) for r in rows] == [(0.4, 0.7), (0.4, 0.9), (0.5, 0.7), (0.5, 0.9)]
+    # sets >= 0.4 from index 2, >= 0.5 from index 3; accuracy >= 0.56 from index 3, >= 0.72 from index 4
+    assert [r["estimate"] for r in rows] == [1.0, 2.0, 0.0, 1.0]
+    assert rows[1]["sets_settle_step"] == 3 and rows[1]["accuracy_step"] == 30
+    p = load_params(overrides={"dynamics": {"settled_overlap": 0.4, "accuracy_share": 0.7}})
+    assert (p["dynamics"]["settled_overlap"], p["dynamics"]["accuracy_share"]) == (0.4, 0.7)
+    with pytest.raises(ParamsError, match="dynamics.settled_overlap"):
+        load_params(overrides={"dynamics": {"settled_overlap": 1.5}})
+
+
 def test_correspondence_z_sees_packed_selections():
     torch.manual_seed(0)
     labels = torch.arange(32).repeat(3, 1) // 8                          # 4 experts of 8 neurons per layer

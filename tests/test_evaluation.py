@@ -67,6 +67,37 @@ def test_lm_metrics_equal_direct_computation(tiny_llama):
     assert wrong > got["perplexity"] * 1.01
 
 
+def test_top1_only_gives_the_same_hits_without_the_vocabulary_work(tiny_llama):
+    """The ablation matrices read only top-1 hits: the top1_only path (one max in the logits' dtype) gives the
+    hand computation's top-1 and n, and per-document hits equal to the full path's, skipped targets included."""
+    texts = _texts_with_inner_bos(2)
+    _, top1, _ = hand_lm(tiny_llama, texts, 7)
+    full = evaluate(tiny_llama, texts, ctx=7, batch_size=3, per_document=True, skip_top=2)
+    fast = evaluate(tiny_llama, texts, ctx=7, batch_size=3, per_document=True, skip_top=2, top1_only=True)
+    assert set(fast) == {"top1", "n", "documents"}                 # no loss, no top-10 computed
+    assert (fast["top1"], fast["n"]) == (full["top1"], full["n"])
+    for k in ("n", "top1"):
+        np.testing.assert_array_equal(fast["documents"][k], full["documents"][k])
+    plain = evaluate(tiny_llama, texts, ctx=7, batch_size=3, top1_only=True)
+    assert plain["top1"] == pytest.approx(top1 / plain["n"], abs=1e-12)
+    assert 0 < top1 < plain["n"]
+
+
+def test_top1_only_still_refuses_non_finite_logits(tiny_llama):
+    ids, mask = torch.tensor([[2, 10, 11, 12]]), torch.ones(1, 4, dtype=torch.long)
+    logits = torch.randn(1, 4, 30, generator=torch.Generator().manual_seed(0))
+    from modsep_nb.evaluation import lm_token_metrics
+    assert lm_token_metrics(logits, ids, mask, top1_only=True)["finite"]
+    for bad in (float("nan"), float("inf")):
+        hurt = logits.clone()
+        hurt[0, 1, 7] = bad                                       # one entry of one counted row, not its maximum
+        assert not lm_token_metrics(hurt, ids, mask, top1_only=True)["finite"]
+    with torch.no_grad():
+        tiny_llama.model.lm_head.weight[3, 0] = float("nan")      # one token's logit NaN (a fresh handle per test)
+    with pytest.raises(FloatingPointError, match="task 'code'.*NaN or infinite"):
+        evaluate(tiny_llama, _texts_with_inner_bos(3), ctx=7, top1_only=True, task="code")
+
+
 def test_lm_metrics_do_not_depend_on_batching(tiny_llama):
     texts = _texts_with_inner_bos(1)
     a = evaluate(tiny_llama, texts, ctx=9, batch_size=1)

@@ -10,6 +10,7 @@ import json
 import math
 import random
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -187,13 +188,17 @@ def test_holm_within_a_family_by_hand_and_a_verdict_it_flips():
     out = correct(claims, "holm", family="nb")
     assert [c.p_adjusted for c in out] == pytest.approx([0.03, 0.06, 0.06])
     assert [c.supported for c in out] == [True, False, False]      # raw p 0.04 and 0.03 < 0.05, adjusted 0.06
-    assert [c.verdict for c in out] == ["supported", "not supported", "not supported"]
+    # no null or bootstrap kept: SE from the interval's width, 1 / (2 × 1.95996); alpha 0.05 / 3, power 0.8
+    detectable = (2.12805 + 0.841621) * 1 / (2 * 1.959964)
+    assert [c.detectable for c in out[1:]] == pytest.approx([detectable] * 2, abs=1e-5)
+    assert [c.verdict for c in out] == ["supported"] + [f"not supported; could have detected ≥ {detectable:.3g}"] * 2
     records = claims_to_json(out)
     assert [(r["p"], r["p_adjusted"], r["family"], r["family_size"]) for r in records] == \
         [(0.01, pytest.approx(0.03), "nb", 3), (0.04, pytest.approx(0.06), "nb", 3), (0.03, pytest.approx(0.06), "nb", 3)]
     table = claims_table(out).splitlines()
     assert table[0] == "| claim | estimate | 95% interval | null | p | adjusted p | verdict |"
-    assert table[3] == "| s (`b`) | 1 | [0.5, 1.5] | 0 | 0.04 | 0.06 (of 3) | not supported |"
+    assert table[3] == ("| s (`b`) | 1 | [0.5, 1.5] | 0 | 0.04 | 0.06 (of 3) | "
+                        "not supported; could have detected ≥ 0.758 |")
 
 
 def test_a_claim_that_cannot_reach_significance_says_so():
@@ -229,7 +234,7 @@ def test_report_adjusts_its_notebooks_claims_in_one_place(tmp_path, capsys):
         [(0.01, pytest.approx(0.03), True), (0.04, pytest.approx(0.06), False), (0.03, pytest.approx(0.06), False)]
     report.findings("05", "text")
     findings = (tmp_path / "findings" / "05_layerwise_correspondence.md").read_text()
-    assert "| 0.04 | 0.06 (of 3) | not supported |" in findings
+    assert "| 0.04 | 0.06 (of 3) | not supported; could have detected ≥ 0.758 |" in findings
 
 
 def test_claims_table_and_json():
@@ -305,7 +310,7 @@ def test_selectivity_per_task_when_one_task_carries_the_mean():
     assert t0["p"] == pytest.approx(1 / 201) and t0["p_holm"] == pytest.approx(5 / 201)
     assert [r["selective"] for r in claim.per_task.values()] == [True, False, False, False, False]
     assert all(claim.per_task[t]["p"] == 1.0 for t in tasks[1:])
-    assert "1 of 5 tasks selective" in claim.statement and claim.n == 5
+    assert "1 of 5 tasks selective" in claim.statement and claim.n == 150 and claim.unit == "evaluation documents"
     json_record = claims_to_json([claim])[0]
     assert json_record["per_task"]["t0"]["selective"] is True          # in the claims record
     # every task hurt by its own neurons only: the median task is selective, and so is each one
@@ -709,3 +714,108 @@ def test_default_budgets_let_every_claim_reach_significance_after_holm():
     for notebook, tests in floors.items():
         for m, floor in tests:
             assert m * floor < 0.05, (notebook, m, floor)
+
+
+# -- issue #26 item 7 and power: insufficient data, and what a "not supported" could have detected ------------------
+def test_detectable_from_a_null_and_from_a_bootstrap_by_hand():
+    from modsep_nb.claims import claim_line
+    null = np.arange(200) / 100                       # 0.00 .. 1.99, mean 0.995
+    boot = np.full(200, 0.5)
+    c = excess_claim("a", "s", 0.3, boot, null, n=40, unit="documents")
+    # family of one: the 0.95 quantile, numpy's linear rule: position 199 × 0.95 = 189.05 -> 1.89 + 0.05 × 0.01
+    assert c.detectable == pytest.approx(1.8905 - 0.995)
+    assert c.detectable_method == "null's 0.95 quantile minus its mean" and c.test == "rank among null values"
+    family = correct([c, replace(c, id="b"), replace(c, id="c"), replace(c, id="d")])   # alpha 0.05 / 4: q 0.9875
+    assert family[0].detectable == pytest.approx(1.965125 - 0.995)     # 199 × 0.9875 = 196.5125 -> 1.965125
+    assert family[0].verdict == f"not supported; could have detected ≥ {1.965125 - 0.995:.3g}"
+    boot = np.array([-1.0, 1.0] * 100)                # SE = sqrt(200 / 199) (ddof 1)
+    c = excess_claim("b", "s", 0.0, boot, None, n=40)
+    assert c.boot_se == pytest.approx(math.sqrt(200 / 199))
+    assert c.detectable == pytest.approx((1.6448536 + 0.8416212) * math.sqrt(200 / 199))
+    record = c.as_dict()
+    assert record["detectable"] == pytest.approx(c.detectable) and "bootstrap SE" in record["detectable_method"]
+    assert record["test"] == "one-sided bootstrap p" and "(one-sided bootstrap p)" in claim_line(c)
+    assert c.verdict.startswith("not supported; could have detected ≥ 2.4")
+
+
+@pytest.mark.parametrize("with_null", [False, True])
+def test_planted_effect_of_twice_detectable_is_supported_a_quarter_is_not(with_null):
+    from statistics import NormalDist
+    grid = np.array([NormalDist().inv_cdf((k + 0.5) / 2000) for k in range(2000)])     # exact normal quantiles
+    se = 0.01
+    null = grid * se if with_null else None
+
+    def claim(effect):
+        return excess_claim("e", "s", effect, effect + se / 4 * grid if with_null else effect + se * grid, null,
+                            n=100, unit="documents", seed=1)
+    d = claim(0.0).detectable
+    expected = (NormalDist().inv_cdf(0.95) - (0 if with_null else -NormalDist().inv_cdf(0.8))) * se
+    assert d == pytest.approx(expected, rel=0.01)
+    assert claim(2 * d).supported and not claim(0.25 * d).supported
+    assert claim(0.25 * d).verdict.startswith("not supported; could have detected")
+
+
+def test_fewer_than_20_units_is_insufficient_data_not_a_verdict():
+    strong = dict(estimate=1.0, ci=(0.5, 1.5), null=0.0, p=0.001)
+    few = Claim("few", "s", **strong, n=12, unit="documents", test="one-sided bootstrap p")
+    assert not few.supported and few.verdict == "insufficient data (n = 12 documents < 20)"
+    assert Claim("enough", "s", **strong, n=20, unit="documents", test="one-sided bootstrap p").supported
+    # an exact test over few units is valid (its p-floor says what it can reach): only bootstraps need 20 units
+    assert Claim("exact", "s", **strong, n=8, unit="grouped tasks", test="permutation of group labels").supported
+    assert Claim("unaudited", "s", **strong, n=12).supported          # no unit: its builder's n is not judged
+    out = correct([few, Claim("b", "s", **strong, n=30), Claim("c", "s", **{**strong, "p": 0.02}, n=30)])
+    assert out[0].family_size == 1 and [c.family_size for c in out[1:]] == [2, 2]     # left out of the family
+    assert out[2].p_adjusted == pytest.approx(0.02) and out[0].as_dict()["unit"] == "documents"
+    assert out[0].as_dict()["detectable"] is not None        # beside "insufficient data", what it could see
+
+
+def test_findings_name_the_ablations_that_drop_every_other_task():
+    from types import SimpleNamespace
+    from modsep_nb.selective import _every_other_below
+    matrix = np.array([[0.5, 0.9, 0.95], [0.3, 0.6, 0.45], [0.9, 0.2, 0.1]])   # b's row: every other below 0.5
+    text = _every_other_below(SimpleNamespace(matrix=matrix, tasks=["a", "b", "c"]), "domain", "top-1")
+    assert text == ("  Pruning the neurons of b leaves every other domain below 0.50 of its unpruned top-1 "
+                    "(0.30–0.45).\n")
+    assert _every_other_below(SimpleNamespace(matrix=np.eye(3) * 0.1 + 0.6, tasks=["a", "b", "c"]), "d", "m") == ""
+
+
+# -- issue #26 item 6: pseudo-tasks matched in tokens and documents, the null pooled over several domains -----------
+def _toy_blocks(tokens, documents, seed: int, spread: float = 1.0, layers: int = 2, d: int = 16) -> BlockStats:
+    """Blocks with the given tokens and documents each, activations drawn at random (`spread` their size)."""
+    count = torch.tensor(tokens, dtype=torch.float64)[:, None].repeat(1, layers)
+    x = torch.from_numpy(np.random.default_rng(seed).normal(size=(len(tokens), layers, d)) * spread)
+    sums = torch.stack([x, x.abs(), x ** 2, (x > 0).double(), x.abs().sqrt()], 1) * count[:, None, :, None]
+    return BlockStats(count, sums, torch.tensor(documents, dtype=torch.long))
+
+
+def test_pseudo_tasks_match_the_tasks_tokens_and_documents():
+    from modsep_nb.evidence import _matched_partition, matched_sizes
+    # task a: 3 documents of 100 tokens; task b: 30 documents of 10 tokens; the same 300 tokens each
+    tasks = {"a": _toy_blocks([100] * 3, [1] * 3, 0), "b": _toy_blocks([100] * 3, [10] * 3, 1)}
+    domain = _toy_blocks([100] * 24, [1, 10] * 12, 2)      # blocks of long documents and of short ones, mixed
+    assert matched_sizes(tasks, domain) == [(300.0, 3), (300.0, 30)]
+    counts = domain.count[:, 0].numpy()
+    for seed in range(5):
+        parts = _matched_partition(domain, matched_sizes(tasks, domain), seed)
+        assert [(counts[p].sum(), int(domain.n_documents[p].sum())) for p in parts] == [(300.0, 3), (300.0, 30)]
+        assert not set(parts[0]) & set(parts[1])
+    # blocks alone (the old rule: 3 blocks each) would give b's pseudo-task 3 to 30 documents, never matched
+    with pytest.warns(RuntimeWarning, match="pseudo-tasks scaled to 0.67"):      # 400 tokens, 22 documents left
+        assert matched_sizes(tasks, domain.subset(list(range(4)))) == [(pytest.approx(200.0), 2),
+                                                                       (pytest.approx(200.0), 20)]
+
+
+def test_null_pooled_over_two_domains_of_different_spread():
+    from modsep_nb.evidence import matched_sizes
+    tasks = {t: _toy_blocks([100] * 4, [2] * 4, k) for k, t in enumerate("abc")}
+    calm, wild = _toy_blocks([100] * 24, [2] * 24, 5, spread=0.1), _toy_blocks([50] * 48, [1] * 48, 6, spread=3.0)
+    sizes = [matched_sizes(tasks, d) for d in (calm, wild)]
+    pooled = pseudo_task_null([calm, wild], sizes, 9, seed=3, frac=0.1)
+    first, second = _seeds(3, 2)
+    alone = [pseudo_task_null(calm, sizes[0], 4, first, frac=0.1),
+             pseudo_task_null(wild, sizes[1], 5, second, frac=0.1)]
+    assert pooled["median"].tolist() == alone[0]["median"].tolist() + alone[1]["median"].tolist()
+    assert pooled["domain"].tolist() == [0] * 4 + [1] * 5
+    ev = overlap_evidence(tasks, [calm, wild], frac=0.1, n_boot=20, n_null=10, seed=0)
+    halves = [pseudo_task_null(d, z, 5, s, frac=0.1)["median"] for d, z, s in zip((calm, wild), sizes, _seeds(1, 2))]
+    assert ev["null_median"] == pytest.approx((halves[0].mean() + halves[1].mean()) / 2)     # the two domains' average

@@ -78,7 +78,7 @@ def _evidence(handle, retain: str, seed: int = 0):
     """01/02's overlap claims on the planted tasks (default evidence settings: 200 resamples, 1000 permutations)."""
     rng = random.Random(seed)
     kw = dict(ctx=32, batch_size=64, progress=False, fused=False, skip_positions=(0,))
-    blocks = {f"t{t}": collect_block_stats(handle, _texts(words, 64, rng), 16, **kw)
+    blocks = {f"t{t}": collect_block_stats(handle, _texts(words, 64, rng), 32, **kw)     # >= 20 units: a verdict
               for t, words in enumerate(TASK_WORDS)}
     general = collect_stats(handle, _texts(GENERAL_WORDS, 256, rng), **kw)
     null = None if retain == "general" else collect_block_stats(handle, _texts(TASK_WORDS[0], 8 * 64, rng), 8 * 16, **kw)
@@ -104,7 +104,9 @@ def test_shared_neurons_are_selected_against_the_general_corpus_and_related_task
     # within a pair the overlap is 4 of 8, across pairs 0: the difference 0.5, the smallest p 1/105 groupings
     assert related["within"] == pytest.approx(0.5) and related["across"] == pytest.approx(0.0)
     # only the true grouping (1 of 105) reaches 0.5: p is about 1/105 of the permutations
-    assert claim.supported and claim.p_floor == pytest.approx(1 / 105) and claim.p == pytest.approx(1 / 105, abs=0.006)
+    assert claim.p_floor == pytest.approx(1 / 105) and claim.p == pytest.approx(1 / 105, abs=0.006)
+    # the test detects the sharing: an exact permutation test over 8 tasks, so no minimum n applies (#26 item 3)
+    assert claim.ci[0] > 0 and claim.supported and claim.verdict == "supported"
     assert claim.observed == pytest.approx(0.5) and claim.null_band[1] < 0.5
 
 
@@ -175,10 +177,32 @@ def test_image_general_corpus_is_a_seeded_sample_no_task_statistics_read():
     train = ImageDataset(torch.arange(40.0).reshape(40, 1, 1, 1), labels, ["a", "b", "c", "d"], "toy")
     tasks = ImageTasks({"ab": ["a", "b"], "c": ["c"]}, train, train, {"stats_images": 3})
     general = tasks.general_data(seed=0, budget=20, used=3).flatten().long().tolist()
-    # statistics read the first 3 images of each task: 0, 1, 4 (a or b) and 2, 6, 10 (c)
-    assert len(set(general)) == 20 and not {0, 1, 4, 2, 6, 10} & set(general)
+    # statistics read 3 seeded images of each task (test below): none of them is in the general corpus
+    read = {int(x) for t in tasks.names for x in tasks.statistics_data(t, 3).flatten()}
+    assert len(read) == 6 and len(set(general)) == 20 and not read & set(general)
     assert {i % 4 for i in general} == {0, 1, 2, 3}        # every class, the task-less d too
     assert general == tasks.general_data(seed=0, budget=20, used=3).flatten().long().tolist()
     assert general != tasks.general_data(seed=1, budget=20, used=3).flatten().long().tolist()
     with pytest.raises(ValueError, match="only 34 are left: lower vit.stats_images"):
         tasks.general_data(seed=0, budget=35, used=3)
+
+
+def test_vit_statistics_images_are_a_seeded_sample_not_the_first_in_dataset_order():
+    from modsep_nb.data import ImageDataset
+    from modsep_nb.tasks import ImageTasks, data_hash
+    labels = torch.arange(400) % 4                         # 100 images of each of 4 classes, image i holds i
+    train = ImageDataset(torch.arange(400.0).reshape(400, 1, 1, 1), labels, ["a", "b", "c", "d"], "toy")
+
+    def read(seed, budget=10, task="a"):
+        tasks = ImageTasks({"a": ["a"], "cd": ["c", "d"]}, train, train, {}, seed=seed)
+        return tasks.statistics_data(task, budget).flatten().long().tolist(), tasks
+    first = list(range(0, 40, 4))                          # the first 10 images of class a, in dataset order
+    a0, tasks = read(0)
+    assert len(set(a0)) == 10 and all(i % 4 == 0 for i in a0) and a0 == sorted(a0) and a0 != first
+    assert read(0)[0] == a0 and read(1)[0] != a0           # seeded: the same seed, the same images
+    assert set(a0) <= set(read(0, budget=50)[0])           # a larger budget reads a superset
+    assert all(i % 4 in (2, 3) for i in read(0, task="cd")[0])
+    assert tasks.statistics_names("a", 10) == [f"train:{i}" for i in a0]      # tasks.json names what is read
+    # the statistics' cache key hashes the images read (Study.block_entry's "data"): another sample, another key
+    assert data_hash(tasks.statistics_data("a", 10)) != data_hash(train.images[torch.tensor(first)])
+    assert data_hash(tasks.statistics_data("a", 10)) != data_hash(read(1)[1].statistics_data("a", 10))

@@ -258,7 +258,9 @@ def test_localiser_names_are_refused_as_a_single_tasks_importance(planted):
     ({"random_seeds": []}, "localisers.random_seeds"), ({"attribution_tokens": 0}, "localisers.attribution_tokens"),
     ({"attribution_images": True}, "localisers.attribution_images"), ({"eval_images": -5}, "localisers.eval_images"),
     ({"eval_tokens": 1.5}, "localisers.eval_tokens"), ({"n_boot": 0}, "localisers.n_boot"),
-    ({"methods": ["abs", "auroc", "kurtosis"]}, "localisers.methods")])
+    ({"methods": ["abs", "auroc", "kurtosis"]}, "localisers.methods"),
+    ({"lm_methods": ["abs", "saliency"]}, "localisers.lm_methods"), ({"lm_methods": []}, "localisers.lm_methods"),
+    ({"lm_methods": ["lape", "lape"]}, "localisers.lm_methods"), ({"lm_methods": "abs"}, "localisers.lm_methods")])
 def test_localiser_params_are_checked(section, message):
     from modsep_nb.params import ParamsError, load_params
     smoke = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
@@ -266,6 +268,7 @@ def test_localiser_params_are_checked(section, message):
         load_params(smoke, {"localisers": section})
     assert load_params(smoke, {"pruning": {"importance": "lape"}})["pruning"]["importance"] == "lape"
     assert load_params(smoke, {"localisers": {"methods": ["auroc", "attribution"], "eval_images": None}})
+    assert load_params(smoke, {"localisers": {"lm_methods": None}})["localisers"]["lm_methods"] is None
 
 
 def test_localiser_budgets_are_cut_never_raised():
@@ -278,6 +281,20 @@ def test_localiser_budgets_are_cut_never_raised():
     assert vit["vit"]["eval_images"] == 100 and lm["lm"]["eval_tokens"] == p["lm"]["eval_tokens"] == 128
     assert lm["lm"]["tasks"] == p["lm"]["tasks"][:2] and vit["lm"]["tasks"] == p["lm"]["tasks"]
     assert p["vit"]["eval_images"] == 300                       # the params themselves are not changed
+
+
+def test_the_lm_runs_its_own_localisers_and_the_vit_all_of_them():
+    """localisers.lm_methods: the LM's list (the default leaves out ttest and attribution); null: every method, as
+    the ViT always has."""
+    from modsep_nb.localisers import localiser_params
+    from modsep_nb.params import load_params
+    smoke = Path(__file__).resolve().parent.parent / "params" / "smoke.yaml"
+    p = load_params(smoke)
+    assert localiser_params(p, "lm")["localisers"]["methods"] == ["abs", "lape", "auroc", "attribution_contrast"]
+    assert localiser_params(p, "vit")["localisers"]["methods"] == p["localisers"]["methods"] == \
+        ["abs", "lape", "ttest", "auroc", "attribution", "attribution_contrast"]
+    every = load_params(smoke, {"localisers": {"lm_methods": None}})
+    assert localiser_params(every, "lm")["localisers"]["methods"] == every["localisers"]["methods"]
 
 
 def test_localiser_agreement_against_hand_counts_and_a_bootstrap_over_tasks():
@@ -321,3 +338,65 @@ def test_attribution_blocks_are_the_attribution_of_their_documents(planted):
     ev = overlap_evidence({t: r["blocks"] for t, r in runs.items()}, runs["a"]["blocks"], frac=0.05, n_boot=5,
                           n_null=5, seed=0, importance="attribution_contrast")
     assert bool(ev["masks"]["planted"][0, PLANTED]) and ev["null"]["median"].shape == (5,)
+
+
+def test_mid_ranks_equal_scipy_rankdata_with_and_without_ties():
+    """auroc's ranks (numpy's sort, ties by counting) are scipy's average ranks, row by row: rows with no
+    repeated value, a neuron that never fires (all equal) and rows of a few repeated values."""
+    from scipy.stats import rankdata
+    from modsep_nb.pruning import _mid_ranks
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(300, 24, generator=gen, dtype=torch.float64)
+    values[5] = 0.0
+    values[10:40] = torch.randint(0, 3, (30, 24), generator=gen).double()
+    np.testing.assert_array_equal(_mid_ranks(values).numpy(), rankdata(values.numpy(), axis=1))
+
+
+def _token_blocks(values: torch.Tensor) -> BlockStats:
+    """BlockStats whose block b holds one token per neuron with value values[b] ([B, L, d]): sums of x, |x|, x²,
+    1(x>0), sqrt|x| in MEANS' order."""
+    x = values.double()
+    sums = torch.stack([x, x.abs(), x ** 2, (x > 0).double(), x.abs().sqrt()], 1)
+    return BlockStats(torch.ones(x.shape[0], x.shape[1], dtype=torch.float64), sums, torch.ones(x.shape[0]))
+
+
+def _two_stage_trial(n_null: int):
+    from modsep_nb.localisers import Localisers
+    trial = Localisers.__new__(Localisers)       # _overlap reads only the params
+    trial.params = {"seed": 3, "evidence": {"n_boot": 20, "n_null": 20}, "localisers": {"n_null": n_null}}
+    return trial
+
+
+@pytest.mark.parametrize("same_sets", [False, True])
+def test_overlap_null_stops_after_its_first_stage_only_when_the_claim_cannot_pass(same_sets):
+    """Localisers._overlap against overlap_evidence run directly. Tasks of one constant activation select the same
+    (first) neurons (overlap 1, far above pseudo-tasks of a noisy domain): the whole null is drawn and the result is
+    overlap_evidence's with n_null. Tasks each high on their own neurons select disjoint sets (overlap 0, below the
+    null): the first 50 values already reach it, so only they are drawn, p is theirs ((1 + 50) / 51 = 1), and the
+    floor the claim reports stays that of the whole null."""
+    from modsep_nb.evidence import overlap_evidence
+    from modsep_nb.localisers import NULL_FIRST
+    gen = torch.Generator().manual_seed(0)
+    if same_sets:
+        tasks = {t: _token_blocks(torch.ones(8, 2, 50)) for t in "abcd"}
+    else:
+        tasks = {}
+        for k, t in enumerate("abcd"):
+            v = torch.rand(8, 2, 50, generator=gen)
+            v[:, :, 10 * k:10 * k + 2] += 5.0          # task k's own neurons
+            tasks[t] = _token_blocks(v)
+    domain = _token_blocks(torch.rand(64, 2, 50, generator=gen))
+    pipeline = dict(frac=0.02, mode="global", importance="abs", eps=1e-3, eps_relative=None, retain="rest")
+    got = _two_stage_trial(200)._overlap((tasks, domain), pipeline)
+    full = overlap_evidence(tasks, domain, n_boot=20, n_null=200, seed=3, **pipeline)
+    assert got["claim"].p_floor == pytest.approx(1 / 201)
+    if same_sets:
+        assert got["median"] == 1.0 and got["null"]["median"].size == 200
+        assert got["claim"].p == full["claim"].p == pytest.approx(1 / 201)
+        np.testing.assert_array_equal(got["null"]["median"], full["null"]["median"])
+    else:
+        first = overlap_evidence(tasks, domain, n_boot=20, n_null=NULL_FIRST, seed=3, **pipeline)
+        assert got["median"] == 0.0 and got["null"]["median"].size == NULL_FIRST
+        assert got["claim"].p == first["claim"].p == 1.0 and not got["claim"].supported
+        np.testing.assert_array_equal(got["null"]["median"], full["null"]["median"][:NULL_FIRST])
+        assert "stopped after 50" in got["claim"].floor_n

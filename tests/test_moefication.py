@@ -369,7 +369,9 @@ def test_router_fit_equals_ridge_regression_by_hand(tiny_llama):
         aug_x = np.vstack([x, np.sqrt(lam) * np.eye(17)[:16]])
         aug_y = np.vstack([y, np.zeros((16, N_EXPERTS))])
         expected = np.linalg.lstsq(aug_x, aug_y, rcond=None)[0]
-        np.testing.assert_allclose(router.weights[layer].numpy(), expected, rtol=1e-5, atol=1e-7)
+        # batched vs one-text forwards differ in float32 rounding, which the solve carries to ~1e-6 of the scale
+        np.testing.assert_allclose(router.weights[layer].numpy(), expected, rtol=1e-4,
+                                   atol=1e-5 * np.abs(expected).max())
 
 
 def test_router_fitted_on_the_same_few_tokens_matches_the_oracle(tiny_llama):

@@ -362,3 +362,28 @@ def test_iterative_pruning_recollects_on_the_pruned_model(tiny_llama):
     assert (mask & first).sum() == k
     # later steps were measured with the earlier selections ablated: those neurons read exactly zero
     assert torch.all(seen[1].mean_abs[first] == 0) and torch.all(seen[0].mean_abs[first] > 0)
+
+
+def test_selection_is_the_one_route_from_statistics_to_masks():
+    """pruning.Selection: scores I(F) / (I(R) + eps) against the pooled other tasks (or the general corpus), the
+    top frac by mode; evidence.pipeline_masks is the same route."""
+    from modsep_nb.evidence import pipeline_masks
+    from modsep_nb.pruning import Selection
+    from modsep_nb.statistics import weighted_pool
+    gen = torch.Generator().manual_seed(0)
+    stats = {t: NeuronStats.from_sums(torch.tensor([4.0, 4.0]), [torch.rand(2, 8, generator=gen, dtype=torch.float64)
+                                                                 for _ in range(5)]) for t in "abc"}
+    selection = Selection(0.25, "per_layer", "abs", eps=0.01)
+    masks = selection.masks(stats)
+    for t, st in stats.items():
+        by_hand = st.mean_abs / (weighted_pool([s for u, s in stats.items() if u != t]).mean_abs + 0.01)
+        expected = torch.zeros(2, 8, dtype=torch.bool)
+        expected.scatter_(1, by_hand.argsort(dim=1, descending=True)[:, :2], True)      # 25% of 8 in each layer
+        assert torch.equal(masks[t], expected)
+    assert all(torch.equal(masks[t], m) for t, m in pipeline_masks(stats, **selection.kwargs()).items())
+    with pytest.raises(ValueError, match="general corpus"):
+        Selection(0.25, retain="general").masks(stats)
+    general = Selection(0.25, retain="general", eps=0.01, general=stats["a"]).scores(stats)
+    torch.testing.assert_close(general["b"], stats["b"].mean_abs / (stats["a"].mean_abs + 0.01))
+    with pytest.raises(AttributeError):
+        selection.frac = 0.5                           # frozen: one selection, not a settings bag that drifts

@@ -67,7 +67,7 @@ def test_random_init_results_keep_the_saved_layout(tmp_path, llama_dir):
     """RandomInit.results() writes the comparison (a dataclass) as the dict notebook 04 always saved."""
     from modsep_nb.random_init import RandomInit
     report = _report(tmp_path, llama_dir, "04_random_init_control",
-                     random_init={"seeds": [1, 2], "fracs": [0.1, 0.2], "n_perm": 20})
+                     random_init={"seeds": [1, 2], "fracs": [0.1, 0.2], "frac": 0.2, "n_perm": 20})
     ri = RandomInit(report, kinds=("lm",))
     saved = plain(ri.results())               # the results cell first: every step computes what it needs
     trained, randoms = ri.studies["lm"]["trained"], ri.studies["lm"]["randoms"]
@@ -83,6 +83,34 @@ def test_random_init_results_keep_the_saved_layout(tmp_path, llama_dir):
     assert modes["trained"] == pytest.approx(per_layer[0].median, nan_ok=True)
     assert modes["random"] == pytest.approx(float(np.median(np.concatenate([s.pairs for s in per_layer[1:]]))),
                                             nan_ok=True)
+
+
+def test_random_init_claims_use_the_fraction_fixed_in_advance(tmp_path, llama_dir):
+    """Issue #26 item 10: the claims' fraction is random_init.frac, not the sweep's largest (picked after the fact);
+    the sweep still covers it."""
+    from modsep_nb.random_init import RandomInit
+    report = _report(tmp_path, llama_dir, "04_random_init_control",
+                     random_init={"seeds": [1], "fracs": [0.2, 0.3], "frac": 0.1, "n_perm": 20})
+    ri = RandomInit(report, kinds=("lm",))
+    assert ri.f_show == 0.1 and ri.fracs == [0.1, 0.2, 0.3]
+    assert all("top 10.0%" in c.statement for c in ri.claims if c.id.startswith("trained_overlap"))
+
+
+def test_claim_fractions_and_seeds_are_checked_params():
+    """Issue #26 items 8-10: the claims' fixed fractions and the routing seeds are params, refused when unusable."""
+    from modsep_nb.params import ParamsError, load_params
+    with pytest.raises(ParamsError, match="'moefication.claim_frac'"):       # a fraction the curves never route
+        load_params(overrides={"moefication": {"keep_fracs": [0.25, 1.0], "claim_frac": 0.5}})
+    with pytest.raises(ParamsError, match="'moefication.claim_frac'"):       # every expert kept: nothing to compare
+        load_params(overrides={"moefication": {"keep_fracs": [0.25, 1.0], "claim_frac": 1.0}})
+    with pytest.raises(ParamsError, match="'moefication.reseed_param'"):
+        load_params(overrides={"moefication": {"reseed_param": ["gpt"]}})
+    with pytest.raises(ParamsError, match="'moefication.n_seeds'"):
+        load_params(overrides={"moefication": {"n_seeds": 0}})
+    with pytest.raises(ParamsError, match="'random_init.frac'"):
+        load_params(overrides={"random_init": {"frac": 0}})
+    p = load_params(overrides={"moefication": {"eval_tasks": None, "claim_frac": None}})
+    assert p["moefication"]["eval_tasks"] is None and p["moefication"]["claim_frac"] is None
 
 
 def test_overlap_summary_fields():
@@ -106,3 +134,27 @@ def test_image_tasks_groups():
     assert ImageTasks({}, train, None, {"tasks": "classes"}).groups == FASHION_MNIST_GROUPS
     assert ImageTasks({}, train, None, {"tasks": "groups"}).groups is None          # the groups are the tasks
     assert ImageTasks({}, SimpleNamespace(groups=None), None, {"tasks": "classes"}).groups is None
+
+
+def test_selective_pruning_cells_in_any_order(tmp_path, llama_dir):
+    """Notebook 01/02's steps compute what they need on demand: the bisection cell run before the fixed-fraction
+    cell (JupyterLab) gives the notebook order's matrices, and the fixed matrix is then shown, not recomputed."""
+    from test_study import _predicting_unk          # accuracies that move with what is ablated
+    from modsep_nb.selective import SelectivePruning
+    from modsep_nb.study import Study
+    sections = {"pruning": {"frac": 0.1, "target": 0.8, "random_seeds": [0], "max_steps": 3}}
+
+    def steps(folder):
+        report = _report(tmp_path / folder, llama_dir, "02_mistral_pruning", **sections)
+        return SelectivePruning(_predicting_unk(Study.from_params(report.params, "lm")), report, "02")
+    in_order = steps("a")
+    fixed, target = in_order.cross_task_fixed(), in_order.cross_task_target()
+    assert np.isfinite(target.matrix).all() and all(0 < a < 1 for a in fixed.base.values())
+    first = steps("b")
+    got = first.cross_task_target()
+    assert got.fracs == target.fracs and np.array_equal(got.matrix, target.matrix)
+    again = first.cross_task_fixed()
+    assert again is first.fixed and again.base == fixed.base
+    np.testing.assert_array_equal(again.matrix, fixed.matrix)
+    np.testing.assert_array_equal(again.random_matrix, fixed.random_matrix)
+    assert first.findings() == in_order.findings()             # the overlap sets too, computed where first needed

@@ -3,6 +3,7 @@ one hook API, one cache helper, and a package whose modules import each other wi
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 import warnings
 from pathlib import Path
@@ -15,6 +16,7 @@ from conftest import save_hf_vit
 from modsep_nb import files
 from modsep_nb.params import load_params
 from modsep_nb.pruning import ablate, prune_scores, task_scores
+from modsep_nb.selective import claims, pseudo_selectivity
 from modsep_nb.statistics import NeuronStats, weighted_pool
 from modsep_nb.study import Study
 from modsep_nb.tasks import ImageTasks, TextTasks
@@ -109,7 +111,7 @@ def test_retain_general_and_mean_ablation_run_end_to_end(tmp_path, llama_dir, mo
     stats = study.stats(progress=False)
     general = study.general_stats()     # the external corpus: none of the tasks' documents, not their pool
     used = {d for t in study.task_names for d in (*study.tasks[t].collect, *study.tasks[t].evaluate)}
-    assert study.general_data(0) and not used & set(study.general_data(0))
+    assert study.general_data(48) and not used & set(study.general_data(48))
     assert not torch.equal(general.mean_abs, weighted_pool(list(stats.values())).mean_abs)
     scores = study.scores()
     for t in study.task_names:
@@ -170,11 +172,52 @@ def test_image_tasks_budget_and_accuracy_per_task(tmp_path):
     assert study.stats(progress=False)["tops"].count[0] == 12 * 17      # 16 patches + CLS per image
 
 
-def test_text_tasks_give_the_collect_documents(tmp_path, llama_dir):
+def test_text_tasks_give_the_collect_documents_their_budget_reads(tmp_path, llama_dir):
+    from modsep_nb.data import document_windows
+    from modsep_nb.statistics import collect_block_stats
     study = Study.from_params(_params(tmp_path, llama_dir), "lm")
-    assert isinstance(study.tasks, TextTasks) and study.tasks.unit == "tokens"
-    assert study.tasks.statistics_data("law", 48) == study.tasks["law"].collect
-    assert not set(study.tasks["law"].collect) & set(study.tasks["law"].evaluate)
+    tasks, tok, collect = study.tasks, study.handle.tokenizer, study.tasks["law"].collect
+    assert isinstance(tasks, TextTasks) and tasks.unit == "tokens"
+    assert tasks.statistics_data("law", None) == collect
+    assert not set(collect) & set(tasks["law"].evaluate)
+    # the budget is honoured: the first documents, as far as the collector reads, and their windows are the same
+    read = {b: tasks.statistics_data("law", b) for b in (20, 48)}
+    assert 0 < len(read[20]) < len(read[48]) < len(collect)
+    for budget, docs in read.items():
+        assert docs == collect[:len(docs)]
+        assert tasks.statistics_names("law", budget) == list(tasks["law"].collect_ids[:len(docs)])
+        assert document_windows(tok, docs, ctx=16, max_tokens=budget) == document_windows(tok, collect, ctx=16,
+                                                                                            max_tokens=budget)
+        assert document_windows(tok, docs[:-1], ctx=16, max_tokens=budget) != document_windows(
+            tok, collect, ctx=16, max_tokens=budget)                                 # and its last one is read
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):         # a budget in tokens needs one
+        TextTasks(tasks.tasks, tasks.settings).statistics_data("law", 20)
+    # the statistics (per block of documents) of the budget's documents are those of all of them, bit for bit
+    options = {"max_tokens": 48, "batch_size": 4, **tasks.collect_options()}
+    few, every = (collect_block_stats(study.handle, docs, 4, progress=False, **options) for docs in (read[48], collect))
+    assert torch.equal(few.count, every.count) and torch.equal(few.sums, every.sums)
+
+
+def test_text_and_image_tasks_implement_one_seam():
+    """tasks.Tasks: every member of the Protocol on both modalities, methods with the same parameters, so a Study
+    calls either the same way."""
+    import inspect
+    from modsep_nb.tasks import ImageTasks, Tasks
+    methods = {n: v for n, v in vars(Tasks).items() if (callable(v) or isinstance(v, property))
+               and (not n.startswith("_") or n == "__getitem__")}
+    assert len(methods) + len(Tasks.__annotations__) >= 17 and "general_data" in methods
+    for cls in (TextTasks, ImageTasks):
+        for name in Tasks.__annotations__:
+            assert isinstance(getattr(cls, name), str), (cls, name)
+        for name, member in methods.items():
+            got = getattr(cls, name)
+            if isinstance(member, property):
+                assert isinstance(got, property), (cls, name)
+            else:
+                assert list(inspect.signature(got).parameters) == list(inspect.signature(member).parameters), (cls, name)
+    assert isinstance(TextTasks({}, {}), Tasks) and isinstance(ImageTasks({}, None, None, {}), Tasks)
+    assert {TextTasks.section, ImageTasks.section} == {"lm", "vit"}
+    assert (TextTasks.stats_key, ImageTasks.stats_key) == ("stats_tokens", "stats_images")      # keys, never built
 
 
 # -- one cache helper ---------------------------------------------------------------------------------------
@@ -290,7 +333,7 @@ def test_claims_of_a_study_carry_interval_null_and_test(tmp_path, llama_dir):
     params["evidence"].update({"n_boot": 40, "n_null": 20, "n_perm": 50, "n_blocks": 4})
     study = Study.from_params(params, "lm")
     groups = {"legal": ["law", "licenses"], "other": ["docs"]}
-    result = study.claims(0.1, groups)
+    result = claims(study, 0.1, groups)
     ids = [c.id for c in result["claims"]]
     assert ids == ["selectivity", "selectivity_per_task", "overlap_above_null", "related_share_more"]
     for c in result["claims"]:
@@ -305,7 +348,7 @@ def test_claims_of_a_study_carry_interval_null_and_test(tmp_path, llama_dir):
     by_hand = fixed.selectivity()
     assert result["claims"][0].estimate == pytest.approx(np.mean(by_hand["selectivity"]) -
                                                          np.mean(by_hand["random_selectivity"]), nan_ok=True)
-    again = study.claims(0.1, groups, fixed=fixed)
+    again = claims(study, 0.1, groups, fixed=fixed)
     assert again["claims"][0].estimate == pytest.approx(result["claims"][0].estimate, nan_ok=True)
     assert again["claims"][0].ci == pytest.approx(result["claims"][0].ci, nan_ok=True)
     related = result["related"]
@@ -334,22 +377,22 @@ def test_selectivity_claim_against_pseudo_tasks(tmp_path, llama_dir):
     params["evidence"].update({"n_boot": 40, "n_null": 6, "n_null_ablation": 5, "n_blocks": 4})
     params["lm"].update({"eval_tokens": 200, "selectivity_null": True})
     study = _predicting_unk(Study.from_params(params, "lm"))
-    null = study.selectivity_null(0.1, 5, seed=3)
+    null = pseudo_selectivity(study, 0.1, 5, seed=3)
     assert null.shape == (5,) and np.isfinite(null).all()
-    assert np.array_equal(null, study.selectivity_null(0.1, 5, seed=3))            # seeded
-    result = study.claims(0.1, {"legal": ["law", "licenses"], "other": ["docs"]}, seed=1)
+    assert np.array_equal(null, pseudo_selectivity(study, 0.1, 5, seed=3))            # seeded
+    result = claims(study, 0.1, {"legal": ["law", "licenses"], "other": ["docs"]}, seed=1)
     claim = result["claims"][0]
     fixed = study.cross_task(frac=0.1, progress=False).selectivity()
     observed = np.mean(fixed["selectivity"]) - np.mean(fixed["random_selectivity"])
-    null = study.selectivity_null(0.1, 5, seed=3)            # what claims uses: seed + 2
+    null = pseudo_selectivity(study, 0.1, 5, seed=3)            # what claims uses: seed + 2
     assert claim.estimate == pytest.approx(observed - null.mean())
     assert claim.p == pytest.approx((1 + int(np.sum(null >= observed))) / 6)
     np.testing.assert_array_equal(result["selectivity"]["null"], null)       # not the related test's null
     params["lm"]["selectivity_null"] = False           # off: the null is 0 (exchangeability), no pseudo-task pass
-    plain_result = Study(study.handle, params, "lm", study.tasks).claims(0.1, seed=1)
+    plain_result = claims(Study(study.handle, params, "lm", study.tasks), 0.1, seed=1)
     plain = plain_result["claims"][0]
     assert plain_result["selectivity"]["null"] is None
-    forced = Study(study.handle, params, "lm", study.tasks).claims(0.1, seed=1, selectivity_null=True)
+    forced = claims(Study(study.handle, params, "lm", study.tasks), 0.1, seed=1, selectivity_null=True)
     np.testing.assert_array_equal(forced["selectivity"]["null"], null)            # the argument overrides params
     one_seed = study.cross_task(frac=0.1, random_seeds=[7], progress=False)
     assert one_seed.random_pruned.shape[0] == 1 and one_seed.settings["random_seeds"] == [7]
@@ -367,8 +410,18 @@ def test_random_init_claims(tmp_path, llama_dir):
     comparison = overlaps.random_init_comparison(trained.masks(0.1), [r.masks(0.1) for r in randoms], n_perm=50)
     differs, persists = random_init_claims("lm", trained, randoms, comparison.persistence, 0.1)
     assert differs.id == "trained_overlap_differs_from_random[lm]" and differs.direction == "two-sided"
-    assert differs.estimate == pytest.approx(float(np.median(comparison.trained) - np.median(comparison.random)),
-                                             nan_ok=True)
+
+    def excess(masks):      # issue #26 item 10: each pair's overlap minus its layer-matched chance, by hand
+        out = []
+        for a, b in itertools.combinations(list(masks.values()), 2):
+            na, nb = a.sum(1).double(), b.sum(1).double()
+            smaller = min(float(na.sum()), float(nb.sum()))
+            out.append(float((a & b).sum()) / smaller - float((na * nb).sum()) / a.shape[1] / smaller)
+        return out
+    expected = np.median(excess(trained.masks(0.1))) - np.median(sum((excess(r.masks(0.1)) for r in randoms), []))
+    assert differs.estimate == pytest.approx(expected, nan_ok=True) and "top 10.0%" in differs.statement
+    # n: the units resampled, every task's blocks of documents (at most n_blocks 4 each), not 1 + seeds
+    assert differs.n == sum(b.n_blocks for b in trained.block_stats().values()) and 4 < differs.n <= 16
     assert persists.id == "pattern_persists[lm]" and persists.n == 2 and persists.correction == "holm"
     rhos = sorted(p["rho"] for p in comparison.persistence)
     assert comparison.rhos == [p["rho"] for p in comparison.persistence]
@@ -410,6 +463,51 @@ def test_routing_evidence_matches_the_routing_curve(tmp_path, llama_dir):
             point = np.mean(list(result["curve"][method][frac].values()))
             lo, hi = result["bands"][method][frac]
             assert np.isfinite(point) and lo <= point + 1e-9 and point <= hi + 1e-9
+
+
+def test_routing_claims_average_over_split_seeds(tmp_path, llama_dir):
+    """Issue #26 item 8: the routing claim is the mean over split seeds of (param - random) at the claim's fraction,
+    each seed's splits routed on their own (a method a seed leaves out keeps the first seed's split)."""
+    from modsep_nb.moefication import random_balanced_split
+    from modsep_nb.routing import routing_curve, routing_evidence
+    params = _params(tmp_path, llama_dir)
+    params["moefication"]["lm_experts"] = 4
+    params["evidence"]["n_boot"] = 40
+    study = _predicting_unk(Study.from_params(params, "lm"))        # accuracies that move with the routing
+    d, n_layers, tasks = study.handle.d_mlp, study.handle.n_layers, ["docs", "law"]
+    split = lambda s: torch.stack([random_balanced_split(d, 4, seed=s + i) for i in range(n_layers)])  # noqa: E731
+    first = {"param": split(10), "random": split(20)}
+    reseeded = [{"random": split(30)}, {"random": split(40), "param": split(50)}]
+    result = routing_evidence(study, first, [0.25, 0.5, 1.0], tasks, reseeded=reseeded, claim_frac=0.5)
+    (claim,) = result["claims"]
+    expected = []
+    for param, random in ((first["param"], first["random"]), (first["param"], split(30)), (split(50), split(40))):
+        curves = [routing_curve(study, labels, [0.5], tasks)[0.5] for labels in (param, random)]
+        expected.append(np.mean([curves[0][t] for t in tasks]) - np.mean([curves[1][t] for t in tasks]))
+    assert np.isfinite(expected).all() and len(set(np.round(expected, 9))) > 1     # seeds that differ
+    assert result["seeds"]["param"] == pytest.approx(expected)
+    assert claim.estimate == pytest.approx(np.mean(expected))
+    assert "3 split seeds" in claim.statement
+    # one seed (no reseeded): the claim at claim_frac is that seed's difference, as before
+    (single,) = routing_evidence(study, first, [0.25, 0.5, 1.0], tasks, claim_frac=0.5)["claims"]
+    assert single.estimate == pytest.approx(expected[0])
+    with pytest.raises(ValueError, match="claim_frac"):
+        routing_evidence(study, first, [0.25, 1.0], tasks, claim_frac=0.5)
+
+
+def test_seeds_and_documents_resamples_seeds_as_well():
+    """With no document noise (every resample of a seed equals its value) the old one-seed interval would be a
+    point; resampling seeds gives the bootstrap of the seeds' mean: inside their range, around their mean. With
+    identical seeds it is the documents' resamples unchanged."""
+    from modsep_nb.routing import seeds_and_documents
+    observed = np.array([0.054, 0.017, 0.037, 0.034])        # the issue's four LM split seeds
+    estimate, samples = seeds_and_documents(observed, np.repeat(observed[:, None], 2000, 1), seed=0)
+    assert estimate == pytest.approx(observed.mean())
+    assert observed.min() <= samples.min() and samples.max() <= observed.max()
+    assert samples.std() == pytest.approx(observed.std() / 2, rel=0.1)      # sd of a mean of 4 draws: sd / sqrt(4)
+    docs = np.random.default_rng(1).normal(size=300)
+    estimate, samples = seeds_and_documents([0.2, 0.2, 0.2], np.tile(docs, (3, 1)), seed=0)
+    assert estimate == pytest.approx(0.2) and samples == pytest.approx(docs)
 
 
 def test_splits_under_another_seed(tmp_path, llama_dir):
@@ -516,7 +614,7 @@ def test_a_first_position_neuron_is_not_selected_for_short_documents(tmp_path):
     counted = {t: float(s.mean_abs[layer, neuron]) for t, s in off.stats(progress=False).items()}
     assert counted["short"] > 2 * counted["long"] and counted["short"] > counted["middle"] > counted["long"] > 0
     assert bool(off.masks(0.05)["short"][layer, neuron])          # selected: the test below has teeth
-    assert {c.id: c for c in off.claims(0.05)["claims"]}["selectivity"].supported
+    assert {c.id: c for c in claims(off, 0.05)["claims"]}["selectivity"].supported
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)             # every task reaches every position: no warning
@@ -525,7 +623,7 @@ def test_a_first_position_neuron_is_not_selected_for_short_documents(tmp_path):
     assert study.settings["skip_positions"] == [0] and study.settings["equal_positions"] is True
     assert all(float(s.mean_abs[layer, neuron]) < 1e-4 for s in stats.values())      # it never fires after position 0
     assert not any(bool(m[layer, neuron]) for m in study.masks(0.05).values())
-    result = {c.id: c for c in study.claims(0.05)["claims"]}
+    result = {c.id: c for c in claims(study, 0.05)["claims"]}
     for claim_id in ("selectivity", "selectivity_per_task"):
         assert math.isfinite(result[claim_id].estimate) and not result[claim_id].supported, result[claim_id]
     per_task = result["selectivity_per_task"].per_task

@@ -212,7 +212,15 @@ def test_image_folder_without_test_split_end_to_end(tmp_path):
     record = study.record()
     assert record["pets"]["source"] == "imgs"
     assert len(record["pets"]["statistics"]) == 4
-    assert record["pets"]["statistics"] == [i for i in tasks.train.ids if i.split("/")[0] in ("cat", "dog")][:4]
+    # a seeded sample of the task's train images (not the first in folder order), listed in dataset order
+    pets = [i for i in tasks.train.ids if i.split("/")[0] in ("cat", "dog")]
+    chosen = record["pets"]["statistics"]
+    assert set(chosen) <= set(pets) and chosen == sorted(chosen, key=tasks.train.ids.index)
+    assert chosen == [tasks.train.ids[i] for i in tasks.statistics_indices("pets", 4)]
+    # the attribution's data (07) is the same seeded sample, with each image's own label
+    labelled = tasks.labelled_data("pets", 4)
+    assert torch.equal(labelled.images, tasks.statistics_data("pets", 4))
+    assert [f"{labelled.class_names[int(k)]}/" for k in labelled.labels] == [c[:c.index("/") + 1] for c in chosen]
     assert sorted(record["wild"]["evaluation"]) == sorted(i for i in tasks.test.ids if i.startswith("fox/"))
     same = study.tasks.from_params(load_params(path), image_shape=(3, 16, 16))
     other = study.tasks.from_params({**load_params(path), "seed": 1}, image_shape=(3, 16, 16))
