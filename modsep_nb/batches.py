@@ -68,7 +68,7 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
             if documents:
                 collector.documents = docs
             if cls_only:
-                n_tok = _n_image_tokens(handle)
+                n_tok = n_image_tokens(handle)
                 pos = torch.zeros(x.shape[0], n_tok, dtype=torch.bool)
                 pos[:, 0] = True
                 collector.positions = pos
@@ -77,7 +77,7 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
             on_logits(out, start, *([docs] if documents else []))
 
 
-def _n_image_tokens(handle) -> int:
+def n_image_tokens(handle) -> int:
     c, h, w = handle.image_shape
     if not hasattr(handle.model, "config"):   # timm: patches plus its class (and distillation) tokens
         return handle.model.patch_embed.num_patches + getattr(handle.model, "num_prefix_tokens", 1)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .claims import Claim, benjamini_hochberg, resample_p
 from .evidence import paired_difference_ci, percentile_ci
-from .moefication import _check_labels, check_n_experts, layer_seeds
+from .moefication import check_labels, check_n_experts, layer_seeds
 from .pruning import as_mask, select_neurons
 
 STATISTICS = ("auc", "share_significant", "mean_obs_over_exp")
@@ -48,7 +48,7 @@ def expert_counts(selected: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if labels.shape[-1] != selected.shape[0] or labels.dim() not in (1, 2):
         raise ValueError(f"labels must be [d_mlp] or [P, d_mlp] with d_mlp={selected.shape[0]}, "
                          f"got shape {tuple(labels.shape)}")
-    n_experts = _check_labels(labels)       # integer ids only: .long() would truncate float labels silently
+    n_experts = check_labels(labels)       # integer ids only: .long() would truncate float labels silently
     labels = labels.long()
     lab2 = labels.reshape(-1, labels.shape[-1])
     counts = torch.zeros(lab2.shape[0], n_experts, dtype=torch.long)
@@ -96,7 +96,7 @@ def concentration_auc(selected: torch.Tensor, labels: torch.Tensor) -> float | t
     """
     auc = _trapezoid_auc(concentration_curve(selected, labels))
     d = selected.shape[0]
-    n_experts = _check_labels(labels.cpu())
+    n_experts = check_labels(labels.cpu())
     best = packed_auc(int(selected.sum()), d, n_experts)
     out = (auc - 0.5) / (best - 0.5) if best > 0.5 else torch.full_like(auc, float("nan"))
     return float(out) if labels.dim() == 1 else out
@@ -315,7 +315,7 @@ def layer_correspondence(selected_mask: torch.Tensor, labels: torch.Tensor, *, n
     if labels.shape != selected_mask.shape:
         raise ValueError(f"labels {tuple(labels.shape)} and selected_mask {tuple(selected_mask.shape)} differ in shape")
     n_layers, d = selected_mask.shape
-    n_experts = _check_labels(labels.cpu())
+    n_experts = check_labels(labels.cpu())
     seeds = layer_seeds(seed, n_layers)
     nan = float("nan")
     rows = []

@@ -33,7 +33,7 @@ from . import plots, selective
 from .claims import Claim, resample_p
 from .correspondence import random_balanced_splits, task_correspondence
 from .evaluation import selectivity
-from .evidence import _seeds, bootstrap_masks, paired_difference_ci, percentile_ci, ratio_of_sums
+from .evidence import child_seeds, bootstrap_masks, paired_difference_ci, percentile_ci, ratio_of_sums
 from .models import load_model
 from .overlaps import layer_matched_chance, overlap, overlap_matrix, pattern_persistence
 from .params import device_of, dtype_of
@@ -177,7 +177,7 @@ def correspondence_z(scores: dict, labels: torch.Tensor, frac: float, *, n_null:
     n_layers, d_mlp = labels.shape
     n_experts = int(labels.max()) + 1
     null = []
-    for child in _seeds(seed + 7, n_splits):
+    for child in child_seeds(seed + 7, n_splits):
         split = torch.stack([random_balanced_splits(d_mlp, n_experts, 1, seed=child + layer)[0]
                              for layer in range(n_layers)])
         null.append(float(np.nanmean(mean_z(split))))

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .pruning import ablate, select_neurons
 from .batches import run_batches
 from .data import images_and_labels, lm_batches
-from .statistics import _shard
+from .statistics import shard_of
 
 
 def lm_token_metrics(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
@@ -305,7 +305,7 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
         raw_all = lambda: {t: evaluators[t]() for t in tasks}  # noqa: E731
     raw_one = (lambda t: raw_all()[t]) if callable(evaluators) else (lambda t: evaluators[t]())  # noqa: E731
     evaluate_one = lambda t: accuracy_of(raw_one(t))  # noqa: E731
-    rank, world = _shard(distributed)
+    rank, world = shard_of(distributed)
     base = dict(base) if base else {}       # accuracies, or per-document hits as the evaluators give them
     missing = [t for t in tasks if t not in base]
     if missing and callable(evaluators):    # one pass gives every task: splitting it would save nothing

@@ -53,7 +53,7 @@ def _check_units(task, n: int, what: str = "documents") -> None:
                       f"split long documents into pieces", RuntimeWarning, stacklevel=3)
 
 
-def _seeds(seed: int, n: int) -> list[int]:
+def child_seeds(seed: int, n: int) -> list[int]:
     """n independent child seeds of `seed` (one per task, so tasks are resampled independently)."""
     return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(n)]
 
@@ -98,7 +98,7 @@ def cross_task_bootstrap(base: Mapping[str, np.ndarray], pruned: Mapping[str, Ma
     T = len(tasks)
     samples = np.empty((n_boot, T, T))
     matrix = np.empty((T, T))
-    for j, (b, child) in enumerate(zip(tasks, _seeds(seed, T))):
+    for j, (b, child) in enumerate(zip(tasks, child_seeds(seed, T))):
         den = np.asarray(base[b], dtype=np.float64)
         _check_units(b, len(den), "evaluation documents")
         w = bootstrap_weights(len(den), n_boot, child).numpy()
@@ -143,11 +143,11 @@ def pipeline_masks(stats: Mapping, *, frac: float, mode: str = "global", importa
     """pruning.Selection(...).masks(stats), Study.scores/masks' route ('rest': the other tasks pooled; 'general':
     the general corpus's NeuronStats `general`, the same for the real tasks, their resamples and the null): one
     function for the real tasks, their resamples and the null.
-    A block localiser (auroc) takes {task: BlockStats} (_resampled gives them), an attribution {task: [L, d_mlp]}."""
+    A block localiser (auroc) takes {task: BlockStats} (resampled_stats gives them), an attribution {task: [L, d_mlp]}."""
     return Selection(frac, mode, importance, eps, eps_relative, retain, general).masks(stats)
 
 
-def _resampled(blocks: BlockStats, weights, importance: str = "abs"):
+def resampled_stats(blocks: BlockStats, weights, importance: str = "abs"):
     """Yield what pipeline_masks reads for each row of weights [K, B]: the blocks merged with those weights, or for
     a block localiser (it ranks blocks) the blocks repeated as many times as their weights say."""
     if importance not in BLOCK_LOCALISERS:
@@ -183,8 +183,8 @@ def bootstrap_masks(task_blocks: Mapping[str, BlockStats], n_boot: int, seed: in
     names = list(task_blocks)
     for t in names:
         _check_units(t, task_blocks[t].n_blocks, "blocks of documents")
-    draws = {t: _resampled(task_blocks[t], bootstrap_weights(task_blocks[t].n_blocks, n_boot, s),
-                           pipeline.get("importance", "abs")) for t, s in zip(names, _seeds(seed, len(names)))}
+    draws = {t: resampled_stats(task_blocks[t], bootstrap_weights(task_blocks[t].n_blocks, n_boot, s),
+                           pipeline.get("importance", "abs")) for t, s in zip(names, child_seeds(seed, len(names)))}
     for _ in range(n_boot):
         yield pipeline_masks({t: next(draws[t]) for t in names}, **pipeline)
 
@@ -286,7 +286,7 @@ def pseudo_task_null(domain: BlockStats | Sequence[BlockStats], sizes, n_null: i
     one {pseudo-task: mask} per replicate, for pseudo_cross_task), "domain" [n_null]: the domain of each}."""
     if isinstance(domain, (list, tuple)):
         counts = np.diff(np.round(np.linspace(0, n_null, len(domain) + 1))).astype(int)
-        seeds = [seed] if len(domain) == 1 else _seeds(seed, len(domain))
+        seeds = [seed] if len(domain) == 1 else child_seeds(seed, len(domain))
         parts = [pseudo_task_null(d, z, int(k), child, keep_masks=keep_masks, **pipeline)
                  for d, z, k, child in zip(domain, sizes, counts, seeds) if k]
         return {"pairs": np.concatenate([p["pairs"] for p in parts]),
@@ -297,11 +297,11 @@ def pseudo_task_null(domain: BlockStats | Sequence[BlockStats], sizes, n_null: i
     pairs, layer_matched, kept = [], [], []
     indicator = torch.zeros(n_null, len(sizes), domain.n_blocks, dtype=torch.float64)
     matched = not isinstance(sizes[0], (int, np.integer))
-    for r, child in enumerate(_seeds(seed, n_null)):
+    for r, child in enumerate(child_seeds(seed, n_null)):
         split = _matched_partition(domain, sizes, child) if matched else _partition(domain.n_blocks, sizes, child)
         for k, part in enumerate(split):
             indicator[r, k, torch.from_numpy(part)] = 1.0
-    merged = _resampled(domain, indicator.flatten(0, 1), pipeline.get("importance", "abs"))   # replicates in order
+    merged = resampled_stats(domain, indicator.flatten(0, 1), pipeline.get("importance", "abs"))   # replicates in order
     for _ in range(n_null):
         masks = pipeline_masks({f"pseudo{k}": next(merged) for k in range(len(sizes))}, **pipeline)
         pairs.append(_pairs(masks))
@@ -324,7 +324,7 @@ def pseudo_cross_task(handle, null_masks: Sequence[Mapping[str, torch.Tensor]], 
     if base.shape != (n_documents,):
         raise ValueError(f"evaluate_documents returned {base.shape} hits but n_documents is {n_documents}")
     out = []
-    for masks, child in zip(null_masks, _seeds(seed, len(null_masks))):
+    for masks, child in zip(null_masks, child_seeds(seed, len(null_masks))):
         names = list(masks)
         parts = _partition(n_documents, [n_documents // len(names)] * len(names), child)
         matrix = np.empty((len(names), len(names)))

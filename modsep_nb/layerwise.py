@@ -21,7 +21,7 @@ from . import plots
 from .claims import Claim
 from .correspondence import (LayerCorrespondence, correspondence_claims, ends_vs_middle, layer_correspondence,
                              mean_z_against, task_correspondence)
-from .evidence import _resampled, _seeds, activation_control_mask
+from .evidence import resampled_stats, child_seeds, activation_control_mask
 from .pruning import select_neurons
 from .statistics import bootstrap_weights
 from .study import Study
@@ -37,8 +37,8 @@ def resampled_correspondence_z(study: Study, by_frac: dict, control_by_frac: dic
     resamples so that the control's own sampling variability enters the test."""
     blocks, labels = study.block_stats(progress=False), study.splits("param", progress=False)
     names, importance = list(next(iter(by_frac.values()))), study.params["pruning"]["importance"]
-    draws = {t: _resampled(blocks[t], bootstrap_weights(blocks[t].n_blocks, n_boot, s), importance)
-             for t, s in zip(names, _seeds(study.params["seed"], len(names)))}
+    draws = {t: resampled_stats(blocks[t], bootstrap_weights(blocks[t].n_blocks, n_boot, s), importance)
+             for t, s in zip(names, child_seeds(study.params["seed"], len(names)))}
     task_z, control_z = np.empty((n_boot, len(names))), np.empty(n_boot)
     for k in range(n_boot):
         stats = {t: next(draws[t]) for t in names}

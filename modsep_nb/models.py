@@ -91,7 +91,7 @@ class CorruptModelError(ValueError):
     """A local model folder that cannot be read, or weights that are NaN or infinite."""
 
 
-def _get(obj, dotted: str):
+def get_attr(obj, dotted: str):
     """Follow a dotted path; "a.b|c.d" lists alternatives (module names differ across library versions)."""
     paths = dotted.split("|")
     for i, path in enumerate(paths):
@@ -152,7 +152,7 @@ class ModelHandle:
 
     @property
     def blocks(self):
-        return _get(self.model, self.arch.blocks)
+        return get_attr(self.model, self.arch.blocks)
 
     @property
     def n_layers(self) -> int:
@@ -163,14 +163,14 @@ class ModelHandle:
         self._not_moe()
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers")
-        return _get(self.blocks[layer], self.arch.neuron_module)
+        return get_attr(self.blocks[layer], self.arch.neuron_module)
 
     def mlp_input_module(self, layer: int) -> nn.Module:
         """The module holding W_in; its input is the MLP's input hidden state [..., d_model] (every family in
         ARCHITECTURES: W_in is the MLP's first Linear, which for gated MLPs shares its input with the gate)."""
         if not 0 <= layer < self.n_layers:
             raise IndexError(f"layer {layer} out of range: the model has {self.n_layers} layers")
-        return _get(self.blocks[layer], self.arch.w_in)
+        return get_attr(self.blocks[layer], self.arch.w_in)
 
     @property
     def d_mlp(self) -> int:
@@ -179,7 +179,7 @@ class ModelHandle:
     def w_in(self, layer: int) -> torch.Tensor:
         """W_in rows of layer `layer`, shape [d_mlp, d_model] (detached)."""
         self._not_moe()
-        weight = _tensor(_get(self.blocks[layer], self.arch.w_in), "weight")
+        weight = _tensor(get_attr(self.blocks[layer], self.arch.w_in), "weight")
         weight = weight.T if self.arch.w_in_transposed else weight
         if self.arch.w_in_chunk is not None:
             i, n = self.arch.w_in_chunk
@@ -502,13 +502,13 @@ def output_readout(handle: ModelHandle) -> tuple[torch.Tensor, torch.Tensor, str
     if readout is None or readout.missing:
         raise NoDirectPathError(f"{name}: " + (readout.missing if readout else
                                                "not in modsep_nb.models.READOUTS; add its final norm and head there"))
-    heads = [handle.model.get_output_embeddings() if h == "output_embeddings" else _get(handle.model, h)
+    heads = [handle.model.get_output_embeddings() if h == "output_embeddings" else get_attr(handle.model, h)
              for h in readout.head]
     head = torch.stack([_tensor(h, "weight").float().cpu() for h in heads]).mean(0)
     scale = torch.ones(head.shape[1])
-    norms = [p for p in readout.norms if hasattr(_get(handle.model, p), "weight")]      # Identity has none
+    norms = [p for p in readout.norms if hasattr(get_attr(handle.model, p), "weight")]      # Identity has none
     for path in norms:
-        scale = scale * (readout.offset + _tensor(_get(handle.model, path), "weight").float().cpu())
+        scale = scale * (readout.offset + _tensor(get_attr(handle.model, path), "weight").float().cpu())
     if readout.head == ("output_embeddings",):
         tied = heads[0].weight is getattr(handle.model.get_input_embeddings(), "weight", None)
         head_text = "the unembedding" + (" (tied to the input embedding)" if tied else "")
@@ -528,7 +528,7 @@ def output_directions(handle: ModelHandle, layer: int) -> torch.Tensor:
     directions = weight.T if isinstance(module, nn.Linear) else weight       # GPT-2's Conv1D: [d_mlp, d_model]
     readout = READOUTS.get(type(handle.model).__name__)
     if readout is not None and readout.block_norm:
-        norm = _get(handle.blocks[layer], readout.block_norm)
+        norm = get_attr(handle.blocks[layer], readout.block_norm)
         directions = directions * (readout.offset + _tensor(norm, "weight").float().cpu())
     return directions
 

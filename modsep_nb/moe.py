@@ -31,10 +31,10 @@ from .batches import run_batches
 from .claims import Claim, resample_p
 from .evaluation import matched_random_mask
 from .evidence import percentile_ci
-from .models import ModelHandle, _get, load_model
+from .models import ModelHandle, get_attr, load_model
 from .params import device_of, dtype_of
 from .pruning import select_neurons, task_scores
-from .statistics import (NeuronStats, _documents_read, _reduce, block_of_documents, bootstrap_weights,
+from .statistics import (NeuronStats, documents_read, reduce_sums, block_of_documents, bootstrap_weights,
                          weighted_pool)
 from .tasks import TextTasks
 
@@ -48,11 +48,11 @@ def moe_layers(handle: ModelHandle) -> list[int]:
     if not handle.arch.moe:
         raise TypeError(f"{handle.label} is not a mixture of experts (classes with experts: the ARCHITECTURES "
                         f"entries with moe set); set lm.moe_model to a Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE model")
-    return [i for i, block in enumerate(handle.blocks) if hasattr(_get(block, handle.arch.moe), "experts")]
+    return [i for i, block in enumerate(handle.blocks) if hasattr(get_attr(block, handle.arch.moe), "experts")]
 
 
 def experts_module(handle: ModelHandle, layer: int):
-    experts = _get(handle.blocks[layer], handle.arch.moe).experts
+    experts = get_attr(handle.blocks[layer], handle.arch.moe).experts
     for flag, want in _LAYOUT.items():
         if getattr(experts, flag, want) != want:
             raise NotImplementedError(f"{type(experts).__name__} has {flag}={not want}: modsep_nb.moe reads fused "
@@ -65,7 +65,7 @@ def shape(handle: ModelHandle) -> tuple[int, int, int]:
     layer = moe_layers(handle)[0]
     experts = experts_module(handle, layer)
     n_experts, two_i, _ = experts.gate_up_proj.shape
-    return n_experts, two_i // 2, _get(handle.blocks[layer], handle.arch.moe).gate.top_k
+    return n_experts, two_i // 2, get_attr(handle.blocks[layer], handle.arch.moe).gate.top_k
 
 
 def unit_name(layer: int, expert: int, unit: int) -> str:
@@ -178,7 +178,7 @@ class _RoutingReader:
         sums = self._sums_on.setdefault(x.device, torch.zeros_like(self.sums, device=x.device))
         for e in torch.nonzero(chosen.any(0)).flatten().tolist():
             units = expert_units(experts, x[chosen[:, e]], e)
-            sums[:, i, e * I:(e + 1) * I] += _reduce(units).double()
+            sums[:, i, e * I:(e + 1) * I] += reduce_sums(units).double()
 
     def result(self, meta: dict) -> MoeStats:
         for sums in self._sums_on.values():
@@ -194,7 +194,7 @@ def collect_moe_stats(handle: ModelHandle, data: list[str], *, max_tokens: int |
                       progress: bool = False) -> MoeStats:
     """One task's MoeStats from its documents (one forward pass; documents cut into n_blocks blocks). Every
     counted token weighs 1 (lm.equal_positions is not applied: routing counts are counts of tokens)."""
-    block_of = block_of_documents(_documents_read(handle, data, max_tokens=max_tokens, ctx=ctx), n_blocks)
+    block_of = block_of_documents(documents_read(handle, data, max_tokens=max_tokens, ctx=ctx), n_blocks)
     with _RoutingReader(handle, block_of) as reader:
         run_batches(handle, data, reader, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx, documents=True,
                     logits=True, skip_positions=skip_positions, progress=progress, desc=f"moe {task or ''}")

@@ -60,7 +60,7 @@ def check_n_experts(d_mlp: int, n_experts: int) -> int:
     return n_experts
 
 
-def _check_labels(labels: torch.Tensor, n_experts: int | None = None) -> int:
+def check_labels(labels: torch.Tensor, n_experts: int | None = None) -> int:
     """Check a balanced split [.., d_mlp] and return its number of experts."""
     if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"labels must be an integer tensor of expert ids, got dtype {labels.dtype}")
@@ -675,7 +675,7 @@ def _check_routing_labels(handle, labels_per_layer: torch.Tensor) -> int:
     if tuple(labels_per_layer.shape) != expected:
         raise ValueError(f"labels_per_layer has shape {tuple(labels_per_layer.shape)} but the model has "
                          f"[n_layers, d_mlp] = {list(expected)}; make it with split_layers(handle, ...)")
-    return _check_labels(labels_per_layer)
+    return check_labels(labels_per_layer)
 
 
 def _check_router(handle, router: Router, k: int) -> None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .batches import _n_image_tokens, run_batches
+from .batches import n_image_tokens, run_batches
 from .data import images_and_labels
 from .evidence import percentile_ci, resampled_ratio
 from .models import NoDirectPathError, output_directions, output_readout
@@ -183,7 +183,7 @@ class ExampleCollector:
         # where each layer's columns go in the order of `neurons`
         by_layer = [i for l in self.layers for i, (m, _) in enumerate(self.neurons) if m == l]
         self._to_order = torch.argsort(torch.tensor(by_layer))
-        self.grid_tokens = _n_image_tokens(handle) if handle.kind == "image" else None
+        self.grid_tokens = n_image_tokens(handle) if handle.kind == "image" else None
         self.tasks: dict[str, _TaskTopK] = {}
         self.task = None
         self.positions = self.documents = None
@@ -396,7 +396,7 @@ def _grid_shape(handle) -> tuple[int, int, int]:
         p = handle.model.config.patch_size
         return 1, h // p, w // p
     rows, cols = handle.model.patch_embed.grid_size
-    return _n_image_tokens(handle) - rows * cols, rows, cols
+    return n_image_tokens(handle) - rows * cols, rows, cols
 
 
 def _finish(result: NeuronExamples, task: str, state: _TaskTopK, handle, task_data) -> None:

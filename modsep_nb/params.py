@@ -164,9 +164,9 @@ DEFAULTS: dict = {
         # the notebooks' statistics bit for bit; off: blocks share batches (up to ~1.4-2.9x faster on 2 CPU cores)
         "blocks_alone": False,
         "n_null": 200,           # pseudo-task partitions of one domain (the pipeline's own null)
-        # of those, how many also go through the cross-task ablation (forward passes); 60 so that its p floor
-        # 1/61 times 01's family of 3 claims (Holm) stays below 0.05 (20 could never give less than 3/21)
-        "n_null_ablation": 60,
+        # of those, how many also go through the cross-task ablation (forward passes); 80 so that its p floor
+        # 1/81 times 01's family of 4 claims (Holm) stays below 0.05 (60 gave 4/61 = 0.066: never significant first)
+        "n_null_ablation": 80,
         "n_perm": 1000,          # label permutations (related vs unrelated tasks)
     },
     "dynamics": {                # notebook 06: 01's pipeline and claims at every training checkpoint, kept cheap

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .data import images_and_labels, lm_batches
-from .statistics import BlockStats, _documents_read, block_of_documents, weighted_pool
+from .statistics import BlockStats, documents_read, block_of_documents, weighted_pool
 
 IMPORTANCES = ("abs", "rms", "std", "freq", "sqrt")
 # localisers that score each task against all the others at once from the same statistics (task_scores), not as
@@ -271,7 +271,7 @@ def collect_attribution(handle, data, *, max_tokens: int | None = None, batch_si
     total = torch.zeros(handle.n_layers, handle.d_mlp, dtype=torch.float64)
     acts: dict[int, torch.Tensor] = {}
     if n_blocks is not None:         # per document (image) read first, then summed into blocks as statistics are
-        n_read = _documents_read(handle, data, max_tokens=max_tokens, ctx=ctx)
+        n_read = documents_read(handle, data, max_tokens=max_tokens, ctx=ctx)
         per_doc = torch.zeros(handle.n_layers, n_read, handle.d_mlp, dtype=torch.float64)
         doc_units = torch.zeros(n_read, dtype=torch.float64)
 

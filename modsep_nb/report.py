@@ -68,7 +68,9 @@ class Report:
         shown = self.claims if claims is None else self.adjusted(claims)
         return self.show(plots.claims(shown), name, CLAIMS_CAPTION)
 
-    def findings(self, title: str, text: str) -> None:
+    def findings(self, title: str, text: str, *sections: str) -> None:
+        """The notebook's findings: its claims' table, then `text` and any further sections, in that order."""
+        text = "".join((text, *sections))
         table = ("**Claims** (supported: the 95% interval excludes the null, and p < 0.05 where there is a test, "
                  "after Holm's correction over the notebook's claims)\n\n"
                  + claims_table(self.claims) + "\n\n") if self._claims else ""

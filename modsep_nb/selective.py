@@ -17,7 +17,7 @@ from functools import cached_property
 
 import numpy as np
 
-from . import export, neurons, overlaps, plots
+from . import export, neurons, overlaps, paper_scores, plots
 from .evaluation import CrossTaskResult
 from .evidence import (cross_task_intervals, excess_claim, matched_sizes, overlap_evidence, pseudo_cross_task,
                        pseudo_task_null, related_claim, selectivity_per_task)
@@ -120,6 +120,29 @@ class SelectivePruning:
                                                               f"neurons per layer ({self.pr['mode']} selection)"),
                    "layer_distribution", f"{unit.capitalize()}-specific neurons can sit anywhere; {unit}s that share "
                    f"layers are not thereby sharing neurons.")
+
+    def describe_tasks(self) -> None:
+        """Each task's documents (images) for statistics and for evaluation, a line each."""
+        for t, parts in self.study.tasks.describe().items():
+            print(f"{t:12s}", ", ".join(f"{k}: {v}" for k, v in parts.items()))
+
+    def budget_stability(self) -> dict:
+        """Is the statistics budget enough? stability() at the fractions `stability_fractions` of the study's params
+        section (lm), with the figure and a line per fraction. {q: {task: overlap}}."""
+        fractions, frac = self.params[self.study.tasks.section]["stability_fractions"], self.params["overlap"]["frac"]
+        result = stability(self.study, fractions, frac)
+        median = [float(np.median(list(result[q].values()))) for q in fractions]
+        worst = [min(result[q].values()) for q in fractions]
+        self._show(plots.sweep(fractions, {f"median over {self.words['unit']}s": median, f"worst {self.words['unit']}": worst},
+                               title=f"Top-{frac:.0%} set from part of the documents vs from all "
+                                     f"({self.study.stats_budget} {self.words['counted']})",
+                               ylabel="overlap coefficient with the full-budget set",
+                               xlabel="share of the statistics documents read"),
+                   "budget_stability", "Settled: both lines near 1 at a half; still rising steeply means more data "
+                                       "would change the sets.")
+        for q, m, w in zip(fractions, median, worst):
+            print(f"{q:.3f} of the documents: overlap with the full-budget set — median {m:.2f}, worst {w:.2f}")
+        return result
 
     def neurons(self, n: int = 3, k: int = 8, ablate: int = 1):
         """Neurons to look at: each task's `n` top-scored selected neurons (of the overlap sets), their direct
@@ -228,6 +251,21 @@ Model: {self.study.describe()}.
                 "overlap_sweep": self.sweep, "params": self.params}
 
 
+def stability(study, fractions, frac: float) -> dict:
+    """Is the statistics budget enough? For each q in `fractions`, each task's top-`frac` set from the first q of its
+    statistics documents (the first round(q × n_blocks) blocks: about q × the budget) against the set from all of
+    them: its overlap coefficient. Near 1 at q = 1/2 means doubling the data would change the sets little. From the
+    block sums already collected: no extra forward pass. {q: {task: overlap}}."""
+    blocks = study.block_stats(progress=False)
+    full = study.masks(frac, scores=study.scores(stats={t: b.merged() for t, b in blocks.items()}))
+    out = {}
+    for q in fractions:
+        part = {t: b.subset(list(range(max(1, round(q * b.n_blocks))))).merged() for t, b in blocks.items()}
+        now = study.masks(frac, scores=study.scores(stats=part))
+        out[q] = {t: float(overlaps.overlap(now[t], full[t])) for t in study.task_names}
+    return out
+
+
 BROKEN = 0.5        # a relative accuracy below this: the ablation wrecks that task, whatever it was selected for
 
 
@@ -324,3 +362,71 @@ def pseudo_selectivity(study, frac: float, n_null: int, *, seed: int | None = No
         out[at] = pseudo_cross_task(study.handle, [m for m, a in zip(null["masks"], at) if a], hits, len(hits()),
                                     seed + k, ablation=ablation, means=b.merged().mean if ablation == "mean" else None)
     return out
+
+
+class PaperReplays:
+    """Notebook 02's replay of the authors' released 7B neuron scores (paper_scores.replay_overlap, docs/method.md
+    §13): per model the overlap heatmap, the overlap sweep and where the selections sit, a findings section, and the
+    paper's own related-vs-unrelated test as claims of the notebook (the paper's scale, beside ours). A model whose
+    scores are absent is skipped with one line saying where to put them."""
+    MODELS = ("mistral-7b", "llama-7b")
+
+    def __init__(self, report):
+        self.report, self.params = report, report.params
+        self.replays = {}
+        for name in self.MODELS:
+            try:
+                self.replays[name] = paper_scores.replay_overlap(
+                    name, frac=self.params["paper_scores"]["frac"], sweep=self.params["overlap"]["sweep"],
+                    root=self.params["paper_scores"]["dir"])
+            except paper_scores.PaperScoresUnavailable as err:
+                print(f"{name}: skipped — {err}")
+
+    def figures(self) -> None:
+        show = self.report.show
+        for name, r in self.replays.items():
+            show(plots.heatmap(r["matrix"], r["tasks"], title=f"{r['model']}: overlap of top-{r['frac']:.0%} neurons "
+                               f"(global; chance {r['chance']:.3f})", cbar_label="overlap coefficient", vmax=1.0,
+                               annotate=False), f"02_paper_{name}_overlap",
+                 "Modular: bright blocks along the diagonal (task families) on a dark background.")
+            show(plots.overlap_sweep(r["sweep"], title=f"{r['model']}: overlap over task pairs"),
+                 f"02_paper_{name}_sweep", "Modular: the band stays close to the chance line at small fractions.")
+            show(plots.layer_lines({f: np.mean([r["layers_global"][t] for t in ts], 0)
+                                    for f, ts in r["families"].items() if ts},
+                                   title=f"{r['model']}: where global top-{r['frac']:.0%} neurons sit (mean per family)",
+                                   ylabel="share of selected neurons"), f"02_paper_{name}_layers",
+                 "Where the selections pile up: overlaps under global selection partly reflect shared layers, not "
+                 "shared neurons.")
+
+    def _text(self) -> str:
+        text = ""
+        for r in self.replays.values():
+            t, related, ties = r["tasks"], r["related"], list(r["ties_global"].values())
+            text += (f"* {r['model']} ({len(t)} tasks, top {r['frac']:.0%} global): pairs within a family overlap "
+                     f"{related['within']:.3f} on average vs {related['across']:.3f} across families (chance "
+                     f"{r['chance']:.3f}); code vs pile_Github {paper_scores.pair_overlap(r, 'code', 'pile_Github'):.2f}, "
+                     f"PubMed Abstracts vs Central "
+                     f"{paper_scores.pair_overlap(r, 'pile_PubMed_Abstracts', 'pile_PubMed_Central'):.2f}. Neurons tied "
+                     f"at the threshold: median {int(np.median(ties))}, max {max(ties)} per task.\n")
+        return text
+
+    def text(self) -> str:
+        """A line per replayed model, or where the scores are not there, a line saying so."""
+        return self._text() or "paper scores not available: see the message above for how to get them"
+
+    def section(self) -> str:
+        """The findings' section on the replayed models ("" without them)."""
+        text = self._text()
+        return "\n**The paper's 7B models, replayed:**\n\n" + text if text else ""
+
+    def claims(self) -> None:
+        """related_share_more[<model>]: the paper's test on its own scores (the Pile as retain set), recorded as
+        claims of this notebook and printed; nothing where the scores are absent."""
+        for r in self.replays.values():
+            self.report.claim(paper_scores.related_claim(r, self.params["evidence"]["n_perm"], self.params["seed"]))
+        if self.replays:
+            self.report.print_claims()
+
+    def results(self) -> dict:
+        return {"paper": {n: {k: r[k] for k in ("tasks", "matrix", "related", "ties_global", "ties_per_layer", "sweep")}
+                          for n, r in self.replays.items()}}

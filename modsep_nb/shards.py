@@ -19,8 +19,8 @@ import torch
 
 from .batches import run_batches
 from .data import document_windows, images_and_labels, lm_windows, position_weights
-from .statistics import (BlockStats, NonFiniteActivationError, StatsCollector, _documents_read, _load_tensors,
-                         _save_tensors, _shard, block_of_documents)
+from .statistics import (BlockStats, NonFiniteActivationError, StatsCollector, documents_read, load_tensors,
+                         save_tensors, shard_of, block_of_documents)
 
 SHARD_FILE = re.compile(r"(?P<entry>.+)\.shard(?P<i>\d+)-of-(?P<n>\d+)\.safetensors")
 
@@ -36,7 +36,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def _block_data(handle, data, n_blocks: int, max_tokens, ctx: int):
     """(block of each document read [n_docs], a function block -> (its data, its budget)): the documents (images)
     a pass with this budget reads, cut into blocks as statistics.block_of_documents does."""
-    n_docs = _documents_read(handle, data, max_tokens=max_tokens, ctx=ctx)
+    n_docs = documents_read(handle, data, max_tokens=max_tokens, ctx=ctx)
     block_of = block_of_documents(n_docs, n_blocks)
     if handle.kind == "lm":
         # a block's own documents read in rounds with the tokens the whole pass takes from them give exactly the
@@ -107,8 +107,8 @@ def collect_blocks(handle, data, n_blocks: int = 32, *, max_tokens: int | None =
     so every rank returns what one process computes, bit for bit."""
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
         raise ValueError(f"n_blocks must be a whole number >= 1, got {n_blocks!r}")
-    rank, world = _shard(distributed)
-    n_used = min(n_blocks, _documents_read(handle, data, max_tokens=max_tokens, ctx=ctx))
+    rank, world = shard_of(distributed)
+    n_used = min(n_blocks, documents_read(handle, data, max_tokens=max_tokens, ctx=ctx))
     mine = list(range(rank, n_used, world))
     count, sums, n_documents, n_docs = _block_sums(handle, data, n_blocks, mine, max_tokens=max_tokens,
                                                    batch_size=batch_size, ctx=ctx, cls_only=cls_only, fused=fused,
@@ -144,7 +144,7 @@ def collect(entries, shard: tuple[int, int], out_dir, *, progress: bool = True) 
                              "batched alone, and the notebooks (run with the same file) read the merged statistics")
         data, options, key, path = study.block_entry(task, budget, n_blocks)
         max_tokens, ctx = options.get("max_tokens"), options.get("ctx", 256)
-        n_used = min(n_blocks, _documents_read(study.handle, data, max_tokens=max_tokens, ctx=ctx))
+        n_used = min(n_blocks, documents_read(study.handle, data, max_tokens=max_tokens, ctx=ctx))
         mine = [b for b in range(n_used) if (unit + b) % n == i]
         unit += n_used
         count, sums, n_documents, n_docs = _block_sums(study.handle, data, n_blocks, mine, progress=progress,
@@ -152,7 +152,7 @@ def collect(entries, shard: tuple[int, int], out_dir, *, progress: bool = True) 
         meta = {"entry": path.name, "shard": [i, n], "blocks": n_used, "cache_key": key,
                 "meta": _base_meta(study.handle, task, max_tokens, ctx, options.get("cls_only", False), n_docs)}
         target = out_dir / f"{path.stem}.shard{i}-of-{n}.safetensors"
-        _save_tensors(target, {"count": count, "sums": sums, "block": torch.tensor(mine, dtype=torch.long),
+        save_tensors(target, {"count": count, "sums": sums, "block": torch.tensor(mine, dtype=torch.long),
                                "n_documents": n_documents}, meta)
         if progress:
             print(f"{study.kind} {task!r}{' (random init, seed ' + str(study.handle.seed) + ')' if study.handle.random_init else ''}: "
@@ -182,7 +182,7 @@ def merge(dirs, out_dir) -> list[Path]:
                          f"`python -m modsep_nb collect PARAMS --shard I/N --out DIR` first")
     written = []
     for entry, paths in sorted(files.items()):
-        parts = [_load_tensors(p, require_checksum=True) for p in paths]
+        parts = [load_tensors(p, require_checksum=True) for p in paths]
         metas = [m for _, m in parts]
         ns = {m["shard"][1] for m in metas}
         if len(ns) > 1 or any(m["meta"] != metas[0]["meta"] or m["blocks"] != metas[0]["blocks"] for m in metas):

@@ -24,7 +24,7 @@ from .files import atomic_file
 MEANS = ("mean", "mean_abs", "mean_sq", "frac_pos", "mean_sqrt")
 
 
-def _save_tensors(path, tensors: dict, meta: dict) -> None:
+def save_tensors(path, tensors: dict, meta: dict) -> None:
     """safetensors with `meta` as JSON in its header and the SHA-256 of the tensors, written atomically."""
     tensors = {k: v.contiguous() for k, v in tensors.items()}
     with atomic_file(path) as tmp:
@@ -46,8 +46,8 @@ class ChecksumError(ValueError):
     """A statistics file whose tensors differ from the checksum written with them (bytes changed on disk)."""
 
 
-def _load_tensors(path, *, require_checksum: bool = False) -> tuple[dict, dict]:
-    """The tensors and metadata of a file _save_tensors wrote, verified against its checksum (a file without
+def load_tensors(path, *, require_checksum: bool = False) -> tuple[dict, dict]:
+    """The tensors and metadata of a file save_tensors wrote, verified against its checksum (a file without
     one, written by older code, is accepted unless require_checksum: the cache requires it)."""
     with safe_open(str(path), framework="pt") as f:
         tensors, header = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
@@ -118,18 +118,18 @@ class NeuronStats:
 
     def save(self, path) -> None:
         """safetensors with the metadata as JSON in its header; written atomically."""
-        _save_tensors(path, {"count": self.count, **{m: getattr(self, m) for m in MEANS}}, self.meta)
+        save_tensors(path, {"count": self.count, **{m: getattr(self, m) for m in MEANS}}, self.meta)
 
     @classmethod
     def load(cls, path) -> "NeuronStats":
-        tensors, meta = _load_tensors(path)
+        tensors, meta = load_tensors(path)
         missing = {"count", *MEANS} - set(tensors)
         if missing:
             raise ValueError(f"{path} is not a NeuronStats file: it lacks {sorted(missing)}")
         return cls(tensors["count"], *[tensors[m] for m in MEANS], meta=meta)
 
 
-def _reduce(x: torch.Tensor) -> torch.Tensor:
+def reduce_sums(x: torch.Tensor) -> torch.Tensor:
     """[n, d] activations -> [5, d] float32 sums: x, |x|, x², #(x>0), sqrt|x|. (Eager, on gathered rows.)
 
     #(x>0) = (Σ sign x + Σ |sign x|) / 2, exact (zeros count in neither), and about twice as fast on the
@@ -310,7 +310,7 @@ class StatsCollector:
         sums = _compiled_reduce(x, keep) if self.fused else None
         if sums is None and x.device.type == "cpu":    # eager on the CPU: gathering the rows is cheapest
             rows = x if keep is None else x[keep]
-            return _reduce(rows), rows.shape[0]
+            return reduce_sums(rows), rows.shape[0]
         if sums is None:                                # eager elsewhere: masked, no host sync
             sums = _masked_reduce(x, keep)
         return sums, (x.shape[0] if keep is None else keep.sum())
@@ -387,7 +387,7 @@ def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: in
     lm.skip_positions); equal_positions: every other position weighs the same, whatever the windows' lengths
     (data.position_weights; weighted sums, the eager path). The budget still counts every token read.
     """
-    shard = _shard(distributed)
+    shard = shard_of(distributed)
     meta = {"model": handle.label, "task": task, "max_tokens": max_tokens, "ctx": ctx, "doc_tokens": doc_tokens,
             "cls_only": cls_only, "random_init": handle.random_init, "seed": handle.seed,
             "skip_positions": list(skip_positions), "equal_positions": equal_positions}
@@ -403,7 +403,7 @@ def collect_stats(handle, data, *, max_tokens: int | None = None, batch_size: in
     return collector.result(meta)
 
 
-def _shard(distributed: bool | None) -> tuple[int, int]:
+def shard_of(distributed: bool | None) -> tuple[int, int]:
     import torch.distributed as dist
     active = dist.is_available() and dist.is_initialized()
     if distributed and not active:
@@ -478,11 +478,11 @@ class BlockStats:
         return BlockStats(self.count[idx], self.sums[idx], self.n_documents[idx], dict(self.meta))
 
     def save(self, path) -> None:
-        _save_tensors(path, {"count": self.count, "sums": self.sums, "n_documents": self.n_documents}, self.meta)
+        save_tensors(path, {"count": self.count, "sums": self.sums, "n_documents": self.n_documents}, self.meta)
 
     @classmethod
     def load(cls, path) -> "BlockStats":
-        tensors, meta = _load_tensors(path, require_checksum=True)     # block statistics are the on-disk cache
+        tensors, meta = load_tensors(path, require_checksum=True)     # block statistics are the on-disk cache
         if {"count", "sums", "n_documents"} - set(tensors):
             raise ValueError(f"{path} is not a BlockStats file: it lacks count, sums or n_documents")
         return cls(tensors["count"], tensors["sums"], tensors["n_documents"], meta=meta)
@@ -595,8 +595,8 @@ def collect_block_stats(handle, data, n_blocks: int = 32, *, max_tokens: int | N
     are the whole task's, so a block's sums are its share of the task's weighted sums)."""
     if isinstance(n_blocks, bool) or not isinstance(n_blocks, int) or n_blocks < 1:
         raise ValueError(f"n_blocks must be a whole number >= 1, got {n_blocks!r}")
-    n_docs = _documents_read(handle, data, max_tokens=max_tokens, ctx=ctx)
-    shard = _shard(distributed)
+    n_docs = documents_read(handle, data, max_tokens=max_tokens, ctx=ctx)
+    shard = shard_of(distributed)
     meta = {"model": handle.label, "task": task, "max_tokens": max_tokens, "ctx": ctx, "cls_only": cls_only,
             "random_init": handle.random_init, "seed": handle.seed, "skip_positions": list(skip_positions),
             "equal_positions": equal_positions}
@@ -612,7 +612,7 @@ def collect_block_stats(handle, data, n_blocks: int = 32, *, max_tokens: int | N
     return collector.result(meta)
 
 
-def _documents_read(handle, data, *, max_tokens, ctx) -> int:
+def documents_read(handle, data, *, max_tokens, ctx) -> int:
     """How many documents (images) of `data` a pass with this budget reads."""
     if handle.kind == "lm":
         if isinstance(data, str) or not all(isinstance(t, str) for t in data) or not data:

@@ -19,7 +19,6 @@ from .files import cache_dir, cached, file_name
 from .models import ModelHandle, load_model
 from .moefication import check_n_experts, split_layers
 from .neuron_collection import NeuronExamples, add_ablations, collect_examples, histogram_edges, pick_neurons
-from .overlaps import overlap
 from .params import device_of, dtype_of
 from .pruning import Selection
 from .shards import collect_blocks
@@ -100,20 +99,6 @@ class Study:
         if budget not in self._stats:
             self._stats[budget] = {t: b.merged() for t, b in self.block_stats(budget=budget, progress=progress).items()}
         return self._stats[budget]
-
-    def stability(self, fractions, frac: float) -> dict:
-        """Is the statistics budget enough? For each q in `fractions`, each task's top-`frac` set from the first q
-        of its statistics documents (the first round(q × n_blocks) blocks: about q × the budget) against the set
-        from all of them: its overlap coefficient. Near 1 at q = 1/2 means doubling the data would change the
-        sets little. From the block sums already collected: no extra forward pass. {q: {task: overlap}}."""
-        blocks = self.block_stats(progress=False)
-        full = self.masks(frac, scores=self.scores(stats={t: b.merged() for t, b in blocks.items()}))
-        out = {}
-        for q in fractions:
-            part = {t: b.subset(list(range(max(1, round(q * b.n_blocks))))).merged() for t, b in blocks.items()}
-            now = self.masks(frac, scores=self.scores(stats=part))
-            out[q] = {t: float(overlap(now[t], full[t])) for t in self.task_names}
-        return out
 
     def block_stats(self, *, budget: int | None = None, progress: bool = True) -> dict[str, BlockStats]:
         """Per-task statistics kept per block of documents (images) for intervals (evidence.py), cached on disk;

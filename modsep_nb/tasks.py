@@ -48,6 +48,8 @@ class Tasks(Protocol):
     @property
     def names(self) -> list[str]: ...
     def __getitem__(self, name: str): ...
+    @property
+    def groups(self) -> dict[str, list[str]] | None: ...
     def statistics_data(self, name: str, budget: int | None): ...
     def statistics_names(self, name: str, budget: int | None) -> list[str]: ...
     def labelled_data(self, name: str, budget: int | None): ...
@@ -83,6 +85,17 @@ class TextTasks:
 
     def __getitem__(self, name: str) -> D.TextTask:
         return self.tasks[name]
+
+    @property
+    def groups(self) -> dict[str, list[str]] | None:
+        """Related domains for the `related_share_more` claim: the embedded domains' groups (data.EMBEDDED_TEXT_GROUPS)
+        among this study's tasks; a task of one's own (lm.tasks maps it to a path) is in no group, whatever its name.
+        None for text that is not the embedded source."""
+        if self.settings.get("source") != "embedded":
+            return None
+        specs = self.settings.get("tasks") or {}
+        specs = specs if isinstance(specs, dict) else dict.fromkeys(specs)
+        return {g: [t for t in ts if t in specs and specs[t] is None] for g, ts in D.EMBEDDED_TEXT_GROUPS.items()}
 
     def statistics_data(self, name: str, budget: int | None) -> list[str]:
         """The task's statistics documents that `budget` tokens read (collect_stats' windows; None: all)."""
@@ -203,7 +216,8 @@ class ImageTasks:
     def groups(self) -> dict[str, list[str]] | None:
         """Related tasks for the `related_share_more` claim: the dataset's own groups of classes (Fashion-MNIST's
         natural groups, CIFAR-100's superclasses) when each task is one class; None otherwise."""
-        return dict(self.train.groups) if self.settings["tasks"] == "classes" and self.train.groups else None
+        groups = getattr(self.train, "groups", None)
+        return dict(groups) if self.settings.get("tasks") == "classes" and groups else None
 
     @property
     def names(self) -> list[str]:

@@ -106,6 +106,41 @@ def save_hf_lm(directory: Path, class_name: str, *, seed: int = 0) -> Path:
     return Path(directory)
 
 
+def llama_to_plant(d_model: int, d_mlp: int, n_layers: int = 2):
+    """A seeded random Llama over the tiny vocabulary (2 heads, 1 key-value head, untied unembedding), whose weights
+    the planted-model tests then overwrite."""
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=d_model, intermediate_size=d_mlp,
+                                      num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=1,
+                                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    return transformers.LlamaForCausalLM(config)
+
+
+def one_hot_llama(d_model: int, d_mlp: int, bias_dim: int, *, identity_head: bool = False):
+    """The planted models' base (test_evidence, test_general_corpus): a 2-layer Llama over the tiny vocabulary with
+    one-hot embeddings plus a constant `bias_dim` component, attention writing nothing (o_proj zero), every MLP
+    neuron reading mostly that constant (so active everywhere, with little word preference) and writing nothing
+    (down_proj zero); identity_head: lm_head the identity (d_model must be the vocabulary size). Returns the model;
+    callers plant neurons by overwriting rows of layer 0's gate_proj/up_proj (and columns of down_proj)."""
+    model = llama_to_plant(d_model, d_mlp)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        emb = torch.eye(VOCAB_SIZE, d_model)
+        emb[:, bias_dim] += 1.0
+        model.model.embed_tokens.weight.copy_(emb)
+        if identity_head:
+            model.lm_head.weight.copy_(torch.eye(VOCAB_SIZE, d_model))
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                w = torch.randn(d_mlp, d_model, generator=gen) * 0.1
+                w[:, bias_dim] = 0.3
+                proj.weight.copy_(w)
+            layer.mlp.down_proj.weight.zero_()
+    return model
+
+
 def vit_config(**kw):
     import transformers
     cfg = dict(hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, image_size=16,

@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, WORDS, make_tokenizer, random_texts
+from conftest import VOCAB, WORDS, make_tokenizer, one_hot_llama, random_texts
 from modsep_nb import ablate, collect_stats, evaluate, load_model
 from modsep_nb.claims import Claim, benjamini_hochberg, claims_table, claims_to_json, correct, holm
 from modsep_nb.evaluation import selectivity
-from modsep_nb.evidence import (_seeds, combine_seeds, cross_task_bootstrap, excess_claim, layer_matched_chance,
+from modsep_nb.evidence import (child_seeds, combine_seeds, cross_task_bootstrap, excess_claim, layer_matched_chance,
                                 overlap_evidence, paired_difference_ci, permutation_related_vs_unrelated,
                                 pseudo_task_null, pseudo_tasks, ratio_of_sums, selectivity_claim,
                                 selectivity_per_task)
@@ -279,7 +279,7 @@ def test_cross_task_bootstrap_by_hand():
     np.testing.assert_allclose(out["matrix"], expected)
     assert out["selectivity"] == pytest.approx(np.mean([(expected[i].sum() - expected[i, i]) / 2 - expected[i, i]
                                                         for i in range(3)]))
-    seeds = _seeds(3, 3)
+    seeds = child_seeds(3, 3)
     w_b = bootstrap_weights(len(base["b"]), 40, seeds[1]).numpy()     # every row uses b's one draw
     np.testing.assert_allclose(out["samples"][:, 2, 1], (w_b @ pruned["c"]["b"]) / (w_b @ base["b"]))
     np.testing.assert_allclose(out["selectivity_samples"], selectivity(out["samples"]))
@@ -328,7 +328,7 @@ def test_cross_task_bootstrap_resample_without_unpruned_hits_is_undefined_not_in
     with warnings.catch_warnings():
         warnings.simplefilter("error")        # no "invalid value" warning from inf - inf in the percentiles
         out = cross_task_bootstrap(base, pruned, 200, seed=0)
-    w = bootstrap_weights(10, 200, _seeds(0, 2)[0]).numpy()
+    w = bootstrap_weights(10, 200, child_seeds(0, 2)[0]).numpy()
     empty = (w @ base["a"]) == 0
     assert empty.any() and not empty.all()
     assert np.isnan(out["samples"][empty, :, 0]).all() and np.isfinite(out["samples"][~empty, :, 0]).all()
@@ -516,25 +516,8 @@ def planted_tasks(tmp_path_factory):
     logit, so ablating a task's dedicated neurons breaks that task's predictions and no other's. Pair-shared
     neurons fire on the words of two tasks and write nothing. Every other neuron reads mostly the constant
     input (so is active everywhere, with little task preference) and writes nothing."""
-    import transformers
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=D_MODEL, intermediate_size=D_MLP,
-                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    model = transformers.LlamaForCausalLM(config)
-    gen = torch.Generator().manual_seed(1)
+    model = one_hot_llama(D_MODEL, D_MLP, BIAS_DIM, identity_head=True)
     with torch.no_grad():
-        emb = torch.eye(64)
-        emb[:, BIAS_DIM] += 1.0
-        model.model.embed_tokens.weight.copy_(emb)
-        model.lm_head.weight.copy_(torch.eye(64))
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
-                w = torch.randn(D_MLP, D_MODEL, generator=gen) * 0.1
-                w[:, BIAS_DIM] = 0.3
-                proj.weight.copy_(w)
-            layer.mlp.down_proj.weight.zero_()
         mlp = model.model.layers[0].mlp
         rows = iter(range(D_MLP))
         for words in TASK_WORDS:
@@ -629,7 +612,7 @@ def test_pseudo_cross_task_null(planted_tasks):
     null = pseudo_task_null(domain, [16] * 4, 20, seed=1, keep_masks=True, frac=FRAC)
     values = pseudo_cross_task(planted_tasks, null["masks"], hits, 64, seed=2)
     assert values.shape == (20,) and abs(values.mean()) < 0.1
-    masks, child = null["masks"][3], _seeds(2, 20)[3]
+    masks, child = null["masks"][3], child_seeds(2, 20)[3]
     parts, base = _partition(64, [16] * 4, child), hits()
     matrix = np.empty((4, 4))
     for i, mask in enumerate(masks.values()):
@@ -706,8 +689,10 @@ def test_default_budgets_let_every_claim_reach_significance_after_holm():
     from modsep_nb.params import DEFAULTS
     ev, ri = DEFAULTS["evidence"], DEFAULTS["random_init"]
     floors = {  # notebook: [(family size, floor of its coarsest test)]
-        "01": [(3, 1 / (1 + ev["n_null_ablation"])), (3, 1 / (1 + ev["n_null"])), (3, 1 / (1 + ev["n_perm"]))],
-        "02": [(4, 1 / (1 + ev["n_boot"])), (4, 1 / (1 + ev["n_null"]))],       # 3 claims, room for a 4th
+        # 01: selectivity, selectivity_per_task, overlap_above_null, related_share_more
+        "01": [(4, 1 / (1 + ev["n_null_ablation"])), (4, 1 / (1 + ev["n_boot"])), (4, 1 / (1 + ev["n_perm"]))],
+        # 02: the same four, and related_share_more on each of the two released 7B score sets
+        "02": [(6, 1 / (1 + ev["n_boot"])), (6, 1 / (1 + ev["n_null"])), (6, 1 / (1 + ev["n_perm"]))],
         "03": [(4, 1 / (1 + ev["n_boot"]))],                                       # 2 methods x 2 models
         "04": [(4, 2 / (1 + ev["n_boot"])), (4, len(ri["seeds"]) / (1 + ri["n_perm"]))],   # two-sided; Holm of seeds
     }
@@ -811,11 +796,11 @@ def test_null_pooled_over_two_domains_of_different_spread():
     calm, wild = _toy_blocks([100] * 24, [2] * 24, 5, spread=0.1), _toy_blocks([50] * 48, [1] * 48, 6, spread=3.0)
     sizes = [matched_sizes(tasks, d) for d in (calm, wild)]
     pooled = pseudo_task_null([calm, wild], sizes, 9, seed=3, frac=0.1)
-    first, second = _seeds(3, 2)
+    first, second = child_seeds(3, 2)
     alone = [pseudo_task_null(calm, sizes[0], 4, first, frac=0.1),
              pseudo_task_null(wild, sizes[1], 5, second, frac=0.1)]
     assert pooled["median"].tolist() == alone[0]["median"].tolist() + alone[1]["median"].tolist()
     assert pooled["domain"].tolist() == [0] * 4 + [1] * 5
     ev = overlap_evidence(tasks, [calm, wild], frac=0.1, n_boot=20, n_null=10, seed=0)
-    halves = [pseudo_task_null(d, z, 5, s, frac=0.1)["median"] for d, z, s in zip((calm, wild), sizes, _seeds(1, 2))]
+    halves = [pseudo_task_null(d, z, 5, s, frac=0.1)["median"] for d, z, s in zip((calm, wild), sizes, child_seeds(1, 2))]
     assert ev["null_median"] == pytest.approx((halves[0].mean() + halves[1].mean()) / 2)     # the two domains' average

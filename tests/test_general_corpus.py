@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, WORDS, make_tokenizer
+from conftest import VOCAB, WORDS, make_tokenizer, one_hot_llama
 from modsep_nb import collect_stats, load_model
 from modsep_nb.evidence import overlap_evidence, related_claim
 from modsep_nb.statistics import collect_block_stats
@@ -30,13 +30,7 @@ def _model(tmp_path, share: str):
     own neurons); share="pairs": K_SHARED more fire on every word of a related pair of tasks (t0/t1, t2/t3, ...),
     so on every token of both, 4x as much on average as a task's own; "all": K_SHARED fire on every task word;
     "none": no shared neuron. Every other neuron reads a constant input (active everywhere, the general corpus too)."""
-    import transformers
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=D_MODEL, intermediate_size=D_MLP,
-                                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    model = transformers.LlamaForCausalLM(config)
-    gen = torch.Generator().manual_seed(1)
+    model = one_hot_llama(D_MODEL, D_MLP, BIAS_DIM)
     rows = iter(range(D_MLP))
 
     def fire_on(words):
@@ -46,16 +40,6 @@ def _model(tmp_path, share: str):
             proj.weight[n, [VOCAB[w] for w in words]] = 0.5
         return n
     with torch.no_grad():
-        emb = torch.eye(64)
-        emb[:, BIAS_DIM] += 1.0
-        model.model.embed_tokens.weight.copy_(emb)
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj):
-                w = torch.randn(D_MLP, D_MODEL, generator=gen) * 0.1
-                w[:, BIAS_DIM] = 0.3
-                proj.weight.copy_(w)
-            layer.mlp.down_proj.weight.zero_()
         mlp = model.model.layers[0].mlp
         own = {t: [fire_on([w]) for w in words for _ in range(PER_WORD)] for t, words in enumerate(TASK_WORDS)}
         shared = {}

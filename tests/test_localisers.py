@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VOCAB, VOCAB_SIZE, WORDS, make_tokenizer, random_texts
+from conftest import VOCAB, VOCAB_SIZE, WORDS, llama_to_plant, make_tokenizer, random_texts
 from modsep_nb import collect_stats, load_model
 from modsep_nb.data import lm_batches
 from modsep_nb.evidence import bootstrap_masks, pipeline_masks
@@ -32,12 +32,7 @@ def planted(tmp_path_factory):
     coordinate 1 (one constant > 0 on every token). PLANTED writes along coordinate 2, which the unembedding
     reads as +3 for the planted words and -3 for the rest: it lowers the planted task's loss. EVERYWHERE writes
     nothing (its direct effect is 0). The other neurons are random (weights 10 x the initialiser's)."""
-    import transformers
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=D_MODEL, intermediate_size=D_MLP,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                      tie_word_embeddings=False, pad_token_id=0, bos_token_id=2, eos_token_id=3)
-    model = transformers.LlamaForCausalLM(config)
+    model = llama_to_plant(D_MODEL, D_MLP, n_layers=1)
     gen = torch.Generator().manual_seed(1)
     planted_ids = [VOCAB[w] for w in TASK_WORDS["planted"]]
     with torch.no_grad():
@@ -187,9 +182,9 @@ def test_auroc_bootstrap_repeats_the_drawn_blocks(planted_blocks):
     """A bootstrap resample of a block localiser ranks the drawn blocks, repeated as often as drawn."""
     pipeline = dict(frac=0.05, mode="global", importance="auroc")
     got = next(bootstrap_masks(planted_blocks, 1, seed=3, **pipeline))
-    from modsep_nb.evidence import _seeds
+    from modsep_nb.evidence import child_seeds
     drawn = {t: planted_blocks[t].subset(torch.repeat_interleave(torch.arange(16), w[0].long()))
-             for t, w in zip(planted_blocks, (bootstrap_weights(16, 1, s) for s in _seeds(3, 3)))}
+             for t, w in zip(planted_blocks, (bootstrap_weights(16, 1, s) for s in child_seeds(3, 3)))}
     expected = {t: select_neurons(s, 0.05, "global") for t, s in auroc_scores(drawn).items()}
     assert all(torch.equal(got[t], expected[t]) for t in planted_blocks)
     assert pipeline_masks(planted_blocks, **pipeline)["planted"][0, PLANTED]

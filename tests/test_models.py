@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from conftest import (HF_LM_CLASSES, TIMM_CLASSES, perturb_, save_hf_lm, save_hf_vit, save_timm)
 from modsep_nb import ARCHITECTURES, load_model
-from modsep_nb.models import ModelNotAvailableError, UnknownArchitectureError, _get
+from modsep_nb.models import ModelNotAvailableError, UnknownArchitectureError, get_attr
 
 ALL_CLASSES = (*HF_LM_CLASSES, "ViTForImageClassification", *TIMM_CLASSES)
 
@@ -95,7 +95,7 @@ def _assert_hooked_vector_is_the_mlp_hidden_vector(handle, class_name, act_path,
     a module path, or (path, row slice) for a gate fused with W_in in one Linear."""
     # capture the neuron vector (handle.capture), and the input of the W_in projection with a plain torch hook
     proj_in = {}
-    hooks = [_get(handle.blocks[layer], ARCHITECTURES[class_name].w_in).register_forward_pre_hook(
+    hooks = [get_attr(handle.blocks[layer], ARCHITECTURES[class_name].w_in).register_forward_pre_hook(
         lambda m, a, layer=layer: proj_in.__setitem__(layer, a[0].detach().clone())) for layer in range(handle.n_layers)]
     mlp_in = {}
     try:
@@ -114,14 +114,14 @@ def _assert_hooked_vector_is_the_mlp_hidden_vector(handle, class_name, act_path,
         assert neuron_in[layer].shape[-1] == handle.d_mlp
         # recompute the neuron vector: act(W_in x + b) or act(W_gate x) * (W_in x)
         block = handle.blocks[layer]
-        w_in_module = _get(block, ARCHITECTURES[class_name].w_in)
+        w_in_module = get_attr(block, ARCHITECTURES[class_name].w_in)
         pre = F.linear(proj_in[layer], handle.w_in(layer), getattr(w_in_module, "bias", None))
-        act = _get(block, act_path)
+        act = get_attr(block, act_path)
         if gate_path is None:
             expected = act(pre)
         else:
             path, rows = gate_path if isinstance(gate_path, tuple) else (gate_path, slice(None))
-            expected = act(F.linear(proj_in[layer], _get(block, path).weight[rows])) * pre
+            expected = act(F.linear(proj_in[layer], get_attr(block, path).weight[rows])) * pre
         torch.testing.assert_close(neuron_in[layer], expected, rtol=1e-5, atol=1e-6)
 
 

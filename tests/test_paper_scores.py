@@ -185,3 +185,29 @@ def test_no_network_gives_unavailable(tmp_path, monkeypatch):
     monkeypatch.setattr(ps, "_fetch_url", offline)
     with pytest.raises(ps.PaperScoresUnavailable, match=ps.COMMIT):
         ps.load_paper_scores("llama-7b", tasks=["code"])
+
+
+def test_notebook_02_replays_say_what_is_skipped_without_the_scores(tmp_path, monkeypatch, capsys):
+    """#25 item 5: without the released scores notebook 02's replay step prints one line per model saying what is
+    skipped and where the files go, records no claim, draws no figure and adds nothing to the findings."""
+    from types import SimpleNamespace
+    from modsep_nb.selective import PaperReplays
+    monkeypatch.setenv("MODSEP_PAPER_SCORES", str(tmp_path / "nowhere"))
+    monkeypatch.setenv("MODSEP_CACHE", str(tmp_path / "cache"))
+
+    def offline(url, dest):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(ps, "_fetch_url", offline)
+    shown, claimed = [], []
+    report = SimpleNamespace(params={"paper_scores": {"frac": 0.01, "dir": None}, "overlap": {"sweep": [0.01, 0.1]},
+                                     "evidence": {"n_perm": 10}, "seed": 0},
+                             show=lambda *a: shown.append(a), claim=claimed.append,
+                             print_claims=lambda: pytest.fail("no claims to print"))
+    paper = PaperReplays(report)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == list(PaperReplays.MODELS)
+    assert all("skipped" in line and "MODSEP_PAPER_SCORES" in line for line in lines)
+    paper.figures()
+    paper.claims()
+    assert shown == [] and claimed == [] and paper.section() == "" and paper.results() == {"paper": {}}
+    assert paper.text().startswith("paper scores not available")

@@ -136,6 +136,20 @@ def test_image_tasks_groups():
     assert ImageTasks({}, SimpleNamespace(groups=None), None, {"tasks": "classes"}).groups is None
 
 
+def test_text_tasks_groups():
+    """tasks.groups for text: the embedded domains' groups among the study's tasks; a task of one's own (a path in
+    lm.tasks) is in no group whatever its name; None for text that is not the embedded source."""
+    from modsep_nb.data import EMBEDDED_TEXT_GROUPS
+    from modsep_nb.tasks import TextTasks
+    groups = TextTasks({}, {"source": "embedded", "tasks": ["code", "docs", "law", "science"]}).groups
+    assert groups == {g: [t for t in ts if t in ("code", "docs", "law", "science")]
+                      for g, ts in EMBEDDED_TEXT_GROUPS.items()}
+    assert "docs" in groups["code"] and "law" not in groups["code"]
+    own = TextTasks({}, {"source": "embedded", "tasks": {"code": "mine/*.py", "docs": None}}).groups
+    assert all("code" not in ts for ts in own.values()) and any("docs" in ts for ts in own.values())
+    assert TextTasks({}, {"source": "hub", "tasks": ["code"]}).groups is None
+
+
 def test_selective_pruning_cells_in_any_order(tmp_path, llama_dir):
     """Notebook 01/02's steps compute what they need on demand: the bisection cell run before the fixed-fraction
     cell (JupyterLab) gives the notebook order's matrices, and the fixed matrix is then shown, not recomputed."""

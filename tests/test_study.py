@@ -316,7 +316,8 @@ def test_stability_compares_part_of_the_documents_with_all(tmp_path, llama_dir):
     params = _params(tmp_path, llama_dir)
     params["evidence"]["n_blocks"] = 4
     study = Study.from_params(params, "lm")
-    got = study.stability([0.25, 0.5, 1.0], 0.1)
+    from modsep_nb.selective import stability
+    got = stability(study, [0.25, 0.5, 1.0], 0.1)
     blocks = study.block_stats(progress=False)
     full = study.masks(0.1)
     for q in (0.25, 0.5):
