@@ -32,9 +32,9 @@ class Claim:
     the smallest adjusted p the family's floors allow. observed, observed_ci, null_band: for a claim read
     against a null distribution, the statistic itself with its own bootstrap interval, and the null's 95% band.
     unit: what `n` counts (the claim's resampling unit, e.g. "evaluation documents"); a bootstrap test over fewer
-    than MIN_N of them gives the verdict "insufficient data" (never supported, outside the Holm family). A record without a unit
-    (a builder whose n is not yet audited) is not judged on n. test: the test's name as
-    printed beside p (e.g. "one-sided bootstrap p"). null_values / boot_se: what `detectable` (the smallest
+    than MIN_N of them gives the verdict "insufficient data" (never supported, outside the Holm family). A record
+    without a unit (a builder whose n is not yet audited) is not judged on n. test: the test's name as printed
+    beside p (e.g. "one-sided bootstrap p"). null_values / boot_se: what `detectable` (the smallest
     effect the test could have detected) is computed from: the null's values, else the bootstrap's SE."""
     id: str
     statement: str
@@ -84,8 +84,8 @@ class Claim:
     @property
     def supported(self) -> bool:
         """The one rule: the 95% interval lies wholly on the claimed side of the null, and p < 0.05 where
-        there is a p (p_adjusted once the notebook's claims are corrected together). NaN anywhere, or fewer
-        than MIN_N units: not supported."""
+        there is a p (p_adjusted once the notebook's claims are corrected together). NaN anywhere, or a bootstrap
+        over fewer than MIN_N units (insufficient): not supported."""
         if self.insufficient:
             return False
         lo, hi = self.ci

@@ -62,7 +62,11 @@ def concentration_curve(selected: torch.Tensor, labels: torch.Tensor) -> torch.T
     """Cumulative share of the selected neurons held by the j most-loaded experts, j = 0..E.
 
     Shape [E+1] (or [P, E+1] for labels [P, d_mlp]), float64, starting at 0 and ending at 1."""
-    counts = expert_counts(selected, labels)
+    return _curve_of_counts(expert_counts(selected, labels))
+
+
+def _curve_of_counts(counts: torch.Tensor) -> torch.Tensor:
+    """The concentration curve of per-expert counts [..., E]: [..., E+1], float64."""
     top = torch.sort(counts, dim=-1, descending=True).values.to(torch.float64)
     curve = torch.cumsum(top, -1) / top.sum(-1, keepdim=True)
     return torch.cat([torch.zeros_like(curve[..., :1]), curve], -1)
@@ -388,8 +392,7 @@ def mean_z_against(selected_mask: torch.Tensor, labels: torch.Tensor, reference:
     labels = labels.cpu().long()
     per_expert = torch.zeros(labels.shape[0], reference.n_experts, dtype=torch.float64)
     per_expert.scatter_add_(1, labels, selected_mask.cpu().to(torch.float64))
-    top = torch.sort(per_expert, dim=1, descending=True).values
-    curve = torch.cat([torch.zeros_like(top[:, :1]), torch.cumsum(top, 1) / top.sum(1, keepdim=True)], 1)
+    curve = _curve_of_counts(per_expert)
     best = torch.tensor([packed_auc(int(c), labels.shape[1], reference.n_experts) if c else float("nan")
                          for c in counts], dtype=torch.float64)
     auc = torch.where(best > 0.5, (_trapezoid_auc(curve) - 0.5) / (best - 0.5), float("nan"))   # as concentration_auc

@@ -529,10 +529,15 @@ class TrainingDynamics:
               self.run.settle["accuracy_step"])
         return self.claims
 
+    @cached_property
+    def settle_rows(self) -> list[dict]:
+        """sets_settle_before_accuracy under every pair of dynamics.settled_sweep x dynamics.share_sweep."""
+        return settle_sensitivity(self.run, self.dyn["settled_sweep"], self.dyn["share_sweep"])
+
     def sensitivity(self) -> list[dict]:
         """sets_settle_before_accuracy under every pair of dynamics.settled_sweep x dynamics.share_sweep, one table
         row each (the claim itself uses dynamics.settled_overlap and accuracy_share, fixed in advance)."""
-        rows = settle_sensitivity(self.run, self.dyn["settled_sweep"], self.dyn["share_sweep"])
+        rows = self.settle_rows
         print("| settled overlap | accuracy share | sets settle at step | accuracy at step | estimate | 95% interval | p |")
         print("|---|---|---|---|---|---|---|")
         for r in rows:
@@ -583,5 +588,5 @@ class TrainingDynamics:
         """The numbers of this run for the results JSON (the claims recorded first: report.save lists them)."""
         self.claims, self.lm_run        # noqa: B018
         return {"vit": record(self.run), "lm": None if self.lm_run is None else record(self.lm_run),
-                "settle_sensitivity": settle_sensitivity(self.run, self.dyn["settled_sweep"], self.dyn["share_sweep"]),
+                "settle_sensitivity": self.settle_rows,
                 "dynamics": self.dyn, "params": self.params}

@@ -82,11 +82,10 @@ def routing_evidence(study: Study, splits: dict, keep_fracs, tasks=None, *, rese
         per_seed.append({m: ({f: _routed_hits(study, other[m], f, tasks) for f in claim_fracs} if m in other
                              else per_seed[0][m]) for m in splits})
     claims, seeds = [], {}
-    for method in splits:
-        if method == "random" or not hits[method]:
-            continue
-        diffs = [(relative(s[method])[0] - relative(s["random"])[0], relative(s[method])[1] - relative(s["random"])[1])
-                 for s in per_seed]
+    claimed = [m for m in splits if m != "random" and hits[m]]
+    ratios = [{m: relative(s[m]) for m in ["random", *claimed]} for s in per_seed]     # (observed, [n_boot]) each
+    for method in claimed:
+        diffs = [(r[method][0] - r["random"][0], r[method][1] - r["random"][1]) for r in ratios]
         observed, boot = seeds_and_documents(np.array([d[0] for d in diffs]), np.stack([d[1] for d in diffs]), seed)
         seeds[method] = [d[0] for d in diffs]
         where = "kept fractions < 1" if claim_frac is None else f"{claim_frac:.1%} of the experts kept"
