@@ -37,7 +37,7 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
         batches = lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8, max_tokens=max_tokens,
                              doc_tokens=doc_tokens, shard=shard, with_documents=True, with_weights=True,
                              skip_positions=skip_positions, equal_positions=equal_positions,
-                             weights_by_position=weights_by_position)
+                             weights_by_position=weights_by_position, by_length=True)
         bar = tqdm(total=max_tokens, desc=desc, unit="tok", disable=not progress, leave=False)
         for ids, mask, docs, weights in batches:
             if collector is not None:

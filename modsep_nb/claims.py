@@ -31,10 +31,11 @@ class Claim:
     `correct` for the claims of one notebook (its family): the Holm-adjusted p, which `supported` reads, and
     the smallest adjusted p the family's floors allow. observed, observed_ci, null_band: for a claim read
     against a null distribution, the statistic itself with its own bootstrap interval, and the null's 95% band.
-    unit: what `n` counts (the claim's resampling unit, e.g. "evaluation documents"); a bootstrap test over fewer
-    than MIN_N of them gives the verdict "insufficient data" (never supported, outside the Holm family). A record
-    without a unit (a builder whose n is not yet audited) is not judged on n. test: the test's name as printed
-    beside p (e.g. "one-sided bootstrap p"). null_values / boot_se: what `detectable` (the smallest
+    unit: what `n` counts (the claim's resampling unit, e.g. "evaluation documents"). bootstrap: the interval and p
+    come from resampling those units with replacement; such a test over fewer than MIN_N of them gives the verdict
+    "insufficient data" (never supported, outside the Holm family); exact tests (permutations, sign flips) are
+    judged by their p-floor instead. A record without a unit (a builder whose n is not yet audited) is not judged on
+    n. test: the test's name as printed beside p (e.g. "one-sided bootstrap p"). null_values / boot_se: what `detectable` (the smallest
     effect the test could have detected) is computed from: the null's values, else the bootstrap's SE."""
     id: str
     statement: str
@@ -57,6 +58,7 @@ class Claim:
     per_task: dict | None = None      # a claim about all tasks: each task's own result ({task: {...}})
     unit: str | None = None
     test: str | None = None
+    bootstrap: bool = False
     null_values: np.ndarray | None = field(default=None, repr=False, compare=False)
     boot_se: float | None = None
 
@@ -78,8 +80,7 @@ class Claim:
         """A bootstrap over fewer than MIN_N independent units (its `unit`): too few for its interval to show the
         uncertainty, so no verdict is read from it. Exact tests (permutations, sign flips) over few units are valid
         and are judged by their p-floor instead."""
-        return (self.n is not None and self.unit is not None and self.n < MIN_N
-                and "bootstrap" in (self.test or ""))
+        return self.bootstrap and self.n is not None and self.unit is not None and self.n < MIN_N
 
     @property
     def supported(self) -> bool:
@@ -144,14 +145,17 @@ class Claim:
             null = null[~np.isnan(null)]
             if null.size:
                 if self.direction == "less":
-                    return float(null.mean() - np.quantile(null, alpha)), f"null's {alpha:.3g} quantile minus its mean"
-                return (float(np.quantile(null, 1 - alpha) - null.mean()),
-                        f"null's {1 - alpha:.3g} quantile minus its mean")
+                    found = float(null.mean() - np.quantile(null, alpha)), f"null's {alpha:.3g} quantile minus its mean"
+                else:
+                    found = (float(np.quantile(null, 1 - alpha) - null.mean()),
+                             f"null's {1 - alpha:.3g} quantile minus its mean")
+                if found[0] > 0:        # a null without spread (all equal) bounds nothing: the interval decides
+                    return found
         se, method = self.boot_se, "bootstrap SE"
         if se is None:
             lo, hi = self.ci
             se, method = (hi - lo) / (2 * z(1 - (1 - 0.95) / 2)), "SE from the 95% interval's width"
-        if math.isnan(se):
+        if math.isnan(se) or se <= 0:
             return None, None
         return float((z(1 - alpha) + z(POWER)) * se), f"(z_{1 - alpha:.3g} + z_{POWER}) x {method}"
 
@@ -163,7 +167,7 @@ class Claim:
     def as_dict(self) -> dict:
         return {"id": self.id, "statement": self.statement, "estimate": _num(self.estimate),
                 "ci": [_num(self.ci[0]), _num(self.ci[1])], "null": _num(self.null),
-                "p": None if self.p is None else _num(self.p), "n": self.n, "unit": self.unit, "test": self.test,
+                "p": None if self.p is None else _num(self.p), "n": self.n, "unit": self.unit, "test": self.test, "bootstrap": self.bootstrap,
                 "supported": self.supported,
                 "direction": self.direction, "correction": self.correction,
                 "p_adjusted": None if self.p_adjusted is None else _num(self.p_adjusted),

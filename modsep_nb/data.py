@@ -744,13 +744,16 @@ def position_weights(lengths, ctx: int, *, skip_positions=(), equal_positions: b
 def lm_batches(tokenizer, texts: list[str], *, ctx: int = 256, batch_size: int = 8, max_tokens: int | None = None,
                doc_tokens: int | None = None, shard: tuple[int, int] = (0, 1), with_documents: bool = False,
                skip_positions=(), equal_positions: bool = False, with_weights: bool = False,
-               weights_by_position: torch.Tensor | None = None):
+               weights_by_position: torch.Tensor | None = None, by_length: bool = False):
     """Yield right-padded (input_ids, attention_mask) batches of the windows of `lm_windows`
     (with_documents=True: (input_ids, attention_mask, document index of each row [batch])).
     with_weights=True adds, last, each position's weight in statistics [batch, seq] (float64; 0 at padding and
     skipped positions): position_weights of all the windows, before sharding, so every rank weighs alike, or
     `weights_by_position` [ctx] where the texts are only part of what is weighed (one block of a task).
-    shard=(rank, world_size) takes every world_size-th window, so the shards' union is the whole set."""
+    shard=(rank, world_size) takes every world_size-th window, so the shards' union is the whole set.
+    by_length=True batches the (shard's) windows longest first, so windows of a length share a batch: domains of
+    short documents (fortunes) otherwise pad a batch to its longest window, 1.4-1.9x the real tokens; whatever
+    counts each row by its document index and positions (statistics, evaluation, attribution) reads the same."""
     rank, world = shard
     windows, documents = lm_windows(tokenizer, texts, ctx=ctx, max_tokens=max_tokens, doc_tokens=doc_tokens,
                                     with_documents=True)
@@ -759,6 +762,9 @@ def lm_batches(tokenizer, texts: list[str], *, ctx: int = 256, batch_size: int =
         weights = position_weights([len(w) for w in windows], ctx, skip_positions=skip_positions,
                                    equal_positions=equal_positions)
     windows, documents = windows[rank::world], documents[rank::world]
+    if by_length:
+        order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))      # stable: ties keep their order
+        windows, documents = [windows[i] for i in order], [documents[i] for i in order]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(windows), batch_size):
         ids, mask = _pad(windows[start:start + batch_size], pad_id)

@@ -291,7 +291,8 @@ def settle_before_accuracy_claim(overlap_curve, overlap_samples, accuracy, accur
     claim = Claim("sets_settle_before_accuracy", f"the tasks' top neuron sets settle (mean overlap with the final "
                   f"sets stays >= {settled:g}) before accuracy arrives (stays >= {share:.0%} of the final accuracy); "
                   f"difference in log-spaced checkpoints", acc_at - sets_at, percentile_ci(diff), 0.0, p=p,
-                  n=n, unit="evaluation documents (paired resamples at every checkpoint)", test="one-sided bootstrap p")
+                  n=n, unit="evaluation documents (paired resamples at every checkpoint)", test="one-sided bootstrap p",
+                  bootstrap=True)
     return claim, {"sets_settle_step": step(sets_at), "accuracy_step": step(acc_at), "sets_settle_index": sets_at,
                    "accuracy_index": acc_at}
 

@@ -276,15 +276,22 @@ def _matched_partition(domain: BlockStats, targets: Sequence[tuple[float, int]],
 
 
 def pseudo_task_null(domain: BlockStats | Sequence[BlockStats], sizes, n_null: int, seed: int, *,
-                     keep_masks: bool = False, **pipeline) -> dict:
+                     keep_masks: bool = False, start: int = 0, **pipeline) -> dict:
     """The pipeline's own null for overlap: n_null times, the domain's blocks are split at random into
     pseudo-tasks of `sizes` (the real tasks' sizes: blocks, or (tokens, documents) pairs from matched_sizes, matched
     by _matched_partition), each merged and put through pipeline_masks.
     Several domains (a list of BlockStats, `sizes` one list per domain): the null is their pool, n_null split as
     evenly as can be over the domains in order, so no verdict hinges on which one domain is split.
+    start: compute only replicates start .. n_null - 1 (those of a longer null whose first `start` are known: each
+    replicate's seed is its own, so the two parts joined are the null drawn at once); one domain only.
     Returns {"pairs" [n_null, n_pairs], "median" [n_null], "layer_matched" [n_null], "masks" (keep_masks:
     one {pseudo-task: mask} per replicate, for pseudo_cross_task), "domain" [n_null]: the domain of each}."""
+    if isinstance(domain, (list, tuple)) and len(domain) == 1:
+        domain, sizes = domain[0], sizes[0]
     if isinstance(domain, (list, tuple)):
+        if start:
+            raise ValueError("a null pooled over several domains splits n_null between them: it cannot be extended, "
+                             "draw it again with the larger n_null")
         counts = np.diff(np.round(np.linspace(0, n_null, len(domain) + 1))).astype(int)
         seeds = [seed] if len(domain) == 1 else child_seeds(seed, len(domain))
         parts = [pseudo_task_null(d, z, int(k), child, keep_masks=keep_masks, **pipeline)
@@ -295,14 +302,17 @@ def pseudo_task_null(domain: BlockStats | Sequence[BlockStats], sizes, n_null: i
                 "masks": [m for p in parts for m in p["masks"]] if keep_masks else None,
                 "domain": np.repeat(np.arange(len(domain))[counts > 0], counts[counts > 0])}
     pairs, layer_matched, kept = [], [], []
-    indicator = torch.zeros(n_null, len(sizes), domain.n_blocks, dtype=torch.float64)
+    n_new = n_null - start
+    if n_new < 1:
+        raise ValueError(f"start ({start}) must be below n_null ({n_null})")
+    indicator = torch.zeros(n_new, len(sizes), domain.n_blocks, dtype=torch.float64)
     matched = not isinstance(sizes[0], (int, np.integer))
-    for r, child in enumerate(child_seeds(seed, n_null)):
+    for r, child in enumerate(child_seeds(seed, n_null)[start:]):
         split = _matched_partition(domain, sizes, child) if matched else _partition(domain.n_blocks, sizes, child)
         for k, part in enumerate(split):
             indicator[r, k, torch.from_numpy(part)] = 1.0
     merged = resampled_stats(domain, indicator.flatten(0, 1), pipeline.get("importance", "abs"))   # replicates in order
-    for _ in range(n_null):
+    for _ in range(n_new):
         masks = pipeline_masks({f"pseudo{k}": next(merged) for k in range(len(sizes))}, **pipeline)
         pairs.append(_pairs(masks))
         layer_matched.append(layer_matched_chance(masks))
@@ -310,7 +320,7 @@ def pseudo_task_null(domain: BlockStats | Sequence[BlockStats], sizes, n_null: i
             kept.append(masks)
     pairs = np.stack(pairs)
     return {"pairs": pairs, "median": np.median(pairs, axis=1), "layer_matched": np.array(layer_matched),
-            "masks": kept if keep_masks else None, "domain": np.zeros(n_null, dtype=int)}
+            "masks": kept if keep_masks else None, "domain": np.zeros(n_new, dtype=int)}
 
 
 def pseudo_cross_task(handle, null_masks: Sequence[Mapping[str, torch.Tensor]], evaluate_documents, n_documents: int,
@@ -359,7 +369,7 @@ def excess_claim(claim_id: str, statement: str, observed: float, boot, null=None
         p = resample_p(boot, boot <= 0 if direction == "greater" else boot >= 0, observed)
         return Claim(claim_id, statement, excess, ci, 0.0, p=p, n=n, direction=direction, p_floor=1 / (1 + boot.size),
                      floor_n=f"{boot.size} bootstrap resamples", unit=unit, test=test or "one-sided bootstrap p",
-                     boot_se=_se(boot))
+                     bootstrap=True, boot_se=_se(boot))
     null = np.asarray(null, dtype=np.float64)
     known = null[~np.isnan(null)]           # the null's mean from its defined values; p counts the rest against
     if known.size:
@@ -524,14 +534,17 @@ def null_sizes(sizes: Sequence[int], available: int) -> list[int]:
 
 def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockStats, *, frac: float, n_boot: int,
                      n_null: int, seed: int, mode: str = "global", importance: str = "abs", eps: float = 1e-3,
-                     eps_relative: float | None = None, retain: str = "rest", general=None) -> dict:
+                     eps_relative: float | None = None, retain: str = "rest", general=None,
+                     extend: dict | None = None) -> dict:
     """Median pairwise overlap of the tasks' selections against the pipeline's own null (pseudo-tasks of
     `null_domain`, or pooled over several domains given as a list, matched to the tasks in tokens and documents:
     matched_sizes), uniform and layer-matched chance, with bootstrap intervals
     on every pair and on the median; and the claim `overlap_above_null`.
     retain='general' (scores against the general corpus's statistics `general`): pseudo-tasks of one domain
     would all select that domain's neurons, so the null is instead layer-matched chance (sets drawn at random
-    with each task's count per layer: no sharing), pair by pair under every resample; null_domain is not read."""
+    with each task's count per layer: no sharing), pair by pair under every resample; null_domain is not read.
+    extend: an earlier result of this call with the same inputs and fewer null values (one null domain): its
+    bootstrap and null values are kept and only the rest of the n_null drawn, the same as drawing them at once."""
     pipeline = dict(frac=frac, mode=mode, importance=importance, eps=eps, eps_relative=eps_relative, retain=retain,
                     **({"general": general} if retain == "general" else {}))
     names = list(task_blocks)
@@ -540,14 +553,17 @@ def overlap_evidence(task_blocks: Mapping[str, BlockStats], null_domain: BlockSt
     masks = pipeline_masks(_merged(task_blocks, importance), **pipeline)
     pairs = _pairs(masks)
     observed = float(np.median(pairs))
-    boot = bootstrap_overlap(task_blocks, n_boot, seed, **pipeline)
+    boot = extend["boot"] if extend else bootstrap_overlap(task_blocks, n_boot, seed, **pipeline)
     if retain == "general":
         return _overlap_above_chance(names, masks, pairs, boot, seed, task_blocks)
     domains = list(null_domain) if isinstance(null_domain, (list, tuple)) else [null_domain]
     blocks_only = not all(isinstance(b, BlockStats) for b in (*domains, *task_blocks.values()))   # e.g. attributions
     sizes = [null_sizes([task_blocks[t].n_blocks for t in names], d.n_blocks) if blocks_only
              else matched_sizes(task_blocks, d) for d in domains]
-    null = pseudo_task_null(domains, sizes, n_null, seed + 1, **pipeline)
+    start = 0 if extend is None else len(extend["null"]["median"])
+    null = pseudo_task_null(domains, sizes, n_null, seed + 1, start=start, **pipeline)
+    if start:
+        null = {k: (v if k == "masks" else np.concatenate([extend["null"][k], v])) for k, v in null.items()}
     sizes = np.array([float(m.sum()) for m in masks.values()])
     n_all = masks[names[0]].numel()
     i, j = np.triu_indices(len(names), k=1)
@@ -631,7 +647,7 @@ def selectivity_per_task(selected: dict, random: dict, *, unit: str = "task",
                  f"others, beyond as many random neurons ({n_selective} of {len(tasks)} {unit}s selective on their "
                  f"own one-sided bootstrap test, Holm across {unit}s{few}; estimate: the median {unit}'s)", median,
                  percentile_ci(boot_median), 0.0, p=resample_p(boot_median, boot_median <= 0, median),
-                 n=int(sum(counts.values())), unit=documents, test="one-sided bootstrap p",
+                 n=int(sum(counts.values())), unit=documents, test="one-sided bootstrap p", bootstrap=True,
                  p_floor=1 / (1 + len(boot)), floor_n=f"{len(boot)} bootstrap resamples", per_task=per_task,
                  boot_se=_se(boot_median))
 

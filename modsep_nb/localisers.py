@@ -199,8 +199,8 @@ class Localisers:
         reached = int((~(out["null"]["median"] < out["median"])).sum())     # undefined (NaN) values count too
         if first == self.n_null:
             return out
-        if reached < STOP_AFTER:            # it could still be supported: the whole null (its first values the same)
-            return overlap_evidence(*inputs, n_boot=ev["n_boot"], n_null=self.n_null, seed=seed, **pipeline)
+        if reached < STOP_AFTER:            # it could still be supported: the rest of the null (the first values kept)
+            return overlap_evidence(*inputs, n_boot=ev["n_boot"], n_null=self.n_null, seed=seed, extend=out, **pipeline)
         claim = dataclasses.replace(out["claim"], p_floor=1 / (1 + self.n_null),
                                     floor_n=f"{self.n_null} null values (stopped after {first}: {reached} reached "
                                             f"the observed)")

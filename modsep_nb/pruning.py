@@ -304,7 +304,7 @@ def collect_attribution(handle, data, *, max_tokens: int | None = None, batch_si
         if handle.kind == "lm":
             for ids, mask, docs, weights in lm_batches(handle.tokenizer, data, ctx=ctx, batch_size=batch_size or 8,
                                                        max_tokens=max_tokens, skip_positions=skip_positions,
-                                                       with_weights=True, with_documents=True):
+                                                       with_weights=True, with_documents=True, by_length=True):
                 ids, mask = ids.to(handle.device), mask.to(handle.device)
                 logits = _at_least_float32(handle.lm_logits(ids, mask)[:, :-1])
                 targets = ids[:, 1:]

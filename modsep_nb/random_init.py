@@ -58,7 +58,7 @@ def random_init_claims(kind: str, trained: Study, randoms: list[Study], persiste
                     f"of overlap minus layer-matched chance, trained minus random, top {frac:.1%}, {pipeline['mode']} "
                     f"selection)", observed, percentile_ci(diff), 0.0, p=p, n=n_blocks, direction="two-sided",
                     p_floor=min(1.0, 2 / (1 + ev["n_boot"])), floor_n=f"{ev['n_boot']} bootstrap resamples",
-                    unit="blocks of documents (statistics)", test="two-sided bootstrap p")]
+                    unit="blocks of documents (statistics)", test="two-sided bootstrap p", bootstrap=True)]
     usable = [r for r in persistence if r]
     if usable:
         combined = combine_seeds(usable, ev["n_boot"], seed)

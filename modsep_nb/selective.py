@@ -22,6 +22,10 @@ from .evaluation import CrossTaskResult
 from .evidence import (cross_task_intervals, excess_claim, matched_sizes, overlap_evidence, pseudo_cross_task,
                        pseudo_task_null, related_claim, selectivity_per_task)
 
+# the neuron pages' contexts and histograms read the first this many statistics tokens (images) of each task: enough
+# for the top 8 contexts and a histogram to show what a neuron fires on (the LM's whole 4,096 took ~70 s more on 2
+# CPU cores); the scores that picked the neurons read all of them
+CONTEXTS_BUDGET = 1024
 WORDS = {"lm": {"unit": "domain", "measure": "top-1", "counted": "tokens"},
          "vit": {"unit": "task", "measure": "accuracy", "counted": "images"}}
 
@@ -146,7 +150,8 @@ class SelectivePruning:
 
     def neurons(self, n: int = 3, k: int = 8, ablate: int = 1):
         """Neurons to look at: each task's `n` top-scored selected neurons (of the overlap sets), their direct
-        effect on the outputs, their top-`k` contexts (or images) and activation distributions, and for the first
+        effect on the outputs, their top-`k` contexts (or images) and activation distributions on the first
+        CONTEXTS_BUDGET statistics tokens (images) of each task, and for the first
         `ablate` of each task every task's accuracy with that neuron zeroed, on the evaluation documents (one
         evaluation pass of every task per neuron: the default 1 keeps that to one pass per task); saved as
         neurons/<kind>-<task>.html in the run's folder; in JupyterLab an explorer (neurons.explorer) picks task,
@@ -155,7 +160,7 @@ class SelectivePruning:
         computed = self.__dict__.get("fixed")       # reuse its base hits if the matrix is there; never run it for them
         base = computed.documents["base"] if computed is not None and computed.documents else None
         shown = self.study.neuron_examples(self.masks, scores=self.overlap_scores(), n=n, k=k, ablate=ablate,
-                                           ablation_base=base)
+                                           budget=CONTEXTS_BUDGET, ablation_base=base)
         neurons.export(shown, self.report.out_dir, self.study.kind)
         return shown
 

@@ -205,10 +205,11 @@ class Study:
         return Selection(frac, mode or pr["mode"]).select(scores or self.scores())
 
     def neuron_examples(self, masks: dict, *, scores=None, n: int = 4, k: int = 8, window: int = 8,
-                        bins: int = 200, progress: bool = True, ablate: int = 0,
+                        bins: int = 200, progress: bool = True, ablate: int = 0, budget: int | None = None,
                         ablation_budget: int | None = None, ablation_base: dict | None = None) -> NeuronExamples:
         """Neurons to look at (neurons.py): each task's `n` selected neurons (masks) with the highest scores,
-        and for them only, one more pass over every task's statistics data keeping the top-`k` positions per
+        and for them only, one more pass over the first `budget` tokens (images) of every task's statistics data
+        (default and at most: all of it) keeping the top-`k` positions per
         task (`window` tokens either side, or the image) and a histogram of `bins` bins per task; documents
         named as in tasks.json, and each neuron's direct effect on the outputs. ablate: also zero each task's
         first `ablate` of them, one at a time, and measure every task's accuracy on `ablation_budget`
@@ -217,7 +218,7 @@ class Study:
         stats = self.stats(progress=False)
         picked = pick_neurons(scores or self.scores(stats=stats), masks, n)
         neurons = list(dict.fromkeys(nr for ns in picked.values() for nr in ns))
-        budget = self.stats_budget
+        budget = self.stats_budget if budget is None else min(budget, self.stats_budget)
         data = {t: self.tasks.statistics_data(t, budget) for t in self.task_names}
         options = {"max_tokens": budget, **self.tasks.collect_options()}
         options.pop("equal_positions", None)      # top-k and histograms count positions: weights do not apply

@@ -243,8 +243,15 @@ def test_the_control_varies_with_the_data_it_is_measured_on():
     assert moving.estimate == pytest.approx(0.5) and moving.n == len(tasks)
     lo, hi = moving.ci
     assert lo < 0 < hi and lo == pytest.approx(np.percentile(1 - spread, 2.5))
-    assert moving.p == pytest.approx((1 + np.sum(1 - spread <= 0)) / 401) and moving.p > 0.2
-    assert "resampled with them" in moving.statement
+    # the test: exact sign flips of task − the control's 99.5% bound (above every task here: p of flips 1), + 0.005
+    assert np.quantile(spread, 0.995) > 1.0 and moving.p == 1.0 and not moving.supported
+    assert "resampled with them" in moving.statement and not moving.insufficient
+    # a control that hardly moves: 6 tasks clearly above it reach the sign-flip floor 1/64 plus the 0.005 spent
+    steady = {"task_z": np.ones((400, len(tasks))) + np.random.default_rng(1).normal(0, 0.05, (400, len(tasks))),
+              "control_z": 0.5 + np.random.default_rng(2).normal(0, 0.01, 400)}
+    firm, _ = correspondence_claims("vit", by_frac, control, n_boot=400, seed=0, resampled=steady)
+    assert firm.p == pytest.approx(1 / 64 + 0.005) and firm.p_floor == pytest.approx(1 / 64 + 0.005)
+    assert firm.n == 6 and firm.supported and "Berger-Boos" in firm.test
 
 
 def test_a_resampled_selection_is_read_against_its_reference_null():

@@ -366,6 +366,27 @@ def test_lm_batches_windows_padding_and_mask(tokenizer):
     assert all(b[0].shape[1] <= 5 for b in batches)
 
 
+def test_lm_batches_by_length_hold_the_same_windows_with_less_padding(tokenizer):
+    texts = random_texts(9, seed=1, max_len=13)
+    plain = list(lm_batches(tokenizer, texts, ctx=5, batch_size=3, with_documents=True, with_weights=True,
+                            skip_positions=(0,), equal_positions=True))
+    sorted_ = list(lm_batches(tokenizer, texts, ctx=5, batch_size=3, with_documents=True, with_weights=True,
+                              skip_positions=(0,), equal_positions=True, by_length=True))
+    lengths = [len(r) for r in windows_in_rounds(texts, 5)]
+    expected = data.position_weights(lengths, 5, skip_positions=(0,), equal_positions=True)
+
+    def pairs(batches):          # (window, its document, its weights) of every row
+        return sorted((tuple(ids[r, :int(m[r].sum())].tolist()), int(d[r]), tuple(w[r, :int(m[r].sum())].tolist()))
+                      for ids, m, d, w in batches for r in range(len(ids)))
+    assert pairs(sorted_) == pairs(plain)           # the same windows, each with its document and weights
+    rows = [int(n) for _, m, _, _ in sorted_ for n in m.sum(1)]
+    assert rows == sorted(lengths, reverse=True)    # longest first
+    for ids, mask, _, w in sorted_:
+        assert torch.equal(w, mask * expected[:ids.shape[1]])
+    cells = lambda batches: sum(ids.numel() for ids, *_ in batches)       # noqa: E731
+    assert cells(sorted_) <= cells(plain) and sum(rows) == sum(lengths)
+
+
 def test_position_weights_leave_out_skipped_positions_and_weigh_the_others_alike():
     lengths = [2, 4, 4, 1]                   # windows reaching positions 0..3: 4, 3, 2, 2
     assert data.position_weights(lengths, 5).tolist() == [1, 1, 1, 1, 0]          # position 4: no window

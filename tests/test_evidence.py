@@ -740,11 +740,26 @@ def test_planted_effect_of_twice_detectable_is_supported_a_quarter_is_not(with_n
     assert claim(0.25 * d).verdict.startswith("not supported; could have detected")
 
 
+def test_a_null_without_spread_bounds_nothing_the_interval_decides_what_was_detectable():
+    boot = np.array([-1.0, 1.0] * 100)
+    c = excess_claim("flat", "s", 0.0, boot, np.zeros(80), n=40, unit="documents")
+    # the null's quantile minus its mean is 0: no effect is "detectable from >= 0"; the interval (SE) bounds it
+    assert c.detectable_method.endswith("SE from the 95% interval's width")
+    lo, hi = c.ci
+    assert c.detectable == pytest.approx((1.6448536 + 0.8416212) * (hi - lo) / (2 * 1.959964), rel=1e-6)
+    assert c.detectable > 0 and "≥ 0 " not in c.verdict + " "
+    still = excess_claim("flat", "s", 0.0, np.zeros(50), np.zeros(80), n=40, unit="documents")
+    assert still.detectable is None and still.verdict == "not supported"
+
+
 def test_fewer_than_20_units_is_insufficient_data_not_a_verdict():
     strong = dict(estimate=1.0, ci=(0.5, 1.5), null=0.0, p=0.001)
-    few = Claim("few", "s", **strong, n=12, unit="documents", test="one-sided bootstrap p")
+    few = Claim("few", "s", **strong, n=12, unit="documents", test="one-sided bootstrap p", bootstrap=True)
     assert not few.supported and few.verdict == "insufficient data (n = 12 documents < 20)"
-    assert Claim("enough", "s", **strong, n=20, unit="documents", test="one-sided bootstrap p").supported
+    assert Claim("enough", "s", **strong, n=20, unit="documents", bootstrap=True).supported
+    # the record's field decides, not the words of its test's name
+    assert Claim("named", "s", **strong, n=12, unit="documents", test="bootstrap-free sign flips").supported
+    assert excess_claim("e", "s", 1.0, np.full(50, 1.0), None, n=12, unit="documents").insufficient
     # an exact test over few units is valid (its p-floor says what it can reach): only bootstraps need 20 units
     assert Claim("exact", "s", **strong, n=8, unit="grouped tasks", test="permutation of group labels").supported
     assert Claim("unaudited", "s", **strong, n=12).supported          # no unit: its builder's n is not judged

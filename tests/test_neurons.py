@@ -347,6 +347,11 @@ def test_study_shows_each_tasks_top_selected_neurons(tmp_path, llama_dir):
     assert set(ex.ablation) == {ns[0] for ns in ex.picked.values()}     # only each task's top one is ablated
     for effects in ex.ablation.values():
         assert set(effects) == {"docs", "law"} and all(e["ci"][0] <= e["ci"][1] for e in effects.values())
+    # a smaller budget reads the first tokens only: as many as the statistics of that budget count
+    few = study.neuron_examples(masks, scores=scores, n=2, k=3, window=2, bins=10, progress=False, budget=20)
+    for task in few.tasks:
+        counted = round(float(study.stats(budget=20, progress=False)[task].count[0]))
+        assert (few.hist[task].sum(1) == counted).all() and counted < ex.hist[task].sum(1)[0]
 
 
 def test_explorer_is_skipped_headless_and_follows_its_controls(tiny_llama, text_tasks, monkeypatch):
