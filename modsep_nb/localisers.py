@@ -134,9 +134,11 @@ class Localisers:
         localiser, own and others' relative accuracy (mean over tasks)."""
         seeds, ev = self.params["localisers"]["random_seeds"], self.params["evidence"]
         self.fixed, self.boot = {}, {}
-        for name in self.methods:       # each keeps its own unpruned hits: the intervals resample them per document
+        base = None         # the unpruned model's per-document hits: one pass, shared by every localiser's matrix
+        for name in self.methods:
             self.fixed[name] = self.study.cross_task(frac=self.frac, scores=self.all_scores[name], random_seeds=seeds,
-                                                     progress=False)
+                                                     base=base, progress=False)
+            base = self.fixed[name].documents["base"]
             self.boot[name] = cross_task_intervals(self.fixed[name], self.n_boot, self.params["seed"])
             sel = self.fixed[name].selectivity()
             print(f"{name:>22}: own {sel['own'].mean():.3f}, others {sel['others'].mean():.3f}; matched random: own "

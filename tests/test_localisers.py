@@ -414,3 +414,36 @@ def test_overlap_null_stops_after_its_first_stage_only_when_the_claim_cannot_pas
         assert got["claim"].p == first["claim"].p == 1.0 and not got["claim"].supported
         np.testing.assert_array_equal(got["null"]["median"], full["null"]["median"][:NULL_FIRST])
         assert "stopped after 50" in got["claim"].floor_n
+
+
+def test_every_localisers_matrix_shares_one_unpruned_pass(tmp_path, llama_dir, capsys):
+    """The unpruned model is evaluated once (one pass per task), not once per localiser: every matrix holds the same
+    per-document base hits, and the passes are T + the localisers' own (T² pruned, T per distinct random set)."""
+    from modsep_nb.localisers import Localisers, localiser_params
+    from modsep_nb.params import load_params
+    from modsep_nb.study import Study
+    params = load_params(None, {"cache_dir": str(tmp_path / "cache"), "device": "cpu",
+                                "lm": {"model": str(llama_dir), "tasks": ["docs", "law"], "stats_tokens": 40,
+                                       "eval_tokens": 24, "ctx": 16, "batch_size": 4},
+                                "localisers": {"lm_methods": ["abs", "lape"]}})
+    study = Study.from_params(localiser_params(params, "lm"), "lm")
+    calls = []
+    hits = study.tasks.document_hits
+
+    def counted(handle, names=None, **kw):
+        calls.append(tuple(names or study.task_names))
+        return hits(handle, names, **kw)
+    study.tasks.document_hits = counted
+    trial = Localisers(study, report=None)
+    trial.scores()
+    fixed = trial.cross_task()
+    capsys.readouterr()
+    tasks, seeds = study.task_names, params["localisers"]["random_seeds"]
+    # per localiser: every pruned row on every task, and each distinct random set (count per layer, seed) once
+    distinct = [len({tuple(m.sum(1).tolist()) for m in study.masks(trial.frac, scores=trial.all_scores[name]).values()})
+                for name in ("abs", "lape")]
+    assert len(calls) == len(tasks) + sum(len(tasks) ** 2 + d * len(seeds) * len(tasks) for d in distinct)
+    first, second = (fixed[m].documents["base"] for m in ("abs", "lape"))
+    for t in tasks:
+        np.testing.assert_array_equal(first[t]["top1"], second[t]["top1"])
+    assert fixed["abs"].base == fixed["lape"].base
