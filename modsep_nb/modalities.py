@@ -65,7 +65,8 @@ class TextModality:
 
     def block_part(self, handle, data, block_of: torch.Tensor, *, max_tokens, ctx):
         """block -> (its documents, the tokens the whole pass reads from them): a block's own documents read in
-        rounds with that budget give exactly the windows the whole pass reads from them, in the same order."""
+        rounds with that budget give exactly the windows the whole pass reads from them, in the same order
+        (rounds visit documents in order)."""
         taken = torch.zeros(int(block_of.max()) + 1, dtype=torch.long)
         for d, window in document_windows(handle.tokenizer, data, ctx=ctx, max_tokens=max_tokens):
             taken[block_of[d]] += len(window)
