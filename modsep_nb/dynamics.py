@@ -161,8 +161,7 @@ def selectivity_of_right_tasks(selected: dict, random: dict) -> dict:
 
 
 def _chance_accuracy(study: Study) -> float | None:
-    n_labels = getattr(study.handle.model.config, "num_labels", None) if study.kind == "vit" else None
-    return 1.0 / n_labels if n_labels else None
+    return study.handle.modality.chance_accuracy(study.handle)
 
 
 def correspondence_z(scores: dict, labels: torch.Tensor, frac: float, *, n_null: int, n_splits: int, n_boot: int,

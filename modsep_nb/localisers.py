@@ -32,6 +32,7 @@ from .evidence import cross_task_intervals, excess_claim, overlap_evidence, perc
 from .overlaps import layer_matched_chance, overlap
 from .pruning import (ATTRIBUTIONS as ATTRIBUTION, BLOCK_LOCALISERS, IMPORTANCES, attribution_scores,
                       collect_attribution, task_scores)
+from .study import SECTIONS
 # the overlap null's first stage (Localisers._overlap): stop when STOP_AFTER of NULL_FIRST values reach the observed
 # (Monte Carlo p >= 11/51 there: a claim whose p is below Holm's 0.05 / 20 stops with probability < 1e-15)
 NULL_FIRST, STOP_AFTER = 50, 10
@@ -50,16 +51,16 @@ def localiser_params(params: dict, kind: str) -> dict:
     the evaluation budget localisers.eval_tokens
     (eval_images) where set (each localiser's matrix is one more set of tasks x (1 + random seeds) passes). The
     statistics settings are not touched: 07 reads the statistics notebooks 01/02 cached."""
-    loc, out = params["localisers"], copy.deepcopy(params)
-    unit = "tokens" if kind == "lm" else "images"
-    if loc[f"eval_{unit}"] is not None:            # cheaper, never more than the section's
-        out[kind][f"eval_{unit}"] = min(loc[f"eval_{unit}"], params[kind][f"eval_{unit}"])
-    if kind == "lm" and loc["lm_methods"] is not None:
-        out["localisers"]["methods"] = list(loc["lm_methods"])
-    n = loc["lm_tasks"]
-    if kind == "lm" and n is not None:
-        tasks = out["lm"]["tasks"]
-        out["lm"]["tasks"] = dict(list(tasks.items())[:n]) if isinstance(tasks, dict) else tasks[:n]
+    loc, out, key = params["localisers"], copy.deepcopy(params), SECTIONS[kind].eval_key
+    if loc[key] is not None:            # cheaper, never more than the section's
+        out[kind][key] = min(loc[key], params[kind][key])
+    # the section's own settings, localisers.<section>_methods and <section>_tasks: the LM's only (lm_methods, lm_tasks)
+    if loc.get(f"{kind}_methods") is not None:
+        out["localisers"]["methods"] = list(loc[f"{kind}_methods"])
+    n = loc.get(f"{kind}_tasks")
+    if n is not None:
+        tasks = out[kind]["tasks"]
+        out[kind]["tasks"] = dict(list(tasks.items())[:n]) if isinstance(tasks, dict) else tasks[:n]
     return out
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .files import cache_dir, cached_dir, check_manifest
+from .modalities import MODALITIES, ImageModality, TextModality
 from .vit_training import fmnist_vit_dir
 
 
@@ -151,6 +152,12 @@ class ModelHandle:
         return self.arch.kind
 
     @property
+    def modality(self) -> "TextModality | ImageModality":
+        """What differs between language and image models (modalities.TEXT, IMAGE): ask it rather than compare
+        `kind`."""
+        return MODALITIES[self.arch.kind]
+
+    @property
     def blocks(self):
         return get_attr(self.model, self.arch.blocks)
 
@@ -279,6 +286,10 @@ class ModelHandle:
     def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
+    def logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """lm_logits or image_logits, whichever this model's inputs are (a Batch's inputs and mask)."""
+        return self.modality.logits(self, inputs, attention_mask)
+
     def read_forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """A forward for passes that read neurons and never the output (statistics, neuron examples,
         co-activation): it stops once the last layer with a hook has been read, so neither the layers after
@@ -288,10 +299,7 @@ class ModelHandle:
         # registered after every live hook, so on that module it runs last: the readers have seen x
         stop = self.neuron_module(max(self._hooked)).register_forward_pre_hook(_stop_forward)
         try:
-            if self.kind == "lm":
-                self.model(input_ids=inputs, attention_mask=attention_mask)
-            else:
-                self.image_logits(inputs)
+            self.logits(inputs, attention_mask)
         except _EnoughRead:
             pass
         finally:

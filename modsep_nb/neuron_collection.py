@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .batches import n_image_tokens, run_batches
+from .batches import run_batches
 from .data import images_and_labels
 from .evidence import percentile_ci, resampled_ratio
+from .modalities import n_image_tokens
 from .models import NoDirectPathError, output_directions, output_readout
 from .pruning import ablate
 from .statistics import NonFiniteActivationError, bootstrap_weights
@@ -102,6 +103,11 @@ class NeuronExamples:
     ablation: dict = field(default_factory=dict)
     ablation_note: str = ""
 
+    @property
+    def shows_tokens(self) -> bool:
+        """Whether a kept example is tokens around a position (LM: tokens, context) or an image (grid, images)."""
+        return self.kind == "lm"
+
     def document_name(self, task: str, document: int) -> str:
         """A statistics document (image) as tasks.json names it (file name, fortune id, topic, train:i)."""
         names = self.names.get(task)
@@ -127,7 +133,7 @@ class NeuronExamples:
                 document = int(self.document[task][i, j])
                 row = {"task": task, "value": value, "document": document, "name": self.document_name(task, document),
                        "position": int(self.position[task][i, j]), "_order": (t_order, j)}
-                if self.kind == "lm":
+                if self.shows_tokens:
                     row["tokens"] = self.tokens[task][i][j]
                     row["context"] = self.context[task][i, j].numpy()
                 else:
@@ -183,7 +189,7 @@ class ExampleCollector:
         # where each layer's columns go in the order of `neurons`
         by_layer = [i for l in self.layers for i, (m, _) in enumerate(self.neurons) if m == l]
         self._to_order = torch.argsort(torch.tensor(by_layer))
-        self.grid_tokens = n_image_tokens(handle) if handle.kind == "image" else None
+        self.grid_tokens = handle.modality.grid_tokens(handle)     # None: an LM's windows vary in length
         self.tasks: dict[str, _TaskTopK] = {}
         self.task = None
         self.positions = self.documents = None
@@ -280,16 +286,17 @@ def collect_examples(handle, data: dict, neurons, *, picked: dict | None = None,
         raise ValueError("no tasks: pass {task: statistics data}")
     result = NeuronExamples(handle.kind, neurons, dict(picked or {"chosen": neurons}), list(data), k, window, rank,
                             edges, model=handle.label)
+
+    def on_logits(logits, first, *rest):        # first: the token ids [B, T] (LM), the batch's start (images)
+        collector.update(first if result.shows_tokens else None)
     with ExampleCollector(handle, neurons, k=k, window=window, rank=rank, edges=edges) as collector:
         for task, task_data in data.items():
             collector.start(task)
-            on_logits = (lambda logits, ids, mask, docs: collector.update(ids)) if handle.kind == "lm" else \
-                (lambda logits, start, docs: collector.update(None))
             run_batches(handle, task_data, collector, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
                         cls_only=cls_only, progress=progress, desc=f"neurons {task}", on_logits=on_logits,
                         documents=True, logits=False, skip_positions=skip_positions)
             _finish(result, task, collector.tasks.pop(task), handle, task_data)
-    if handle.kind == "image":
+    if not result.shows_tokens:
         result.grid_shape = _grid_shape(handle)
     result.names = {t: list(names[t]) for t in data if t in names} if names else {}
     if direct:
@@ -301,11 +308,7 @@ def collect_examples(handle, data: dict, neurons, *, picked: dict | None = None,
 def output_names(handle, n: int) -> list[str]:
     """The names of a model's n outputs: decoded tokens (an id the tokenizer lacks as "#id"), or class names
     (the config's id2label; "class i" without one)."""
-    if handle.kind == "lm":
-        known = len(handle.tokenizer)
-        return [handle.tokenizer.decode([i]) if i < known else f"#{i}" for i in range(n)]
-    labels = getattr(getattr(handle.model, "config", None), "id2label", None) or {}
-    return [str(labels.get(i, labels.get(str(i), f"class {i}"))) for i in range(n)]
+    return handle.modality.output_names(handle, n)
 
 
 DIRECT_CAPTION = ("Direct effect: the outputs whose logit this neuron's output direction moves most, per unit of "
@@ -408,7 +411,7 @@ def _finish(result: NeuronExamples, task: str, state: _TaskTopK, handle, task_da
     result.position[task] = torch.where(valid, state.position.T, -1)
     result.hist[task] = state.hist
     context = state.context.permute(1, 0, 2)
-    if handle.kind == "lm":
+    if result.shows_tokens:
         result.context[task] = torch.where(valid[..., None], context, math.nan)
         pieces: dict[int, str] = {}
         ids = state.ids.permute(1, 0, 2).tolist()

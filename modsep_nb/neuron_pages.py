@@ -73,7 +73,7 @@ def context_html(row: dict, scale: float, window: int) -> str:
 
 def contexts_html(ex: NeuronExamples, neuron, tasks=None, limit: int | None = None) -> str:
     """The kept contexts of `neuron` on `tasks` (default all), best first, as HTML lines (LM only)."""
-    if ex.kind != "lm":
+    if not ex.shows_tokens:
         raise TypeError("contexts_html shows tokens; for an image model use images_figure")
     scale = _scale(ex, neuron)
     rows = ex.examples(neuron, tasks, limit)
@@ -162,7 +162,7 @@ def images_figure(ex: NeuronExamples, neuron, rows: dict):
     """Kept images of `neuron` with its activation at every patch over each image (red positive, blue
     negative, full colour at the neuron's largest kept |activation|); the kept patch outlined (or "CLS").
     rows: {row title: examples} (NeuronExamples.examples)."""
-    if ex.kind != "image":
+    if ex.shows_tokens:
         raise TypeError("images_figure shows images; for a language model use contexts_html")
     from matplotlib.patches import Rectangle
     prefix, n_rows, n_cols = ex.grid_shape
@@ -241,7 +241,7 @@ def export(ex: NeuronExamples, out_dir, kind: str | None = None) -> list[Path]:
                      direct_html(ex, neuron), ablation_html(ex, neuron),      # what it does, before where it fires
                      f'<img src="{quote(distribution[neuron])}" alt="activation distribution of layer {l}, '
                      f'neuron {u}">']
-            if ex.kind == "lm":
+            if ex.shows_tokens:
                 for title, rows in top_rows(ex, neuron, task).items():
                     scale = _scale(ex, neuron)
                     lines = "\n".join(context_html(r, scale, ex.window) for r in rows) or "<p>None kept.</p>"
@@ -308,7 +308,7 @@ def explorer(ex: NeuronExamples):
         with out:
             display(HTML(f"<style>{_TOKEN_CSS}</style>" + direct_html(ex, chosen) + ablation_html(ex, chosen)))
             rows = top_rows(ex, chosen, task.value)
-            if ex.kind == "lm":
+            if ex.shows_tokens:
                 scale = _scale(ex, chosen)
                 display(HTML(f"<style>{_TOKEN_CSS}</style>" + "".join(
                     f"<h4>{html.escape(title)}</h4>" + "".join(context_html(r, scale, ex.window) for r in rs)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import FASHION_MNIST_GROUPS
-from .models import load_model
+from .models import EMBEDDED_LM, EMBEDDED_VIT, load_model
 from .params import ParamsError, device_of, dtype_of
 from .statistics import block_of_documents
 from .study import SECTIONS, training_options
@@ -57,10 +57,9 @@ class Costs:
     """Stages of one section: a budget of tokens (images) read once, or a number of task evaluations."""
 
     def __init__(self, params: dict, kind: str):
-        self.p, self.kind, self.params = params[kind], kind, params
+        self.p, self.kind, self.params, self.tasks = params[kind], kind, params, SECTIONS[kind]
         self.n_tasks = len(self.p["tasks"]) if isinstance(self.p["tasks"], (list, dict)) else None
-        self.lm = kind == "lm"
-        self.row = self.p["ctx"] if self.lm else 1          # units in one batch row: a window of tokens, an image
+        self.row = self.tasks.batch_row(self.p)          # units in one batch row: a window of tokens, an image
 
     def read(self, units: int) -> int:
         """Forward calls of one pass over `units` tokens (images)."""
@@ -78,8 +77,8 @@ class Costs:
 
     def evals(self, nb, what, n_evals, exact=True) -> Stage:
         """n_evals evaluations of one task: eval_tokens each (LM), or its share of the test images (ViT)."""
-        per = self.p["eval_tokens"] if self.lm else math.ceil(self.p["eval_images"] / self.n_tasks)
-        return Stage(nb, self.kind, what, n_evals * self.read(per), n_evals * per, exact and self.lm)
+        per, per_exact = self.tasks.evaluation_units(self.p, self.n_tasks)
+        return Stage(nb, self.kind, what, n_evals * self.read(per), n_evals * per, exact and per_exact)
 
 
 def count(params: dict, n_tasks: dict | None = None) -> list[Stage]:
@@ -94,7 +93,8 @@ def count(params: dict, n_tasks: dict | None = None) -> list[Stage]:
         c.n_tasks = (n_tasks or {}).get(kind, c.n_tasks)
         if c.n_tasks is None:
             raise ValueError(f"{kind}.tasks is {c.p['tasks']!r}: pass n_tasks={{'{kind}': N}} (plan loads the tasks)")
-        T, B, S = c.n_tasks, c.p[SECTIONS[kind].stats_key], len(pr["random_seeds"])
+        tasks = SECTIONS[kind]
+        T, B, S = c.n_tasks, c.p[tasks.stats_key], len(pr["random_seeds"])
         if own in nbs:
             nbk = ev["n_blocks"]
             out += [c.stats(own, "statistics", T, B, n_blocks=nbk),
@@ -107,7 +107,7 @@ def count(params: dict, n_tasks: dict | None = None) -> list[Stage]:
                 out.append(c.evals(own, "selectivity null", T * (1 + ev["n_null_ablation"] * T)))
         if "03" in nbs:
             tokens = params["moefication"]["coactivation_tokens"]
-            sample = tokens if kind == "lm" else T * max(1, tokens // T // 8)     # tasks.sample_budget
+            sample = tasks.sample_read(tokens, T)
             kept = len([f for f in params["moefication"]["keep_fracs"] if f < 1])
             n_eval = min(params["moefication"]["eval_tasks"] or T, T)
             mo = params["moefication"]      # the claims' further seeds: random (and param) splits at the claim's fractions
@@ -117,15 +117,17 @@ def count(params: dict, n_tasks: dict | None = None) -> list[Stage]:
                             n_eval * (2 + 4 * kept + reseeded))]
         if "04" in nbs or "05" in nbs:
             seeds = len(ri["seeds"]) if "04" in nbs else 1
-            budget = ri[SECTIONS[kind].stats_key] or B
+            budget = ri[tasks.stats_key] or B
             out.append(c.stats("04" if "04" in nbs else "05", f"statistics of {seeds} random-init models", seeds * T,
                                budget, n_blocks=ev["n_blocks"]))
-        if "06" in nbs and (kind == "vit" or c.p.get("revisions")):
-            n_ck = params["vit"]["training"]["checkpoints"] if kind == "vit" else len(c.p["revisions"])
-            dyn = params["dynamics"]
-            if kind == "vit":
-                c = Costs({**params, "vit": {**c.p, "eval_images": min(dyn["eval_images"], c.p["eval_images"])}}, kind)
-                c.n_tasks, B = T, min(dyn["stats_images"], B)
+        n_ck = tasks.checkpoints(params)
+        if "06" in nbs and n_ck:
+            # 06's smaller budgets: those of the section's keys that params['dynamics'] sets (dynamics_params)
+            dyn = {key: min(params["dynamics"][key], c.p[key]) for key in (tasks.stats_key, tasks.eval_key)
+                   if key in params["dynamics"]}
+            if dyn:
+                c = Costs({**params, kind: {**c.p, **dyn}}, kind)
+                c.n_tasks, B = T, dyn.get(tasks.stats_key, B)
             out += [c.stats("06", f"statistics at {n_ck} checkpoints", n_ck * T, B, n_blocks=ev["n_blocks"]),
                     c.stats("06", f"null domain at {n_ck} checkpoints", n_ck, T * B, n_blocks=T * ev["n_blocks"]),
                     c.evals("06", f"cross-task matrix at {n_ck} checkpoints (1 random seed)", n_ck * (2 * T * T + 2 * T),
@@ -136,17 +138,17 @@ def count(params: dict, n_tasks: dict | None = None) -> list[Stage]:
 def model_size(params: dict, kind: str) -> tuple[int, int]:
     """(parameters, tokens per unit: 1 for an LM, patches + class token per image) of a section's model, from its
     configuration only (no weights are read: meta tensors)."""
-    spec = params[kind]["model"]
-    if kind == "vit" and spec == "fmnist-vit":
+    spec, modality = params[kind]["model"], SECTIONS[kind].modality
+    if spec == EMBEDDED_VIT:
         from transformers import ViTForImageClassification
         settings = {**DEFAULT_TRAINING, **{k: v for k, v in params["vit"]["training"].items() if v is not None}}
         with torch.device("meta"):
             model = ViTForImageClassification(vit_config(settings))
         cfg = model.config
         return sum(p.numel() for p in model.parameters()), (cfg.image_size // cfg.patch_size) ** 2 + 1
-    if spec == "smollm2-135m":
+    if spec == EMBEDDED_LM:
         return 134_515_008, 1      # SmolLM2-135M-Instruct (embedded; converting it is work, not planning)
-    if kind == "vit" and spec.startswith("timm:"):      # timm builds the architecture from its name alone
+    if spec.startswith("timm:"):      # a timm ViT: timm builds the architecture from its name alone
         import timm
         try:
             with torch.device("meta"):
@@ -156,15 +158,15 @@ def model_size(params: dict, kind: str) -> tuple[int, int]:
                               f"lists them)") from None
         per = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
         return sum(p.numel() for p in model.parameters()), per
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification
+    import transformers
     try:
-        cfg = AutoConfig.from_pretrained(spec)
+        cfg = transformers.AutoConfig.from_pretrained(spec)
     except Exception:             # timm, or a hub id without network
         raise ParamsError(f"{kind}.model {spec!r}: its configuration could not be read here (offline?); plan needs "
                          f"config.json (a local folder, or the hub cache)") from None
     with torch.device("meta"):       # the head counts: an LM's unembedding is part of every evaluation pass
-        model = (AutoModelForCausalLM if kind == "lm" else AutoModelForImageClassification).from_config(cfg)
-    per = 1 if kind == "lm" else (cfg.image_size // cfg.patch_size) ** 2 + 1
+        model = getattr(transformers, modality.auto_class).from_config(cfg)
+    per = modality.tokens_per_unit(cfg)
     return sum(p.numel() for p in model.parameters()), per
 
 
@@ -173,17 +175,12 @@ def measure_rate(params: dict, kind: str, n_batches: int = 3) -> float:
     fastest of `n_batches` batches of batch_size × ctx tokens (batch_size images) to the logits."""
     p = params[kind]
     handle = load_model(p["model"], dtype=dtype_of(params, kind), device=device_of(params), **training_options(params, kind))
-    if kind == "lm":
-        x = torch.randint(10, 100, (p["batch_size"], p["ctx"]), device=handle.device)
-        run, units = (lambda: handle.lm_logits(x, torch.ones_like(x))), x.numel()
-    else:
-        x = torch.randn(p["batch_size"], *handle.image_shape, device=handle.device, dtype=handle.dtype)
-        run, units = (lambda: handle.image_logits(x)), len(x)
+    x, mask, units = handle.modality.random_batch(handle, p["batch_size"], p.get("ctx"))
     times = []
     with torch.no_grad():
         for _ in range(n_batches + 1):
             start = time.perf_counter()
-            run()
+            handle.logits(x, mask)
             if handle.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -199,7 +196,7 @@ def _duration(seconds: float) -> str:
 def report(params: dict, stages: list[Stage], rates: dict, sizes: dict) -> str:
     """The plan as text: one line per stage, then per notebook and in all: passes, tokens (images), time here
     (rates: {kind: units/s} measured, or absent) and on the issue's GPU (sizes: {kind: (parameters, tokens per unit)})."""
-    unit = {"lm": "tokens", "vit": "images"}
+    unit = {kind: tasks.unit for kind, tasks in SECTIONS.items()}
     lines = [f"{'nb':3s} {'model':4s} {'stage':58s} {'passes':>9s} {'tokens/images':>16s} {'here':>8s} {GPU_NAME:>12s}"]
     totals: dict = {}
 
@@ -227,7 +224,7 @@ def report(params: dict, stages: list[Stage], rates: dict, sizes: dict) -> str:
                  f"{_duration(here) if here == here else '-'} here, {_duration(gpu)} on one {GPU_NAME}")
     for kind, rate in rates.items():
         lines.append(f"here: {kind} measured at {rate:,.0f} {unit[kind]}/s ({params[kind]['model']}, batch "
-                     f"{params[kind]['batch_size']}{', ctx ' + str(params[kind]['ctx']) if kind == 'lm' else ''})")
+                     f"{params[kind]['batch_size']}{', ctx ' + str(params[kind]['ctx']) if 'ctx' in params[kind] else ''})")
     lines.append(f"{GPU_NAME}: 2 FLOPs per parameter and token at {GPU_FLOPS / 1e12:.0f} TFLOP/s, what Mistral-7B's "
                  f"plain forward reached (issue #27); small models reach less")
     return "\n".join(lines)

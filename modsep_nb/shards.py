@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from .batches import run_batches
-from .data import document_windows, images_and_labels, lm_windows, position_weights
 from .statistics import (BlockStats, NonFiniteActivationError, StatsCollector, documents_read, load_tensors,
                          save_tensors, shard_of, block_of_documents)
 
@@ -38,22 +37,8 @@ def _block_data(handle, data, n_blocks: int, max_tokens, ctx: int):
     a pass with this budget reads, cut into blocks as statistics.block_of_documents does."""
     n_docs = documents_read(handle, data, max_tokens=max_tokens, ctx=ctx)
     block_of = block_of_documents(n_docs, n_blocks)
-    if handle.kind == "lm":
-        # a block's own documents read in rounds with the tokens the whole pass takes from them give exactly the
-        # windows the whole pass reads from them, in the same order (rounds visit documents in order)
-        taken = torch.zeros(int(block_of.max()) + 1, dtype=torch.long)
-        for d, window in document_windows(handle.tokenizer, data, ctx=ctx, max_tokens=max_tokens):
-            taken[block_of[d]] += len(window)
-
-        def part(b):
-            docs = torch.nonzero(block_of == b).flatten()
-            return data[int(docs[0]):int(docs[-1]) + 1], int(taken[b])
-    else:
-        images = images_and_labels(data)[0][:n_docs]
-
-        def part(b):
-            docs = torch.nonzero(block_of == b).flatten()
-            return images[int(docs[0]):int(docs[-1]) + 1], None
+    # LM: each block's documents with the tokens the whole pass reads from them; images: each block's images
+    part = handle.modality.block_part(handle, data, block_of, max_tokens=max_tokens, ctx=ctx)
     return block_of, part
 
 
@@ -62,10 +47,9 @@ def _block_sums(handle, data, n_blocks, blocks, *, max_tokens=None, batch_size=N
     """(count [k, L], sums [k, 5, L, d_mlp] float64, n_documents [B], documents read) of the blocks listed.
     skip_positions, equal_positions (LM): as statistics.collect_stats, weighing by the whole task's windows."""
     block_of, part = _block_data(handle, data, n_blocks, max_tokens, ctx)
-    weights = None
-    if handle.kind == "lm":     # the task's position weights, not each block's: one block's windows are too few
-        weights = position_weights([len(w) for w in lm_windows(handle.tokenizer, data, ctx=ctx, max_tokens=max_tokens)],
-                                   ctx, skip_positions=skip_positions, equal_positions=equal_positions)
+    # the task's position weights (LM), not each block's: one block's windows are too few
+    weights = handle.modality.task_weights(handle, data, max_tokens=max_tokens, ctx=ctx,
+                                           skip_positions=skip_positions, equal_positions=equal_positions)
     counts, sums = [], []
     for b in blocks:
         block_data, budget = part(b)

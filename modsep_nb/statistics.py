@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .batches import run_batches
-from .data import images_and_labels, lm_windows
 from .files import atomic_file
 
 MEANS = ("mean", "mean_abs", "mean_sq", "frac_pos", "mean_sqrt")
@@ -614,13 +613,7 @@ def collect_block_stats(handle, data, n_blocks: int = 32, *, max_tokens: int | N
 
 def documents_read(handle, data, *, max_tokens, ctx) -> int:
     """How many documents (images) of `data` a pass with this budget reads."""
-    if handle.kind == "lm":
-        if isinstance(data, str) or not all(isinstance(t, str) for t in data) or not data:
-            raise TypeError("a language model takes a non-empty list of documents (list[str]) as data")
-        _, docs = lm_windows(handle.tokenizer, data, ctx=ctx, max_tokens=max_tokens, with_documents=True)
-        return max(docs) + 1      # read in rounds: the last window need not be the last document
-    n = len(images_and_labels(data)[0])
-    return n if max_tokens is None else min(n, max_tokens)
+    return handle.modality.documents_read(handle, data, max_tokens=max_tokens, ctx=ctx)
 
 
 def bootstrap_weights(n_blocks: int, n_boot: int, seed: int) -> torch.Tensor:

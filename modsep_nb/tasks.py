@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from itertools import chain, zip_longest
 from typing import Protocol, runtime_checkable
 
@@ -18,6 +19,7 @@ import torch
 
 from . import data as D
 from .evaluation import evaluate
+from .modalities import IMAGE, TEXT
 from .models import check_outputs
 from .params import base_dir
 
@@ -39,10 +41,13 @@ def data_hash(obj) -> str:
 @runtime_checkable
 class Tasks(Protocol):
     """What a Study asks of its tasks, whatever the modality (TextTasks, ImageTasks): the seam between them.
-    A budget counts `unit` (tokens or images) per task; `section` is the params section the tasks come from."""
+    A budget counts `unit` (tokens or images) per task; `section` is the params section the tasks come from.
+    Each class also names its models' `modality` (modalities.TEXT, IMAGE); its class attributes, and the static
+    methods plan.py asks (sample_read, batch_row, ...), need no tasks loaded."""
     unit: str                   # what a budget counts: "tokens" or "images"
     section: str                # the params section: "lm" or "vit"
     stats_key: str              # the params key of the statistics budget in that section (and in random_init)
+    eval_key: str               # the params key of the evaluation budget in that section (and in localisers)
     experts_key: str            # the params key of MoEfication's number of experts (moefication section)
 
     @property
@@ -68,7 +73,8 @@ class Tasks(Protocol):
 class TextTasks:
     """Text domains (docs/method.md §9). settings: the params' `lm` section. tokenizer: the model's, which turns a
     token budget into the documents it reads."""
-    unit, section, stats_key, experts_key = "tokens", "lm", "stats_tokens", "lm_experts"
+    unit, section, stats_key, eval_key, experts_key = "tokens", "lm", "stats_tokens", "eval_tokens", "lm_experts"
+    modality = TEXT
 
     def __init__(self, tasks: dict[str, D.TextTask], settings: dict, tokenizer=None):
         self.tasks, self.settings, self.tokenizer = tasks, settings, tokenizer
@@ -140,6 +146,26 @@ class TextTasks:
         """Budget that yields about n_tokens activation rows (one row per token)."""
         return n_tokens
 
+    @staticmethod
+    def sample_read(n_tokens: int, n_tasks: int) -> int:
+        """Tokens statistics.activation_sample reads for about n_tokens rows over n_tasks tasks: about n_tokens."""
+        return n_tokens
+
+    @staticmethod
+    def batch_row(settings: dict) -> int:
+        """Tokens in one batch row: a window of ctx."""
+        return settings["ctx"]
+
+    @staticmethod
+    def evaluation_units(settings: dict, n_tasks: int) -> tuple[int, bool]:
+        """(tokens one task's evaluation reads, exactly so): eval_tokens each."""
+        return settings["eval_tokens"], True
+
+    @staticmethod
+    def checkpoints(params: dict) -> int:
+        """How many training checkpoints notebook 06 follows: lm.revisions (none: 06 skips the LM)."""
+        return len(params["lm"].get("revisions") or [])
+
     def accuracy(self, handle, names=None) -> dict[str, float]:
         """Next-token top-1 per task on its evaluation documents, for the model as it is now."""
         p = self.settings
@@ -183,7 +209,8 @@ class TextTasks:
 class ImageTasks:
     """Classes or groups of classes of an image dataset. settings: the params' `vit` section. seed: the params'
     seed, which draws each task's statistics images (a seeded sample, not the first in dataset order)."""
-    unit, section, stats_key, experts_key = "images", "vit", "stats_images", "vit_experts"
+    unit, section, stats_key, eval_key, experts_key = "images", "vit", "stats_images", "eval_images", "vit_experts"
+    modality = IMAGE
 
     def __init__(self, tasks: dict[str, list[str]], train: D.ImageDataset, test: D.ImageDataset, settings: dict,
                  seed: int = 0):
@@ -271,6 +298,26 @@ class ImageTasks:
     def sample_budget(self, n_tokens: int) -> int:
         """Images that yield at least ~n_tokens activation rows (each image has many tokens)."""
         return max(1, n_tokens // 8)
+
+    @staticmethod
+    def sample_read(n_tokens: int, n_tasks: int) -> int:
+        """Images statistics.activation_sample reads for about n_tokens rows over n_tasks tasks (sample_budget each)."""
+        return n_tasks * max(1, n_tokens // n_tasks // 8)
+
+    @staticmethod
+    def batch_row(settings: dict) -> int:
+        """Images in one batch row: one."""
+        return 1
+
+    @staticmethod
+    def evaluation_units(settings: dict, n_tasks: int) -> tuple[int, bool]:
+        """(images one task's evaluation reads, exactly so): the test images split evenly over the tasks, roughly."""
+        return math.ceil(settings["eval_images"] / n_tasks), False
+
+    @staticmethod
+    def checkpoints(params: dict) -> int:
+        """How many training checkpoints notebook 06 follows: those saved while training the ViT here."""
+        return params["vit"]["training"]["checkpoints"]
 
     def accuracy(self, handle, names=None) -> dict[str, float]:
         """Top-1 per task over the test images of its classes; one pass serves every task."""
