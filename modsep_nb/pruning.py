@@ -192,18 +192,27 @@ def auroc_scores(blocks: dict) -> dict:
 
 def _mid_ranks(values: torch.Tensor) -> torch.Tensor:
     """1-based mid-ranks of each row of values [N, B] (ties share the mean of their ranks), float64. numpy's sort:
-    about 10x faster than torch's for many short rows on a CPU, and notebook 07 ranks every resample's blocks."""
+    about 10x faster than torch's for many short rows on a CPU, and notebook 07 ranks every resample's blocks. A
+    bootstrap repeats blocks, so nearly every row has ties: the rows are laid end to end and each run of equal
+    sorted values gets the mean of its first and last position, found by running maxima and minima (2x faster
+    than searching every value in its sorted row)."""
     x = values.numpy()
-    order = x.argsort(axis=1)
-    ordered = np.take_along_axis(x, order, 1)
-    ranks = np.empty(x.shape)
-    np.put_along_axis(ranks, order, np.arange(1.0, x.shape[1] + 1), 1)     # right wherever no value repeats
-    tied = (ordered[:, 1:] == ordered[:, :-1]).any(1)
-    if tied.any():      # rows with repeated values (e.g. a neuron that never fires): below, plus half the ties
-        row, sorted_row = torch.from_numpy(x[tied]), torch.from_numpy(ordered[tied])
-        ranks[tied] = ((torch.searchsorted(sorted_row, row, side="left")
-                        + torch.searchsorted(sorted_row, row, side="right") + 1).double() / 2).numpy()
-    return torch.from_numpy(ranks)
+    rows, n = x.shape
+    offset = np.repeat(np.arange(rows) * n, n)                       # where each row starts, laid end to end
+    flat_order = x.argsort(axis=1).ravel() + offset
+    ordered = x.ravel()[flat_order]
+    starts = np.empty(rows * n, dtype=bool)                          # a run of equal values begins here
+    starts[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
+    starts[::n] = True                                               # every row begins a run
+    ends = np.empty(rows * n, dtype=bool)                            # ... and ends where the next one begins
+    ends[:-1], ends[-1] = starts[1:], True
+    index = np.arange(rows * n)
+    first = np.maximum.accumulate(np.where(starts, index, 0))
+    last = np.minimum.accumulate(np.where(ends, index, rows * n - 1)[::-1])[::-1]
+    ranks = np.empty(rows * n)
+    ranks[flat_order] = (first + last) / 2 + 1 - offset
+    return torch.from_numpy(ranks.reshape(rows, n))
 
 
 def _at_least_two(stats: dict) -> list:

@@ -338,7 +338,7 @@ def test_attribution_blocks_are_the_attribution_of_their_documents(planted):
 
 
 def test_mid_ranks_equal_scipy_rankdata_with_and_without_ties():
-    """auroc's ranks (numpy's sort, ties by counting) are scipy's average ranks, row by row: rows with no
+    """auroc's ranks (numpy's sort, runs of ties laid end to end) are scipy's average ranks, row by row: rows with no
     repeated value, a neuron that never fires (all equal) and rows of a few repeated values."""
     from scipy.stats import rankdata
     from modsep_nb.pruning import _mid_ranks
@@ -346,7 +346,9 @@ def test_mid_ranks_equal_scipy_rankdata_with_and_without_ties():
     values = torch.randn(300, 24, generator=gen, dtype=torch.float64)
     values[5] = 0.0
     values[10:40] = torch.randint(0, 3, (30, 24), generator=gen).double()
+    values[50:60] = values[50:60, torch.randint(0, 24, (24,), generator=gen)]     # a bootstrap: repeated columns
     np.testing.assert_array_equal(_mid_ranks(values).numpy(), rankdata(values.numpy(), axis=1))
+    np.testing.assert_array_equal(_mid_ranks(values[:, :1]).numpy(), np.ones((300, 1)))     # one block
 
 
 def _token_blocks(values: torch.Tensor) -> BlockStats:
