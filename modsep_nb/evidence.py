@@ -293,7 +293,7 @@ def pseudo_task_null(domain: BlockStats | Sequence[BlockStats], sizes, n_null: i
             raise ValueError("a null pooled over several domains splits n_null between them: it cannot be extended, "
                              "draw it again with the larger n_null")
         counts = np.diff(np.round(np.linspace(0, n_null, len(domain) + 1))).astype(int)
-        seeds = [seed] if len(domain) == 1 else child_seeds(seed, len(domain))
+        seeds = child_seeds(seed, len(domain))          # one domain was taken apart above, with `seed` itself
         parts = [pseudo_task_null(d, z, int(k), child, keep_masks=keep_masks, **pipeline)
                  for d, z, k, child in zip(domain, sizes, counts, seeds) if k]
         return {"pairs": np.concatenate([p["pairs"] for p in parts]),
