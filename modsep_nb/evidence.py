@@ -23,7 +23,7 @@ import torch
 from .claims import ALPHA, MIN_N, Claim, holm, resample_p
 from .evaluation import own_and_others, selectivity
 from .overlaps import chance_overlap, layer_matched_chance_matrix, overlap_matrix, related_vs_unrelated
-from .pruning import BLOCK_LOCALISERS, Selection, ablate, select_neurons
+from .pruning import BLOCK_LOCALISERS, RankedBlocks, Selection, ablate, select_neurons
 from .statistics import BlockStats, bootstrap_weights, weighted_pool
 
 LEVEL = 0.95
@@ -143,19 +143,21 @@ def pipeline_masks(stats: Mapping, *, frac: float, mode: str = "global", importa
     """pruning.Selection(...).masks(stats), Study.scores/masks' route ('rest': the other tasks pooled; 'general':
     the general corpus's NeuronStats `general`, the same for the real tasks, their resamples and the null): one
     function for the real tasks, their resamples and the null.
-    A block localiser (auroc) takes {task: BlockStats} (resampled_stats gives them), an attribution {task: [L, d_mlp]}."""
+    A block localiser (auroc) takes {task: BlockStats} or weightings of one RankedBlocks (resampled_stats), an
+    attribution {task: [L, d_mlp]}."""
     return Selection(frac, mode, importance, eps, eps_relative, retain, general).masks(stats)
 
 
-def resampled_stats(blocks: BlockStats, weights, importance: str = "abs"):
+def resampled_stats(blocks: BlockStats, weights, importance: str = "abs", *, ranked=None, part: int = 0):
     """Yield what pipeline_masks reads for each row of weights [K, B]: the blocks merged with those weights, or for
-    a block localiser (it ranks blocks) the blocks repeated as many times as their weights say."""
+    a block localiser (it ranks blocks) the blocks taken as many times as their weights say (WeightedBlocks of
+    `ranked`, a RankedBlocks whose pool `part` is these blocks; default: these blocks alone, sorted once here)."""
     if importance not in BLOCK_LOCALISERS:
         yield from blocks.resamples(weights)
         return
-    index = torch.arange(blocks.n_blocks)
+    ranked = RankedBlocks([blocks]) if ranked is None else ranked
     for w in torch.as_tensor(weights):
-        yield blocks.subset(torch.repeat_interleave(index, w.long()))
+        yield ranked.weighted(part, w)
 
 
 def _merged(task_blocks: Mapping[str, BlockStats], importance: str = "abs") -> dict:
@@ -183,8 +185,12 @@ def bootstrap_masks(task_blocks: Mapping[str, BlockStats], n_boot: int, seed: in
     names = list(task_blocks)
     for t in names:
         _check_units(t, task_blocks[t].n_blocks, "blocks of documents")
-    draws = {t: resampled_stats(task_blocks[t], bootstrap_weights(task_blocks[t].n_blocks, n_boot, s),
-                           pipeline.get("importance", "abs")) for t, s in zip(names, child_seeds(seed, len(names)))}
+    importance = pipeline.get("importance", "abs")
+    # a block localiser ranks every task's blocks together: sorted once for all resamples
+    ranked = RankedBlocks([task_blocks[t] for t in names]) if importance in BLOCK_LOCALISERS else None
+    draws = {t: resampled_stats(task_blocks[t], bootstrap_weights(task_blocks[t].n_blocks, n_boot, s), importance,
+                                ranked=ranked, part=k)
+             for k, (t, s) in enumerate(zip(names, child_seeds(seed, len(names))))}
     for _ in range(n_boot):
         yield pipeline_masks({t: next(draws[t]) for t in names}, **pipeline)
 

@@ -166,53 +166,105 @@ def auroc_scores(blocks: dict) -> dict:
     """Per task the AUROC of each neuron's mean activation over the task's statistics blocks against every other
     task's blocks (the probability that a block of the task is higher than one of the rest, ties counted half;
     Mann-Whitney from mid-ranks), [L, d_mlp] float64 in [0, 1]: 1 for a neuron higher on every block of the task,
-    0.5 for one that does not tell them apart. `blocks`: {task: BlockStats}. The unit is the block of documents
-    (the bootstrap's), not the token: tokens of one document are not independent draws."""
+    0.5 for one that does not tell them apart. `blocks`: {task: BlockStats}, or {task: WeightedBlocks} of one
+    RankedBlocks (a resample or a pseudo-task: the pool's blocks taken as many times as weighted). The unit is
+    the block of documents (the bootstrap's), not the token: tokens of one document are not independent draws."""
     names = _at_least_two(blocks)
-    if not all(isinstance(b, BlockStats) for b in blocks.values()):
+    views = list(blocks.values())
+    if all(isinstance(v, WeightedBlocks) for v in views) and len({id(v.ranked) for v in views}) == 1:
+        ranked = views[0].ranked
+    elif all(isinstance(b, BlockStats) for b in views):
+        ranked = RankedBlocks(views)
+        views = [ranked.weighted(k) for k in range(len(views))]
+    else:
         raise ValueError("the auroc localiser ranks statistics blocks: give {task: BlockStats} (Study.block_stats()), "
-                         "not merged NeuronStats")
-    means = []
-    for t in names:
-        b = blocks[t]
-        keep = b.count[:, 0] > 0                           # a block that read no token has no mean
-        if int(keep.sum()) == 0:
+                         "or weightings of one RankedBlocks, not merged NeuronStats")
+    weights = torch.stack([v.pool_weights() for v in views]) * ranked.read
+    for t, w in zip(names, weights):
+        if float(w.sum()) == 0:
             raise ValueError(f"task {t!r} has no non-empty statistics block: collect its statistics first")
-        means.append(b.sums[keep, 0] / b.count[keep].unsqueeze(-1))       # [B_t, L, d]
-    sizes = [len(m) for m in means]
-    values = torch.cat(means).flatten(1).T.contiguous()    # [L*d, B]: every block's mean, one row per neuron
-    ranks = _mid_ranks(values)
-    out, start, total = {}, 0, sum(sizes)
-    for t, n in zip(names, sizes):
-        rank_sum = ranks[:, start:start + n].sum(1)
-        out[t] = ((rank_sum - n * (n + 1) / 2) / (n * (total - n))).view(means[0].shape[1:])
-        start += n
-    return out
+    return dict(zip(names, ranked.auroc(weights)))
 
 
-def _mid_ranks(values: torch.Tensor) -> torch.Tensor:
-    """1-based mid-ranks of each row of values [N, B] (ties share the mean of their ranks), float64. numpy's sort:
-    about 10x faster than torch's for many short rows on a CPU, and notebook 07 ranks every resample's blocks. A
-    bootstrap repeats blocks, so nearly every row has ties: the rows are laid end to end and each run of equal
-    sorted values gets the mean of its first and last position, found by running maxima and minima (2x faster
-    than searching every value in its sorted row)."""
-    x = values.numpy()
-    rows, n = x.shape
-    offset = np.repeat(np.arange(rows) * n, n)                       # where each row starts, laid end to end
-    flat_order = x.argsort(axis=1).ravel() + offset
-    ordered = x.ravel()[flat_order]
-    starts = np.empty(rows * n, dtype=bool)                          # a run of equal values begins here
-    starts[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=starts[1:])
-    starts[::n] = True                                               # every row begins a run
-    ends = np.empty(rows * n, dtype=bool)                            # ... and ends where the next one begins
-    ends[:-1], ends[-1] = starts[1:], True
-    index = np.arange(rows * n)
-    first = np.maximum.accumulate(np.where(starts, index, 0))
-    last = np.minimum.accumulate(np.where(ends, index, rows * n - 1)[::-1])[::-1]
-    ranks = np.empty(rows * n)
-    ranks[flat_order] = (first + last) / 2 + 1 - offset
-    return torch.from_numpy(ranks.reshape(rows, n))
+class RankedBlocks:
+    """Every neuron's mean activation over each block of a pool of statistics blocks (one or several BlockStats laid
+    end to end), sorted once per neuron. auroc(weights) then scores any weighting of the pool's blocks (a bootstrap
+    resample or a pseudo-task takes each block 0, 1, 2... times) with a cumulative sum of the weights in each
+    neuron's sorted order instead of a sort: notebook 07 scores hundreds of resamples of 46,080 neurons. The result
+    is the Mann-Whitney AUROC of the blocks repeated as often as weighted, exactly (integer weights: every sum is
+    of halves). A block that read no token has no mean and weighs 0."""
+
+    def __init__(self, pools):
+        means, self.offsets = [], [0]
+        for b in pools:
+            count = b.count.to(torch.float64)
+            means.append(b.sums[:, 0].to(torch.float64) / count.clamp_min(1).unsqueeze(-1))     # [B, L, d]
+            self.offsets.append(self.offsets[-1] + b.n_blocks)
+        self.shape = means[0].shape[1:]
+        self.read = torch.cat([b.count[:, 0] > 0 for b in pools]).to(torch.float64)      # 0: an empty block
+        x = torch.cat(means).flatten(1).T.contiguous().numpy()     # [N, B]: one row per neuron
+        n, size = x.shape
+        self.order = x.argsort(axis=1)                             # numpy's sort: ~10x torch's for short rows
+        rows = np.arange(n)[:, None] * size
+        inverse = np.empty_like(self.order)
+        np.put_along_axis(inverse, self.order, np.arange(size)[None, :], axis=1)
+        self.back = (inverse + rows).ravel()                       # sorted position of each block, laid end to end
+        ordered = np.take_along_axis(x, self.order, axis=1)
+        tied = ordered[:, 1:] == ordered[:, :-1]
+        self.runs = None
+        if tied.any():          # each sorted position's run of equal values: its first and last position
+            starts = np.ones((n, size), dtype=bool)
+            starts[:, 1:] = ~tied
+            ends = np.ones((n, size), dtype=bool)
+            ends[:, :-1] = ~tied
+            index = np.arange(n * size)
+            first = np.maximum.accumulate(np.where(starts.ravel(), index, 0))
+            last = np.minimum.accumulate(np.where(ends.ravel(), index, n * size - 1)[::-1])[::-1]
+            self.runs = first, last
+
+    @property
+    def n_blocks(self) -> int:
+        return self.offsets[-1]
+
+    def weighted(self, part: int, weights=None) -> "WeightedBlocks":
+        """The blocks of pool `part` taken `weights` [its blocks] times each (default: once)."""
+        return WeightedBlocks(self, part, weights)
+
+    def auroc(self, weights: torch.Tensor) -> list[torch.Tensor]:
+        """AUROC [L, d_mlp] of each row of weights [T, pool blocks] (a task) against the others' rows together.
+        From each block's weighted mid-rank R (the weight below it plus half the weight equal to it, itself
+        included): task t's Mann-Whitney U is w_t . R - W_t^2 / 2, since its pairs within itself sum to W_t^2 / 2."""
+        w = weights.to(torch.float64) * self.read
+        total = w.sum(0).numpy()
+        spread = np.take(total, self.order)                        # [N, B]: the weights in each neuron's order
+        upto = np.cumsum(spread, axis=1)
+        if self.runs is None:
+            ranks = upto - spread / 2
+        else:
+            below = (upto - spread).ravel()
+            ranks = (below[self.runs[0]] + upto.ravel()[self.runs[1]]) / 2
+        ranks = torch.from_numpy(ranks.ravel()[self.back].reshape(spread.shape))   # back in block order
+        own = w.sum(1)
+        u = w @ ranks.T - (own ** 2 / 2)[:, None]                  # [T, N]
+        auc = u / (own * (float(total.sum()) - own))[:, None]
+        return [a.view(self.shape) for a in auc]
+
+
+class WeightedBlocks:
+    """Pool `part` of a RankedBlocks with a weight per block (what evidence.resampled_stats yields for a block
+    localiser): auroc_scores reads it without sorting again."""
+
+    def __init__(self, ranked: RankedBlocks, part: int, weights=None):
+        size = ranked.offsets[part + 1] - ranked.offsets[part]
+        w = torch.ones(size, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if w.shape != (size,) or bool((w < 0).any()):
+            raise ValueError(f"weights must be {size} non-negative numbers (one per block), got shape {tuple(w.shape)}")
+        self.ranked, self.part, self.weights = ranked, part, w
+
+    def pool_weights(self) -> torch.Tensor:
+        out = torch.zeros(self.ranked.n_blocks, dtype=torch.float64)
+        out[self.ranked.offsets[self.part]:self.ranked.offsets[self.part + 1]] = self.weights
+        return out
 
 
 def _at_least_two(stats: dict) -> list:

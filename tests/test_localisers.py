@@ -337,18 +337,44 @@ def test_attribution_blocks_are_the_attribution_of_their_documents(planted):
     assert bool(ev["masks"]["planted"][0, PLANTED]) and ev["null"]["median"].shape == (5,)
 
 
-def test_mid_ranks_equal_scipy_rankdata_with_and_without_ties():
-    """auroc's ranks (numpy's sort, runs of ties laid end to end) are scipy's average ranks, row by row: rows with no
-    repeated value, a neuron that never fires (all equal) and rows of a few repeated values."""
-    from scipy.stats import rankdata
-    from modsep_nb.pruning import _mid_ranks
+def test_weighted_auroc_is_mann_whitney_on_the_blocks_repeated():
+    """RankedBlocks scores a weighting of its blocks (each taken 0, 1, 2... times, as a bootstrap or a pseudo-task
+    does) without sorting again: against scipy's Mann-Whitney U / (n1 n2) on the blocks' means repeated as often as
+    weighted. Rows with distinct values, a neuron that never fires (all equal), rows of a few repeated values; an
+    empty block weighs nothing; pseudo-tasks from one pool; two pools (a bootstrap of two tasks)."""
+    from scipy.stats import mannwhitneyu
+    from modsep_nb.pruning import RankedBlocks
     gen = torch.Generator().manual_seed(0)
-    values = torch.randn(300, 24, generator=gen, dtype=torch.float64)
-    values[5] = 0.0
-    values[10:40] = torch.randint(0, 3, (30, 24), generator=gen).double()
-    values[50:60] = values[50:60, torch.randint(0, 24, (24,), generator=gen)]     # a bootstrap: repeated columns
-    np.testing.assert_array_equal(_mid_ranks(values).numpy(), rankdata(values.numpy(), axis=1))
-    np.testing.assert_array_equal(_mid_ranks(values[:, :1]).numpy(), np.ones((300, 1)))     # one block
+    values = torch.randn(14, 2, 12, generator=gen, dtype=torch.float64)              # [B, L, d]
+    values[:, 0, 5] = 0.0
+    values[:, 1, :6] = torch.randint(0, 3, (14, 6), generator=gen).double()
+    pool = _token_blocks(values)
+    pool.count[3] = 0                                          # a block that read nothing
+    pool.sums[3] = 0
+    weights = torch.randint(0, 3, (3, 14), generator=gen).double()          # three pseudo-tasks of one pool
+    weights[:, 0] = 1
+    ranked = RankedBlocks([pool])
+    got = auroc_scores({f"p{k}": ranked.weighted(0, w) for k, w in enumerate(weights)})
+    read = [b for b in range(14) if b != 3]
+    for k in range(3):
+        mine = np.repeat(read, weights[k, read].long().numpy())
+        rest = np.concatenate([np.repeat(read, weights[j, read].long().numpy()) for j in range(3) if j != k])
+        for layer, neuron in [(0, 5), (0, 7), (1, 0), (1, 3), (1, 9)]:
+            x, y = values[mine, layer, neuron].numpy(), values[rest, layer, neuron].numpy()
+            expected = mannwhitneyu(x, y).statistic / (len(x) * len(y))
+            assert float(got[f"p{k}"][layer, neuron]) == pytest.approx(expected, abs=1e-12), (k, layer, neuron)
+    # two pools (two tasks' own blocks): the same as their BlockStats repeated
+    other = _token_blocks(values[:9] + 0.5)
+    both = RankedBlocks([pool, other])
+    w0, w1 = torch.randint(0, 3, (14,), generator=gen).double(), torch.randint(0, 3, (9,), generator=gen).double()
+    w0[0] = w1[0] = 1
+    got = auroc_scores({"a": both.weighted(0, w0), "b": both.weighted(1, w1)})
+    repeated = auroc_scores({"a": pool.subset(torch.repeat_interleave(torch.arange(14), w0.long())),
+                             "b": other.subset(torch.repeat_interleave(torch.arange(9), w1.long()))})
+    for t in ("a", "b"):
+        torch.testing.assert_close(got[t], repeated[t], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="weights must be 9"):
+        both.weighted(1, torch.ones(14))
 
 
 def _token_blocks(values: torch.Tensor) -> BlockStats:
