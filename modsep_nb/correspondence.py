@@ -11,6 +11,7 @@ For one layer: `selected` is a bool [d_mlp] (a task's top-frac neurons within th
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -80,8 +81,10 @@ def _trapezoid_auc(curve: torch.Tensor) -> torch.Tensor:
     return (curve[..., 1:] + curve[..., :-1]).sum(-1) / (2.0 * n_experts)
 
 
+@functools.lru_cache(maxsize=4096)
 def packed_auc(n_selected: int, d_mlp: int, n_experts: int) -> float:
-    """AUC of the best possible curve: the selected neurons fill the fewest experts."""
+    """AUC of the best possible curve: the selected neurons fill the fewest experts (cached: notebook 05 asks for
+    the same few counts per layer hundreds of thousands of times)."""
     m = d_mlp // n_experts
     j = torch.arange(n_experts + 1, dtype=torch.float64)
     return float(_trapezoid_auc(torch.clamp(j * m, max=n_selected) / n_selected))
@@ -114,8 +117,12 @@ def _hypergeom_upper(counts: torch.Tensor, d_mlp: int, n_selected: int, size: in
     """P(X >= c) for X ~ hypergeometric(population d_mlp, n_selected successes, size draws).
     Experts have equal sizes, so one table over c = 0..size serves every expert (and every null)."""
 
-    table = torch.as_tensor(hypergeom.sf(np.arange(size + 1) - 1, d_mlp, n_selected, size), dtype=torch.float64)
-    return table[counts]
+    return _upper_table(d_mlp, n_selected, size)[counts]
+
+
+@functools.lru_cache(maxsize=1024)
+def _upper_table(d_mlp: int, n_selected: int, size: int) -> torch.Tensor:
+    return torch.as_tensor(hypergeom.sf(np.arange(size + 1) - 1, d_mlp, n_selected, size), dtype=torch.float64)
 
 
 def _enrichment_stats(counts: torch.Tensor, d_mlp: int, alpha: float) -> dict:
@@ -166,10 +173,17 @@ def enrichment(selected: torch.Tensor, labels: torch.Tensor, alpha: float = 0.05
 # ----------------------------------------------------------------------------- nulls
 
 def random_balanced_splits(d_mlp: int, n_experts: int, n: int, *, seed: int = 0) -> torch.Tensor:
-    """n independent seeded random balanced splits at once: labels [n, d_mlp]."""
+    """n independent seeded random balanced splits at once: labels [n, d_mlp]. A copy of a cached draw: notebook 05
+    draws the same layer's null (the same seed) for every task and fraction."""
     check_n_experts(d_mlp, n_experts)
+    return _balanced_splits(d_mlp, n_experts, n, seed).clone()
+
+
+@functools.lru_cache(maxsize=256)
+def _balanced_splits(d_mlp: int, n_experts: int, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    perm = torch.rand(n, d_mlp, generator=g).argsort(dim=1, stable=True)
+    # numpy's stable argsort is torch's (argsort(stable=True)) permutation, about twice as fast
+    perm = torch.from_numpy(np.argsort(torch.rand(n, d_mlp, generator=g).numpy(), axis=1, kind="stable"))
     block = (torch.arange(d_mlp) // (d_mlp // n_experts)).expand(n, d_mlp)
     return torch.empty(n, d_mlp, dtype=torch.long).scatter_(1, perm, block)
 

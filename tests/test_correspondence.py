@@ -71,6 +71,19 @@ def test_auc_vectorised_over_partitions_equals_the_loop():
     assert concentration_curve(selected, many)[2].tolist() == pytest.approx(concentration_curve(selected, many[2]).tolist())
 
 
+def test_random_splits_are_the_seeded_uniform_draws_sorted_and_a_fresh_copy_each_call():
+    """The splits are the stable sort of torch.rand under the seed, cut into equal experts (computed here with
+    torch's own sort), whatever the cache: a caller changing its copy changes no later draw."""
+    g = torch.Generator().manual_seed(5)
+    perm = torch.rand(40, 96, generator=g).argsort(dim=1, stable=True)
+    expected = torch.empty(40, 96, dtype=torch.long).scatter_(1, perm, (torch.arange(96) // 12).expand(40, 96))
+    first = random_balanced_splits(96, 8, 40, seed=5)
+    assert torch.equal(first, expected)
+    first[:] = 0
+    assert torch.equal(random_balanced_splits(96, 8, 40, seed=5), expected)
+    assert not torch.equal(random_balanced_splits(96, 8, 40, seed=6), expected)
+
+
 def test_inputs_are_validated():
     labels = blocks(12, 4)
     with pytest.raises(ValueError, match="no neuron is selected"):
