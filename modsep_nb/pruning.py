@@ -77,10 +77,15 @@ def prune_scores(forget, retain, importance: str = "abs", eps: float = 1e-3,
 
 
 def layer_medians(values: torch.Tensor) -> torch.Tensor:
-    """Median of each layer's row of [L, d_mlp] (the mean of the two middle values for even d_mlp)."""
-    ordered = values.sort(dim=1).values
+    """Median of each layer's row of [L, d_mlp] (the mean of the two middle values for even d_mlp). On a CPU by
+    numpy's partition (the two middle values only: 2x faster than a sort, and every resample's scores need it)."""
     d = values.shape[1]
-    return (ordered[:, (d - 1) // 2] + ordered[:, d // 2]) / 2
+    middle = [(d - 1) // 2, d // 2]
+    if values.device.type == "cpu":
+        ordered = torch.from_numpy(np.partition(values.detach().numpy(), middle, axis=1))
+    else:
+        ordered = values.sort(dim=1).values
+    return (ordered[:, middle[0]] + ordered[:, middle[1]]) / 2
 
 
 def _pooled_importance(stats, name: str) -> torch.Tensor:

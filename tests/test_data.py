@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PAD_ID, encode, random_texts, windows_in_rounds, windows_of
+from conftest import PAD_ID, encode, make_tokenizer, random_texts, windows_in_rounds, windows_of
 from modsep_nb import data, load_model
 from modsep_nb.data import (EMBEDDED_TEXT_DOMAINS, FASHION_MNIST_CLASSES, DataNotAvailableError, Document,
                             ImageDataset, TextTask, document_groups, document_windows, embedded_documents,
@@ -555,3 +555,24 @@ def test_word_counts_helper_sanity():
     texts = ["w00 w01", "w02"]
     assert windows_of(texts, 2) == [[2, 7], [2, 9]]          # a lone trailing token has no target
     assert collections.Counter(encode("w00 w00"))[7] == 2
+
+
+def test_a_tokenizers_ids_are_read_once_and_the_windows_stay_the_same():
+    """document_windows keeps each tokenizer's ids of the texts it has read (a study windows its documents again for
+    every cache key): the second windowing calls the tokenizer no more and gives the same windows."""
+    tokenizer = make_tokenizer()
+    calls = []
+    original = tokenizer.__class__.__call__
+
+    class Counting(tokenizer.__class__):
+        def __call__(self, *args, **kwargs):
+            calls.append(args[0])
+            return original(self, *args, **kwargs)
+
+    tokenizer.__class__ = Counting
+    texts = random_texts(5, seed=3)
+    first = document_windows(tokenizer, texts, ctx=8, max_tokens=60)
+    n = len(calls)
+    assert n > 0
+    assert document_windows(tokenizer, texts, ctx=8, max_tokens=60) == first
+    assert len(calls) == n == len(set(calls)) == len(set(texts))

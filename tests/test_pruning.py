@@ -387,3 +387,13 @@ def test_selection_is_the_one_route_from_statistics_to_masks():
     torch.testing.assert_close(general["b"], stats["b"].mean_abs / (stats["a"].mean_abs + 0.01))
     with pytest.raises(AttributeError):
         selection.frac = 0.5                           # frozen: one selection, not a settings bag that drifts
+
+
+def test_layer_medians_are_each_rows_median_odd_and_even_widths():
+    from modsep_nb.pruning import layer_medians
+    gen = torch.Generator().manual_seed(0)
+    for d in (7, 8, 1536):
+        values = torch.randn(5, d, generator=gen, dtype=torch.float64)
+        values[1] = 2.0                                    # a row of one value
+        expected = torch.quantile(values, 0.5, dim=1, interpolation="midpoint")
+        torch.testing.assert_close(layer_medians(values), expected, rtol=0, atol=1e-15)
