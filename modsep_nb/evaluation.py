@@ -326,12 +326,17 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
         if frac is not None:
             f, done, got = frac, None, None
         else:
+            tried = {}          # the bisection's own-task results by fraction: the row reuses the one at f
             f, done, got = _bisect_frac(
                 handle, scores[a], lambda: evaluate_one(a), base[a], target, mode=mode, ablation=ablation,
-                means=means_a, max_frac=max_frac, tol=tol, max_steps=max_steps)
+                means=means_a, max_frac=max_frac, tol=tol, max_steps=max_steps,
+                raw_one=None if callable(evaluators) else (lambda: raw_one(a)), tried=tried)
         mask = select_neurons(scores[a], f, mode)
         with ablate(handle, mask, ablation, means_a):
-            raw = raw_all()
+            if frac is None and f in tried:     # task a at f was measured by the bisection (a pass per task)
+                raw = {t: tried[f] if t == a else evaluators[t]() for t in tasks}
+            else:
+                raw = raw_all()
         randoms = []
         for seed in random_seeds:
             key = (seed, tuple(mask.sum(1).tolist()), a if isinstance(means, dict) else None)
@@ -389,8 +394,11 @@ def _means_for(means, task):
     return means[task] if isinstance(means, dict) else means
 
 
-def _bisect_frac(handle, scores, evaluate_a, base_a, target, *, mode, ablation, means, max_frac, tol, max_steps):
+def _bisect_frac(handle, scores, evaluate_a, base_a, target, *, mode, ablation, means, max_frac, tol, max_steps,
+                 raw_one=None, tried: dict | None = None):
     """Bisection on frac: accuracy falls (roughly monotonically) as more of A's neurons are pruned.
+    raw_one: A's evaluator giving what the evaluators give (then evaluate_a is not called; accuracies read from
+    it); tried: filled with {frac: that result} of every fraction measured.
 
     Returns (frac, converged, reached): converged is True when acc_A at frac is within tol × base_a of
     target × base_a; otherwise frac is max_frac (the target is out of reach) or the smallest fraction
@@ -404,7 +412,12 @@ def _bisect_frac(handle, scores, evaluate_a, base_a, target, *, mode, ablation, 
 
     def acc_at(f):
         with ablate(handle, select_neurons(scores, f, mode), ablation, means):
-            return evaluate_a()
+            if raw_one is None:
+                return evaluate_a()
+            raw = raw_one()
+        if tried is not None:
+            tried[f] = raw
+        return accuracy_of(raw)
     acc_hi = acc_at(hi)
     if acc_hi > goal - slack:   # within tol at the bound, or it does not even come down that far
         return hi, acc_hi <= goal + slack, acc_hi / base_a

@@ -14,7 +14,7 @@ from torch import nn
 
 from conftest import BOS_ID, WORDS, windows_in_rounds, windows_of
 from modsep_nb import ARCHITECTURES, Architecture, NeuronStats, evaluate, load_model
-from modsep_nb.evaluation import cross_task_matrix, matched_random_mask
+from modsep_nb.evaluation import _bisect_frac, cross_task_matrix, matched_random_mask
 from modsep_nb.pruning import select_neurons, task_scores
 from modsep_nb.data import ImageDataset
 
@@ -328,6 +328,28 @@ def test_cross_task_matrix_target_bisection(toy):
     capped = cross_task_matrix(handle, scores, evaluators, target=0.1, max_frac=0.05, progress=False)
     assert capped.fracs == {t: 0.05 for t in tasks}
     assert _n_hooks(handle) == [0] * L
+
+
+def test_target_row_reuses_the_bisections_own_measurement(toy):
+    """The row at the fraction found reads the pruned task from the bisection's pass at that fraction: each task's
+    own evaluator runs once per fraction tried (never twice at one), the others once each, and the matrix is the
+    one evaluated afresh (the analytic accuracies)."""
+    handle, tasks, weights, scale, scores, evaluators = toy
+    calls = {t: [] for t in tasks}
+    counting = {t: (lambda t=t: calls[t].append(1) or evaluators[t]()) for t in tasks}
+    result = cross_task_matrix(handle, scores, counting, target=0.8, max_frac=0.5, tol=0.02, base=dict(scale),
+                               progress=False)
+    steps = {}
+    for a in tasks:                     # the bisection alone, counted: the same fractions tried
+        n = []
+        _bisect_frac(handle, scores[a], lambda a=a: n.append(1) or evaluators[a](), scale[a], 0.8, mode="global",
+                     ablation="zero", means=None, max_frac=0.5, tol=0.02, max_steps=12)
+        steps[a] = len(n)
+    for i, a in enumerate(tasks):
+        assert len(calls[a]) == steps[a] + (len(tasks) - 1), a      # its own steps, and once in each other row
+        for j, b in enumerate(tasks):
+            assert result.pruned[i, j] == pytest.approx(
+                _acc_after_pruning(weights, scale, scores[a], result.fracs[a], b), rel=1e-9)
 
 
 def test_cross_task_matrix_reports_convergence(toy):
