@@ -306,6 +306,76 @@ class ModelHandle:
             stop.remove()
 
 
+class BlockTape:
+    """The outputs of a model's first blocks, kept forward by forward, so that later passes that change nothing
+    below a layer (e.g. one neuron zeroed there) skip those blocks: with tape.replay(handle, below=layer), forward
+    k of the pass takes blocks 0 .. layer - 1's outputs from forward k of earlier passes where they were kept, and
+    keeps those it computes. The passes must make the same forwards in the same order (the same batches; block 0's
+    input is compared, and a difference is an error). Results are bit for bit those computed afresh. At most
+    `max_bytes` of outputs are kept (then the rest are computed, not kept): at 7B scale a pass's activations are
+    large."""
+
+    def __init__(self, max_bytes: int = 2 ** 30):
+        self.max_bytes, self.kept_bytes = max_bytes, 0
+        self.outputs: dict[tuple[int, int], object] = {}       # (forward, block) -> output
+        self.inputs: dict[int, torch.Tensor] = {}               # forward -> block 0's input
+
+    @contextlib.contextmanager
+    def replay(self, handle: "ModelHandle", below: int):
+        blocks = list(handle.blocks)[:max(0, below)]
+        forward = [-1]                  # the pass's forward counter, moved on by block 0
+
+        def wrap(i, original):
+            def run(*args, **kwargs):
+                if i == 0:
+                    forward[0] += 1
+                    x = args[0] if args else kwargs.get("hidden_states")
+                    seen = self.inputs.get(forward[0])
+                    if seen is None:
+                        self.inputs[forward[0]] = x.detach().clone()
+                    elif seen.shape != x.shape or not torch.equal(seen, x):
+                        raise ValueError(f"forward {forward[0]} of this pass differs from the one kept on the tape: "
+                                         f"replaying needs the same batches in the same order at every pass")
+                key = (forward[0], i)
+                if key in self.outputs:
+                    return _copied(self.outputs[key])
+                out = original(*args, **kwargs)
+                size = _n_bytes(out)
+                if self.kept_bytes + size <= self.max_bytes:
+                    self.outputs[key], self.kept_bytes = _copied(out), self.kept_bytes + size
+                return out
+            return run
+
+        saved = [block.__dict__.get("forward") for block in blocks]      # accelerate may have set one
+        try:
+            for i, block in enumerate(blocks):
+                block.forward = wrap(i, block.forward)
+            yield self
+        finally:
+            for block, own in zip(blocks, saved):
+                if own is None:
+                    del block.forward
+                else:
+                    block.forward = own
+
+
+def _copied(out):
+    """A detached copy of a block's output (a tensor, or a tuple / list of them and other values)."""
+    if isinstance(out, torch.Tensor):
+        return out.detach().clone()
+    if isinstance(out, (tuple, list)):
+        return type(out)(_copied(o) for o in out)
+    return out
+
+
+def _n_bytes(out) -> int:
+    if isinstance(out, torch.Tensor):
+        return out.numel() * out.element_size()
+    if isinstance(out, (tuple, list)):
+        return sum(_n_bytes(o) for o in out)
+    return 0
+
+
 class _EnoughRead(Exception):
     """Raised inside a reading forward once the last hooked layer has been read (never escapes read_forward)."""
 

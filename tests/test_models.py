@@ -330,3 +330,50 @@ def test_random_init_of_a_model_loaded_with_a_device_map(llama_dir):
         assert torch.equal(x, y), name
     with pytest.raises(ValueError, match="disk"):
         load_model(llama_dir, device_map={**on_cpu, "model.layers": "disk"}, random_init=True, seed=4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "vit", "timm"])
+def test_a_block_tape_replays_the_blocks_below_an_ablation_bit_for_bit(family, tmp_path):
+    """Passes that zero a neuron of the last layer, replaying the blocks below it from the tape: the logits are
+    those computed afresh (bit for bit), the blocks below run in the first pass only, a different batch is refused,
+    a tape with no room keeps nothing and still gives the same logits, and the blocks are as before afterwards."""
+    from modsep_nb.models import BlockTape
+    from modsep_nb.pruning import ablate
+    if family == "llama" or family == "gpt2":
+        handle = load_model(save_hf_lm(tmp_path, "LlamaForCausalLM" if family == "llama" else "GPT2LMHeadModel"))
+        gen = torch.Generator().manual_seed(0)
+        batches = [torch.randint(0, 50, (3, 7), generator=gen) for _ in range(2)]
+        run = lambda x: handle.lm_logits(x, torch.ones_like(x))           # noqa: E731
+    else:
+        handle = load_model(save_hf_vit(tmp_path) if family == "vit" else save_timm(tmp_path))
+        gen = torch.Generator().manual_seed(0)
+        batches = [torch.randn(2, *handle.image_shape, generator=gen) for _ in range(2)]
+        run = handle.image_logits                                          # noqa: E731
+    last = handle.n_layers - 1
+    calls = [0] * handle.n_layers
+    counters = [handle.neuron_module(i).register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+                for i in range(handle.n_layers)]                 # a block computed runs its MLP
+    tape = BlockTape()
+    with torch.no_grad():
+        for unit in (0, 1, 2):
+            mask = torch.zeros(handle.n_layers, handle.d_mlp, dtype=torch.bool)
+            mask[last, unit] = True
+            with ablate(handle, mask):
+                afresh = [run(x) for x in batches]
+                before = list(calls)
+                with tape.replay(handle, below=last):
+                    replayed = [run(x) for x in batches]
+            assert all(torch.equal(a, b) for a, b in zip(afresh, replayed))
+            ran = [c - b for c, b in zip(calls, before)]
+            assert ran[last] == 2 and ran[:last] == ([2] * last if unit == 0 else [0] * last)
+        with pytest.raises(ValueError, match="differs from the one kept"), tape.replay(handle, below=last):
+            run(batches[1])
+        plain = run(batches[0])
+        empty = BlockTape(max_bytes=0)
+        for _ in range(2):
+            with empty.replay(handle, below=last):
+                assert torch.equal(run(batches[0]), plain)
+        assert empty.outputs == {} and empty.kept_bytes == 0
+    for c in counters:
+        c.remove()
+    assert all("forward" not in b.__dict__ for b in handle.blocks)
