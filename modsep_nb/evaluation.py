@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .pruning import ablate, select_neurons
+from .models import BlockTape
+from .pruning import ablate, first_layer, select_neurons
 from .batches import run_batches
 from .data import images_and_labels, lm_batches
 from .statistics import shard_of
@@ -305,11 +306,16 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
         raw_all = lambda: {t: evaluators[t]() for t in tasks}  # noqa: E731
     raw_one = (lambda t: raw_all()[t]) if callable(evaluators) else (lambda t: evaluators[t]())  # noqa: E731
     evaluate_one = lambda t: accuracy_of(raw_one(t))  # noqa: E731
+    # a fixed fraction's rows read every task alike (raw_all): the blocks below a set's first layer replay from the
+    # rows before (an image model's sets start in layers 0-2 of 6; a language model's in layer 0: nothing to replay)
+    tape = BlockTape()
+    below = (lambda m: first_layer(m)) if frac is not None else (lambda m: 0)     # noqa: E731
     rank, world = shard_of(distributed)
     base = dict(base) if base else {}       # accuracies, or per-document hits as the evaluators give them
     missing = [t for t in tasks if t not in base]
     if missing and callable(evaluators):    # one pass gives every task: splitting it would save nothing
-        base.update({t: v for t, v in raw_all().items() if t not in base})
+        with tape.replay(handle, below=handle.n_layers if frac is not None else 0):   # every block, for the rows
+            base.update({t: v for t, v in raw_all().items() if t not in base})
     elif missing:                           # torchrun: rank r measures every world-th missing task, then all share
         measured = _gathered({t: evaluators[t]() for t in missing[rank::world]}, world)
         base.update({t: measured[t] for t in missing})
@@ -332,7 +338,7 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
                 means=means_a, max_frac=max_frac, tol=tol, max_steps=max_steps,
                 raw_one=None if callable(evaluators) else (lambda: raw_one(a)), tried=tried)
         mask = select_neurons(scores[a], f, mode)
-        with ablate(handle, mask, ablation, means_a):
+        with ablate(handle, mask, ablation, means_a), tape.replay(handle, below=below(mask)):
             if frac is None and f in tried:     # task a at f was measured by the bisection (a pass per task)
                 raw = {t: tried[f] if t == a else evaluators[t]() for t in tasks}
             else:
@@ -341,7 +347,8 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
         for seed in random_seeds:
             key = (seed, tuple(mask.sum(1).tolist()), a if isinstance(means, dict) else None)
             if key not in seen_random:
-                with ablate(handle, matched_random_mask(mask, seed), ablation, means_a):
+                random_mask = matched_random_mask(mask, seed)
+                with ablate(handle, random_mask, ablation, means_a), tape.replay(handle, below=below(random_mask)):
                     seen_random[key] = raw_all()
             randoms.append(seen_random[key])
         rows[a] = (f, done, got, raw, randoms)

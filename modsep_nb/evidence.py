@@ -22,8 +22,9 @@ import torch
 
 from .claims import ALPHA, MIN_N, Claim, holm, resample_p
 from .evaluation import own_and_others, selectivity
+from .models import BlockTape
 from .overlaps import chance_overlap, layer_matched_chance_matrix, overlap_matrix, related_vs_unrelated
-from .pruning import BLOCK_LOCALISERS, RankedBlocks, Selection, ablate, select_neurons
+from .pruning import BLOCK_LOCALISERS, RankedBlocks, Selection, ablate, first_layer, select_neurons
 from .statistics import BlockStats, bootstrap_weights, weighted_pool
 
 LEVEL = 0.95
@@ -336,7 +337,9 @@ def pseudo_cross_task(handle, null_masks: Sequence[Mapping[str, torch.Tensor]], 
     many parts as pseudo-tasks, and each pseudo-task's neurons are ablated once over all of them.
     evaluate_documents: callable() -> top-1 hits per evaluation document [n_documents] of the model as it is
     (e.g. lambda: evaluate(handle, docs, per_document=True)["documents"]["top1"]). Returns [replicates]."""
-    base = np.asarray(evaluate_documents(), dtype=np.float64)
+    tape = BlockTape()          # every pass reads the same documents: the blocks below a set's first layer replay
+    with tape.replay(handle, below=handle.n_layers):
+        base = np.asarray(evaluate_documents(), dtype=np.float64)
     if base.shape != (n_documents,):
         raise ValueError(f"evaluate_documents returned {base.shape} hits but n_documents is {n_documents}")
     out = []
@@ -345,7 +348,7 @@ def pseudo_cross_task(handle, null_masks: Sequence[Mapping[str, torch.Tensor]], 
         parts = _partition(n_documents, [n_documents // len(names)] * len(names), child)
         matrix = np.empty((len(names), len(names)))
         for i, a in enumerate(names):
-            with ablate(handle, masks[a], ablation, means):
+            with ablate(handle, masks[a], ablation, means), tape.replay(handle, below=first_layer(masks[a])):
                 hits = np.asarray(evaluate_documents(), dtype=np.float64)
             with np.errstate(invalid="ignore", divide="ignore"):
                 matrix[i] = [hits[p].sum() / base[p].sum() for p in parts]

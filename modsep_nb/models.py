@@ -310,13 +310,13 @@ class BlockTape:
     """The outputs of a model's first blocks, kept forward by forward, so that later passes that change nothing
     below a layer (e.g. one neuron zeroed there) skip those blocks: with tape.replay(handle, below=layer), forward
     k of the pass takes blocks 0 .. layer - 1's outputs from forward k of earlier passes where they were kept, and
-    keeps those it computes. The passes must make the same forwards in the same order (the same batches; block 0's
-    input is compared, and a difference is an error). Results are bit for bit those computed afresh. At most
-    `max_bytes` of outputs are kept (then the rest are computed, not kept): at 7B scale a pass's activations are
-    large."""
+    keeps those it computes. It pays where passes make the same forwards in the same order (the same batches):
+    block 0's input is compared with the one kept, and at the first difference the tape empties and stops, every
+    block computed from then on. Results are bit for bit those computed afresh. At most `max_bytes` of outputs are
+    kept (then the rest are computed, not kept): at 7B scale a pass's activations are large."""
 
     def __init__(self, max_bytes: int = 2 ** 30):
-        self.max_bytes, self.kept_bytes = max_bytes, 0
+        self.max_bytes, self.kept_bytes, self.stopped = max_bytes, 0, False
         self.outputs: dict[tuple[int, int], object] = {}       # (forward, block) -> output
         self.inputs: dict[int, torch.Tensor] = {}               # forward -> block 0's input
 
@@ -327,15 +327,18 @@ class BlockTape:
 
         def wrap(i, original):
             def run(*args, **kwargs):
-                if i == 0:
+                if i == 0 and not self.stopped:
                     forward[0] += 1
                     x = args[0] if args else kwargs.get("hidden_states")
                     seen = self.inputs.get(forward[0])
                     if seen is None:
                         self.inputs[forward[0]] = x.detach().clone()
-                    elif seen.shape != x.shape or not torch.equal(seen, x):
-                        raise ValueError(f"forward {forward[0]} of this pass differs from the one kept on the tape: "
-                                         f"replaying needs the same batches in the same order at every pass")
+                    elif seen.shape != x.shape or not torch.equal(seen, x):     # other batches: nothing to replay
+                        self.stopped, self.kept_bytes = True, 0
+                        self.outputs.clear()
+                        self.inputs.clear()
+                if self.stopped:
+                    return original(*args, **kwargs)
                 key = (forward[0], i)
                 if key in self.outputs:
                     return _copied(self.outputs[key])

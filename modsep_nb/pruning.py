@@ -576,6 +576,13 @@ def ablate(handle, mask: torch.Tensor, mode: str = "zero", means: torch.Tensor |
         yield
 
 
+def first_layer(mask: torch.Tensor) -> int:
+    """The first layer with a neuron in `mask` [L, d_mlp] (L when none): ablating it changes nothing below, so a
+    models.BlockTape may replay the blocks under it."""
+    layers = as_mask(mask).any(1).nonzero()
+    return int(layers[0]) if len(layers) else int(mask.shape[0])
+
+
 def _ablation_fn(keep: torch.Tensor, fill: torch.Tensor | None):
     cache: dict = {}
 

@@ -510,3 +510,31 @@ def test_cross_task_matrix_keeps_per_document_hits(toy):
     target_hits = cross_task_matrix(handle, scores, {t: (lambda t=t: as_hits(t)) for t in tasks}, target=0.8,
                                     max_frac=0.5, progress=False)
     assert target_hits.fracs == pytest.approx(target_acc.fracs) and target_hits.documents is None
+
+
+def test_image_rows_replaying_the_blocks_below_each_set_equal_rows_computed_afresh(tiny_vit):
+    """A fixed fraction's rows replay the blocks below each set's first layer (and its matched random set's) from
+    the passes before: every entry equals the row evaluated by hand with the set ablated and nothing replayed."""
+    from modsep_nb.pruning import ablate
+    gen = torch.Generator().manual_seed(4)
+    images = torch.randn(40, *tiny_vit.image_shape, generator=gen)
+    labels = torch.randint(0, 2, (40,), generator=gen)
+    tasks = {"a": labels == 0, "b": labels == 1}
+
+    def per_task():                     # one pass over the images in batches of 16, every task from it
+        with torch.no_grad():
+            preds = torch.cat([tiny_vit.image_logits(images[i:i + 16]).argmax(-1) for i in range(0, 40, 16)])
+        return {t: float((preds == labels)[m].float().mean()) for t, m in tasks.items()}
+    n_layers, d = tiny_vit.n_layers, tiny_vit.d_mlp
+    scores = {t: torch.rand(n_layers, d, generator=gen, dtype=torch.float64) for t in tasks}
+    scores["a"][0] = -1.0               # a's set starts below the top, b's may not: both kinds of row
+    result = cross_task_matrix(tiny_vit, scores, per_task, frac=0.1, random_seeds=(0,), progress=False)
+    base = per_task()
+    for i, a in enumerate(tasks):
+        mask = select_neurons(scores[a], 0.1, "global")
+        for which, m in (("pruned", mask), ("random", matched_random_mask(mask, 0))):
+            with ablate(tiny_vit, m):
+                row = per_task()
+            got = result.pruned[i] if which == "pruned" else result.random_pruned[0, i]
+            assert got.tolist() == [row[b] for b in tasks], (a, which)
+    assert result.base == base
