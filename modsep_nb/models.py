@@ -312,8 +312,8 @@ class BlockTape:
     k of the pass takes blocks 0 .. layer - 1's outputs from forward k of earlier passes where they were kept, and
     keeps those it computes. It pays where passes make the same forwards in the same order (the same batches):
     block 0's input is compared with the one kept, and at the first difference the tape empties and stops, every
-    block computed from then on. Results are bit for bit those computed afresh. At most `max_bytes` of outputs are
-    kept (then the rest are computed, not kept): at 7B scale a pass's activations are large."""
+    block computed from then on. Results are bit for bit those computed afresh. At most `max_bytes` of inputs and
+    outputs are kept (then the rest are computed, not kept): at 7B scale a pass's activations are large."""
 
     def __init__(self, max_bytes: int = 2 ** 30):
         self.max_bytes, self.kept_bytes, self.stopped = max_bytes, 0, False
@@ -331,21 +331,19 @@ class BlockTape:
                     forward[0] += 1
                     x = args[0] if args else kwargs.get("hidden_states")
                     seen = self.inputs.get(forward[0])
-                    if seen is None:
+                    if not isinstance(x, torch.Tensor) or (
+                            seen is not None and (seen.shape != x.shape or not torch.equal(seen, x))):
+                        self._stop()            # other batches (or a block input it cannot read): nothing to replay
+                    elif seen is None and self._room(x):
                         self.inputs[forward[0]] = x.detach().clone()
-                    elif seen.shape != x.shape or not torch.equal(seen, x):     # other batches: nothing to replay
-                        self.stopped, self.kept_bytes = True, 0
-                        self.outputs.clear()
-                        self.inputs.clear()
-                if self.stopped:
+                if self.stopped or forward[0] not in self.inputs:       # a forward not on the tape: computed
                     return original(*args, **kwargs)
                 key = (forward[0], i)
                 if key in self.outputs:
                     return _copied(self.outputs[key])
                 out = original(*args, **kwargs)
-                size = _n_bytes(out)
-                if self.kept_bytes + size <= self.max_bytes:
-                    self.outputs[key], self.kept_bytes = _copied(out), self.kept_bytes + size
+                if self._room(out):
+                    self.outputs[key] = _copied(out)
                 return out
             return run
 
@@ -360,6 +358,19 @@ class BlockTape:
                     del block.forward
                 else:
                     block.forward = own
+
+    def _room(self, value) -> bool:
+        """Whether `value` fits under max_bytes with what is kept (then it counts as kept)."""
+        size = _n_bytes(value)
+        if self.kept_bytes + size > self.max_bytes:
+            return False
+        self.kept_bytes += size
+        return True
+
+    def _stop(self) -> None:
+        self.stopped, self.kept_bytes = True, 0
+        self.outputs.clear()
+        self.inputs.clear()
 
 
 def _copied(out):

@@ -375,7 +375,7 @@ def test_a_block_tape_replays_the_blocks_below_an_ablation_bit_for_bit(family, t
         for _ in range(2):
             with empty.replay(handle, below=last):
                 assert torch.equal(run(batches[0]), plain[0])
-        assert empty.outputs == {} and empty.kept_bytes == 0
+        assert empty.outputs == {} and empty.inputs == {} and empty.kept_bytes == 0
     for c in counters:
         c.remove()
     assert all("forward" not in b.__dict__ for b in handle.blocks)
