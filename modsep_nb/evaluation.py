@@ -305,11 +305,10 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
             raise ValueError(f"no evaluator for tasks {missing}")
         raw_all = lambda: {t: evaluators[t]() for t in tasks}  # noqa: E731
     raw_one = (lambda t: raw_all()[t]) if callable(evaluators) else (lambda t: evaluators[t]())  # noqa: E731
-    evaluate_one = lambda t: accuracy_of(raw_one(t))  # noqa: E731
     # a fixed fraction's rows read every task alike (raw_all): the blocks below a set's first layer replay from the
     # rows before (an image model's sets start in layers 0-2 of 6; a language model's in layer 0: nothing to replay)
     tape = BlockTape()
-    below = (lambda m: first_layer(m)) if frac is not None else (lambda m: 0)     # noqa: E731
+    below = first_layer if frac is not None else (lambda m: 0)     # noqa: E731
     rank, world = shard_of(distributed)
     base = dict(base) if base else {}       # accuracies, or per-document hits as the evaluators give them
     missing = [t for t in tasks if t not in base]
@@ -334,12 +333,11 @@ def cross_task_matrix(handle, scores: dict, evaluators, *, frac: float | None = 
         else:
             tried = {}          # the bisection's own-task results by fraction: the row reuses the one at f
             f, done, got = _bisect_frac(
-                handle, scores[a], lambda: evaluate_one(a), base[a], target, mode=mode, ablation=ablation,
-                means=means_a, max_frac=max_frac, tol=tol, max_steps=max_steps,
-                raw_one=None if callable(evaluators) else (lambda: raw_one(a)), tried=tried)
+                handle, scores[a], lambda: raw_one(a), base[a], target, mode=mode, ablation=ablation,
+                means=means_a, max_frac=max_frac, tol=tol, max_steps=max_steps, tried=tried)
         mask = select_neurons(scores[a], f, mode)
         with ablate(handle, mask, ablation, means_a), tape.replay(handle, below=below(mask)):
-            if frac is None and f in tried:     # task a at f was measured by the bisection (a pass per task)
+            if frac is None and not callable(evaluators) and f in tried:     # task a at f: the bisection's pass
                 raw = {t: tried[f] if t == a else evaluators[t]() for t in tasks}
             else:
                 raw = raw_all()
@@ -401,11 +399,11 @@ def _means_for(means, task):
     return means[task] if isinstance(means, dict) else means
 
 
-def _bisect_frac(handle, scores, evaluate_a, base_a, target, *, mode, ablation, means, max_frac, tol, max_steps,
-                 raw_one=None, tried: dict | None = None):
+def _bisect_frac(handle, scores, raw_a, base_a, target, *, mode, ablation, means, max_frac, tol, max_steps,
+                 tried: dict | None = None):
     """Bisection on frac: accuracy falls (roughly monotonically) as more of A's neurons are pruned.
-    raw_one: A's evaluator giving what the evaluators give (then evaluate_a is not called; accuracies read from
-    it); tried: filled with {frac: that result} of every fraction measured.
+    raw_a: A's evaluator (an accuracy, or what accuracy_of reads); tried: filled with {frac: its result} of every
+    fraction measured.
 
     Returns (frac, converged, reached): converged is True when acc_A at frac is within tol × base_a of
     target × base_a; otherwise frac is max_frac (the target is out of reach) or the smallest fraction
@@ -419,9 +417,7 @@ def _bisect_frac(handle, scores, evaluate_a, base_a, target, *, mode, ablation, 
 
     def acc_at(f):
         with ablate(handle, select_neurons(scores, f, mode), ablation, means):
-            if raw_one is None:
-                return evaluate_a()
-            raw = raw_one()
+            raw = raw_a()
         if tried is not None:
             tried[f] = raw
         return accuracy_of(raw)
