@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 @torch.no_grad()
 def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ctx=256, cls_only=False,
                 progress=True, desc="forward", on_logits=None, shard=(0, 1), doc_tokens=None, documents=False,
-                logits=None, skip_positions=(), equal_positions=False, weights_by_position=None):
+                logits=None, skip_positions=(), equal_positions=False, weights_by_position=None, head_input=False):
     """Run `data` through the model in batches, telling `collector` which positions count.
     shard=(rank, world_size): this process's share (every world_size-th window or image).
     logits: whether the passes need the model's output (default: when on_logits is given). Without it each
@@ -20,7 +20,9 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
     skip_positions, equal_positions (LM): the positions of each window the collector does not count, and
     whether it weighs every other position alike (`collector.weights`; data.position_weights); the model
     still reads every token, so only what is counted changes. weights_by_position [ctx]: those weights given
-    (e.g. a whole task's, when `data` is one block of it) instead of computed from the windows read here."""
+    (e.g. a whole task's, when `data` is one block of it) instead of computed from the windows read here.
+    head_input=True (LM): on_logits gets the output embedding's input [batch, tokens, d_model] instead of the
+    logits (ModelHandle.head_input; ModelHandle.top1 reads top-1 from it)."""
     for name, value, low in (("batch_size", batch_size, 1), ("max_tokens", max_tokens, 1), ("ctx", ctx, 2)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ValueError(f"{name} must be a whole number >= {low}{'' if name == 'ctx' else ' or None'}, "
@@ -40,7 +42,10 @@ def run_batches(handle, data, collector, *, max_tokens=None, batch_size=None, ct
                 collector.weights = batch.weights
             if documents:
                 collector.documents = batch.documents
-        out = handle.logits(batch.inputs, batch.mask) if logits else handle.read_forward(batch.inputs, batch.mask)
+        if head_input:
+            out = handle.head_input(batch.inputs, batch.mask)
+        else:
+            out = handle.logits(batch.inputs, batch.mask) if logits else handle.read_forward(batch.inputs, batch.mask)
         if on_logits is not None:
             on_logits(out, *batch.given, *([batch.documents] if documents else []))
         bar.update(batch.read)

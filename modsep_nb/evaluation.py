@@ -22,11 +22,13 @@ from .statistics import shard_of
 
 def lm_token_metrics(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                      bos_token_id=None, skip_tokens: torch.Tensor | None = None, topk: int = 10,
-                     per_row: bool = False, top1_only: bool = False) -> dict:
+                     per_row: bool = False, top1_only: bool = False, top1=None) -> dict:
     """Sums over one batch: counted targets, top-1 hits, top-k hits, summed cross-entropy (float64).
     per_row=True adds "rows": counted targets and top-1 hits of each row (window) [batch], int64.
     top1_only=True gives "n", "top1" and "finite" only, from one max over the vocabulary in the logits' own
-    dtype (no float copy, no softmax, no top-k): what an ablation matrix reads, where the rest is wasted work."""
+    dtype (no float copy, no softmax, no top-k): what an ablation matrix reads, where the rest is wasted work.
+    top1 (with top1_only): rows [n, d_model] -> (largest logit, its token) [n] (ModelHandle.top1); `logits` are
+    then the output embedding's inputs [batch, tokens, d_model], read only at the counted positions."""
     targets = input_ids[:, 1:]
     counted = attention_mask[:, 1:].bool() & attention_mask[:, :-1].bool()
     if bos_token_id is not None:
@@ -35,7 +37,8 @@ def lm_token_metrics(logits: torch.Tensor, input_ids: torch.Tensor, attention_ma
         counted &= ~torch.isin(targets, skip_tokens.to(targets.device))
     if top1_only:
         # max propagates NaN and +inf, so a finite maximum of every counted row is the check CE gave before
-        best, top = logits[:, :-1][counted].max(-1)
+        rows = logits[:, :-1][counted]
+        best, top = top1(rows) if top1 is not None else rows.max(-1)
         targets = targets[counted]
         hit = top == targets
         out = {"n": int(len(targets)), "top1": int(hit.sum()), "finite": bool(torch.isfinite(best).all())}
@@ -103,9 +106,12 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
         bos = handle.tokenizer.bos_token_id
         per_doc = {"n": np.zeros(len(data), dtype=np.int64), "top1": np.zeros(len(data), dtype=np.int64)}
 
+        # top-1 alone: from the last hidden states, a slice of the vocabulary at a time, where the model allows
+        top1 = handle.top1 if top1_only and handle.unembedding is not None else None
+
         def add(logits, ids, mask, docs=None):
             m = lm_token_metrics(logits, ids, mask, bos_token_id=bos, skip_tokens=skip, topk=10,
-                                 per_row=per_document, top1_only=top1_only)
+                                 per_row=per_document, top1_only=top1_only, top1=top1)
             check_finite_logits(m["finite"] if top1_only else math.isfinite(m["ce"]), task, handle.dtype)
             for k in totals:
                 totals[k] += m[k]
@@ -114,7 +120,7 @@ def evaluate(handle, data, *, labels=None, max_tokens=None, batch_size=None, ctx
                     np.add.at(per_doc[k], docs.numpy(), m["rows"][k].numpy())
         run_batches(handle, data, None, max_tokens=max_tokens, batch_size=batch_size, ctx=ctx,
                     progress=progress, desc="evaluate", on_logits=add, doc_tokens=doc_tokens,
-                    documents=per_document)
+                    documents=per_document, head_input=top1 is not None)
         n = totals["n"]
         if n == 0:
             raise ValueError("no target tokens to evaluate: the data is empty or too short")

@@ -75,6 +75,16 @@ ARCHITECTURES: dict[str, Architecture] = {
     "VisionTransformerDistilled": Architecture("image", "blocks", "mlp.fc2", "mlp.fc1"),
 }
 
+# LMs whose logits are their output embedding applied to its input and nothing more (no soft-capping or scaling
+# after it), so that top-1 can be read a slice of the vocabulary at a time (ModelHandle.top1): Gemma 2 and 3
+# soft-cap their logits; a config that sets a logit scale or cap is refused at run time too (ModelHandle.unembedding)
+PLAIN_UNEMBEDDING = frozenset({
+    "MistralForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
+    "Olmo2ForCausalLM", "Phi3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+    "OlmoeForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM"})
+LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+TOP1_CHUNK = 2048       # vocabulary rows per slice on the CPU: the slice's logits stay in cache (~1.3x the full GEMM)
+
 EMBEDDED_LM = "smollm2-135m"
 EMBEDDED_VIT = "fmnist-vit"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -289,6 +299,62 @@ class ModelHandle:
     def logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """lm_logits or image_logits, whichever this model's inputs are (a Batch's inputs and mask)."""
         return self.modality.logits(self, inputs, attention_mask)
+
+    @property
+    def unembedding(self) -> nn.Linear | None:
+        """The output embedding where the logits are exactly its output (PLAIN_UNEMBEDDING, with no logit cap or
+        scale in the config, its weight loaded), else None: then top-1 is read from the full logits."""
+        if type(self.model).__name__ not in PLAIN_UNEMBEDDING:
+            return None
+        config = getattr(self.model, "config", None)
+        if any(getattr(config, name, None) not in (None, 1, 1.0) for name in LOGIT_CHANGES):
+            return None
+        head = self.model.get_output_embeddings()
+        ok = isinstance(head, nn.Linear) and not head.weight.is_meta
+        return head if ok else None
+
+    def head_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The output embedding's input [batch, tokens, d_model] (the last hidden states, after the final norm):
+        the forward stops there, so the [batch, tokens, vocabulary] logits are never made (see top1)."""
+        head, seen = self.unembedding, []
+        if head is None:
+            raise TypeError(f"{self.label}: its logits are not its output embedding's output alone "
+                            f"(models.PLAIN_UNEMBEDDING); read them with logits()")
+
+        def grab(module, args):
+            seen.append(args[0])
+            raise _EnoughRead
+        hook = head.register_forward_pre_hook(grab)
+        try:
+            self.lm_logits(input_ids, attention_mask)
+        except _EnoughRead:
+            pass
+        finally:
+            hook.remove()
+        return seen[0]
+
+    def top1(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(largest logit, its token) [n] of each row of `hidden` [n, d_model] (head_input's rows), the
+        unembedding applied a slice of the vocabulary at a time on the CPU (TOP1_CHUNK rows; elsewhere in one):
+        the same values as the full logits' max, without their [n, vocabulary] copy. Between slices a tie keeps
+        the earlier token; a NaN logit in any slice makes that row's value NaN, as max does."""
+        head = self.unembedding
+        weight, bias = head.weight, head.bias
+        hidden = hidden.to(weight.device)
+        step = TOP1_CHUNK if weight.device.type == "cpu" else weight.shape[0]
+        best = top = None
+        nan = torch.zeros(hidden.shape[0], dtype=torch.bool, device=weight.device)
+        for start in range(0, weight.shape[0], step):
+            logits = nn.functional.linear(hidden, weight[start:start + step],
+                                          None if bias is None else bias[start:start + step])
+            value, index = logits.max(-1)
+            nan |= value.isnan()
+            if best is None:
+                best, top = value, index
+            else:
+                better = value > best
+                best, top = torch.where(better, value, best), torch.where(better, index + start, top)
+        return best.masked_fill(nan, float("nan")), top
 
     def read_forward(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """A forward for passes that read neurons and never the output (statistics, neuron examples,

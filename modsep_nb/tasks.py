@@ -170,7 +170,7 @@ class TextTasks:
         """Next-token top-1 per task on its evaluation documents, for the model as it is now."""
         p = self.settings
         return {t: evaluate(handle, self.tasks[t].evaluate, max_tokens=p["eval_tokens"], ctx=p["ctx"],
-                            batch_size=p["batch_size"], skip_top=p["skip_top"], task=t)["top1"]
+                            batch_size=p["batch_size"], skip_top=p["skip_top"], task=t, top1_only=True)["top1"]
                 for t in (names or self.names)}
 
     def document_hits(self, handle, names=None, *, scale: int = 1, budget: int | None = None) -> dict[str, dict]:

@@ -98,6 +98,64 @@ def test_top1_only_still_refuses_non_finite_logits(tiny_llama):
         evaluate(tiny_llama, _texts_with_inner_bos(3), ctx=7, top1_only=True, task="code")
 
 
+def test_top1_reads_the_vocabulary_in_slices(tiny_llama, monkeypatch):
+    """top1_only takes top-1 from the last hidden states, the unembedding a slice of the vocabulary at a time:
+    the full logits' largest value and token for every row, slices of 7 rows of a vocabulary of 30 (the last
+    short), a tie between slices going to the earlier token as max gives it, a NaN in a late slice kept; and the
+    same per-document hits as the full path."""
+    from modsep_nb import models
+    monkeypatch.setattr(models, "TOP1_CHUNK", 7)
+    head = tiny_llama.model.lm_head
+    assert tiny_llama.unembedding is head and head.weight.shape[0] % 7 != 0
+    rows = torch.randn(50, head.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        head.weight[9] = head.weight[2]                  # tokens 2 and 9 tie, in the first and second slices
+        best, top = tiny_llama.top1(rows)
+        full = head(rows)
+    want_best, want_top = full.max(-1)
+    torch.testing.assert_close(best, want_best, rtol=1e-6, atol=1e-6)
+    assert torch.equal(top, want_top) and (top == 2).any() and not (top == 9).any()
+    texts = _texts_with_inner_bos(4)
+    full = evaluate(tiny_llama, texts, ctx=7, batch_size=3, per_document=True)
+    fast = evaluate(tiny_llama, texts, ctx=7, batch_size=3, per_document=True, top1_only=True)
+    for k in ("n", "top1"):
+        np.testing.assert_array_equal(fast["documents"][k], full["documents"][k])
+    with torch.no_grad():
+        head.weight[25, 0] = float("nan")                # the last slice: one token's logit NaN in every row
+        assert tiny_llama.top1(rows)[0].isnan().all()
+    with pytest.raises(FloatingPointError, match="NaN or infinite"):
+        evaluate(tiny_llama, texts, ctx=7, top1_only=True, task="code")
+
+
+@pytest.mark.parametrize("class_name", ["GPT2LMHeadModel", "Gemma2ForCausalLM"])
+def test_top1_only_on_other_heads(class_name, tmp_path):
+    """GPT-2 (tied unembedding) reads top-1 in slices; Gemma 2 soft-caps its logits after the unembedding, so
+    its top-1 is read from the full logits (no unembedding offered); both give the full path's hits."""
+    from conftest import save_hf_lm
+    handle = load_model(str(save_hf_lm(tmp_path / "m", class_name)))
+    assert (handle.unembedding is None) == (class_name == "Gemma2ForCausalLM")
+    texts = _texts_with_inner_bos(5)
+    full = evaluate(handle, texts, ctx=7, batch_size=3, per_document=True)
+    fast = evaluate(handle, texts, ctx=7, batch_size=3, per_document=True, top1_only=True)
+    for k in ("n", "top1"):
+        np.testing.assert_array_equal(fast["documents"][k], full["documents"][k])
+    if handle.unembedding is not None:         # every position's top token, not only the hits
+        ids = torch.tensor([[2, 10, 11, 12, 13], [2, 14, 15, 16, 17]])
+        mask = torch.ones_like(ids)
+        with torch.no_grad():
+            best, top = handle.top1(handle.head_input(ids, mask).reshape(-1, 16))
+            want_best, want_top = handle.lm_logits(ids, mask).reshape(len(best), -1).max(-1)
+        torch.testing.assert_close(best, want_best, rtol=1e-6, atol=1e-6)
+        assert torch.equal(top, want_top)
+
+
+def test_a_logit_scale_in_the_config_turns_the_slices_off(tiny_llama):
+    tiny_llama.model.config.logit_scale = 2.0           # logits scaled after the unembedding (Cohere-style)
+    assert tiny_llama.unembedding is None
+    with pytest.raises(TypeError, match="PLAIN_UNEMBEDDING"):
+        tiny_llama.head_input(torch.tensor([[2, 10, 11]]), torch.ones(1, 3, dtype=torch.long))
+
+
 def test_lm_metrics_do_not_depend_on_batching(tiny_llama):
     texts = _texts_with_inner_bos(1)
     a = evaluate(tiny_llama, texts, ctx=9, batch_size=1)
