@@ -16,7 +16,7 @@ import torch
 
 from .files import atomic_file, file_name, write_text_atomic
 from .neuron_collection import NeuronExamples
-from .plots import interactive, show_png, untracked_figure
+from .plots import interactive, show_png, text_only, untracked_figure
 
 _POSITIVE, _NEGATIVE = (214, 39, 40), (31, 119, 180)
 # what the pages call things, per modality (NeuronExamples.kind, the model's: "lm" or "image")
@@ -139,7 +139,7 @@ def distribution_figure(ex: NeuronExamples, neuron):
         pad = 0.03 * (edges[last + 1] - edges[first])
         ax.set_xlim(edges[first] - pad, edges[last + 1] + pad)
     ax.set_yscale("log")
-    # plain tick labels: log axes label in mathtext, shown raw ("$\mathdefault{10^{1}}$") with parse_math off (plots)
+    # plain tick labels: log axes label in mathtext, which text_only would show raw ("$\mathdefault{10^{1}}$")
     ax.yaxis.set_major_formatter(LogFormatter())
     ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
     ax.set_xlabel("activation")
@@ -148,7 +148,7 @@ def distribution_figure(ex: NeuronExamples, neuron):
                  + (f" (picked for {', '.join(sorted(owners))})" if owners else ""), fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
-    return fig        # no tight_layout: one axes, and saving and inline display both crop to the drawn extent
+    return text_only(fig)   # no tight_layout: one axes, and saving and inline display both crop to the drawn extent
 
 
 def _image_rgb(image: torch.Tensor) -> np.ndarray:
@@ -199,7 +199,7 @@ def images_figure(ex: NeuronExamples, neuron, rows: dict):
             ax.set_title(f"{e['task']} {e.get('name', '#' + str(e['document']))}\n{e['value']:+.2f} {where}".strip(),
                          fontsize=7)
     fig.suptitle(f"Layer {neuron[0]}, neuron {neuron[1]}: top images (activation per patch)", fontsize=9)
-    return fig
+    return text_only(fig)
 
 
 def top_rows(ex: NeuronExamples, neuron, task: str) -> dict:

@@ -4,10 +4,12 @@ Every function returns a matplotlib Figure; `save` writes it as PNG (atomically)
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 from pathlib import Path
 
+import matplotlib.text
 import matplotlib.ticker
 import matplotlib.pyplot as plt  # headless, matplotlib falls back to Agg by itself
 import numpy as np
@@ -17,8 +19,23 @@ from .files import atomic_file
 from .evaluation import own_and_others
 from .pruning import select_neurons
 
-# labels are text, never TeX: a task named "money $$" would otherwise be parsed as mathtext and fail to draw
-plt.rcParams["text.parse_math"] = False
+
+def text_only(fig):
+    """Every text of `fig` drawn as written, never as mathtext: a task named "money $$" (or a token holding "$")
+    would otherwise be parsed as TeX and fail to draw. Set on the figure's own texts, not in matplotlib's global
+    rcParams, which are the user's (and an explorer draws on a widget thread). Texts made later, at draw time,
+    are numeric tick labels: every label with a name is set when the figure is built (set_xticks with labels)."""
+    for text in fig.findobj(matplotlib.text.Text):
+        text.set_parse_math(False)
+    return fig
+
+
+def _figure(build):
+    """A figure builder whose figure comes back text_only."""
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        return text_only(build(*args, **kwargs))
+    return wrapper
 
 
 def save(fig, out_dir, name: str) -> Path:
@@ -38,10 +55,11 @@ def _finish(fig, ax, *, title: str, xlabel: str, ylabel: str):
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    text_only(fig).tight_layout()         # laid out: its texts measured, so set first
     return fig
 
 
+@_figure
 def heatmap(matrix, rows, cols=None, *, title: str, cbar_label: str, vmin: float = 0.0, vmax=None,
             cmap: str = "viridis", annotate: bool | None = None, fmt: str = ".2f", xlabel="", ylabel="", ci=None):
     """A task × task matrix; the colour scale starts at 0 unless told otherwise. ci [R, C, 2]: each cell's 95%
@@ -69,10 +87,11 @@ def heatmap(matrix, rows, cols=None, *, title: str, cbar_label: str, vmin: float
                         label += f"\n±{(ci[i][j][1] - ci[i][j][0]) / 2:{fmt}}"
                     ax.text(j, i, label, ha="center", va="center", fontsize=7 if ci is None else 6,
                             color="white" if matrix[i, j] < mid else "black")
-    fig.tight_layout()
+    text_only(fig).tight_layout()         # laid out: its texts measured, so set first
     return fig
 
 
+@_figure
 def sweep(fracs, curves: dict, *, title: str, ylabel: str, chance=None, xlabel="fraction of neurons selected",
           line_label: str = "median", band_label: str = "min–max"):
     """Lines against frac (log x); `curves` name -> values or name -> (low, mid, high) for a band (labelled
@@ -94,6 +113,7 @@ def sweep(fracs, curves: dict, *, title: str, ylabel: str, chance=None, xlabel="
     return _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
+@_figure
 def layer_lines(curves: dict, *, title: str, ylabel: str, xlabel: str = "layer", bands: dict | None = None,
                 ylim=None):
     """One line per name over layers; optional (low, high) bands, e.g. a null model's range."""
@@ -111,6 +131,7 @@ def layer_lines(curves: dict, *, title: str, ylabel: str, xlabel: str = "layer",
     return _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
+@_figure
 def over_steps(steps, curves: dict, *, title: str, ylabel: str, null=None, null_label: str = "null",
                thin: dict | None = None, xlabel: str = "training step (log scale; 0 = initialisation)"):
     """Measures against training step on a symmetric-log axis (step 0, the initialisation, stays on it).
@@ -131,12 +152,13 @@ def over_steps(steps, curves: dict, *, title: str, ylabel: str, null=None, null_
         ax.fill_between(steps, np.asarray(low, dtype=float), np.asarray(high, dtype=float), color=line.get_color(),
                         alpha=0.2)
     ax.set_xscale("symlog", linthresh=1)
-    # plain numbers: the default log labels are mathtext, shown raw ("$\\mathdefault{10^{1}}$") with parse_math off
+    # plain numbers: the default log labels are mathtext, which text_only would show raw ("$\\mathdefault{10^{1}}$")
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlim(left=0)
     return _finish(fig, ax, title=title, xlabel=xlabel, ylabel=ylabel)
 
 
+@_figure
 def cdfs(samples: dict, *, title: str, xlabel: str):
     """Empirical CDFs, one per name (e.g. pairwise overlaps of the trained vs random models)."""
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -150,17 +172,19 @@ def cdfs(samples: dict, *, title: str, xlabel: str):
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    text_only(fig).tight_layout()         # laid out: its texts measured, so set first
     return fig
 
 
 # -- the figures the notebooks share ------------------------------------------------------------------
+@_figure
 def mean_abs_per_layer(stats: dict, label: str):
     """Mean |activation| per layer (averaged over neurons), one line per task."""
     return layer_lines({t: s.mean_abs.mean(1).numpy() for t, s in stats.items()},
                        title=f"Mean |activation| per layer — {label}", ylabel="mean |activation| (averaged over neurons)")
 
 
+@_figure
 def cross_task(result, *, measure: str = "accuracy", intervals: dict | None = None):
     """The cross-task matrix M[A, B] (evaluation.CrossTaskResult) as a heatmap; in target mode the row labels
     carry the fraction found for each A (and "not reached" where bisection never reached the target). With
@@ -179,6 +203,7 @@ def cross_task(result, *, measure: str = "accuracy", intervals: dict | None = No
                    xlabel="evaluated on task B", ci=None if intervals is None else intervals["selected"]["ci"])
 
 
+@_figure
 def overlap_heatmap(summary: ov.OverlapSummary, metric: str, frac: float):
     """Task × task overlap (overlaps.summary) of the top-`frac` sets, with chance in the title."""
     return heatmap(getattr(summary, metric), summary.names, cbar_label=metric, vmax=1.0,
@@ -186,6 +211,7 @@ def overlap_heatmap(summary: ov.OverlapSummary, metric: str, frac: float):
                          f"layer-matched {summary.layer_chance[metric]:.3f})")
 
 
+@_figure
 def overlap_sweep(sw: dict, *, what: str = "task pairs", title: str | None = None):
     """min / median / max pairwise overlap against the fraction selected (overlaps.overlap_sweep), with
     uniform chance (dashed) and layer-matched chance (dotted, where the sweep has it)."""
@@ -198,6 +224,7 @@ def overlap_sweep(sw: dict, *, what: str = "task pairs", title: str | None = Non
     return fig
 
 
+@_figure
 def selectivity(result, *, measure: str = "accuracy", intervals: dict | None = None):
     """Per pruned task: own and others' relative accuracy after pruning its selected neurons, beside the same
     after pruning as many random neurons in the same layers (evaluation.CrossTaskResult.selectivity); with
@@ -228,10 +255,11 @@ def selectivity(result, *, measure: str = "accuracy", intervals: dict | None = N
                  + ("\nbars: 95% intervals, bootstrap over evaluation documents" if intervals is not None else ""))
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
+    text_only(fig).tight_layout()         # laid out: its texts measured, so set first
     return fig
 
 
+@_figure
 def overlap_pairs(evidence: dict, *, what: str = "task pairs", top: int = 40):
     """Each pair's overlap coefficient with its 95% interval (bootstrap over statistics blocks), largest first,
     against the pseudo-task null (its median's mean and 95% band) and both chances (evidence.overlap_evidence)."""
@@ -254,16 +282,18 @@ def overlap_pairs(evidence: dict, *, what: str = "task pairs", top: int = 40):
     ax.set_title(f"Pairwise overlap over {what}" + (f" (the {top} largest)" if len(pairs) > top else ""))
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
+    text_only(fig).tight_layout()         # laid out: its texts measured, so set first
     return fig
 
 
+@_figure
 def layer_distribution(masks: dict, *, title: str):
     """Share of each task's selected neurons in each layer."""
     return layer_lines({t: ov.layer_distribution(m) for t, m in masks.items()}, title=title,
                        ylabel="share of selected neurons")
 
 
+@_figure
 def grouped_bars(groups: dict, *, title: str, ylabel: str):
     """Bars grouped by key: groups = {group: {bar name: value}}, the same bar names in every group."""
     names = list(next(iter(groups.values())))
@@ -277,10 +307,11 @@ def grouped_bars(groups: dict, *, title: str, ylabel: str):
     ax.set_title(title)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
+    text_only(fig).tight_layout()         # laid out: its texts measured, so set first
     return fig
 
 
+@_figure
 def claims(claim_list):
     """Each claim's estimate with its 95% interval against its null (a forest plot): supported claims in colour."""
     fig, ax = plt.subplots(figsize=(7, 0.7 * len(claim_list) + 1.5))
@@ -295,7 +326,7 @@ def claims(claim_list):
     ax.set_xlabel("estimate (excess over the null) with its 95% interval")
     ax.set_title("Claims of this notebook")
     ax.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
+    text_only(fig).tight_layout()         # laid out: its texts measured, so set first
     return fig
 
 
@@ -347,5 +378,5 @@ def score_explorer(scores: dict, n_layers: int):
         ax.set_ylabel("neurons")
         ax.set_title(f"{task}, layer {layer}")
         ax.legend()
-        show_png(fig)
+        show_png(text_only(fig))
     return w.interact(explore, task=tasks, layer=(0, n_layers - 1), frac=(0.001, 0.2, 0.001))

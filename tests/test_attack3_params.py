@@ -213,6 +213,26 @@ def test_task_named_with_dollar_signs_works_up_to_its_figure(tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["code", "money $$"]
 
 
+def test_figures_draw_names_as_text_without_touching_the_users_matplotlib(tmp_path):
+    """modsep's figures draw every name as written (no mathtext), set on their own texts: matplotlib's global
+    text.parse_math, the user's, stays as it was, so the user's own "$x^2$" still renders as math."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from modsep_nb import plots
+    assert matplotlib.rcParams["text.parse_math"] is True               # importing modsep changed nothing
+    fig = plots.grouped_bars({"a $$": {"x": 1.0}, "b": {"x": 2.0}}, title="price $ and $ cost", ylabel="$$")
+    fig.savefig(tmp_path / "bars.png")                                   # drawn: a parsed "$$" would fail here
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
+    named = [t for t in texts if "$" in t.get_text()]
+    assert len(named) >= 3 and not any(t.get_parse_math() for t in named)
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["a $$", "b"]
+    assert matplotlib.rcParams["text.parse_math"] is True
+    mine, ax = plt.subplots()
+    assert ax.set_title("$x^2$").get_parse_math()                       # the user's figure: mathtext as usual
+    plt.close(mine)
+
+
 # -- library noise -------------------------------------------------------------------------------------------
 def test_cuda_home_notice_is_filtered(tmp_path, monkeypatch, caplog):
     """torch's "No CUDA runtime is found, using CUDA_HOME=..." (a CUDA toolkit without a GPU) is kept out of the
