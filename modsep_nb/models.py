@@ -316,22 +316,11 @@ class ModelHandle:
     def head_input(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The output embedding's input [batch, tokens, d_model] (the last hidden states, after the final norm):
         the forward stops there, so the [batch, tokens, vocabulary] logits are never made (see top1)."""
-        head, seen = self.unembedding, []
+        head = self.unembedding
         if head is None:
             raise TypeError(f"{self.label}: its logits are not its output embedding's output alone "
                             f"(models.PLAIN_UNEMBEDDING); read them with logits()")
-
-        def grab(module, args):
-            seen.append(args[0])
-            raise _EnoughRead
-        hook = head.register_forward_pre_hook(grab)
-        try:
-            self.lm_logits(input_ids, attention_mask)
-        except _EnoughRead:
-            pass
-        finally:
-            hook.remove()
-        return seen[0]
+        return self._forward_to(head, input_ids, attention_mask)
 
     def top1(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(largest logit, its token) [n] of each row of `hidden` [n, d_model] (head_input's rows), the
@@ -360,16 +349,25 @@ class ModelHandle:
         """A forward for passes that read neurons and never the output (statistics, neuron examples,
         co-activation): it stops once the last layer with a hook has been read, so neither the layers after
         it nor the unembedding (about a fifth of SmolLM2's FLOPs) are computed. Without hooks it does nothing."""
-        if not self._hooked:
-            return
-        # registered after every live hook, so on that module it runs last: the readers have seen x
-        stop = self.neuron_module(max(self._hooked)).register_forward_pre_hook(_stop_forward)
+        if self._hooked:
+            self._forward_to(self.neuron_module(max(self._hooked)), inputs, attention_mask)
+
+    def _forward_to(self, module: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor | None):
+        """A forward stopped as `module` is reached: its input (the first argument; None if it never ran). The stop
+        is registered after every live hook, so on that module it runs last: the readers there have seen its input."""
+        seen = []
+
+        def stop(_, args):
+            seen.append(args[0])
+            raise _EnoughRead
+        hook = module.register_forward_pre_hook(stop)
         try:
             self.logits(inputs, attention_mask)
         except _EnoughRead:
             pass
         finally:
-            stop.remove()
+            hook.remove()
+        return seen[0] if seen else None
 
 
 class BlockTape:
@@ -457,11 +455,7 @@ def _n_bytes(out) -> int:
 
 
 class _EnoughRead(Exception):
-    """Raised inside a reading forward once the last hooked layer has been read (never escapes read_forward)."""
-
-
-def _stop_forward(module, args):
-    raise _EnoughRead
+    """Raised inside a forward once the module it stops at is reached (never escapes ModelHandle._forward_to)."""
 
 
 def _neuron_hook(fn):
