@@ -101,26 +101,33 @@ def test_top1_only_still_refuses_non_finite_logits(tiny_llama):
 def test_top1_reads_the_vocabulary_in_slices(tiny_llama, monkeypatch):
     """top1_only takes top-1 from the last hidden states, the unembedding a slice of the vocabulary at a time:
     the full logits' largest value and token for every row, slices of 7 rows of a vocabulary of 30 (the last
-    short), a tie between slices going to the earlier token as max gives it, a NaN in a late slice kept; and the
-    same per-document hits as the full path."""
+    short; tokens compared where no two logits are within float error), an exact tie between slices going to
+    the earlier token as max gives it, a NaN in a late slice kept; and the same per-document hits as the full
+    path."""
     from modsep_nb import models
     monkeypatch.setattr(models, "TOP1_CHUNK", 7)
     head = tiny_llama.model.lm_head
     assert tiny_llama.unembedding is head and head.weight.shape[0] % 7 != 0
-    rows = torch.randn(50, head.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(50, head.weight.shape[1], generator=gen)
     with torch.no_grad():
-        head.weight[9] = head.weight[2]                  # tokens 2 and 9 tie, in the first and second slices
         best, top = tiny_llama.top1(rows)
         full = head(rows)
     want_best, want_top = full.max(-1)
     torch.testing.assert_close(best, want_best, rtol=1e-6, atol=1e-6)
-    assert torch.equal(top, want_top) and (top == 2).any() and not (top == 9).any()
+    gap = full.topk(2, -1).values.diff(dim=-1).abs().squeeze(-1)
+    clear = gap > 1e-4                                   # the slices' products may differ in the last bits
+    assert clear.sum() > 40 and torch.equal(top[clear], want_top[clear])
     texts = _texts_with_inner_bos(4)
     full = evaluate(tiny_llama, texts, ctx=7, batch_size=3, per_document=True)
     fast = evaluate(tiny_llama, texts, ctx=7, batch_size=3, per_document=True, top1_only=True)
     for k in ("n", "top1"):
         np.testing.assert_array_equal(fast["documents"][k], full["documents"][k])
-    with torch.no_grad():
+    with torch.no_grad():                                # small integers: every logit exact, so the tie is one
+        head.weight.copy_(torch.randint(-3, 4, head.weight.shape, generator=gen).float())
+        head.weight[2] = head.weight[9] = 4.0            # tokens 2 and 9 tie, in the first and second slices
+        ones = torch.ones(3, head.weight.shape[1])
+        assert tiny_llama.top1(ones)[1].tolist() == [2, 2, 2] == head(ones).max(-1).indices.tolist()
         head.weight[25, 0] = float("nan")                # the last slice: one token's logit NaN in every row
         assert tiny_llama.top1(rows)[0].isnan().all()
     with pytest.raises(FloatingPointError, match="NaN or infinite"):
@@ -144,9 +151,11 @@ def test_top1_only_on_other_heads(class_name, tmp_path):
         mask = torch.ones_like(ids)
         with torch.no_grad():
             best, top = handle.top1(handle.head_input(ids, mask).reshape(-1, 16))
-            want_best, want_top = handle.lm_logits(ids, mask).reshape(len(best), -1).max(-1)
+            logits = handle.lm_logits(ids, mask).reshape(len(best), -1)
+        want_best, want_top = logits.max(-1)
         torch.testing.assert_close(best, want_best, rtol=1e-6, atol=1e-6)
-        assert torch.equal(top, want_top)
+        clear = logits.topk(2, -1).values.diff(dim=-1).abs().squeeze(-1) > 1e-4     # no near-tie to flip
+        assert clear.sum() >= 8 and torch.equal(top[clear], want_top[clear])
 
 
 def test_a_logit_scale_in_the_config_turns_the_slices_off(tiny_llama):
