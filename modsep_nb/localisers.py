@@ -12,7 +12,7 @@ one fraction, on one model, each step one call with its printed check.
 Localisers computed from the per-task statistics (selective pruning's importances, `lape`, `ttest`, `auroc`)
 share the statistics pass of notebooks 01/02 (cached), so their bootstraps and pseudo-task nulls are resamples of
 the block sums; the null domain is read with these tasks' budget (the ViT's is notebook 01's, cached; the LM's,
-for its localisers.lm_tasks, one pass of 07's own), cut into pseudo-tasks of these tasks' sizes and drawn in two
+for its localisers.lm_tasks domains, one pass of 07's own), cut into pseudo-tasks of these tasks' sizes and drawn in two
 stages (Localisers._overlap). The attribution needs one forward and one backward pass per batch, on the first
 localisers.attribution_tokens (attribution_images) of each task's statistics data and, for its pseudo-task null,
 on the null domain read with all tasks' attribution budget: kept per block of documents, so its bootstrap and
@@ -46,8 +46,9 @@ WHAT = {"abs": "selective pruning, mean absolute activation ratio", "rms": "sele
 
 
 def localiser_params(params: dict, kind: str) -> dict:
-    """The params notebook 07 runs `kind` with: lm.tasks cut to the first localisers.lm_tasks (the LM's cross-task
-    matrices cost tasks² evaluation passes per localiser), the LM's localisers localisers.lm_methods where set, and
+    """The params notebook 07 runs `kind` with: lm.tasks cut to localisers.lm_tasks domains with enough documents
+    (largest_tasks: the LM's cross-task matrices cost tasks² evaluation passes per localiser, and its claims rest on
+    those domains' documents), the LM's localisers localisers.lm_methods where set, and
     the evaluation budget localisers.eval_tokens
     (eval_images) where set (each localiser's matrix is one more set of tasks x (1 + random seeds) passes). The
     statistics settings are not touched: 07 reads the statistics notebooks 01/02 cached."""
@@ -59,9 +60,25 @@ def localiser_params(params: dict, kind: str) -> dict:
         out["localisers"]["methods"] = list(loc[f"{kind}_methods"])
     n = loc.get(f"{kind}_tasks")
     if n is not None:
+        keep = largest_tasks(params, n)
         tasks = out[kind]["tasks"]
-        out[kind]["tasks"] = dict(list(tasks.items())[:n]) if isinstance(tasks, dict) else tasks[:n]
+        out[kind]["tasks"] = {t: v for t, v in tasks.items() if t in keep} if isinstance(tasks, dict) else \
+            [t for t in tasks if t in keep]
     return out
+
+
+def largest_tasks(params: dict, n: int) -> list[str]:
+    """n of lm.tasks, in lm.tasks' order: the first ones with at least claims.MIN_N statistics and MIN_N evaluation
+    documents, then (only if too few have) the others in order. Not simply the first n: a small domain (the embedded
+    licences: 10 statistics and 4 evaluation documents) would leave 07's LM claims resting on a handful of documents
+    (issue #26, item 7). Not the n largest either: those are the fortune categories, one format, which would leave
+    the trial without the code / documentation domains whose neurons differ most."""
+    from .claims import MIN_N
+    from .tasks import TextTasks
+    tasks = TextTasks.from_params(params).tasks
+    enough = [t for t, task in tasks.items() if min(len(task.collect), len(task.evaluate)) >= MIN_N]
+    keep = set((enough + [t for t in tasks if t not in enough])[:n])
+    return [t for t in tasks if t in keep]
 
 
 class Localisers:
@@ -212,7 +229,7 @@ class Localisers:
     def _null_inputs(self, source: str) -> tuple:
         """(the tasks' blocks, the null domain's blocks) for the overlap evidence. Statistics: this study's cached
         blocks, and its null domain read with these tasks' budget (Study.null_block_stats: for the LM's
-        localisers.lm_tasks, half of what all 8 domains' null would read; pseudo-tasks only need these tasks'
+        localisers.lm_tasks, 3 of the 8 domains' worth; pseudo-tasks only need these tasks'
         sizes). Attribution: its per-block pass, and one more over the same null domain with every task's
         attribution budget (printed: its seconds and passes)."""
         if source == "statistics":

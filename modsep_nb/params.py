@@ -62,6 +62,10 @@ DEFAULTS: dict = {
         "eval_frac": 0.3,
         "skip_top": 0,
         "max_frac": 0.1,         # bisection upper bound (paper: 0.128 for Mistral)
+        # notebook 02's cross-task matrix at the fractions found by bisection (the paper's figure; no claim rests on
+        # it): T x (1 + up to pruning.max_steps) + T x T evaluations, about 2 minutes of make run on 2 CPU cores, so
+        # off in the embedded default (the claims use the fixed-fraction matrix); on in params/paper_mistral7b.yaml
+        "bisection": False,
         # the selectivity claim's pseudo-task null (evidence.n_null_ablation ablations of T pseudo-tasks on T x
         # eval_tokens each: several times the cross-task matrix's cost); false: the null is 0 by exchangeability
         "selectivity_null": False,
@@ -94,6 +98,7 @@ DEFAULTS: dict = {
         # bisection upper bound (paper: 0.05 for ViT-B/16; the small Fashion-MNIST ViT needs more: at 0.05, 9 of
         # its 10 classes stayed above the 80% target in the default run)
         "max_frac": 0.25,
+        "bisection": True,       # as lm.bisection (notebook 01's: seconds here)
         "selectivity_null": True,       # as lm.selectivity_null (cheap here: one pass over the test images each)
     },
     "pruning": {
@@ -147,7 +152,9 @@ DEFAULTS: dict = {
         "claim_frac": 0.25,
     },
     "random_init": {
-        "seeds": [1, 2, 3],
+        # one random-init model per seed (the paper: one). Each random SmolLM2 reads every task's statistics budget,
+        # about 65 s on 2 CPU cores; pattern_persists tests every seed on its own (permutations, Holm over seeds)
+        "seeds": [1, 2],
         "stats_tokens": None,    # None: the trained model's budget (same data, same budget); a number only on purpose
         "stats_images": None,
         "fracs": [0.01, 0.02, 0.05],   # fractions compared in notebook 04 (a description: the sweep figure)
@@ -198,7 +205,10 @@ DEFAULTS: dict = {
         # 30 x 1536 neurons, so the LM leaves out the per-token twin of auroc (ttest) and the attribution that
         # scores what every task needs (attribution): 07 then fits about 3 minutes of make run (BENCHMARKS.md)
         "lm_methods": ["abs", "lape", "auroc", "attribution_contrast"],
-        "lm_tasks": 4,           # the first this many of lm.tasks (the cross-task matrix costs tasks^2 passes each)
+        # this many of lm.tasks, the first with at least 20 statistics and 20 evaluation documents (localisers.
+        # largest_tasks; the embedded default: code, docs, computers, not the licences' 10 and 4): the cross-task
+        # matrix costs tasks^2 passes per localiser, and the claims rest on these tasks' documents
+        "lm_tasks": 3,
         "random_seeds": [0],     # matched random ablations per localiser (pruning.random_seeds: 01 and 02)
         # the attribution's forward and backward pass reads the first this many of each task's statistics tokens
         # (images), and all tasks' worth of the null domain's; null: the statistics budget
@@ -588,7 +598,7 @@ def validate(params: dict) -> None:
                               f"{' (or be null: methods)' if key == 'lm_methods' else ''}, got {show(methods)}")
     lm_tasks = params["localisers"]["lm_tasks"]
     if lm_tasks is not None and (isinstance(lm_tasks, bool) or not isinstance(lm_tasks, int) or lm_tasks < 2):
-        raise ParamsError(f"parameter 'localisers.lm_tasks' must be a whole number >= 2 (the first of lm.tasks) or "
+        raise ParamsError(f"parameter 'localisers.lm_tasks' must be a whole number >= 2 (that many of lm.tasks) or "
                           f"null (all of them), got {show(lm_tasks)}")
     for key in ("attribution_tokens", "attribution_images", "eval_tokens", "eval_images"):
         value = params["localisers"][key]

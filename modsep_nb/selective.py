@@ -48,8 +48,11 @@ class SelectivePruning:
         return cross_task_intervals(self.fixed, self.params["evidence"]["n_boot"], self.params["seed"])
 
     @cached_property
-    def target(self):
-        """The cross-task matrix at the fractions found by bisection (reusing the fixed matrix's base)."""
+    def target(self) -> CrossTaskResult | None:
+        """The cross-task matrix at the fractions found by bisection (reusing the fixed matrix's base); None where the
+        section's `bisection` is off (lm.bisection: the LM's costs minutes, and no claim rests on it)."""
+        if not self.study.settings["bisection"]:
+            return None
         return self.study.cross_task(target=self.pr["target"], base=self.fixed.base)
 
     @cached_property
@@ -92,11 +95,20 @@ class SelectivePruning:
 
     def cross_task_target(self):
         """The fraction that brings each task to pruning.target × its unpruned accuracy (bisection), and the
-        matrix at those fractions."""
+        matrix at those fractions. Off (None, and says so) where the section's `bisection` is false."""
+        if self.target is None:
+            print(f"bisection skipped: {self.study.kind}.bisection is false in these parameters (the claims use the "
+                  f"fixed-fraction matrix above); set it to true for this figure ({self._bisection_cost()})")
+            return None
         self._show(plots.cross_task(self.target, measure=self.words["measure"]), "cross_task_target",
                    f"Modular: small fractions bring each {self.words['unit']} down to the target while the off-diagonal "
                    f"entries stay near 1.")
         return self.target
+
+    def _bisection_cost(self) -> str:
+        t, steps = len(self.study.task_names), self.pr["max_steps"]
+        return (f"at most {t} x {1 + steps} + {t} x {t} evaluations of {self.study.settings[self.study.tasks.eval_key]} "
+                f"{self.study.tasks.unit}")
 
     def overlap_scores(self) -> dict:
         """The scores behind the overlap sets, figures and claims: under overlap.retain (default the general
@@ -186,8 +198,7 @@ class SelectivePruning:
         sel, target, overlap = self.fixed.selectivity(), self.target, self.overlap
         max_frac = self.study.settings["max_frac"]
         assert np.isfinite(self.fixed.matrix).all() and (self.fixed.matrix >= 0).all()
-        assert all(0 < f <= max_frac for f in target.fracs.values())
-        missed = target.not_converged()
+        assert target is None or all(0 < f <= max_frac for f in target.fracs.values())
         null = self.evidence_["selectivity"]["null"] if self.evidence_ else None
         text = f"""
 Model: {self.study.describe()}.
@@ -212,8 +223,12 @@ Model: {self.study.describe()}.
                      + (f" (insufficient data, fewer than 20 evaluation units: {', '.join(few)})" if few else "")
                      + (f"; median {np.median(list(values.values())):.3f}, largest {max(values.values()):.3f} "
                         f"({max(values, key=values.get)})" if values else "") + ": the claim `selectivity_per_task`.\n")
-        reached = [t for t in target.tasks if target.converged.get(t)]
-        if reached:
+        reached = [t for t in target.tasks if target.converged.get(t)] if target is not None else None
+        missed = target.not_converged() if target is not None else None
+        if target is None:
+            text += (f"* The fractions that bring each {unit} to {pr['target']:.0%} of its {measure} (bisection) were not "
+                     f"searched in this run ({self.study.kind}.bisection: false).\n")
+        elif reached:
             fracs = [target.fracs[t] for t in reached]
             text += (f"* Bringing a {unit} to {pr['target']:.0%} of its {measure} took between {min(fracs):.2%} and "
                      f"{max(fracs):.2%} of the neurons ({len(reached)} of {len(target.tasks)} {unit}s reached it); the "
@@ -250,8 +265,10 @@ Model: {self.study.describe()}.
                 "cross_task_random": fixed.random_matrix, "selectivity": fixed.selectivity(),
                 "selectivity_null": self.evidence_["selectivity"]["null"] if self.evidence_ else None,
                 "selectivity_per_task": self._per_task(),
-                "cross_task_target": target.matrix, "target_fracs": target.fracs, "target_converged": target.converged,
-                "target_reached": target.reached, "overlap": overlap["overlap"],
+                "cross_task_target": target.matrix if target is not None else None,
+                "target_fracs": target.fracs if target is not None else None,
+                "target_converged": target.converged if target is not None else None,
+                "target_reached": target.reached if target is not None else None, "overlap": overlap["overlap"],
                 "overlap_chance": {"uniform": overlap["chance"], "layer_matched": overlap["layer_chance"]},
                 "overlap_sweep": self.sweep, "params": self.params}
 

@@ -475,3 +475,22 @@ def test_every_localisers_matrix_shares_one_unpruned_pass(tmp_path, llama_dir, c
     for t in tasks:
         np.testing.assert_array_equal(first[t]["top1"], second[t]["top1"])
     assert fixed["abs"].base == fixed["lape"].base
+
+
+def test_lm_tasks_skip_domains_too_small_for_a_claim():
+    """localisers.lm_tasks keeps the first domains (lm.tasks' order) with at least MIN_N statistics and MIN_N
+    evaluation documents, counted here from the domains' own document lists: the licences (10 and 4) would leave
+    the LM's claims resting on a handful of documents. Only when too few domains have enough are small ones taken."""
+    from modsep_nb import data
+    from modsep_nb.claims import MIN_N
+    from modsep_nb.localisers import localiser_params
+    from modsep_nb.params import load_params
+    p = load_params(None, {"lm": {"tasks": ["licenses", "computers", "docs", "science"]}, "localisers": {"lm_tasks": 2}})
+    split = data.text_tasks(p["lm"]["tasks"], seed=p["seed"])
+    small = [t for t, d in split.items() if min(len(d.collect), len(d.evaluate)) < MIN_N]
+    assert small == ["licenses"]
+    assert localiser_params(p, "lm")["lm"]["tasks"] == ["computers", "docs"]
+    assert localiser_params(p, "vit")["lm"]["tasks"] == p["lm"]["tasks"]        # only the LM's trial is cut
+    four = load_params(None, {"lm": {"tasks": ["licenses", "computers", "docs", "science"]}, "localisers": {"lm_tasks": 4}})
+    assert localiser_params(four, "lm")["lm"]["tasks"] == four["lm"]["tasks"]    # too few with enough: all, in order
+    assert localiser_params(load_params(), "lm")["lm"]["tasks"] == ["code", "docs", "computers"]

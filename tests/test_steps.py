@@ -33,7 +33,7 @@ def llama3_dir(tmp_path_factory):
 def _report(tmp_path, llama_dir, notebook: str, **sections) -> Report:
     overrides = {"cache_dir": str(tmp_path / "cache"), "device": "cpu",
                  "lm": {"model": str(llama_dir), "tasks": ["docs", "law", "licenses"], "stats_tokens": 48,
-                        "eval_tokens": 24, "ctx": 16, "batch_size": 4},
+                        "eval_tokens": 24, "ctx": 16, "batch_size": 4, **sections.pop("lm", {})},
                  "evidence": {"n_boot": 20, "n_blocks": 4, "n_perm": 20}, **sections}
     return Report(notebook, None, tmp_path / "run", overrides)
 
@@ -156,7 +156,7 @@ def test_selective_pruning_cells_in_any_order(tmp_path, llama_dir):
     from test_study import _predicting_unk          # accuracies that move with what is ablated
     from modsep_nb.selective import SelectivePruning
     from modsep_nb.study import Study
-    sections = {"pruning": {"frac": 0.1, "target": 0.8, "random_seeds": [0], "max_steps": 3}}
+    sections = {"pruning": {"frac": 0.1, "target": 0.8, "random_seeds": [0], "max_steps": 3}, "lm": {"bisection": True}}
 
     def steps(folder):
         report = _report(tmp_path / folder, llama_dir, "02_mistral_pruning", **sections)
@@ -172,3 +172,37 @@ def test_selective_pruning_cells_in_any_order(tmp_path, llama_dir):
     np.testing.assert_array_equal(again.matrix, fixed.matrix)
     np.testing.assert_array_equal(again.random_matrix, fixed.random_matrix)
     assert first.findings() == in_order.findings()             # the overlap sets too, computed where first needed
+
+
+def test_bisection_off_is_said_and_never_measured(tmp_path, llama_dir, capsys):
+    """lm.bisection: false (the embedded default): the bisection cell says it was skipped and how to turn it on,
+    no cross-task matrix by bisection is measured (only the fixed fraction's), the findings say the fractions were
+    not searched, and the results carry None for the bisection's fields; the fixed matrix and its claims are as
+    with the bisection on."""
+    from test_study import _predicting_unk
+    from modsep_nb.params import load_params
+    from modsep_nb.selective import SelectivePruning
+    from modsep_nb.study import Study
+    pruning = {"pruning": {"frac": 0.1, "target": 0.8, "random_seeds": [0], "max_steps": 3}}
+
+    def steps(folder, bisection):
+        report = _report(tmp_path / folder, llama_dir, "02_mistral_pruning", **pruning, lm={"bisection": bisection})
+        study = _predicting_unk(Study.from_params(report.params, "lm"))
+        calls = []
+        measure = study.cross_task
+        study.cross_task = lambda **kw: calls.append(sorted(kw)) or measure(**kw)
+        return SelectivePruning(study, report, "02"), calls
+    assert load_params()["lm"]["bisection"] is False and load_params()["vit"]["bisection"] is True
+    off, calls = steps("off", False)
+    fixed = off.cross_task_fixed()
+    assert off.cross_task_target() is None
+    said = capsys.readouterr().out
+    assert "bisection skipped" in said and "lm.bisection" in said and "3 x 4 + 3 x 3 evaluations" in said
+    assert calls == [["frac"]]                                  # the fixed matrix only
+    assert "were not searched in this run (lm.bisection: false)" in off.findings()
+    results = off.results()
+    assert all(results[k] is None for k in ("cross_task_target", "target_fracs", "target_converged", "target_reached"))
+    on, on_calls = steps("on", True)
+    on.cross_task_fixed(), on.cross_task_target()
+    assert [c for c in on_calls if "target" in c] and np.array_equal(on.fixed.matrix, fixed.matrix)
+    assert "Bringing a domain to 80%" in on.findings() or "came down to 80%" in on.findings()
