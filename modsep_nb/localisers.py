@@ -27,12 +27,14 @@ import time
 import numpy as np
 
 from . import plots
+from .claims import MIN_N
 from .evaluation import own_and_others
 from .evidence import cross_task_intervals, excess_claim, overlap_evidence, percentile_ci
 from .overlaps import layer_matched_chance, overlap
 from .pruning import (ATTRIBUTIONS as ATTRIBUTION, BLOCK_LOCALISERS, IMPORTANCES, attribution_scores,
                       collect_attribution, task_scores)
 from .study import SECTIONS
+from .tasks import TextTasks
 # the overlap null's first stage (Localisers._overlap): stop when STOP_AFTER of NULL_FIRST values reach the observed
 # (Monte Carlo p >= 11/51 there: a claim whose p is below Holm's 0.05 / 20 stops with probability < 1e-15)
 NULL_FIRST, STOP_AFTER = 50, 10
@@ -47,7 +49,7 @@ WHAT = {"abs": "selective pruning, mean absolute activation ratio", "rms": "sele
 
 def localiser_params(params: dict, kind: str) -> dict:
     """The params notebook 07 runs `kind` with: lm.tasks cut to localisers.lm_tasks domains with enough documents
-    (largest_tasks: the LM's cross-task matrices cost tasks² evaluation passes per localiser, and its claims rest on
+    (localiser_tasks: the LM's cross-task matrices cost tasks² evaluation passes per localiser, and its claims rest on
     those domains' documents), the LM's localisers localisers.lm_methods where set, and
     the evaluation budget localisers.eval_tokens
     (eval_images) where set (each localiser's matrix is one more set of tasks x (1 + random seeds) passes). The
@@ -60,21 +62,19 @@ def localiser_params(params: dict, kind: str) -> dict:
         out["localisers"]["methods"] = list(loc[f"{kind}_methods"])
     n = loc.get(f"{kind}_tasks")
     if n is not None:
-        keep = largest_tasks(params, n)
+        keep = localiser_tasks(params, n)
         tasks = out[kind]["tasks"]
         out[kind]["tasks"] = {t: v for t, v in tasks.items() if t in keep} if isinstance(tasks, dict) else \
             [t for t in tasks if t in keep]
     return out
 
 
-def largest_tasks(params: dict, n: int) -> list[str]:
+def localiser_tasks(params: dict, n: int) -> list[str]:
     """n of lm.tasks, in lm.tasks' order: the first ones with at least claims.MIN_N statistics and MIN_N evaluation
     documents, then (only if too few have) the others in order. Not simply the first n: a small domain (the embedded
     licences: 10 statistics and 4 evaluation documents) would leave 07's LM claims resting on a handful of documents
     (issue #26, item 7). Not the n largest either: those are the fortune categories, one format, which would leave
     the trial without the code / documentation domains whose neurons differ most."""
-    from .claims import MIN_N
-    from .tasks import TextTasks
     tasks = TextTasks.from_params(params).tasks
     enough = [t for t, task in tasks.items() if min(len(task.collect), len(task.evaluate)) >= MIN_N]
     keep = set((enough + [t for t in tasks if t not in enough])[:n])
@@ -229,7 +229,7 @@ class Localisers:
     def _null_inputs(self, source: str) -> tuple:
         """(the tasks' blocks, the null domain's blocks) for the overlap evidence. Statistics: this study's cached
         blocks, and its null domain read with these tasks' budget (Study.null_block_stats: for the LM's
-        localisers.lm_tasks, 3 of the 8 domains' worth; pseudo-tasks only need these tasks'
+        localisers.lm_tasks, those domains' worth, not all 8; pseudo-tasks only need these tasks'
         sizes). Attribution: its per-block pass, and one more over the same null domain with every task's
         attribution budget (printed: its seconds and passes)."""
         if source == "statistics":

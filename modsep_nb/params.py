@@ -203,11 +203,11 @@ DEFAULTS: dict = {
         "methods": ["abs", "lape", "ttest", "auroc", "attribution", "attribution_contrast"],
         # the LM's localisers (null: methods): each costs SmolLM2 a cross-task matrix and 2 claims' resamples over
         # 30 x 1536 neurons, so the LM leaves out the per-token twin of auroc (ttest) and the attribution that
-        # scores what every task needs (attribution): 07 then fits about 3 minutes of make run (BENCHMARKS.md)
+        # scores what every task needs (attribution): 07 then takes under 4 minutes of make run (BENCHMARKS.md)
         "lm_methods": ["abs", "lape", "auroc", "attribution_contrast"],
-        # this many of lm.tasks, the first with at least 20 statistics and 20 evaluation documents (localisers.
-        # largest_tasks; the embedded default: code, docs, computers, not the licences' 10 and 4): the cross-task
-        # matrix costs tasks^2 passes per localiser, and the claims rest on these tasks' documents
+        # this many of lm.tasks, the first with at least 20 statistics and 20 evaluation documents
+        # (localisers.localiser_tasks; the embedded default: code, docs, computers, not the licences' 10 and 4):
+        # the cross-task matrix costs tasks^2 passes per localiser, and the claims rest on these tasks' documents
         "lm_tasks": 3,
         "random_seeds": [0],     # matched random ablations per localiser (pruning.random_seeds: 01 and 02)
         # the attribution's forward and backward pass reads the first this many of each task's statistics tokens
