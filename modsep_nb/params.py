@@ -211,8 +211,9 @@ DEFAULTS: dict = {
         "lm_tasks": 3,
         "random_seeds": [0],     # matched random ablations per localiser (pruning.random_seeds: 01 and 02)
         # the attribution's forward and backward pass reads the first this many of each task's statistics tokens
-        # (images), and all tasks' worth of the null domain's; null: the statistics budget
-        "attribution_tokens": 1024,
+        # (images), and all tasks' worth of the null domain's; null: the statistics budget. 1,280 tokens are 20
+        # windows: 20 blocks of documents even for long documents (docs), so its overlap claim rests on >= 20 units
+        "attribution_tokens": 1280,
         "attribution_images": 200,
         # each localiser's cross-task matrix evaluates these many tokens (images) instead of lm.eval_tokens
         # (vit.eval_images); null: the section's
