@@ -405,6 +405,12 @@ def _means_for(means, task):
     return means[task] if isinstance(means, dict) else means
 
 
+def bisection_evaluations(n_tasks: int, max_steps: int) -> int:
+    """The most evaluations of one task a cross-task matrix by bisection costs (unpruned accuracies given): per task
+    the bound and up to max_steps bisection steps on its own evaluation, then its row over every task."""
+    return n_tasks * (1 + max_steps) + n_tasks * n_tasks
+
+
 def _bisect_frac(handle, scores, raw_a, base_a, target, *, mode, ablation, means, max_frac, tol, max_steps,
                  tried: dict | None = None):
     """Bisection on frac: accuracy falls (roughly monotonically) as more of A's neurons are pruned.

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import FASHION_MNIST_GROUPS
+from .evaluation import bisection_evaluations
 from .models import EMBEDDED_LM, EMBEDDED_VIT, load_model
 from .params import ParamsError, device_of, dtype_of
 from .statistics import block_of_documents
@@ -101,8 +102,10 @@ def count(params: dict, n_tasks: dict | None = None) -> list[Stage]:
                     c.stats(own, "pseudo-task null domain", 1, T * B, n_blocks=T * nbk),
                     c.stats(own, "neuron examples", T, B), c.evals(own, "unpruned accuracy", T),
                     # at most: tasks with the same count per layer share a random set, measured once
-                    c.evals(own, f"cross-task matrix at a fixed fraction, {S} random seeds", T * (1 + S) * T, False),
-                    c.evals(own, "cross-task matrix by bisection (at most)", T * (1 + pr["max_steps"]) + T * T, False)]
+                    c.evals(own, f"cross-task matrix at a fixed fraction, {S} random seeds", T * (1 + S) * T, False)]
+            if c.p["bisection"]:
+                out.append(c.evals(own, "cross-task matrix by bisection (at most)",
+                                   bisection_evaluations(T, pr["max_steps"]), False))
             if c.p["selectivity_null"]:
                 out.append(c.evals(own, "selectivity null", T * (1 + ev["n_null_ablation"] * T)))
         if "03" in nbs:

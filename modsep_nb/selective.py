@@ -18,7 +18,7 @@ from functools import cached_property
 import numpy as np
 
 from . import export, neurons, overlaps, paper_scores, plots
-from .evaluation import CrossTaskResult
+from .evaluation import CrossTaskResult, bisection_evaluations
 from .evidence import (cross_task_intervals, excess_claim, matched_sizes, overlap_evidence, pseudo_cross_task,
                        pseudo_task_null, related_claim, selectivity_per_task)
 
@@ -106,9 +106,8 @@ class SelectivePruning:
         return self.target
 
     def _bisection_cost(self) -> str:
-        t, steps = len(self.study.task_names), self.pr["max_steps"]
-        return (f"at most {t} x {1 + steps} + {t} x {t} evaluations of {self.study.settings[self.study.tasks.eval_key]} "
-                f"{self.study.tasks.unit}")
+        n = bisection_evaluations(len(self.study.task_names), self.pr["max_steps"])
+        return f"at most {n} evaluations of {self.study.settings[self.study.tasks.eval_key]} {self.study.tasks.unit}"
 
     def overlap_scores(self) -> dict:
         """The scores behind the overlap sets, figures and claims: under overlap.retain (default the general
@@ -223,20 +222,7 @@ Model: {self.study.describe()}.
                      + (f" (insufficient data, fewer than 20 evaluation units: {', '.join(few)})" if few else "")
                      + (f"; median {np.median(list(values.values())):.3f}, largest {max(values.values()):.3f} "
                         f"({max(values, key=values.get)})" if values else "") + ": the claim `selectivity_per_task`.\n")
-        reached = [t for t in target.tasks if target.converged.get(t)] if target is not None else None
-        missed = target.not_converged() if target is not None else None
-        if target is None:
-            text += (f"* The fractions that bring each {unit} to {pr['target']:.0%} of its {measure} (bisection) were not "
-                     f"searched in this run ({self.study.kind}.bisection: false).\n")
-        elif reached:
-            fracs = [target.fracs[t] for t in reached]
-            text += (f"* Bringing a {unit} to {pr['target']:.0%} of its {measure} took between {min(fracs):.2%} and "
-                     f"{max(fracs):.2%} of the neurons ({len(reached)} of {len(target.tasks)} {unit}s reached it); the "
-                     f"other {unit}s then kept {target.selectivity()['others'].mean():.2f} of theirs on average. "
-                     + (f"Never reached the target within {max_frac:.1%}: {', '.join(missed)}.\n" if missed else "\n"))
-        else:
-            text += (f"* No {unit} came down to {pr['target']:.0%} of its {measure} within {max_frac:.1%} of the neurons "
-                     f"(at that fraction they kept {np.mean(list(target.reached.values())):.2f} of it on average).\n")
+        text += self._bisection_findings(max_frac)
         against = {"general": "an external general corpus none of the tasks use",
                    "rest": "the other tasks"}[self.params["overlap"]["retain"]]
         text += (f"* At {self.params['overlap']['frac']:.1%} (each {unit}'s neurons scored against {against}) the "
@@ -250,6 +236,22 @@ Model: {self.study.describe()}.
                      f"`related_share_more` above.\n")
         return text
 
+    def _bisection_findings(self, max_frac: float) -> str:
+        """The findings' line on the fractions found by bisection (or that none were searched)."""
+        unit, measure, goal, target = self.words["unit"], self.words["measure"], self.pr["target"], self.target
+        if target is None:
+            return (f"* The fractions that bring each {unit} to {goal:.0%} of its {measure} (bisection) were not "
+                    f"searched in this run ({self.study.kind}.bisection: false).\n")
+        reached = [t for t in target.tasks if target.converged.get(t)]
+        if not reached:
+            return (f"* No {unit} came down to {goal:.0%} of its {measure} within {max_frac:.1%} of the neurons "
+                    f"(at that fraction they kept {np.mean(list(target.reached.values())):.2f} of it on average).\n")
+        fracs, missed = [target.fracs[t] for t in reached], target.not_converged()
+        return (f"* Bringing a {unit} to {goal:.0%} of its {measure} took between {min(fracs):.2%} and "
+                f"{max(fracs):.2%} of the neurons ({len(reached)} of {len(target.tasks)} {unit}s reached it); the "
+                f"other {unit}s then kept {target.selectivity()['others'].mean():.2f} of theirs on average. "
+                + (f"Never reached the target within {max_frac:.1%}: {', '.join(missed)}.\n" if missed else "\n"))
+
     def _per_task(self) -> dict | None:
         """Each task's own selectivity test (the `selectivity_per_task` claim's), or None before evidence()."""
         claim = next((c for c in (self.evidence_ or {}).get("claims", []) if c.id == "selectivity_per_task"), None)
@@ -260,15 +262,16 @@ Model: {self.study.describe()}.
         _masks.json (export.write_exports: scores, statistics and the sets at pruning.frac, for other tools)."""
         export.write_exports(self.study, self.report.out_dir, self.report.notebook, self.pr["frac"])
         fixed, target, overlap = self.fixed, self.target, self.overlap
+        bisection = {"cross_task_target": None, "target_fracs": None, "target_converged": None, "target_reached": None}
+        if target is not None:
+            bisection = {"cross_task_target": target.matrix, "target_fracs": target.fracs,
+                         "target_converged": target.converged, "target_reached": target.reached}
         return {"model": self.study.label, "tasks": fixed.tasks, "unpruned_top1": fixed.base,
                 "cross_task_fixed": fixed.matrix, "cross_task_fixed_ci": self.intervals["selected"]["ci"],
                 "cross_task_random": fixed.random_matrix, "selectivity": fixed.selectivity(),
                 "selectivity_null": self.evidence_["selectivity"]["null"] if self.evidence_ else None,
                 "selectivity_per_task": self._per_task(),
-                "cross_task_target": target.matrix if target is not None else None,
-                "target_fracs": target.fracs if target is not None else None,
-                "target_converged": target.converged if target is not None else None,
-                "target_reached": target.reached if target is not None else None, "overlap": overlap["overlap"],
+                **bisection, "overlap": overlap["overlap"],
                 "overlap_chance": {"uniform": overlap["chance"], "layer_matched": overlap["layer_chance"]},
                 "overlap_sweep": self.sweep, "params": self.params}
 

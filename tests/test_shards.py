@@ -126,6 +126,11 @@ def test_plan_counts_what_statistics_and_the_cross_task_matrix_run(tmp_path, lla
                                        "stats_tokens": 100, "eval_tokens": 40, "ctx": 16, "batch_size": 3},
                                 "evidence": {"n_blocks": 4}, "pruning": {"random_seeds": [0, 1]}})
     stages = {s.what.split(",")[0]: s for s in plan.count(params)}
+    assert "cross-task matrix by bisection (at most)" not in stages         # lm.bisection: false, never run
+    with_bisection = load_params(None, {**params, "lm": {**params["lm"], "bisection": True}})
+    bisection = {s.what: s for s in plan.count(with_bisection)}["cross-task matrix by bisection (at most)"]
+    # by hand: 3 tasks x (the bound + 6 steps) own evaluations, then 3 rows of 3, each 40 evaluation tokens
+    assert bisection.units == (3 * 7 + 3 * 3) * 40
     study = Study.from_params(params, "lm")
     seen = _counting(study.handle)
     study.block_stats(progress=False)
